@@ -1,0 +1,61 @@
+"""The intake API application: `create_app(settings)` wires routes, dependencies and limits."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+
+from router.api.body_limit import BodySizeLimit
+from router.api.errors import install_error_handlers
+from router.api.routes import admin, chat, events, health, metrics, requests
+from router.intake import StreamDispatcher
+from router.logs import configure_logging, get_logger
+from router.store import AsyncRequestStore
+from settings import Settings
+
+log = get_logger(__name__)
+
+
+def create_app(settings: Settings, dispatcher: StreamDispatcher | None = None) -> FastAPI:
+    """Build the API. `dispatcher` defaults to the Celery stream queue of these settings."""
+    configure_logging(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.redis = aioredis.Redis.from_url(
+            settings.redis_url, max_connections=2048, health_check_interval=30
+        )
+        app.state.store = AsyncRequestStore(app.state.redis, settings)
+        if dispatcher is None:
+            from workers.celery_app import create_celery
+            from workers.dispatch import CeleryStreamDispatcher
+
+            app.state.dispatcher = CeleryStreamDispatcher(create_celery(settings))
+        else:
+            app.state.dispatcher = dispatcher
+        if not settings.auth_enabled:
+            log.warning("auth is OFF: ROUTER_API_KEYS is empty; every caller is tenant 'default' "
+                        "(development only)")
+        log.info("intake API ready", redis=settings.redis_url.split("@")[-1],
+                 upstream=settings.effective_upstream_base_url)
+        try:
+            yield
+        finally:
+            await app.state.redis.aclose()
+
+    app = FastAPI(
+        title="hybrid-router",
+        version="0.1.0",
+        description="High priority streams at once; low priority is batched at half price.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    for module in (requests, events, chat, admin, metrics, health):
+        app.include_router(module.router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    return app

@@ -1,0 +1,87 @@
+"""FastAPI dependencies: settings, the store, the dispatcher and the caller's tenant."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+from typing import Annotated
+
+import redis.asyncio as aioredis
+from fastapi import Depends, Header, Request
+
+from router.intake import IntakeError, StreamDispatcher
+from router.store import AsyncRequestStore
+from settings import Settings
+
+DEV_TENANT = "default"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: the tenant their key maps to, and a non-secret id of the key."""
+
+    tenant: str
+    key_id: str
+
+
+def get_settings_dep(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_redis(request: Request) -> aioredis.Redis:
+    client: aioredis.Redis = request.app.state.redis
+    return client
+
+
+def get_store(request: Request) -> AsyncRequestStore:
+    store: AsyncRequestStore = request.app.state.store
+    return store
+
+
+def get_dispatcher(request: Request) -> StreamDispatcher:
+    dispatcher: StreamDispatcher = request.app.state.dispatcher
+    return dispatcher
+
+
+def key_id(api_key: str) -> str:
+    """A short, non-reversible id of an API key, safe to log and to use in rate-limit keys."""
+    return hashlib.sha256(api_key.encode()).hexdigest()[:16]
+
+
+def _bearer(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def get_caller(
+    request: Request,
+    authorization: Annotated[str | None, Header()] = None,
+) -> Caller:
+    """Map the bearer key to its tenant; 401 when auth is on and the key is missing or wrong."""
+    settings: Settings = request.app.state.settings
+    if not settings.auth_enabled:
+        return Caller(DEV_TENANT, "dev")
+    token = _bearer(authorization)
+    if token is None:
+        raise IntakeError(
+            401,
+            "missing API key: send 'Authorization: Bearer <key>'",
+            code="missing_api_key",
+        )
+    for known, tenant in settings.api_keys.items():
+        if hmac.compare_digest(known.encode(), token.encode()):
+            return Caller(tenant, key_id(token))
+    raise IntakeError(401, "invalid API key", code="invalid_api_key")
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+StoreDep = Annotated[AsyncRequestStore, Depends(get_store)]
+RedisDep = Annotated[aioredis.Redis, Depends(get_redis)]
+DispatcherDep = Annotated[StreamDispatcher, Depends(get_dispatcher)]
+CallerDep = Annotated[Caller, Depends(get_caller)]

@@ -1,0 +1,98 @@
+"""Error responses in OpenAI's shape, so clients (and OpenAI SDKs) see clear 4xx messages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from router.intake import IntakeError
+from router.logs import get_logger
+
+log = get_logger(__name__)
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def error_response(
+    status: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = {
+        "error": {
+            "message": message,
+            "type": _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
+            "param": param,
+            "code": code,
+        }
+    }
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _loc_to_param(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if p not in ("body",)]
+    return ".".join(parts) if parts else "body"
+
+
+def describe_validation_error(exc: RequestValidationError) -> tuple[str, str]:
+    """One message naming every bad field (first field as `param`)."""
+    problems = []
+    first_param = "body"
+    for i, err in enumerate(exc.errors()):
+        loc = tuple(err.get("loc", ()))
+        param = _loc_to_param(loc)
+        if err.get("type") == "json_invalid":
+            ctx = err.get("ctx") or {}
+            problems.append(f"body is not valid JSON ({ctx.get('error', 'parse error')})")
+            param = "body"
+        elif err.get("type") == "model_attributes_type" or (
+            err.get("type") == "dict_type" and param == "body"
+        ):
+            problems.append("body must be a JSON object")
+        else:
+            problems.append(f"{param}: {err.get('msg')}")
+        if i == 0:
+            first_param = param
+    return "; ".join(problems[:10]), first_param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = describe_validation_error(exc)
+        content_type = request.headers.get("content-type", "")
+        if param == "body" and "json" not in content_type:
+            message += f" (sent as {content_type or 'no content type'}: send JSON with " \
+                       "'Content-Type: application/json')"
+        return error_response(400, message, param=param, code="invalid_request")
+
+    @app.exception_handler(IntakeError)
+    async def _intake(_: Request, exc: IntakeError) -> JSONResponse:
+        headers = getattr(exc, "headers", None)
+        return error_response(exc.status, exc.message, exc.param, exc.code, headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", path=request.url.path)
+        return error_response(500, "internal error; it has been logged", code="internal_error")

@@ -1,0 +1,7 @@
+"""Routes for metrics (filled in by its lane)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter()

@@ -1,0 +1,101 @@
+"""``/v1/requests``: submit, read and cancel requests."""
+
+from __future__ import annotations
+
+import re
+
+from fastapi import APIRouter, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from router.api.deps import CallerDep, DispatcherDep, SettingsDep, StoreDep
+from router.intake import IntakeError, accept_async, prepare
+from router.keys import Keys
+from router.records import RequestRecord
+from router.schemas import CancelResponse, ErrorResponse, RequestView, SubmitRequest, SubmitResponse
+from router.store import AsyncRequestStore
+
+router = APIRouter(prefix="/v1/requests", tags=["requests"])
+
+REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")
+_ERRORS: dict[int | str, dict[str, object]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 429, 503)
+}
+
+
+def urls_for(request: Request, request_id: str) -> tuple[str, str]:
+    base = str(request.base_url).rstrip("/")
+    return f"{base}/v1/requests/{request_id}/events", f"{base}/v1/requests/{request_id}"
+
+
+async def load_owned(store: AsyncRequestStore, request_id: str, tenant: str) -> RequestRecord:
+    """The caller's own request, or 404 (also for another tenant's id: ids cannot be probed)."""
+    if not REQUEST_ID.match(request_id):
+        raise IntakeError(404, f"no request {request_id[:64]!r}", param="id", code="not_found")
+    record = await store.get(request_id)
+    if record is None or record.tenant != tenant:
+        raise IntakeError(404, f"no request {request_id!r}", param="id", code="not_found")
+    return record
+
+
+def view_of(request: Request, record: RequestRecord, keys: Keys) -> RequestView:
+    events_url, _ = urls_for(request, record.id)
+    data = record.model_dump()
+    data.pop("tenant")
+    return RequestView(**data, channel=keys.channel(record.id), events_url=events_url)
+
+
+@router.post("", status_code=202, response_model=SubmitResponse, responses=_ERRORS)
+async def submit(
+    body: SubmitRequest,
+    request: Request,
+    response: Response,
+    caller: CallerDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    dispatcher: DispatcherDep,
+) -> SubmitResponse:
+    """Accept a chat completion; high/normal stream at once, low waits for the next batch."""
+    prepared = prepare(body, caller.tenant, settings)
+    accepted = await accept_async(prepared, store, dispatcher, run_in_threadpool)
+    record = accepted.record
+    if accepted.replay:
+        response.status_code = 200
+    events_url, result_url = urls_for(request, record.id)
+    return SubmitResponse(
+        id=record.id,
+        status=record.status,
+        route=record.route,
+        route_reason=record.route_reason,
+        priority=record.priority,
+        model=record.model,
+        channel=store.keys.channel(record.id),
+        events_url=events_url,
+        result_url=result_url,
+        idempotent_replay=accepted.replay,
+    )
+
+
+@router.get("/{request_id}", response_model=RequestView, responses=_ERRORS)
+async def get_request(
+    request_id: str, request: Request, caller: CallerDep, store: StoreDep
+) -> RequestView:
+    """The request's record; `result` (or `error`) is filled once it is terminal."""
+    record = await load_owned(store, request_id, caller.tenant)
+    return view_of(request, record, store.keys)
+
+
+@router.delete("/{request_id}", response_model=CancelResponse, responses=_ERRORS)
+async def cancel_request(request_id: str, caller: CallerDep, store: StoreDep) -> CancelResponse:
+    """Cancel: a queued request leaves its queue; a streaming one stops its upstream call."""
+    record = await load_owned(store, request_id, caller.tenant)
+    outcome, previous = await store.cancel(request_id, record.model)
+    if outcome == "terminal":
+        raise IntakeError(
+            409,
+            f"request {request_id} is already {previous}; a finished request cannot be cancelled",
+            param="id",
+            code="already_terminal",
+        )
+    if outcome == "missing":
+        raise IntakeError(404, f"no request {request_id!r}", param="id", code="not_found")
+    return CancelResponse(id=request_id, status="cancelled", previous_status=previous)  # type: ignore[arg-type]

@@ -1,0 +1,133 @@
+"""The ``hybrid-router`` command line: serve the API, run workers and beat, operate.
+
+Each serving verb takes ``--host``/``--port``; everything else comes from `Settings`
+(``ROUTER_*`` env or ``.env``). Verbs are registered by the module that owns them.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from router.logs import configure_logging
+from settings import Settings, get_settings
+
+app = typer.Typer(
+    name="hybrid-router",
+    help="Route LLM requests: high priority streams at once, low priority is batched at half price.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def load_settings() -> Settings:
+    """Settings for a CLI verb; a bad setting is one clear line and exit code 2."""
+    try:
+        settings = get_settings()
+    except Exception as exc:
+        typer.echo(f"hybrid-router: invalid configuration: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    configure_logging(settings)
+    return settings
+
+
+@app.command()
+def api(
+    host: Annotated[str | None, typer.Option(help="Interface to listen on.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
+    workers: Annotated[int, typer.Option(help="uvicorn worker processes.")] = 1,
+) -> None:
+    """Run the intake HTTP API (OpenAPI docs at /docs)."""
+    import uvicorn
+
+    settings = load_settings()
+    host = host or settings.api_host
+    port = port if port is not None else settings.api_port
+    if workers > 1:
+        uvicorn.run("router.api.asgi:app", host=host, port=port, workers=workers,
+                    log_level="warning", access_log=False, factory=False)
+        return
+    from router.api.app import create_app
+
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", access_log=False)
+
+
+@app.command()
+def worker(
+    lane: Annotated[str, typer.Option(help="Which lane: stream or batch.")] = "stream",
+    concurrency: Annotated[int | None, typer.Option(help="Threads (default from settings).")] = None,
+    name: Annotated[str | None, typer.Option(help="Celery node name.")] = None,
+    host: Annotated[str | None, typer.Option(hidden=True)] = None,
+    port: Annotated[int | None, typer.Option(hidden=True)] = None,
+) -> None:
+    """Run a Celery worker for one lane (threads pool: the work is I/O-bound)."""
+    from router.keys import Keys
+    from workers.celery_app import app as celery_app
+
+    settings = load_settings()
+    keys = Keys(settings.key_prefix)
+    if lane not in ("stream", "batch"):
+        typer.echo("hybrid-router: --lane must be 'stream' or 'batch'", err=True)
+        raise typer.Exit(2)
+    queue = keys.stream_queue() if lane == "stream" else keys.batch_queue()
+    threads = concurrency or (
+        settings.stream_worker_concurrency if lane == "stream" else settings.emulated_concurrency + 4
+    )
+    argv = [
+        "worker",
+        "-Q", queue,
+        "-P", "threads",
+        "-c", str(threads),
+        "-n", name or f"{lane}@%h",
+        "--without-gossip",
+        "--without-mingle",
+        "-E",
+        "--loglevel", settings.log_level,
+    ]
+    celery_app.worker_main(argv=argv)
+
+
+@app.command()
+def beat(
+    schedule: Annotated[str | None, typer.Option(help="Beat schedule file.")] = None,
+) -> None:
+    """Run Celery beat (exactly one per deployment): batch flush, poll and recovery sweeps."""
+    import tempfile
+
+    from workers.celery_app import app as celery_app
+
+    settings = load_settings()
+    path = schedule or f"{tempfile.gettempdir()}/hybrid-router-beat-{settings.key_prefix}"
+    celery_app.start(argv=["beat", "--schedule", path, "--loglevel", settings.log_level])
+
+
+def _register_optional_verbs() -> None:
+    """Verbs owned by other modules register themselves here."""
+    import importlib
+
+    for module_name in ("simulator.cli", "router.ops_cli"):
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        module.register(app)
+
+
+_register_optional_verbs()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

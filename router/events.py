@@ -1,0 +1,87 @@
+"""The per-request event protocol (DESIGN.md): bodies, parsing and the replay log.
+
+An event is a JSON object with a ``type`` and a ``seq``. Producers build the body without
+``seq`` (see `router.lua`, which numbers it); consumers read it back with `parse_event`.
+The replay log is a Redis Stream whose entry ids are ``0-<seq>``, so "everything after seq N"
+is ``XRANGE key (0-N +`` and an SSE ``Last-Event-ID`` maps straight onto it.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any, Literal
+
+import orjson
+
+from router.records import dumps
+
+EventType = Literal["accepted", "queued", "submitted", "token", "done", "error", "cancelled"]
+FINAL_EVENT_TYPES: frozenset[str] = frozenset({"done", "error", "cancelled"})
+
+
+def accepted(route: str, priority: str) -> str:
+    return dumps({"type": "accepted", "route": route, "priority": priority})
+
+
+def queued(batch_id: str | None = None, reason: str | None = None) -> str:
+    body: dict[str, Any] = {"type": "queued", "batch_id": batch_id}
+    if reason:
+        body["reason"] = reason
+    return dumps(body)
+
+
+def submitted(batch_id: str) -> str:
+    return dumps({"type": "submitted", "batch_id": batch_id})
+
+
+def started() -> str:
+    """Not a terminal or token event: the stream worker has begun the upstream call."""
+    return dumps({"type": "started"})
+
+
+def token(content: str) -> str:
+    return dumps({"type": "token", "content": content})
+
+
+def done(
+    finish_reason: str | None,
+    usage: dict[str, Any] | None,
+    cost_usd: Decimal | None,
+    content_length: int,
+) -> str:
+    return dumps(
+        {
+            "type": "done",
+            "status": "completed",
+            "finish_reason": finish_reason,
+            "usage": usage,
+            "cost": cost_usd,
+            "content_length": content_length,
+        }
+    )
+
+
+def error(code: str, message: str, retryable: bool = False) -> str:
+    return dumps({"type": "error", "code": code, "message": message, "retryable": retryable})
+
+
+def cancelled() -> str:
+    return dumps({"type": "cancelled"})
+
+
+def parse_event(data: bytes | str) -> dict[str, Any]:
+    """Decode one event as stored in the replay log or published on the channel."""
+    value = orjson.loads(data)
+    if not isinstance(value, dict) or "type" not in value or "seq" not in value:
+        raise ValueError(f"not an event: {data!r}")
+    return value
+
+
+def stream_id_after(seq: int) -> str:
+    """The exclusive XRANGE/XREAD start for 'events after `seq`'."""
+    return f"0-{seq}"
+
+
+def seq_of_stream_id(entry_id: bytes | str) -> int:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return int(text.split("-", 1)[1])

@@ -1,0 +1,129 @@
+"""Every Redis key, channel and Celery queue name, built from the configured prefix.
+
+Nobody builds a key by hand anywhere else: grep for the prefix and you find this file.
+Keys that belong to one request share a ``{id}`` hash tag so they stay together on a cluster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Key builder for one prefix (``Settings.key_prefix``)."""
+
+    prefix: str
+
+    # --- one request ---------------------------------------------------------------------------
+    def record(self, request_id: str) -> str:
+        """Hash: the request record (see router.records)."""
+        return f"{self.prefix}:req:{{{request_id}}}"
+
+    def events(self, request_id: str) -> str:
+        """Stream: the replay log of the request's events, entry ids ``0-<seq>``."""
+        return f"{self.prefix}:ev:{{{request_id}}}"
+
+    def seq(self, request_id: str) -> str:
+        """String counter: the last event ``seq`` given out for the request."""
+        return f"{self.prefix}:seq:{{{request_id}}}"
+
+    def channel(self, request_id: str) -> str:
+        """Pub/sub channel on which the request's events are published live."""
+        return f"{self.prefix}:chan:{request_id}"
+
+    def channel_pattern(self) -> str:
+        """Pattern matching every request channel (for one shared pattern subscription)."""
+        return f"{self.prefix}:chan:*"
+
+    def lease(self, request_id: str) -> str:
+        """String with TTL: held by the stream worker while it streams the request."""
+        return f"{self.prefix}:lease:{{{request_id}}}"
+
+    def cancel_flag(self, request_id: str) -> str:
+        """String with TTL: set when a cancel is asked for a running request."""
+        return f"{self.prefix}:cancel:{{{request_id}}}"
+
+    def idempotency(self, tenant: str, idempotency_key: str) -> str:
+        """String: tenant's idempotency key -> ``<request id> <body hash>``."""
+        return f"{self.prefix}:idem:{tenant}:{idempotency_key}"
+
+    # --- stream lane ---------------------------------------------------------------------------
+    def dispatched(self) -> str:
+        """Sorted set: request id -> time handed to the stream queue (for recovery sweeps)."""
+        return f"{self.prefix}:stream:dispatched"
+
+    def streaming(self) -> str:
+        """Sorted set: request id -> time its stream started (for dead-worker sweeps)."""
+        return f"{self.prefix}:stream:running"
+
+    # --- batch lane ----------------------------------------------------------------------------
+    def pending(self, model: str) -> str:
+        """List: ids of low requests waiting for the next flush, one list per model."""
+        return f"{self.prefix}:batch:pending:{model}"
+
+    def pending_models(self) -> str:
+        """Set: models that have (or recently had) a pending queue."""
+        return f"{self.prefix}:batch:models"
+
+    def claimed(self, flush_id: str) -> str:
+        """List: ids claimed by one flush, kept until they are submitted or put back."""
+        return f"{self.prefix}:batch:claimed:{flush_id}"
+
+    def claims(self) -> str:
+        """Sorted set: flush id -> claim time, so a recovery step finds orphaned claims."""
+        return f"{self.prefix}:batch:claims"
+
+    def flush_lock(self) -> str:
+        """String lock held by the one flush running at a time."""
+        return f"{self.prefix}:batch:flush-lock"
+
+    def poll_lock(self) -> str:
+        """String lock held by the one poll running at a time."""
+        return f"{self.prefix}:batch:poll-lock"
+
+    def batch(self, batch_id: str) -> str:
+        """Hash: one upstream batch (status, model, file ids, counts, flush id)."""
+        return f"{self.prefix}:batch:job:{batch_id}"
+
+    def batch_requests(self, batch_id: str) -> str:
+        """Set: ids of the requests inside one upstream batch."""
+        return f"{self.prefix}:batch:members:{batch_id}"
+
+    def batches_in_flight(self) -> str:
+        """Sorted set: upstream batch id -> submit time, for batches not yet finished."""
+        return f"{self.prefix}:batch:inflight"
+
+    def last_flush(self) -> str:
+        """Hash: when the last flush ran and what it did."""
+        return f"{self.prefix}:batch:last-flush"
+
+    # --- runtime configuration, ledger, limits -------------------------------------------------
+    def runtime_config(self) -> str:
+        """Hash: settings changed at runtime (flush interval) that override `Settings`."""
+        return f"{self.prefix}:config"
+
+    def ledger(self) -> str:
+        """Hash: tokens and cost per route and model, and batch savings."""
+        return f"{self.prefix}:ledger"
+
+    def rate(self, api_key_id: str, kind: str, window: int) -> str:
+        """Counter: requests or tokens used by one key in one minute window."""
+        return f"{self.prefix}:rate:{kind}:{api_key_id}:{window}"
+
+    def batch_mode(self) -> str:
+        """String: the batch mode chosen by the `auto` probe, cached."""
+        return f"{self.prefix}:batch:mode"
+
+    # --- Celery --------------------------------------------------------------------------------
+    def stream_queue(self) -> str:
+        """Celery queue of the stream lane."""
+        return f"{self.prefix}.stream"
+
+    def batch_queue(self) -> str:
+        """Celery queue of the batch lane (flush, poll, emulated runs, callbacks)."""
+        return f"{self.prefix}.batch"
+
+    def celery_prefix(self) -> str:
+        """Prefix Celery's own keys live under (unacked, beat, results)."""
+        return f"{self.prefix}.celery."

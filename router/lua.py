@@ -1,0 +1,165 @@
+"""The Lua scripts that make every multi-step change to a request atomic.
+
+Like dramatiq's ``dispatch.lua``: one place to read the whole protocol. A crash between two
+writes cannot leave a half-moved request, because each move is one script.
+
+Event bodies are passed as JSON objects *without* ``seq``; the script numbers them (``INCR``),
+appends them to the replay stream with entry id ``0-<seq>`` and publishes them, so events from
+the API, the stream worker and the batch worker share one strictly increasing sequence.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+TERMINAL_STATES = ("completed", "failed", "cancelled")
+
+_COMMON = """
+local function is_terminal(s)
+  return s == 'completed' or s == 'failed' or s == 'cancelled'
+end
+-- emit(seq_key, stream_key, channel, maxlen, ttl, body) -> seq
+local function emit(seq_key, stream_key, channel, maxlen, ttl, body)
+  local seq = redis.call('INCR', seq_key)
+  local data = '{"seq":' .. seq .. ',' .. string.sub(body, 2)
+  redis.call('XADD', stream_key, 'MAXLEN', '~', maxlen, '0-' .. seq, 'd', data)
+  redis.call('PUBLISH', channel, data)
+  redis.call('EXPIRE', seq_key, ttl)
+  redis.call('EXPIRE', stream_key, ttl)
+  return seq
+end
+"""
+
+# KEYS: record, idempotency, seq, events, queue, models-set
+# ARGV: id, idem_value ('' = none), idem_ttl, queue_kind ('list'|'zset'|''), now, model,
+#       channel, maxlen, ev_ttl, n_events, events..., field, value, field, value...
+CREATE = (
+    _COMMON
+    + """
+if ARGV[2] ~= '' then
+  local existing = redis.call('GET', KEYS[2])
+  if existing then return {0, existing} end
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then return {0, ''} end
+local n_events = tonumber(ARGV[10])
+local first_field = 11 + n_events
+local fields = {}
+for i = first_field, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(fields))
+if ARGV[2] ~= '' then redis.call('SET', KEYS[2], ARGV[2], 'EX', tonumber(ARGV[3])) end
+if ARGV[4] == 'list' then
+  redis.call('RPUSH', KEYS[5], ARGV[1])
+  redis.call('SADD', KEYS[6], ARGV[6])
+elseif ARGV[4] == 'zset' then
+  redis.call('ZADD', KEYS[5], ARGV[5], ARGV[1])
+end
+local seq = 0
+for i = 11, 10 + n_events do
+  seq = emit(KEYS[3], KEYS[4], ARGV[7], ARGV[8], ARGV[9], ARGV[i])
+end
+return {1, ARGV[1]}
+"""
+)
+
+# KEYS: record, seq, events
+# ARGV: allowed ('*' = any non-terminal, else comma list), to_status, channel, maxlen, ev_ttl,
+#       record_ttl (0 = none), incr_attempts (0|1), event ('' = none), field, value...
+# Returns {code, previous_status}: 1 moved, 0 refused, -1 no such record.
+TRANSITION = (
+    _COMMON
+    + """
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then return {-1, ''} end
+if is_terminal(cur) then return {0, cur} end
+if ARGV[1] ~= '*' then
+  local ok = false
+  for s in string.gmatch(ARGV[1], '[^,]+') do if s == cur then ok = true end end
+  if not ok then return {0, cur} end
+end
+redis.call('HSET', KEYS[1], 'status', ARGV[2])
+if #ARGV > 8 then
+  local fields = {}
+  for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
+  redis.call('HSET', KEYS[1], unpack(fields))
+end
+if ARGV[7] == '1' then redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
+if tonumber(ARGV[6]) > 0 then redis.call('EXPIRE', KEYS[1], tonumber(ARGV[6])) end
+if ARGV[8] ~= '' then emit(KEYS[2], KEYS[3], ARGV[3], ARGV[4], ARGV[5], ARGV[8]) end
+return {1, cur}
+"""
+)
+
+# KEYS: seq, events, record
+# ARGV: channel, maxlen, ev_ttl, guard ('1' = refuse when the record is terminal), events...
+# Returns the last seq emitted, or -1 when guarded and the record is terminal (stop streaming).
+EMIT = (
+    _COMMON
+    + """
+if ARGV[4] == '1' then
+  local cur = redis.call('HGET', KEYS[3], 'status')
+  if (not cur) or is_terminal(cur) then return -1 end
+end
+local seq = 0
+for i = 5, #ARGV do
+  seq = emit(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[i])
+end
+return seq
+"""
+)
+
+# KEYS: record, seq, events, pending-list, dispatched-zset, cancel-flag
+# ARGV: channel, maxlen, ev_ttl, record_ttl, now, event, flag_ttl
+# Returns {outcome, status}: outcome 'cancelled', 'terminal' (already final) or 'missing'.
+CANCEL = (
+    _COMMON
+    + """
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then return {'missing', ''} end
+if is_terminal(cur) then return {'terminal', cur} end
+if cur == 'queued' then redis.call('LREM', KEYS[4], 0, redis.call('HGET', KEYS[1], 'id')) end
+if cur == 'dispatched' then redis.call('ZREM', KEYS[5], redis.call('HGET', KEYS[1], 'id')) end
+if cur == 'streaming' then redis.call('SET', KEYS[6], '1', 'EX', tonumber(ARGV[7])) end
+redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[5])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+emit(KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[6])
+return {'cancelled', cur}
+"""
+)
+
+
+@dataclass
+class LuaScript:
+    """A script run by SHA with a fallback to EVAL, on a sync or async client or pipeline."""
+
+    source: str
+    sha: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
+
+    def __call__(self, client: redis.Redis, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return client.evalsha(self.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            return client.eval(self.source, len(keys), *keys, *args)
+
+    async def run_async(self, client: aioredis.Redis, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await client.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[misc]
+        except redis.exceptions.NoScriptError:
+            return await client.eval(self.source, len(keys), *keys, *args)  # type: ignore[misc]
+
+    def queue_in(self, pipe: Any, keys: list[str], args: list[Any]) -> None:
+        """Add the script to a pipeline (sync or async) as EVAL, which needs no cached SHA."""
+        pipe.eval(self.source, len(keys), *keys, *args)
+
+
+CREATE_SCRIPT = LuaScript(CREATE)
+TRANSITION_SCRIPT = LuaScript(TRANSITION)
+EMIT_SCRIPT = LuaScript(EMIT)
+CANCEL_SCRIPT = LuaScript(CANCEL)

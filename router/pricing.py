@@ -1,0 +1,72 @@
+"""Prices: what a request cost on its lane, and a dollar budget turned into a token cap."""
+
+from __future__ import annotations
+
+from decimal import ROUND_HALF_EVEN, Decimal
+from typing import Any
+
+from settings import Settings
+
+MTOK = Decimal(1_000_000)
+COST_QUANTUM = Decimal("0.0000000001")
+
+
+def lane_multiplier(settings: Settings, route: str, *, emulated: bool = False) -> Decimal:
+    """1 on the stream lane (and emulated batches, which pay full price), else the discount."""
+    if route == "batch" and not emulated:
+        return Decimal(1) - settings.batch_discount
+    return Decimal(1)
+
+
+def cost_usd(
+    settings: Settings,
+    model: str,
+    usage: dict[str, Any] | None,
+    route: str,
+    *,
+    emulated: bool = False,
+) -> Decimal:
+    """Cost of `usage` tokens of `model` on `route`, in USD, exact to 1e-10."""
+    if not usage:
+        return Decimal(0)
+    price = settings.price_for(model)
+    prompt = Decimal(int(usage.get("prompt_tokens") or 0))
+    completion = Decimal(int(usage.get("completion_tokens") or 0))
+    standard = (prompt * price.input_per_mtok + completion * price.output_per_mtok) / MTOK
+    return (standard * lane_multiplier(settings, route, emulated=emulated)).quantize(
+        COST_QUANTUM, rounding=ROUND_HALF_EVEN
+    )
+
+
+def estimate_prompt_tokens(messages: list[dict[str, Any]]) -> int:
+    """A cheap, deliberately generous prompt size estimate (about 4 characters a token)."""
+    chars = 0
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict) and isinstance(part.get("text"), str):
+                    chars += len(part["text"])
+        chars += 16  # role and framing
+    return max(1, chars // 4 + 1)
+
+
+def max_tokens_for_budget(
+    settings: Settings, model: str, route: str, budget_usd: Decimal, prompt_tokens: int
+) -> int:
+    """Completion tokens that `budget_usd` buys after paying for the prompt; 0 if none.
+
+    Raises nothing: the caller decides that 0 means "the budget cannot even pay the prompt".
+    """
+    price = settings.price_for(model)
+    mult = lane_multiplier(settings, route)
+    prompt_cost = Decimal(prompt_tokens) * price.input_per_mtok * mult / MTOK
+    left = budget_usd - prompt_cost
+    if left <= 0:
+        return 0
+    per_token = price.output_per_mtok * mult / MTOK
+    if per_token == 0:
+        return 1_000_000
+    return int(left / per_token)

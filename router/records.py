@@ -1,0 +1,119 @@
+"""The request record: what Redis holds for each accepted request, and its states.
+
+States (DESIGN.md): ``queued`` -> ``submitted`` -> terminal on the batch lane, ``dispatched`` ->
+``streaming`` -> terminal on the stream lane. Terminal states never change again.
+"""
+
+from __future__ import annotations
+
+import time
+from decimal import Decimal
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, Field
+
+Status = Literal["queued", "submitted", "dispatched", "streaming", "completed", "failed", "cancelled"]
+Priority = Literal["high", "normal", "low"]
+RouteName = Literal["stream", "batch"]
+
+TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
+ACTIVE_STREAM: frozenset[str] = frozenset({"dispatched", "streaming"})
+ACTIVE_BATCH: frozenset[str] = frozenset({"queued", "submitted"})
+
+_JSON_FIELDS = ("body", "result", "error", "metadata", "usage")
+_FLOAT_FIELDS = (
+    "created_at",
+    "started_at",
+    "first_token_at",
+    "finished_at",
+    "deadline_at",
+)
+
+
+def now() -> float:
+    """Wall-clock seconds; one function so timestamps are taken the same way everywhere."""
+    return time.time()
+
+
+def dumps(value: Any) -> str:
+    """JSON text of a value (orjson, Decimal as a string)."""
+    return orjson.dumps(value, default=_default).decode()
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class RequestResult(BaseModel):
+    """What a completed request produced: the assistant message and how it ended."""
+
+    content: str
+    finish_reason: str | None = None
+    usage: UsageInfo | None = None
+    message: dict[str, Any] | None = None
+
+
+class RequestError(BaseModel):
+    code: str
+    message: str
+    retryable: bool = False
+
+
+class RequestRecord(BaseModel):
+    """One accepted request, as stored in the Redis hash ``Keys.record(id)``."""
+
+    id: str
+    tenant: str
+    priority: Priority
+    route: RouteName
+    route_reason: str = ""
+    status: Status
+    model: str
+    body: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, Any] | None = None
+    idempotency_key: str | None = None
+    callback_url: str | None = None
+    created_at: float
+    started_at: float | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    deadline_at: float | None = None
+    attempts: int = 0
+    batch_id: str | None = None
+    result: RequestResult | None = None
+    error: RequestError | None = None
+    usage: UsageInfo | None = None
+    cost_usd: Decimal | None = None
+    content_tokens_relayed: int = 0
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    def to_hash(self) -> dict[str, str]:
+        """Flat string fields for HSET (None values are left out)."""
+        out: dict[str, str] = {}
+        for name, value in self.model_dump(mode="json", exclude_none=True).items():
+            out[name] = dumps(value) if name in _JSON_FIELDS else str(value)
+        return out
+
+    @classmethod
+    def from_hash(cls, raw: dict[Any, Any]) -> RequestRecord:
+        data: dict[str, Any] = {}
+        for key, value in raw.items():
+            name = key.decode() if isinstance(key, bytes) else key
+            text = value.decode() if isinstance(value, bytes) else value
+            if name in _JSON_FIELDS:
+                data[name] = orjson.loads(text)
+            else:
+                data[name] = text
+        return cls.model_validate(data)

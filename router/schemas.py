@@ -1,0 +1,135 @@
+"""HTTP request and response bodies of the intake API (they also make the OpenAPI document)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from router.records import Priority, RequestError, RequestResult, RouteName, Status, UsageInfo
+
+Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
+
+# The fields of POST /v1/requests that belong to the router and are not sent upstream.
+ROUTER_FIELDS = frozenset(
+    {"priority", "deadline_s", "metadata", "idempotency_key", "max_cost_usd", "callback_url"}
+)
+
+
+class ChatMessage(BaseModel):
+    """One chat message; unknown OpenAI fields (name, tool_calls, ...) pass through."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: Role
+    content: str | list[dict[str, Any]] | None
+
+    @model_validator(mode="after")
+    def _content_present(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.model_extra and
+                                         self.model_extra.get("tool_calls")):
+            raise ValueError("content must be a string or a list of content parts")
+        return self
+
+
+class ChatCompletionFields(BaseModel):
+    """The OpenAI chat-completion fields the router inspects; every other field passes through."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = Field(None, min_length=1, max_length=256)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=10_000)
+    max_tokens: int | None = Field(None, gt=0)
+    max_completion_tokens: int | None = Field(None, gt=0)
+    stream: bool | None = None
+    n: int | None = Field(None, ge=1, le=1)
+
+
+class SubmitRequest(ChatCompletionFields):
+    """Body of ``POST /v1/requests``: an OpenAI chat completion plus routing fields."""
+
+    priority: Priority = "normal"
+    deadline_s: float | None = Field(
+        None, gt=0, description="Seconds within which a result is needed."
+    )
+    metadata: dict[str, Any] | None = Field(None, description="Kept on the record, not sent.")
+    idempotency_key: str | None = Field(
+        None, min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:\-]+$"
+    )
+    max_cost_usd: Decimal | None = Field(
+        None, gt=0, description="Budget; becomes a max_tokens cap from the lane's price."
+    )
+    callback_url: str | None = Field(None, max_length=2048)
+
+    @field_validator("callback_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    def openai_body(self) -> dict[str, Any]:
+        """The chat-completion body to send upstream (router fields removed, nulls dropped)."""
+        data = self.model_dump(mode="json", exclude_none=True)
+        for name in ROUTER_FIELDS:
+            data.pop(name, None)
+        return data
+
+
+class SubmitResponse(BaseModel):
+    id: str
+    status: Status
+    route: RouteName
+    route_reason: str
+    priority: Priority
+    model: str
+    channel: str = Field(description="Redis pub/sub channel of the request's events.")
+    events_url: str
+    result_url: str
+    idempotent_replay: bool = False
+
+
+class RequestView(BaseModel):
+    """``GET /v1/requests/{id}``: the record, with the result once terminal."""
+
+    id: str
+    status: Status
+    priority: Priority
+    route: RouteName
+    route_reason: str
+    model: str
+    body: dict[str, Any]
+    metadata: dict[str, Any] | None
+    created_at: float
+    started_at: float | None
+    first_token_at: float | None
+    finished_at: float | None
+    deadline_at: float | None
+    attempts: int
+    batch_id: str | None
+    result: RequestResult | None
+    error: RequestError | None
+    usage: UsageInfo | None
+    cost_usd: Decimal | None
+    channel: str
+    events_url: str
+
+
+class CancelResponse(BaseModel):
+    id: str
+    status: Status
+    previous_status: Status | None = None
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Errors use OpenAI's shape so OpenAI SDKs raise the right exception class."""
+
+    error: ErrorDetail

@@ -1,0 +1,288 @@
+"""The request store: create, read, move and announce requests in Redis.
+
+Each operation is built once as a `StoreOp` (which script, which keys, which arguments and how
+to read the answer) and run by either the sync `RequestStore` (Celery workers, `enqueue()`) or
+the async `AsyncRequestStore` (the intake API). The logic therefore exists once; the two
+classes only differ in how they wait.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import redis
+import redis.asyncio as aioredis
+
+from router import events as ev
+from router.keys import Keys
+from router.lua import CANCEL_SCRIPT, CREATE_SCRIPT, EMIT_SCRIPT, TRANSITION_SCRIPT, LuaScript
+from router.records import TERMINAL, RequestRecord, dumps, now
+from settings import Settings
+
+T = TypeVar("T")
+
+IDEMPOTENCY_TTL_S = 24 * 3600
+
+
+def body_fingerprint(body: dict[str, Any]) -> str:
+    """A stable hash of a request body, to tell a true retry from a reused idempotency key."""
+    return hashlib.sha256(dumps_sorted(body).encode()).hexdigest()[:32]
+
+
+def dumps_sorted(value: Any) -> str:
+    import orjson
+
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+
+
+@dataclass(frozen=True)
+class CreateOutcome:
+    """`created` is False when an idempotency key (or the id) already existed."""
+
+    created: bool
+    request_id: str
+    body_fingerprint: str | None = None
+
+
+@dataclass(frozen=True)
+class TransitionOutcome:
+    moved: bool
+    previous: str | None  # None when the record does not exist
+
+
+@dataclass(frozen=True)
+class StoreOp(Generic[T]):
+    script: LuaScript
+    keys: list[str]
+    args: list[Any]
+    parse: Callable[[Any], T]
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class StoreOps:
+    """Builds every store operation from `Settings` (shared by the sync and async stores)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.keys = Keys(settings.key_prefix)
+
+    def _event_args(self, request_id: str) -> list[Any]:
+        s = self.settings
+        return [self.keys.channel(request_id), s.replay_maxlen, s.replay_ttl_s]
+
+    def create(
+        self,
+        record: RequestRecord,
+        events: Sequence[str],
+        idempotency_fingerprint: str | None = None,
+    ) -> StoreOp[CreateOutcome]:
+        k = self.keys
+        if record.route == "batch" and record.status == "queued":
+            queue_kind, queue_key = "list", k.pending(record.model)
+        elif record.route == "stream" and record.status == "dispatched":
+            queue_kind, queue_key = "zset", k.dispatched()
+        else:
+            queue_kind, queue_key = "", k.dispatched()
+        idem_key = (
+            k.idempotency(record.tenant, record.idempotency_key)
+            if record.idempotency_key
+            else k.idempotency(record.tenant, "-")
+        )
+        idem_value = (
+            f"{record.id} {idempotency_fingerprint}"
+            if record.idempotency_key and idempotency_fingerprint
+            else ""
+        )
+        fields: list[str] = []
+        for name, value in record.to_hash().items():
+            fields += [name, value]
+        args: list[Any] = [
+            record.id,
+            idem_value,
+            IDEMPOTENCY_TTL_S,
+            queue_kind,
+            record.created_at,
+            record.model,
+            *self._event_args(record.id),
+            len(events),
+            *events,
+            *fields,
+        ]
+        keys = [idem_key, k.seq(record.id), k.events(record.id), queue_key, k.pending_models()]
+
+        def parse(raw: Any) -> CreateOutcome:
+            code, value = int(raw[0]), _s(raw[1])
+            if code == 1:
+                return CreateOutcome(True, value)
+            if not value:
+                return CreateOutcome(False, record.id)
+            existing_id, _, fingerprint = value.partition(" ")
+            return CreateOutcome(False, existing_id, fingerprint or None)
+
+        return StoreOp(CREATE_SCRIPT, [k.record(record.id), *keys], args, parse)
+
+    def transition(
+        self,
+        request_id: str,
+        to_status: str,
+        *,
+        allowed_from: Sequence[str] | None = None,
+        fields: dict[str, Any] | None = None,
+        event: str | None = None,
+        incr_attempts: bool = False,
+    ) -> StoreOp[TransitionOutcome]:
+        """Move a request to `to_status` unless it is terminal (or not in `allowed_from`)."""
+        k = self.keys
+        terminal = to_status in TERMINAL
+        flat: list[str] = []
+        values = dict(fields or {})
+        if terminal and "finished_at" not in values:
+            values["finished_at"] = now()
+        for name, value in values.items():
+            if value is None:
+                continue
+            flat += [name, value if isinstance(value, str) else dumps(value)]
+        args: list[Any] = [
+            ",".join(allowed_from) if allowed_from else "*",
+            to_status,
+            *self._event_args(request_id),
+            self.settings.result_ttl_s if terminal else 0,
+            "1" if incr_attempts else "0",
+            event or "",
+            *flat,
+        ]
+
+        def parse(raw: Any) -> TransitionOutcome:
+            code, prev = int(raw[0]), _s(raw[1])
+            return TransitionOutcome(code == 1, prev or None if code != -1 else None)
+
+        return StoreOp(
+            TRANSITION_SCRIPT,
+            [k.record(request_id), k.seq(request_id), k.events(request_id)],
+            args,
+            parse,
+        )
+
+    def emit(self, request_id: str, events: Sequence[str], guard: bool = True) -> StoreOp[int]:
+        """Append and publish events; with `guard`, refuse (-1) once the request is terminal."""
+        k = self.keys
+        return StoreOp(
+            EMIT_SCRIPT,
+            [k.seq(request_id), k.events(request_id), k.record(request_id)],
+            [*self._event_args(request_id), "1" if guard else "0", *events],
+            lambda raw: int(raw),
+        )
+
+    def cancel(self, request_id: str, model: str) -> StoreOp[tuple[str, str]]:
+        k = self.keys
+        return StoreOp(
+            CANCEL_SCRIPT,
+            [
+                k.record(request_id),
+                k.seq(request_id),
+                k.events(request_id),
+                k.pending(model),
+                k.dispatched(),
+                k.cancel_flag(request_id),
+            ],
+            [
+                *self._event_args(request_id),
+                self.settings.result_ttl_s,
+                now(),
+                ev.cancelled(),
+                max(60, int(self.settings.stream_total_timeout_s)),
+            ],
+            lambda raw: (_s(raw[0]), _s(raw[1])),
+        )
+
+
+def _record_or_none(raw: dict[Any, Any]) -> RequestRecord | None:
+    return RequestRecord.from_hash(raw) if raw else None
+
+
+def _events_from_xrange(entries: list[Any]) -> list[dict[str, Any]]:
+    out = []
+    for _entry_id, fields in entries:
+        data = fields.get(b"d") if b"d" in fields else fields.get("d")
+        out.append(ev.parse_event(data))
+    return out
+
+
+class RequestStore:
+    """Synchronous store, for Celery workers and the direct `enqueue()` client."""
+
+    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+        self.redis = client
+        self.settings = settings
+        self.ops = StoreOps(settings)
+        self.keys = self.ops.keys
+
+    def run(self, op: StoreOp[T]) -> T:
+        return op.parse(op.script(self.redis, op.keys, op.args))
+
+    def create(
+        self, record: RequestRecord, events: Sequence[str], fingerprint: str | None = None
+    ) -> CreateOutcome:
+        return self.run(self.ops.create(record, events, fingerprint))
+
+    def get(self, request_id: str) -> RequestRecord | None:
+        return _record_or_none(self.redis.hgetall(self.keys.record(request_id)))  # type: ignore[arg-type]
+
+    def transition(self, request_id: str, to_status: str, **kw: Any) -> TransitionOutcome:
+        return self.run(self.ops.transition(request_id, to_status, **kw))
+
+    def emit(self, request_id: str, events: Sequence[str], guard: bool = True) -> int:
+        return self.run(self.ops.emit(request_id, events, guard))
+
+    def cancel(self, request_id: str, model: str) -> tuple[str, str]:
+        return self.run(self.ops.cancel(request_id, model))
+
+    def events_after(self, request_id: str, seq: int = 0, count: int | None = None) -> list[dict[str, Any]]:
+        entries = self.redis.xrange(
+            self.keys.events(request_id), min=f"({ev.stream_id_after(seq)}", max="+", count=count
+        )
+        return _events_from_xrange(entries)  # type: ignore[arg-type]
+
+
+class AsyncRequestStore:
+    """Asynchronous store, for the intake API."""
+
+    def __init__(self, client: aioredis.Redis, settings: Settings) -> None:
+        self.redis = client
+        self.settings = settings
+        self.ops = StoreOps(settings)
+        self.keys = self.ops.keys
+
+    async def run(self, op: StoreOp[T]) -> T:
+        return op.parse(await op.script.run_async(self.redis, op.keys, op.args))
+
+    async def create(
+        self, record: RequestRecord, events: Sequence[str], fingerprint: str | None = None
+    ) -> CreateOutcome:
+        return await self.run(self.ops.create(record, events, fingerprint))
+
+    async def get(self, request_id: str) -> RequestRecord | None:
+        return _record_or_none(await self.redis.hgetall(self.keys.record(request_id)))  # type: ignore[misc]
+
+    async def transition(self, request_id: str, to_status: str, **kw: Any) -> TransitionOutcome:
+        return await self.run(self.ops.transition(request_id, to_status, **kw))
+
+    async def emit(self, request_id: str, events: Sequence[str], guard: bool = True) -> int:
+        return await self.run(self.ops.emit(request_id, events, guard))
+
+    async def cancel(self, request_id: str, model: str) -> tuple[str, str]:
+        return await self.run(self.ops.cancel(request_id, model))
+
+    async def events_after(
+        self, request_id: str, seq: int = 0, count: int | None = None
+    ) -> list[dict[str, Any]]:
+        entries = await self.redis.xrange(
+            self.keys.events(request_id), min=f"({ev.stream_id_after(seq)}", max="+", count=count
+        )
+        return _events_from_xrange(entries)

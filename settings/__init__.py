@@ -1,0 +1,13 @@
+"""Configuration: the one `Settings` class and `get_settings()`."""
+
+from settings.config import (
+    DEFAULT_PRICES,
+    BatchMode,
+    ModelPrice,
+    Route,
+    Settings,
+    get_settings,
+    settings_to_env,
+)
+
+__all__ = ["DEFAULT_PRICES", "BatchMode", "ModelPrice", "Route", "Settings", "get_settings", "settings_to_env"]

@@ -1,0 +1,233 @@
+"""Test support: free ports, waiting on conditions with deadlines, and owned subprocesses.
+
+Fixtures own every process they start: `ManagedProcess.stop()` terminates, waits, kills if
+needed, and the `Stack` stops everything it started, so no test leaves a process behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+from settings import Settings, settings_to_env
+
+T = TypeVar("T")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(
+    predicate: Callable[[], T | None | bool],
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    message: str = "condition",
+) -> T:
+    """Poll `predicate` until it returns something truthy; fail with `message` at the deadline."""
+    deadline = time.monotonic() + timeout
+    last_exc: BaseException | None = None
+    while True:
+        try:
+            value = predicate()
+            if value:
+                return value  # type: ignore[return-value]
+        except Exception as exc:  # the thing may not be up yet
+            last_exc = exc
+        if time.monotonic() > deadline:
+            detail = f" (last error: {last_exc!r})" if last_exc else ""
+            raise TimeoutError(f"timed out after {timeout}s waiting for {message}{detail}")
+        time.sleep(interval)
+
+
+@dataclass
+class ManagedProcess:
+    """A subprocess with its output in a log file, stopped for sure by `stop()`."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ManagedProcess:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            self.argv,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=str(REPO_ROOT),
+            start_new_session=True,
+        )
+        log.close()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send `sig` to the whole process group (Celery pools have children)."""
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.kill(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill(signal.SIGKILL)
+                self.proc.wait(5)
+        # Reap anything left in the group (e.g. a pool child that ignored SIGTERM).
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def output(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+
+def child_env(settings: Settings, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment of a child process that reproduces `settings` exactly."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ROUTER_", "OPENAI_"))}
+    env.update(settings_to_env(settings))
+    env["ROUTER_LOG_FORMAT"] = "json"
+    env["PYTHONUNBUFFERED"] = "1"
+    if extra:
+        env.update(extra)
+    return env
+
+
+def cli_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "router.cli", *args]
+
+
+def start_redis_server(workdir: Path, appendonly: bool = False) -> tuple[ManagedProcess, str]:
+    """A private redis-server on a free port; returns the process and its base URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not on PATH (apt-get install redis-server)")
+    port = free_port()
+    argv = [
+        binary,
+        "--port", str(port),
+        "--bind", "127.0.0.1",
+        "--save", "",
+        "--appendonly", "yes" if appendonly else "no",
+        "--dir", str(workdir),
+        "--maxclients", "10000",
+    ]
+    proc = ManagedProcess("redis", argv, dict(os.environ), workdir / "redis.log").start()
+    url = f"redis://127.0.0.1:{port}"
+    import redis
+
+    wait_until(lambda: redis.Redis.from_url(url).ping(), 10, message="private redis-server")
+    return proc, url
+
+
+@dataclass
+class Stack:
+    """The router's processes for one set of settings: API, workers, beat (each optional)."""
+
+    settings: Settings
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="hr-stack-")))
+    processes: list[ManagedProcess] = field(default_factory=list)
+    api_url: str = ""
+
+    def _spawn(self, name: str, argv: list[str], extra_env: dict[str, str] | None = None
+               ) -> ManagedProcess:
+        proc = ManagedProcess(name, argv, child_env(self.settings, extra_env),
+                              self.workdir / f"{name}-{len(self.processes)}.log").start()
+        self.processes.append(proc)
+        return proc
+
+    def start_api(self, timeout: float = 20.0) -> str:
+        port = free_port()
+        proc = self._spawn("api", cli_argv("api", "--host", "127.0.0.1", "--port", str(port)))
+        self.api_url = f"http://127.0.0.1:{port}"
+
+        def ready() -> bool:
+            if not proc.alive():
+                raise RuntimeError(f"api exited:\n{proc.output()[-3000:]}")
+            return httpx.get(f"{self.api_url}/readyz", timeout=1).status_code == 200
+
+        wait_until(ready, timeout, 0.05, message=f"API at {self.api_url}")
+        return self.api_url
+
+    def start_worker(self, lane: str, concurrency: int | None = None,
+                     timeout: float = 30.0) -> ManagedProcess:
+        args = ["worker", "--lane", lane, "--name", f"{lane}-{len(self.processes)}@%h"]
+        if concurrency:
+            args += ["--concurrency", str(concurrency)]
+        proc = self._spawn(f"worker-{lane}", cli_argv(*args))
+        wait_until(lambda: self._worker_ready(proc), timeout, 0.1,
+                   message=f"{lane} worker ready")
+        return proc
+
+    def _worker_ready(self, proc: ManagedProcess) -> bool:
+        if not proc.alive():
+            raise RuntimeError(f"worker exited:\n{proc.output()[-3000:]}")
+        return "ready" in proc.output()
+
+    def start_beat(self, timeout: float = 30.0) -> ManagedProcess:
+        schedule = self.workdir / f"beat-{len(self.processes)}"
+        proc = self._spawn("beat", cli_argv("beat", "--schedule", str(schedule)))
+        wait_until(lambda: proc.alive() and "beat" in proc.output().lower(), timeout, 0.1,
+                   message="beat started")
+        return proc
+
+    def stop(self) -> None:
+        for proc in reversed(self.processes):
+            proc.stop()
+        self.processes.clear()
+
+    def logs(self) -> str:
+        return "\n".join(f"===== {p.name} =====\n{p.output()[-4000:]}" for p in self.processes)
+
+
+def delete_prefix(redis_url: str, prefix: str) -> None:
+    """Remove every key a test created under its private prefix (and Celery's under it)."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    for pattern in (f"{prefix}:*", f"{prefix}.*"):
+        batch: list[Any] = []
+        for key in client.scan_iter(match=pattern, count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                client.delete(*batch)
+                batch.clear()
+        if batch:
+            client.delete(*batch)
+    client.close()

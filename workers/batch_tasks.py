@@ -1,0 +1,1 @@
+"""Batch-lane Celery tasks (filled in by the batch lane)."""

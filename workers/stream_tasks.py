@@ -1,0 +1,1 @@
+"""Stream-lane Celery tasks (filled in by the stream lane)."""
