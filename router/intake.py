@@ -18,7 +18,7 @@ from router import events as ev
 from router.classify import classify
 from router.logs import get_logger
 from router.pricing import estimate_prompt_tokens, max_tokens_for_budget
-from router.records import RequestRecord, now
+from router.records import RequestRecord, Status, now
 from router.schemas import SubmitRequest
 from router.store import AsyncRequestStore, RequestStore, body_fingerprint
 from settings import Settings
@@ -116,7 +116,7 @@ def prepare(
         if "max_tokens" not in body and "max_completion_tokens" not in body:
             body["max_tokens"] = cap
     created = now()
-    status = "queued" if decision.route == "batch" else "dispatched"
+    status: Status = "queued" if decision.route == "batch" else "dispatched"
     record = RequestRecord(
         id=new_request_id(),
         tenant=tenant,

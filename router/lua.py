@@ -150,9 +150,9 @@ class LuaScript:
 
     async def run_async(self, client: aioredis.Redis, keys: list[str], args: list[Any]) -> Any:
         try:
-            return await client.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[misc]
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
         except redis.exceptions.NoScriptError:
-            return await client.eval(self.source, len(keys), *keys, *args)  # type: ignore[misc]
+            return await client.eval(self.source, len(keys), *keys, *args)
 
     def queue_in(self, pipe: Any, keys: list[str], args: list[Any]) -> None:
         """Add the script to a pipeline (sync or async) as EVAL, which needs no cached SHA."""

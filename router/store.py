@@ -232,7 +232,7 @@ class RequestStore:
         return self.run(self.ops.create(record, events, fingerprint))
 
     def get(self, request_id: str) -> RequestRecord | None:
-        return _record_or_none(self.redis.hgetall(self.keys.record(request_id)))  # type: ignore[arg-type]
+        return _record_or_none(self.redis.hgetall(self.keys.record(request_id)))
 
     def transition(self, request_id: str, to_status: str, **kw: Any) -> TransitionOutcome:
         return self.run(self.ops.transition(request_id, to_status, **kw))
@@ -247,7 +247,7 @@ class RequestStore:
         entries = self.redis.xrange(
             self.keys.events(request_id), min=f"({ev.stream_id_after(seq)}", max="+", count=count
         )
-        return _events_from_xrange(entries)  # type: ignore[arg-type]
+        return _events_from_xrange(entries or [])
 
 
 class AsyncRequestStore:
@@ -268,7 +268,7 @@ class AsyncRequestStore:
         return await self.run(self.ops.create(record, events, fingerprint))
 
     async def get(self, request_id: str) -> RequestRecord | None:
-        return _record_or_none(await self.redis.hgetall(self.keys.record(request_id)))  # type: ignore[misc]
+        return _record_or_none(await self.redis.hgetall(self.keys.record(request_id)))
 
     async def transition(self, request_id: str, to_status: str, **kw: Any) -> TransitionOutcome:
         return await self.run(self.ops.transition(request_id, to_status, **kw))
@@ -285,4 +285,4 @@ class AsyncRequestStore:
         entries = await self.redis.xrange(
             self.keys.events(request_id), min=f"({ev.stream_id_after(seq)}", max="+", count=count
         )
-        return _events_from_xrange(entries)
+        return _events_from_xrange(entries or [])

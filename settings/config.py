@@ -179,7 +179,7 @@ class Settings(BaseSettings):
         for secret in ("upstream_api_key", "callback_secret"):
             if data.get(secret):
                 data[secret] = "***"
-        data["api_keys"] = {"***": tenant for tenant in self.api_keys.values()}
+        data["api_keys"] = {f"***{i}": tenant for i, tenant in enumerate(self.api_keys.values())}
         return data
 
 

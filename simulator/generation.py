@@ -21,14 +21,7 @@ from simulator.messages import message_text, split_prefill
 
 VOCABULARY: tuple[str, ...] = tuple(
     " " + w
-    for w in (
-        "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor "
-        "incididunt ut labore et dolore magna aliqua enim ad minim veniam quis nostrud "
-        "exercitation ullamco laboris nisi aliquip ex ea commodo consequat duis aute irure "
-        "in reprehenderit voluptate velit esse cillum fugiat nulla pariatur excepteur sint "
-        "occaecat cupidatat non proident sunt culpa qui officia deserunt mollit anim id est "
-        "laborum router batch stream token signal queue worker cache vector model answer"
-    ).split()
+    for w in ["lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit", "sed", "do", "eiusmod", "tempor", "incididunt", "ut", "labore", "et", "dolore", "magna", "aliqua", "enim", "ad", "minim", "veniam", "quis", "nostrud", "exercitation", "ullamco", "laboris", "nisi", "aliquip", "ex", "ea", "commodo", "consequat", "duis", "aute", "irure", "in", "reprehenderit", "voluptate", "velit", "esse", "cillum", "fugiat", "nulla", "pariatur", "excepteur", "sint", "occaecat", "cupidatat", "non", "proident", "sunt", "culpa", "qui", "officia", "deserunt", "mollit", "anim", "id", "est", "laborum", "router", "batch", "stream", "token", "signal", "queue", "worker", "cache", "vector", "model", "answer"]
 )
 
 

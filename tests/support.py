@@ -6,6 +6,7 @@ needed, and the `Stack` stops everything it started, so no test leaves a process
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -35,7 +36,7 @@ def free_port() -> int:
 
 
 def wait_until(
-    predicate: Callable[[], T | None | bool],
+    predicate: Callable[[], T | bool | None],
     timeout: float = 10.0,
     interval: float = 0.02,
     message: str = "condition",
@@ -90,10 +91,8 @@ class ManagedProcess:
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Send `sig` to the whole process group (Celery pools have children)."""
         if self.proc is not None and self.proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                pass
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.proc is None:
@@ -106,10 +105,8 @@ class ManagedProcess:
                 self.kill(signal.SIGKILL)
                 self.proc.wait(5)
         # Reap anything left in the group (e.g. a pool child that ignored SIGTERM).
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
 
     def output(self) -> str:
         try:

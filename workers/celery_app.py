@@ -12,7 +12,11 @@ from kombu import Queue
 from router.keys import Keys
 from settings import Settings, get_settings
 
+# Task names: Flower shows these; the beat schedule and dispatchers refer to them.
 STREAM_TASK = "hr.stream.run"
+STREAM_SWEEP_TASK = "hr.stream.sweep"
+FLUSH_TASK = "hr.batch.flush"
+POLL_TASK = "hr.batch.poll"
 
 
 def create_celery(settings: Settings) -> Celery:
@@ -48,6 +52,15 @@ def create_celery(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         timezone="UTC",
     )
+    # The flush entry may be replaced by a schedule that reads the runtime flush interval.
+    app.conf.beat_schedule = {
+        "batch-flush": {"task": FLUSH_TASK, "schedule": settings.flush_interval_s,
+                        "options": {"queue": batch_q, "expires": settings.flush_interval_s}},
+        "batch-poll": {"task": POLL_TASK, "schedule": settings.poll_interval_s,
+                       "options": {"queue": batch_q, "expires": settings.poll_interval_s}},
+        "stream-sweep": {"task": STREAM_SWEEP_TASK, "schedule": 5.0,
+                         "options": {"queue": stream_q, "expires": 5.0}},
+    }
     app.conf.hr_settings = settings
     return app
 

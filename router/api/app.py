@@ -7,7 +7,6 @@ from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
 
 from router.api.body_limit import BodySizeLimit
 from router.api.errors import install_error_handlers

@@ -98,4 +98,4 @@ async def cancel_request(request_id: str, caller: CallerDep, store: StoreDep) ->
         )
     if outcome == "missing":
         raise IntakeError(404, f"no request {request_id!r}", param="id", code="not_found")
-    return CancelResponse(id=request_id, status="cancelled", previous_status=previous)  # type: ignore[arg-type]
+    return CancelResponse(id=request_id, status="cancelled", previous_status=previous)

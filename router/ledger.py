@@ -1,0 +1,115 @@
+"""The cost ledger: tokens and cost per route and model, and what the batch lane saved.
+
+One Redis hash (`Keys.ledger()`); fields are ``<route>|<model>|<measure>``. Costs are kept in
+integer nano-dollars (HINCRBY), so sums are exact and `savings == standard - paid` holds to the
+last digit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from router.keys import Keys
+from router.pricing import cost_usd
+from settings import Settings
+
+NANO = Decimal(1_000_000_000)
+MEASURES = ("requests", "prompt_tokens", "completion_tokens", "cost_nusd", "standard_cost_nusd")
+
+
+def to_nano(amount: Decimal) -> int:
+    return int((amount * NANO).to_integral_value())
+
+
+def ledger_increments(
+    settings: Settings, route: str, model: str, usage: dict[str, Any] | None, *,
+    emulated: bool = False,
+) -> tuple[Decimal, dict[str, int]]:
+    """The cost of one result and the ledger fields to add for it."""
+    paid = cost_usd(settings, model, usage, route, emulated=emulated)
+    standard = cost_usd(settings, model, usage, "stream")
+    usage = usage or {}
+    base = f"{route}|{model}|"
+    return paid, {
+        base + "requests": 1,
+        base + "prompt_tokens": int(usage.get("prompt_tokens") or 0),
+        base + "completion_tokens": int(usage.get("completion_tokens") or 0),
+        base + "cost_nusd": to_nano(paid),
+        base + "standard_cost_nusd": to_nano(standard),
+    }
+
+
+def add_to_ledger(pipe: Any, keys: Keys, increments: dict[str, int]) -> None:
+    """Queue the increments on a (sync or async) pipeline or client."""
+    for name, amount in increments.items():
+        if amount:
+            pipe.hincrby(keys.ledger(), name, amount)
+
+
+@dataclass
+class LedgerLine:
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: Decimal = Decimal(0)
+    standard_cost_usd: Decimal = Decimal(0)
+
+    @property
+    def savings_usd(self) -> Decimal:
+        return self.standard_cost_usd - self.cost_usd
+
+
+@dataclass
+class Ledger:
+    lines: dict[tuple[str, str], LedgerLine] = field(default_factory=dict)
+
+    @classmethod
+    def from_hash(cls, raw: dict[Any, Any]) -> Ledger:
+        ledger = cls()
+        for key, value in raw.items():
+            name = key.decode() if isinstance(key, bytes) else str(key)
+            route, model, measure = name.split("|", 2)
+            line = ledger.lines.setdefault((route, model), LedgerLine())
+            amount = int(value)
+            if measure == "cost_nusd":
+                line.cost_usd = Decimal(amount) / NANO
+            elif measure == "standard_cost_nusd":
+                line.standard_cost_usd = Decimal(amount) / NANO
+            elif measure in MEASURES:
+                setattr(line, measure, amount)
+        return ledger
+
+    def total(self, route: str | None = None) -> LedgerLine:
+        out = LedgerLine()
+        for (line_route, _model), line in self.lines.items():
+            if route is not None and line_route != route:
+                continue
+            out.requests += line.requests
+            out.prompt_tokens += line.prompt_tokens
+            out.completion_tokens += line.completion_tokens
+            out.cost_usd += line.cost_usd
+            out.standard_cost_usd += line.standard_cost_usd
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        def line_dict(line: LedgerLine) -> dict[str, Any]:
+            return {
+                "requests": line.requests,
+                "prompt_tokens": line.prompt_tokens,
+                "completion_tokens": line.completion_tokens,
+                "cost_usd": str(line.cost_usd),
+                "standard_cost_usd": str(line.standard_cost_usd),
+                "savings_usd": str(line.savings_usd),
+            }
+
+        return {
+            "by_route_model": [
+                {"route": r, "model": m, **line_dict(line)}
+                for (r, m), line in sorted(self.lines.items())
+            ],
+            "total": line_dict(self.total()),
+            "stream": line_dict(self.total("stream")),
+            "batch": line_dict(self.total("batch")),
+        }

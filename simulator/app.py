@@ -1,0 +1,300 @@
+"""The simulator as one raw ASGI application: routing, auth and the endpoint handlers.
+
+No web framework on purpose: the streaming path has to stay cheap enough that benchmarks
+measure the router and not the simulator. The non-hot endpoints (files, batches, stats) reuse
+the same few helpers; multipart uploads are parsed with starlette's parser, off the hot path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import orjson
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+
+from simulator.batches import BatchStore
+from simulator.chat import ChunkEncoder, completion_body, completion_id, request_id
+from simulator.config import SimConfig
+from simulator.directives import parse_messages
+from simulator.errors import SimError, invalid_request, not_found
+from simulator.faults import Faults
+from simulator.files import FileStore
+from simulator.generation import make_answer, prompt_hash
+from simulator.httpio import Receive, Scope, Send, header, query, read_body, send_error, send_json
+from simulator.messages import split_prefill
+from simulator.stats import Stats
+from simulator.streaming import stream_answer
+
+CHAT_PATH = "/v1/chat/completions"
+
+
+def _int_param(q: dict[str, str], name: str, default: int, lo: int, hi: int) -> int:
+    raw = q.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise invalid_request(f"Invalid integer for '{name}'.", name) from None
+    if not lo <= value <= hi:
+        raise invalid_request(f"'{name}' must be between {lo} and {hi}.", name)
+    return value
+
+
+class SimulatorApp:
+    """ASGI callable holding all in-memory state of one simulator process."""
+
+    def __init__(self, config: SimConfig) -> None:
+        self.config = config
+        self.stats = Stats()
+        self.faults = Faults(config)
+        self.files = FileStore()
+        self.batches = BatchStore(config, self.files, self.faults)
+        self._api_keys = frozenset(config.api_keys)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        rid = request_id()
+        extra = [(b"x-request-id", rid.encode())]
+        try:
+            await self._route(scope, receive, send, extra)
+        except SimError as err:
+            await send_error(send, err, extra)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # --- routing --------------------------------------------------------------------------------
+    def _check_auth(self, scope: Scope) -> None:
+        auth = header(scope, b"authorization")
+        if auth is None or not auth.lower().startswith(b"bearer ") or not auth[7:].strip():
+            raise SimError(401, "You didn't provide an API key. You need to provide your API key "
+                           "in an Authorization header using Bearer auth "
+                           "(i.e. Authorization: Bearer YOUR_KEY).", code=None)
+        key = auth[7:].strip().decode("latin-1")
+        if self._api_keys and key not in self._api_keys:
+            raise SimError(401, f"Incorrect API key provided: {key[:3]}***.",
+                           code="invalid_api_key")
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send,
+                     extra: list[tuple[bytes, bytes]]) -> None:
+        path: str = scope["path"].rstrip("/") or "/"
+        method: str = scope["method"]
+        if path.startswith("/sim/") or path == "/healthz":
+            await self._sim(path, method, scope, receive, send)
+            return
+        if not path.startswith("/v1/"):
+            raise not_found(f"Invalid URL ({method} {path})")
+        self._check_auth(scope)
+        if path == CHAT_PATH and method == "POST":
+            await self._chat(scope, receive, send, extra)
+            return
+        parts = path.split("/")[2:]  # after "", "v1"
+        head = parts[0]
+        if head == "models" and method == "GET":
+            await send_json(send, 200, self._models(parts), extra)
+            return
+        if head in ("files", "batches"):
+            if not self.config.batch_api:
+                raise not_found(f"Invalid URL ({method} {path})")
+            handler = self._files if head == "files" else self._batches
+            status, obj = await handler(parts[1:], method, scope, receive)
+            if isinstance(obj, bytes):
+                await send({"type": "http.response.start", "status": status,
+                            "headers": [(b"content-type", b"application/octet-stream"),
+                                        (b"content-length", str(len(obj)).encode()), *extra]})
+                await send({"type": "http.response.body", "body": obj, "more_body": False})
+            else:
+                await send_json(send, status, obj, extra)
+            return
+        raise not_found(f"Invalid URL ({method} {path})")
+
+    def _models(self, parts: list[str]) -> dict[str, Any]:
+        def model(mid: str) -> dict[str, Any]:
+            return {"id": mid, "object": "model", "created": 1700000000, "owned_by": "simulator"}
+
+        if len(parts) > 1:
+            return model("/".join(parts[1:]))
+        return {"object": "list", "data": [model(m) for m in self.config.models]}
+
+    # --- chat -----------------------------------------------------------------------------------
+    async def _chat(self, scope: Scope, receive: Receive, send: Send,
+                    extra: list[tuple[bytes, bytes]]) -> None:
+        raw = await read_body(receive)
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise invalid_request("We could not parse the JSON body of your request.") from None
+        if not isinstance(body, dict):
+            raise invalid_request("The request body must be a JSON object.")
+        model = body.get("model")
+        messages = body.get("messages")
+        if not isinstance(model, str) or not model:
+            raise invalid_request("you must provide a model parameter", "model",
+                                  "missing_required_parameter")
+        if not isinstance(messages, list) or not messages or \
+                not all(isinstance(m, dict) for m in messages):
+            raise invalid_request("'messages' must be a non-empty array of message objects.",
+                                  "messages", "invalid_type" if messages else "empty_array")
+        limit = body.get("max_completion_tokens")
+        if limit is None:
+            limit = body.get("max_tokens")
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)
+                                  or limit < 1):
+            raise invalid_request("max_tokens must be a positive integer.", "max_tokens",
+                                  "integer_below_min_value")
+        stream = bool(body.get("stream"))
+        opts = body.get("stream_options")
+        include_usage = stream and isinstance(opts, dict) and bool(opts.get("include_usage"))
+
+        ph = prompt_hash(messages)
+        d = parse_messages(messages)
+        stats = self.stats
+        stats.incr("requests", ph)
+        _, prefill = split_prefill(messages)
+        if prefill is not None:
+            stats.incr("continuations", ph)
+        err = self.faults.request_error(ph, d)
+        if err is not None:
+            stats.incr("errors_injected", ph)
+            raise err
+        answer = make_answer(messages, model, seed=self.config.seed, length=d.tokens, limit=limit,
+                             min_tokens=self.config.min_tokens,
+                             max_tokens=self.config.max_tokens)
+        ttft = d.ttft if d.ttft is not None else self.config.ttft_s
+        tps = d.tps if d.tps is not None else self.config.tokens_per_s
+        cid = completion_id()
+        created = int(time.time())
+        if not stream:
+            delay = ttft + (answer.completion_tokens / tps if tps > 0 else 0.0)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            stats.incr("completions", ph)
+            await send_json(send, 200, completion_body(answer, model, cid, created), extra)
+            return
+        drop_after = self.faults.drop_after(ph, d, is_continuation=prefill is not None)
+        stats.incr("streams_started", ph)
+        outcome = await stream_answer(
+            send, receive, answer=answer,
+            encoder=ChunkEncoder(model, cid, created, include_usage),
+            ttft=ttft, tps=tps, drop_after=drop_after, headers=extra,
+        )
+        stats.incr("streams_" + outcome, ph)
+
+    # --- files ----------------------------------------------------------------------------------
+    async def _files(self, parts: list[str], method: str, scope: Scope,
+                     receive: Receive) -> tuple[int, Any]:
+        files = self.files
+        if not parts:
+            if method == "POST":
+                return 200, await self._upload(scope, receive)
+            if method == "GET":
+                q = query(scope)
+                return 200, files.list(q.get("purpose"), _int_param(q, "limit", 10000, 1, 10000),
+                                       q.get("after"), q.get("order", "desc"))
+        elif len(parts) == 1:
+            if method == "GET":
+                return 200, files.get(parts[0]).to_dict()
+            if method == "DELETE":
+                return 200, files.delete(parts[0])
+        elif len(parts) == 2 and parts[1] == "content" and method == "GET":
+            return 200, files.get(parts[0]).data
+        raise not_found(f"Invalid URL ({method} /v1/files/{'/'.join(parts)})")
+
+    async def _upload(self, scope: Scope, receive: Receive) -> dict[str, Any]:
+        request = Request(scope, receive)
+        try:
+            form = await request.form(max_part_size=1024 * 1024 * 1024)
+        except Exception as exc:  # starlette raises a few different parse errors
+            raise invalid_request(f"Could not parse multipart form: {exc}") from None
+        try:
+            upload = form.get("file")
+            purpose = form.get("purpose")
+            if not isinstance(upload, UploadFile):
+                raise invalid_request("Missing required parameter: 'file'.", "file",
+                                      "missing_required_parameter")
+            if not isinstance(purpose, str) or not purpose:
+                raise invalid_request("Missing required parameter: 'purpose'.", "purpose",
+                                      "missing_required_parameter")
+            if purpose not in ("batch", "fine-tune", "assistants", "user_data", "vision",
+                               "evals"):
+                raise invalid_request(f"Invalid purpose {purpose!r}.", "purpose")
+            data = await upload.read()
+            f = self.files.create(upload.filename or "upload.jsonl", purpose, data)
+        finally:
+            await form.close()
+        self.stats.incr("files_created")
+        return f.to_dict()
+
+    # --- batches --------------------------------------------------------------------------------
+    async def _batches(self, parts: list[str], method: str, scope: Scope,
+                       receive: Receive) -> tuple[int, Any]:
+        store = self.batches
+        if not parts:
+            if method == "POST":
+                raw = await read_body(receive)
+                try:
+                    params = orjson.loads(raw)
+                except orjson.JSONDecodeError:
+                    raise invalid_request("We could not parse the JSON body of your "
+                                          "request.") from None
+                if not isinstance(params, dict):
+                    raise invalid_request("The request body must be a JSON object.")
+                rec = store.create(params)
+                self.stats.incr("batches_created")
+                self.stats.incr("batch_lines", by=len(rec.lines))
+                return 200, rec.to_dict()
+            if method == "GET":
+                q = query(scope)
+                return 200, store.list(_int_param(q, "limit", 20, 1, 100), q.get("after"))
+        elif len(parts) == 1 and method == "GET":
+            return 200, store.get(parts[0]).to_dict()
+        elif len(parts) == 2 and parts[1] == "cancel" and method == "POST":
+            return 200, store.cancel(parts[0]).to_dict()
+        raise not_found(f"Invalid URL ({method} /v1/batches/{'/'.join(parts)})")
+
+    # --- simulator control ------------------------------------------------------------------------
+    async def _sim(self, path: str, method: str, scope: Scope, receive: Receive,
+                   send: Send) -> None:
+        if path == "/healthz":
+            await send_json(send, 200, {"status": "ok"})
+            return
+        if path == "/sim/stats" and method == "GET":
+            q = query(scope)
+            ph = q.get("prompt_hash")
+            if ph is not None:
+                await send_json(send, 200, self.stats.for_prompt(ph))
+                return
+            snap = self.stats.snapshot()
+            snap["files"] = len(self.files.files)
+            snap["batches"] = len(self.batches.batches)
+            await send_json(send, 200, snap)
+            return
+        if path == "/sim/reset" and method == "POST":
+            await read_body(receive)
+            self.stats.reset()
+            self.faults.reset()
+            await send_json(send, 200, {"reset": True})
+            return
+        if path == "/sim/config" and method == "GET":
+            await send_json(send, 200, self.config.model_dump())
+            return
+        raise not_found(f"Invalid URL ({method} {path})")
+
+
+def create_app(config: SimConfig | None = None) -> SimulatorApp:
+    """Build the ASGI app (``uvicorn 'simulator.app:create_app' --factory`` works too)."""
+    return SimulatorApp(config or SimConfig())

@@ -1,0 +1,32 @@
+"""The upstream client factory: one place that builds `openai` clients from `Settings`."""
+
+from __future__ import annotations
+
+import openai
+
+from settings import Settings
+
+
+def _api_key(settings: Settings) -> str:
+    # The SDK refuses to start without a key; the simulator accepts any.
+    key = settings.upstream_api_key
+    return key.get_secret_value() if key is not None else "sk-no-key-configured"
+
+
+def make_openai_client(settings: Settings, *, max_retries: int = 0) -> openai.OpenAI:
+    """A sync client. Retries are ours (see `workers.retry`), so the SDK's are off by default."""
+    return openai.OpenAI(
+        api_key=_api_key(settings),
+        base_url=settings.effective_upstream_base_url,
+        timeout=settings.upstream_timeout_s,
+        max_retries=max_retries,
+    )
+
+
+def make_async_openai_client(settings: Settings, *, max_retries: int = 0) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(
+        api_key=_api_key(settings),
+        base_url=settings.effective_upstream_base_url,
+        timeout=settings.upstream_timeout_s,
+        max_retries=max_retries,
+    )
