@@ -19,10 +19,15 @@ import orjson
 from simulator.directives import strip_directives
 from simulator.messages import message_text, split_prefill
 
-VOCABULARY: tuple[str, ...] = tuple(
-    " " + w
-    for w in ["lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit", "sed", "do", "eiusmod", "tempor", "incididunt", "ut", "labore", "et", "dolore", "magna", "aliqua", "enim", "ad", "minim", "veniam", "quis", "nostrud", "exercitation", "ullamco", "laboris", "nisi", "aliquip", "ex", "ea", "commodo", "consequat", "duis", "aute", "irure", "in", "reprehenderit", "voluptate", "velit", "esse", "cillum", "fugiat", "nulla", "pariatur", "excepteur", "sint", "occaecat", "cupidatat", "non", "proident", "sunt", "culpa", "qui", "officia", "deserunt", "mollit", "anim", "id", "est", "laborum", "router", "batch", "stream", "token", "signal", "queue", "worker", "cache", "vector", "model", "answer"]
-)
+_WORDS = """
+lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut
+labore et dolore magna aliqua enim ad minim veniam quis nostrud exercitation ullamco laboris
+nisi aliquip ex ea commodo consequat duis aute irure in reprehenderit voluptate velit esse
+cillum fugiat nulla pariatur excepteur sint occaecat cupidatat non proident sunt culpa qui
+officia deserunt mollit anim id est laborum router batch stream token signal queue worker
+cache vector model answer
+"""
+VOCABULARY: tuple[str, ...] = tuple(" " + w for w in _WORDS.split())
 
 
 def _canonical(messages: list[dict[str, Any]]) -> bytes:

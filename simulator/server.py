@@ -45,8 +45,8 @@ def serve(host: str, port: int, config: SimConfig) -> None:
         create_app(config),
         host=host,
         port=port,
-        loop=_loop(),  # type: ignore[arg-type]
-        http=_http(),  # type: ignore[arg-type]
+        loop=_loop(),
+        http=_http(),
         lifespan="off",
         access_log=False,
         log_level="warning",

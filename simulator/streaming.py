@@ -19,6 +19,7 @@ from simulator.generation import Answer
 from simulator.httpio import Message, Receive, Send
 
 MAX_CHUNKS_PER_WRITE = 256
+SHORT_SLEEP_S = 0.25
 SSE_HEADERS: list[tuple[bytes, bytes]] = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -35,8 +36,16 @@ async def _wait_disconnect(receive: Receive) -> None:
 
 
 async def _sleep_or_disconnect(watcher: asyncio.Task[None], delay: float) -> bool:
-    """Sleep ``delay`` seconds; True if the client disconnected meanwhile."""
-    await asyncio.wait((watcher,), timeout=delay)
+    """Sleep ``delay`` seconds; True if the client disconnected meanwhile.
+
+    Short (inter-token) sleeps use a bare ``asyncio.sleep``, several times cheaper than
+    ``asyncio.wait``; a disconnect is then noticed at the next token at the latest. Long sleeps
+    (time to first token, slow rates) wake up as soon as the client goes away.
+    """
+    if delay < SHORT_SLEEP_S:
+        await asyncio.sleep(delay)
+    else:
+        await asyncio.wait((watcher,), timeout=delay)
     return watcher.done()
 
 
@@ -67,10 +76,8 @@ async def stream_answer(
         pending: list[bytes] = [encoder.role()]
         i = 0
         while True:
-            if tps > 0:
-                due = min(limit, int((loop.time() - t0) * tps) + 1)
-            else:
-                due = min(limit, i + MAX_CHUNKS_PER_WRITE)
+            step = int((loop.time() - t0) * tps) + 1 - i if tps > 0 else MAX_CHUNKS_PER_WRITE
+            due = min(limit, i + step)
             if due > i:
                 pending.append(encoder.tokens(tokens[i:due]))
                 i = due

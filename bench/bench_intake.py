@@ -1,0 +1,126 @@
+"""Benchmark 3 — intake: low-priority enqueues per second through HTTP, and p99 at half load.
+
+Side by side, same server, same run: the router's ``POST /v1/requests`` (priority low) against
+the floor of the same HTTP stack (``GET /healthz`` on the same API process), at saturation and
+paced at half the router's saturated rate. Also checks that every 202 left exactly one entry in
+the batch queue (nothing lost under load).
+
+    python -m bench.bench_intake            # full run (~1 minute)
+    python -m bench.bench_intake --quick    # smoke size
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+from pathlib import Path
+
+import httpx
+import orjson
+import redis
+
+from bench.common import summary_ms, table, write_result
+from bench.httpload import LoadResult, run_load
+from router.keys import Keys
+from settings import Settings
+from tests.support import ManagedProcess, child_env, cli_argv, free_port, start_redis_server, wait_until
+
+TARGET_RATE = 3000.0
+TARGET_P99_MS = 10.0
+
+
+def start_api(settings: Settings, workdir: Path, workers: int) -> tuple[ManagedProcess, str]:
+    port = free_port()
+    argv = cli_argv("api", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers))
+    env = child_env(settings, {"ROUTER_LOG_LEVEL": "WARNING"})
+    proc = ManagedProcess("api", argv, env, workdir / "api.log").start()
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: httpx.get(f"{url}/readyz", timeout=1).status_code == 200, 30,
+               message="API ready")
+    return proc, url
+
+
+def row(name: str, res: LoadResult) -> list[object]:
+    s = summary_ms(res.latencies_s)
+    return [name, round(res.rate), res.ok, res.errors, s["p50_ms"], s["p90_ms"], s["p99_ms"]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
+    parser.add_argument("--duration", type=float, default=6.0)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=2, help="API worker processes")
+    args = parser.parse_args(argv)
+    duration = 1.0 if args.quick else args.duration
+    connections = 8 if args.quick else args.connections
+
+    workdir = Path(tempfile.mkdtemp(prefix="hr-bench-intake-"))
+    redis_proc, redis_url = start_redis_server(workdir)
+    settings = Settings(redis_url=f"{redis_url}/0", key_prefix="bench", log_level="WARNING",
+                        api_keys={"bench-key": "bench"})
+    api_proc, api_url = start_api(settings, workdir, args.workers)
+    headers = {"Authorization": "Bearer bench-key", "Content-Type": "application/json"}
+    body = orjson.dumps({
+        "model": "gpt-4o-mini",
+        "priority": "low",
+        "messages": [{"role": "user", "content": "Summarise the quarterly report in one line."}],
+        "max_tokens": 64,
+    })
+    try:
+        async def scenario() -> dict[str, LoadResult]:
+            out: dict[str, LoadResult] = {}
+            await run_load(f"{api_url}/healthz", method="GET", connections=4, duration_s=0.5)
+            out["floor_sat"] = await run_load(f"{api_url}/healthz", method="GET", headers=headers,
+                                              connections=connections, duration_s=duration)
+            out["router_sat"] = await run_load(f"{api_url}/v1/requests", body=body, headers=headers,
+                                               connections=connections, duration_s=duration)
+            half = max(10.0, out["router_sat"].rate / 2)
+            out["router_half"] = await run_load(f"{api_url}/v1/requests", body=body,
+                                                headers=headers, connections=connections,
+                                                duration_s=duration, rate_per_s=half)
+            out["floor_half"] = await run_load(f"{api_url}/healthz", method="GET", headers=headers,
+                                               connections=connections, duration_s=duration,
+                                               rate_per_s=half)
+            return out
+
+        results = asyncio.run(scenario())
+        client = redis.Redis.from_url(settings.redis_url)
+        queued = client.llen(Keys(settings.key_prefix).pending("gpt-4o-mini"))
+        accepted = results["router_sat"].ok + results["router_half"].ok
+    finally:
+        api_proc.stop()
+        redis_proc.stop()
+
+    headers_row = ["scenario", "req/s", "ok", "errors", "p50 ms", "p90 ms", "p99 ms"]
+    rows = [
+        row("GET /healthz (HTTP floor), saturated", results["floor_sat"]),
+        row("POST /v1/requests low, saturated", results["router_sat"]),
+        row("GET /healthz at half load", results["floor_half"]),
+        row("POST /v1/requests low at half load", results["router_half"]),
+    ]
+    print(f"\nIntake benchmark — {args.workers} API worker(s), {connections} connections, "
+          f"{duration:g}s per scenario\n")
+    print(table(headers_row, rows))
+    p99_half = summary_ms(results["router_half"].latencies_s)["p99_ms"]
+    print(f"\nqueued entries {queued} == accepted {accepted}: {queued == accepted}")
+    print(f"target: >= {TARGET_RATE:,.0f}/s saturated -> {results['router_sat'].rate:,.0f}/s; "
+          f"p99 <= {TARGET_P99_MS} ms at half load -> {p99_half} ms")
+    path = write_result("intake", {
+        "quick": args.quick,
+        "api_workers": args.workers,
+        "connections": connections,
+        "duration_s": duration,
+        "scenarios": {k: {"rate": v.rate, "ok": v.ok, "errors": v.errors,
+                          **summary_ms(v.latencies_s)} for k, v in results.items()},
+        "queued_equals_accepted": queued == accepted,
+        "targets": {"rate_per_s": TARGET_RATE, "p99_ms_half_load": TARGET_P99_MS},
+    })
+    print(f"written: {path}")
+    return 0 if queued == accepted else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
