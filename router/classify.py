@@ -43,3 +43,11 @@ def classify(
                 f"{expected:g}s (flush interval + turnaround), so it streams",
             )
     return RouteDecision(preferred, reason)
+
+
+def deadline_depends_on_flush(priority: Priority, deadline_s: float | None, settings: Settings) -> bool:
+    """Whether routing needs the flush interval (which may have changed at runtime): only a
+    request with a deadline that would otherwise go to the batch lane. Callers read the runtime
+    value from Redis just in that case."""
+    bound_for_batch = priority == "low" or (priority == "normal" and settings.normal_route == "batch")
+    return deadline_s is not None and bound_for_batch

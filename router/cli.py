@@ -13,6 +13,7 @@ import typer
 
 from router.logs import configure_logging
 from settings import Settings, get_settings
+from settings.config import describe_settings_error
 
 app = typer.Typer(
     name="hybrid-router",
@@ -28,7 +29,7 @@ def load_settings() -> Settings:
     try:
         settings = get_settings()
     except Exception as exc:
-        typer.echo(f"hybrid-router: invalid configuration: {exc}", err=True)
+        typer.echo(f"hybrid-router: invalid configuration: {describe_settings_error(exc)}", err=True)
         raise typer.Exit(2) from exc
     configure_logging(settings)
     return settings
@@ -108,7 +109,7 @@ def _register_optional_verbs() -> None:
     """Verbs owned by other modules register themselves here."""
     import importlib
 
-    for module_name in ("simulator.cli", "router.ops_cli"):
+    for module_name in ("simulator.cli", "router.ops_cli", "router.config_cli"):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:

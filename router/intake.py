@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import orjson
 
 from router import events as ev
+from router.callback_policy import callback_refusal
 from router.classify import classify
 from router.logs import get_logger
 from router.pricing import estimate_prompt_tokens, max_tokens_for_budget
@@ -77,6 +78,10 @@ def prepare(
             param="model",
             code="model_not_allowed",
         )
+    if req.callback_url is not None:
+        refusal = callback_refusal(req.callback_url, settings.callback_allowed_hosts)
+        if refusal:
+            raise IntakeError(400, refusal, param="callback_url", code="callback_not_allowed")
     decision = classify(req.priority, req.deadline_s, settings, flush_interval_s)
     if decision.route == "batch" and req.stream:
         raise IntakeError(
@@ -173,6 +178,10 @@ async def accept_async(
     if not outcome.created:
         existing = await store.get(outcome.request_id)
         return _replay_or_conflict(prepared, existing, outcome.body_fingerprint)
+    if prepared.record.route == "batch" and prepared.record.deadline_at is not None:
+        # Lets the batch lane escalate it to stream if a batch would now miss the deadline.
+        await store.redis.zadd(store.keys.batch_deadlines(),
+                               {prepared.record.id: prepared.record.deadline_at})
     if prepared.record.route == "stream":
         try:
             await dispatch_in_thread(dispatcher.dispatch, prepared.record.id)
@@ -196,6 +205,9 @@ def accept_sync(
     if not outcome.created:
         existing = store.get(outcome.request_id)
         return _replay_or_conflict(prepared, existing, outcome.body_fingerprint)
+    if prepared.record.route == "batch" and prepared.record.deadline_at is not None:
+        store.redis.zadd(store.keys.batch_deadlines(),
+                         {prepared.record.id: prepared.record.deadline_at})
     if prepared.record.route == "stream":
         try:
             dispatcher.dispatch(prepared.record.id)

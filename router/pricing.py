@@ -8,7 +8,8 @@ from typing import Any
 from settings import Settings
 
 MTOK = Decimal(1_000_000)
-COST_QUANTUM = Decimal("0.0000000001")
+MAX_TOKENS_CAP = 1_000_000  # no model reaches it: "the budget does not limit the answer"
+COST_QUANTUM = Decimal("0.000000000001")  # pico-dollars: exact for prices with <= 6 decimals per Mtok
 
 
 def lane_multiplier(settings: Settings, route: str, *, emulated: bool = False) -> Decimal:
@@ -26,7 +27,7 @@ def cost_usd(
     *,
     emulated: bool = False,
 ) -> Decimal:
-    """Cost of `usage` tokens of `model` on `route`, in USD, exact to 1e-10."""
+    """Cost of `usage` tokens of `model` on `route`, in USD, exact to 1e-12."""
     if not usage:
         return Decimal(0)
     price = settings.price_for(model)
@@ -67,6 +68,7 @@ def max_tokens_for_budget(
     if left <= 0:
         return 0
     per_token = price.output_per_mtok * mult / MTOK
-    if per_token == 0:
-        return 1_000_000
+    if per_token == 0 or left >= per_token * MAX_TOKENS_CAP:
+        # A huge budget (1e308, 1e999999) must not overflow Decimal or int64 (issue 8).
+        return MAX_TOKENS_CAP
     return int(left / per_token)

@@ -6,6 +6,7 @@ from decimal import Decimal
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from router.records import Priority, RequestError, RequestResult, RouteName, Status, UsageInfo
 
@@ -33,10 +34,62 @@ class ChatMessage(BaseModel):
         return self
 
 
+MAX_JSON_DEPTH = 32
+INT64 = 2**63
+
+
+def json_safety_problem(value: Any) -> str | None:
+    """Why a parsed JSON body cannot be stored, encoded or sent upstream, or None if it can.
+
+    Checked once at the edge (issue 8) so every later step may assume a sane body: nesting at
+    most `MAX_JSON_DEPTH` deep (deeper values break serialisation), finite numbers (``NaN`` and
+    ``Infinity`` are not JSON and would silently become null), integers that fit in 64 bits,
+    and text (keys too) without lone surrogates. Iterative, so depth cannot exhaust the stack.
+    """
+    stack: list[tuple[Any, str, int]] = [(value, "", 0)]
+    while stack:
+        item, path, depth = stack.pop()
+        where = path or "body"
+        if depth > MAX_JSON_DEPTH:
+            return f"{where}: nested deeper than {MAX_JSON_DEPTH} levels"
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if isinstance(key, str) and _has_lone_surrogate(key):
+                    return f"{where}: a key contains a lone surrogate; send valid Unicode"
+                stack.append((child, f"{path}.{key}" if path else str(key), depth + 1))
+        elif isinstance(item, list):
+            stack.extend((child, f"{where}.{i}", depth + 1) for i, child in enumerate(item))
+        elif isinstance(item, str):
+            if _has_lone_surrogate(item):
+                return f"{where}: contains a lone surrogate; send valid Unicode"
+        elif isinstance(item, float):
+            if item != item or item in (float("inf"), float("-inf")):
+                return f"{where}: must be a finite number (NaN and Infinity are not JSON)"
+        elif isinstance(item, int) and not isinstance(item, bool) and not -INT64 <= item < INT64:
+            return f"{where}: integer out of range (must fit in 64 bits)"
+    return None
+
+
+def _has_lone_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 class ChatCompletionFields(BaseModel):
     """The OpenAI chat-completion fields the router inspects; every other field passes through."""
 
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _json_safe(cls, data: Any) -> Any:
+        problem = json_safety_problem(data) if isinstance(data, dict) else None
+        if problem is not None:
+            raise PydanticCustomError("unsafe_json", problem)
+        return data
 
     model: str | None = Field(None, min_length=1, max_length=256)
     messages: list[ChatMessage] = Field(min_length=1, max_length=10_000)

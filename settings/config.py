@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     batch_completion_window: Literal["24h"] = "24h"
     batch_max_attempts: int = Field(3, ge=1, description="Batch submissions before giving up.")
     emulated_concurrency: int = Field(16, ge=1, le=1024)
+    batch_lock_ttl_s: float = Field(
+        30.0, gt=0, description="Lease of the flush/poll locks (renewed while held); bounds "
+        "how long a killed batch worker blocks the next flush or poll."
+    )
 
     # --- stream lane -------------------------------------------------------------------------
     stream_max_retries: int = Field(3, ge=0, le=20)
@@ -89,6 +93,10 @@ class Settings(BaseSettings):
     stream_total_timeout_s: float = Field(900.0, gt=0, description="Longest one stream may run.")
     stream_worker_concurrency: int = Field(256, ge=1, le=4096)
     stream_lease_s: float = Field(15.0, gt=0, description="Heartbeat lease of a running stream.")
+    stream_redispatch_after_s: float = Field(
+        60.0, gt=0, description="A dispatched request not picked up this long is sent again."
+    )
+    sse_keepalive_s: float = Field(15.0, gt=0, description="Seconds between SSE keep-alives.")
 
     # --- storage -----------------------------------------------------------------------------
     result_ttl_s: int = Field(7 * 24 * 3600, ge=60)
@@ -103,6 +111,10 @@ class Settings(BaseSettings):
     api_keys: dict[str, str] = Field(
         default_factory=dict, description="API key -> tenant. Empty turns auth off (dev only)."
     )
+    admin_tenants: list[str] = Field(
+        default_factory=lambda: ["admin"],
+        description="Tenants allowed to call /v1/admin/* when auth is on.",
+    )
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=0, le=65535)
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
@@ -115,6 +127,11 @@ class Settings(BaseSettings):
     callback_allowed_hosts: list[str] = Field(default_factory=list)
     callback_secret: SecretStr | None = None
     callback_max_attempts: int = Field(5, ge=1)
+
+    # --- operations --------------------------------------------------------------------------
+    flower_basic_auth: SecretStr | None = Field(
+        None, description="Flower basic auth as 'user:password' (comma-separate several)."
+    )
 
     # --- logging -----------------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -176,7 +193,7 @@ class Settings(BaseSettings):
     def safe_dump(self) -> dict[str, Any]:
         """The settings as a dict with every secret masked, for banners and `status`."""
         data = self.model_dump(mode="json")
-        for secret in ("upstream_api_key", "callback_secret"):
+        for secret in ("upstream_api_key", "callback_secret", "flower_basic_auth"):
             if data.get(secret):
                 data[secret] = "***"
         data["api_keys"] = {f"***{i}": tenant for i, tenant in enumerate(self.api_keys.values())}
@@ -203,7 +220,24 @@ def settings_to_env(settings: Settings) -> dict[str, str]:
             value = settings.upstream_api_key.get_secret_value()
         elif name == "callback_secret" and settings.callback_secret is not None:
             value = settings.callback_secret.get_secret_value()
+        elif name == "flower_basic_auth" and settings.flower_basic_auth is not None:
+            value = settings.flower_basic_auth.get_secret_value()
         env[f"ROUTER_{name.upper()}"] = (
             json.dumps(value) if isinstance(value, (dict, list)) else str(value)
         )
     return env
+
+
+def describe_settings_error(exc: Exception) -> str:
+    """One line naming each bad setting and why, for a clean exit at start-up."""
+    from pydantic import ValidationError
+
+    if not isinstance(exc, ValidationError):
+        return str(exc).replace("\n", " ")
+    problems = []
+    for err in exc.errors():
+        name = ".".join(str(p) for p in err.get("loc", ())) or "settings"
+        env = f"ROUTER_{str(err['loc'][0]).upper()}" if err.get("loc") else "ROUTER_*"
+        message = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        problems.append(f"{name} ({env}): {message}")
+    return "; ".join(problems)

@@ -62,6 +62,11 @@ def describe_validation_error(exc: RequestValidationError) -> tuple[str, str]:
             ctx = err.get("ctx") or {}
             problems.append(f"body is not valid JSON ({ctx.get('error', 'parse error')})")
             param = "body"
+        elif err.get("type") == "unsafe_json":
+            # `json_safety_problem` names the path first: "messages.0.content: ...".
+            message = str(err.get("msg"))
+            param = message.split(":", 1)[0] if ":" in message else "body"
+            problems.append(message)
         elif err.get("type") == "model_attributes_type" or (
             err.get("type") == "dict_type" and param == "body"
         ):
@@ -90,6 +95,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 413:
+            return error_response(413, str(exc.detail), param="body", code="body_too_large")
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            # FastAPI's answer when the JSON parser itself gives up (e.g. nesting 10,000 deep).
+            return error_response(400, "body could not be parsed as JSON (malformed, or nested "
+                                  "too deeply)", param="body", code="invalid_json")
         return error_response(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
 
     @app.exception_handler(Exception)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import re
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from router.api.deps import CallerDep, DispatcherDep, SettingsDep, StoreDep
+from router.api.deps import CallerDep, DispatcherDep, RedisDep, SettingsDep, StoreDep
+from router.api.ratelimit import enforce_rate_limit
+from router.classify import deadline_depends_on_flush
 from router.intake import IntakeError, accept_async, prepare
 from router.keys import Keys
 from router.records import RequestRecord
+from router.runtime_config import get_flush_interval_async
 from router.schemas import CancelResponse, ErrorResponse, RequestView, SubmitRequest, SubmitResponse
 from router.store import AsyncRequestStore
 
@@ -44,7 +47,8 @@ def view_of(request: Request, record: RequestRecord, keys: Keys) -> RequestView:
     return RequestView(**data, channel=keys.channel(record.id), events_url=events_url)
 
 
-@router.post("", status_code=202, response_model=SubmitResponse, responses=_ERRORS)
+@router.post("", status_code=202, response_model=SubmitResponse, responses=_ERRORS,
+             dependencies=[Depends(enforce_rate_limit)])
 async def submit(
     body: SubmitRequest,
     request: Request,
@@ -53,9 +57,13 @@ async def submit(
     settings: SettingsDep,
     store: StoreDep,
     dispatcher: DispatcherDep,
+    redis: RedisDep,
 ) -> SubmitResponse:
     """Accept a chat completion; high/normal stream at once, low waits for the next batch."""
-    prepared = prepare(body, caller.tenant, settings)
+    flush_interval_s = None
+    if deadline_depends_on_flush(body.priority, body.deadline_s, settings):
+        flush_interval_s = await get_flush_interval_async(redis, settings)
+    prepared = prepare(body, caller.tenant, settings, flush_interval_s)
     accepted = await accept_async(prepared, store, dispatcher, run_in_threadpool)
     record = accepted.record
     if accepted.replay:
