@@ -131,6 +131,16 @@ return {'cancelled', cur}
 """
 )
 
+# KEYS: record
+# ARGV: field, value...
+# Sets fields on an existing record whatever its status (never creates one, never moves it):
+# e.g. the tokens a cancelled stream paid for. Returns 1, or 0 when the record does not exist.
+ANNOTATE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+
 
 @dataclass
 class LuaScript:
@@ -163,3 +173,4 @@ CREATE_SCRIPT = LuaScript(CREATE)
 TRANSITION_SCRIPT = LuaScript(TRANSITION)
 EMIT_SCRIPT = LuaScript(EMIT)
 CANCEL_SCRIPT = LuaScript(CANCEL)
+ANNOTATE_SCRIPT = LuaScript(ANNOTATE)

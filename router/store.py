@@ -18,7 +18,14 @@ import redis.asyncio as aioredis
 
 from router import events as ev
 from router.keys import Keys
-from router.lua import CANCEL_SCRIPT, CREATE_SCRIPT, EMIT_SCRIPT, TRANSITION_SCRIPT, LuaScript
+from router.lua import (
+    ANNOTATE_SCRIPT,
+    CANCEL_SCRIPT,
+    CREATE_SCRIPT,
+    EMIT_SCRIPT,
+    TRANSITION_SCRIPT,
+    LuaScript,
+)
 from router.records import TERMINAL, RequestRecord, dumps, now
 from settings import Settings
 
@@ -201,6 +208,21 @@ class StoreOps:
             lambda raw: (_s(raw[0]), _s(raw[1])),
         )
 
+    def annotate(self, request_id: str, fields: dict[str, Any]) -> StoreOp[bool]:
+        """Set fields on an existing record without touching its status (False if it is gone).
+
+        For facts learnt after a request became terminal, e.g. the tokens a cancelled stream
+        had already paid for.
+        """
+        flat: list[str] = []
+        for name, value in fields.items():
+            if value is None:
+                continue
+            flat += [name, value if isinstance(value, str) else dumps(value)]
+        return StoreOp(
+            ANNOTATE_SCRIPT, [self.keys.record(request_id)], flat, lambda raw: int(raw) == 1
+        )
+
 
 def _record_or_none(raw: dict[Any, Any]) -> RequestRecord | None:
     return RequestRecord.from_hash(raw) if raw else None
@@ -243,6 +265,9 @@ class RequestStore:
     def cancel(self, request_id: str, model: str) -> tuple[str, str]:
         return self.run(self.ops.cancel(request_id, model))
 
+    def annotate(self, request_id: str, fields: dict[str, Any]) -> bool:
+        return self.run(self.ops.annotate(request_id, fields))
+
     def events_after(self, request_id: str, seq: int = 0, count: int | None = None) -> list[dict[str, Any]]:
         entries = self.redis.xrange(
             self.keys.events(request_id), min=f"({ev.stream_id_after(seq)}", max="+", count=count
@@ -278,6 +303,9 @@ class AsyncRequestStore:
 
     async def cancel(self, request_id: str, model: str) -> tuple[str, str]:
         return await self.run(self.ops.cancel(request_id, model))
+
+    async def annotate(self, request_id: str, fields: dict[str, Any]) -> bool:
+        return await self.run(self.ops.annotate(request_id, fields))
 
     async def events_after(
         self, request_id: str, seq: int = 0, count: int | None = None

@@ -1,7 +1,70 @@
-"""Routes for events (filled in by its lane)."""
+"""``GET /v1/requests/{id}/events``: a request's events as Server-Sent Events, resumable.
+
+Wire format (docs/STREAMING.md, /work/notes/CONTRACTS.md): ``id: <seq>``, ``event: <type>``,
+``data: <event JSON>`` per event; ``: keep-alive`` comments every ``Settings.sse_keepalive_s``;
+resumes after ``Last-Event-ID`` (or ``?after=<seq>``); closes after ``done``, ``error`` or
+``cancelled``. Events are read with ``XREAD BLOCK`` from the replay log, so a client that joins
+late or reconnects gets every event, and a slow client only delays its own reads: the producer
+writes to Redis and never waits for any subscriber.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from collections.abc import AsyncIterator
+from typing import Annotated
 
-router = APIRouter()
+from fastapi import APIRouter, Header, Query
+
+from router.api.deps import CallerDep, RedisDep, SettingsDep, StoreDep
+from router.api.routes.requests import load_owned
+from router.intake import IntakeError
+from router.schemas import ErrorResponse
+from router.sse import KEEPALIVE, SSEResponse, format_event
+from router.subscribe import tail_log
+
+router = APIRouter(prefix="/v1/requests", tags=["requests"])
+
+_ERRORS: dict[int | str, dict[str, object]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404)
+}
+
+
+def resume_point(last_event_id: str | None, after: int | None) -> int:
+    """The seq to resume after: ``Last-Event-ID`` wins over ``?after=``; 0 = from the start."""
+    if last_event_id is not None and last_event_id.strip():
+        try:
+            seq = int(last_event_id.strip())
+        except ValueError:
+            raise IntakeError(400, f"Last-Event-ID must be an event seq (an integer), got "
+                              f"{last_event_id[:40]!r}", param="Last-Event-ID") from None
+        if seq < 0:
+            raise IntakeError(400, "Last-Event-ID must be >= 0", param="Last-Event-ID")
+        return seq
+    return after or 0
+
+
+@router.get(
+    "/{request_id}/events",
+    responses={**_ERRORS, 200: {"content": {"text/event-stream": {}},
+                                "description": "Server-Sent Events, one per request event."}},
+    response_class=SSEResponse,
+    status_code=200,  # SSEResponse has no default status: without this /openapi.json is a 500
+)
+async def request_events(
+    request_id: str,
+    caller: CallerDep,
+    store: StoreDep,
+    redis: RedisDep,
+    settings: SettingsDep,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+    after: Annotated[int | None, Query(ge=0, description="Resume after this seq.")] = None,
+) -> SSEResponse:
+    """Stream the request's events (replay + live) until its final event."""
+    await load_owned(store, request_id, caller.tenant)
+    start = resume_point(last_event_id, after)
+
+    async def body() -> AsyncIterator[bytes]:
+        async for event in tail_log(redis, settings, request_id, start, settings.sse_keepalive_s):
+            yield KEEPALIVE if event is None else format_event(event)
+
+    return SSEResponse(body(), headers={"X-Request-Id": request_id})

@@ -1,0 +1,310 @@
+"""The plain streaming function (no Celery): claim, relay, retries, resume, cancel, worker loss.
+
+Runs `workers.streaming.run_stream` in the test process against the real simulator over HTTP and
+the private Redis; each test uses its own prompt so simulator counters do not mix.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import openai
+import pytest
+
+from router import events as ev
+from router.intake import accept_sync, prepare
+from router.ledger import Ledger
+from router.schemas import SubmitRequest
+from settings import Settings
+from simulator import prompt_hash
+from simulator.testing import sim_stats
+from tests.support import wait_until
+from workers.stream_claim import claim
+from workers.stream_context import StreamContext
+from workers.stream_sweep import sweep_streams
+from workers.streaming import run_stream
+
+MODEL = "gpt-4o-mini"
+
+
+class NoDispatch:
+    """The intake's dispatcher port; these tests run the stream function themselves."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    def dispatch(self, request_id: str) -> None:
+        self.sent.append(request_id)
+
+
+def messages(directive: str = "") -> Any:
+    return [{"role": "user", "content": f"Explain streams {uuid.uuid4().hex} {directive}"}]
+
+
+def direct_answer(sim_url: str, msgs: Any) -> str:
+    """The upstream's answer to the same messages, asked directly with the openai SDK.
+
+    Called after the stream, when the prompt's injected faults are used up.
+    """
+    client = openai.OpenAI(base_url=sim_url, api_key="sk-test", max_retries=0)
+    reply = client.chat.completions.create(model=MODEL, messages=msgs)
+    return reply.choices[0].message.content or ""
+
+
+@pytest.fixture
+def ctx(make_settings: Callable[..., Settings], sim_url: str) -> Iterator[StreamContext]:
+    settings = make_settings(upstream_base_url=sim_url, retry_backoff_base_s=0.01,
+                             retry_backoff_max_s=0.05, stream_lease_s=1.0)
+    context = StreamContext.build(settings)
+    yield context
+    context.close()
+
+
+def submit(ctx: StreamContext, msgs: list[dict[str, Any]], **fields: Any) -> str:
+    req = SubmitRequest.model_validate({"model": MODEL, "messages": msgs, "priority": "high",
+                                        **fields})
+    return accept_sync(prepare(req, "default", ctx.settings), ctx.store, NoDispatch()).record.id
+
+
+def tokens_of(ctx: StreamContext, request_id: str) -> list[dict[str, Any]]:
+    return [e for e in ctx.store.events_after(request_id) if e["type"] == "token"]
+
+
+def assert_contiguous(ctx: StreamContext, request_id: str) -> list[dict[str, Any]]:
+    events = ctx.store.events_after(request_id)
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    return events
+
+
+def test_stream_completes_with_the_direct_answer(ctx: StreamContext, sim_url: str) -> None:
+    msgs = messages()
+    request_id = submit(ctx, msgs)
+    assert run_stream(request_id, ctx) == "completed"
+    record = ctx.store.get(request_id)
+    assert record is not None and record.status == "completed"
+    expected = direct_answer(sim_url, msgs)
+    assert record.result is not None and record.result.content == expected
+    assert "".join(e["content"] for e in tokens_of(ctx, request_id)) == expected
+    events = assert_contiguous(ctx, request_id)
+    assert [e["type"] for e in events][:2] == ["accepted", "started"]
+    assert events[-1]["type"] == "done" and events[-1]["content_length"] == len(expected)
+    assert record.usage is not None and record.usage.completion_tokens > 0
+    assert record.cost_usd is not None and record.cost_usd > 0
+    assert record.started_at and record.first_token_at and record.finished_at
+    ledger = Ledger.from_hash(ctx.redis.hgetall(ctx.keys.ledger()))
+    assert ledger.total("stream").requests == 1
+    assert ledger.total("stream").cost_usd == record.cost_usd
+    assert not ctx.redis.zscore(ctx.keys.dispatched(), request_id)
+    assert not ctx.redis.exists(ctx.keys.lease(request_id))
+    timings = ctx.redis.hgetall(ctx.keys.timings("stream"))
+    assert timings[b"ttft|n"] == b"1" and timings[b"e2e|n"] == b"1"
+
+
+@pytest.mark.parametrize("directive", [
+    "[[sim:fail=429,times=2,retry_after=0.05]]",
+    "[[sim:fail=500,times=2]]",
+])
+def test_retries_before_the_first_token_are_invisible(ctx: StreamContext, sim_url: str,
+                                                      directive: str) -> None:
+    msgs = messages(directive)
+    request_id = submit(ctx, msgs)
+    assert run_stream(request_id, ctx) == "completed"
+    stats = sim_stats(sim_url, prompt_hash(msgs))
+    assert stats["errors_injected"] == 2 and stats["streams_completed"] == 1
+    expected = direct_answer(sim_url, msgs)
+    events = assert_contiguous(ctx, request_id)
+    assert "".join(e["content"] for e in events if e["type"] == "token") == expected
+    assert [e["type"] for e in events].count("error") == 0
+
+
+def test_mid_stream_drop_resumes_seamlessly(ctx: StreamContext, sim_url: str) -> None:
+    msgs = messages("[[sim:drop_after=7,tokens=30]]")
+    request_id = submit(ctx, msgs)
+    assert run_stream(request_id, ctx) == "completed"
+    stats = sim_stats(sim_url, prompt_hash(msgs))
+    assert stats["streams_dropped"] == 1 and stats["continuations"] == 1
+    expected = direct_answer(sim_url, msgs)
+    record = ctx.store.get(request_id)
+    assert record is not None and record.result is not None
+    assert record.result.content == expected
+    events = assert_contiguous(ctx, request_id)
+    assert "".join(e["content"] for e in events if e["type"] == "token") == expected
+    # Paid: the dropped attempt (estimated) plus the continuation (reported).
+    assert record.usage is not None and record.usage.completion_tokens == 30
+
+
+def test_drop_without_retry_budget_fails_keeping_the_partial_content(
+        make_settings: Callable[..., Settings], sim_url: str) -> None:
+    """With no retry left the resume is not attempted: `failed`, error event, partial kept."""
+    settings = make_settings(upstream_base_url=sim_url, stream_max_retries=0)
+    ctx = StreamContext.build(settings)
+    try:
+        msgs = messages("[[sim:drop_after=4,tokens=30]]")
+        request_id = submit(ctx, msgs)
+        assert run_stream(request_id, ctx) == "failed"
+        record = ctx.store.get(request_id)
+        assert record is not None and record.status == "failed"
+        assert record.error is not None and record.error.code == "stream_interrupted"
+        assert record.error.retryable
+        events = assert_contiguous(ctx, request_id)
+        assert events[-1]["type"] == "error" and events[-1]["code"] == "stream_interrupted"
+        partial = "".join(e["content"] for e in events if e["type"] == "token")
+        assert record.result is not None and record.result.content == partial
+        assert direct_answer(sim_url, msgs).startswith(partial) and len(partial) > 0
+        assert record.usage is not None and record.usage.completion_tokens == 4
+    finally:
+        ctx.close()
+
+
+def test_non_retryable_4xx_fails_with_the_upstream_message(ctx: StreamContext,
+                                                           sim_url: str) -> None:
+    msgs = messages("[[sim:fail=400]]")
+    request_id = submit(ctx, msgs)
+    assert run_stream(request_id, ctx) == "failed"
+    assert sim_stats(sim_url, prompt_hash(msgs))["requests"] == 1  # not retried
+    record = ctx.store.get(request_id)
+    assert record is not None and record.error is not None
+    assert record.error.code == "upstream_400" and not record.error.retryable
+    assert "400" in record.error.message
+    assert ctx.store.events_after(request_id)[-1]["type"] == "error"
+
+
+def test_retries_exhausted_before_first_token(ctx: StreamContext, sim_url: str) -> None:
+    msgs = messages("[[sim:fail=503,retry_after=0.01]]")
+    request_id = submit(ctx, msgs)
+    assert run_stream(request_id, ctx) == "failed"
+    assert sim_stats(sim_url, prompt_hash(msgs))["requests"] == ctx.settings.stream_max_retries + 1
+    record = ctx.store.get(request_id)
+    assert record is not None and record.error is not None
+    assert record.error.code == "upstream_503" and record.error.retryable
+    assert "gave up" in record.error.message
+    assert not tokens_of(ctx, request_id)
+
+
+def test_redelivered_task_never_calls_the_upstream_twice(ctx: StreamContext,
+                                                         sim_url: str) -> None:
+    msgs = messages()
+    request_id = submit(ctx, msgs)
+    assert run_stream(request_id, ctx) == "completed"
+    assert run_stream(request_id, ctx) == "terminal"
+    assert sim_stats(sim_url, prompt_hash(msgs))["requests"] == 1
+
+
+def test_duplicate_while_streaming_is_dropped(ctx: StreamContext, sim_url: str) -> None:
+    msgs = messages("[[sim:tps=50,tokens=40]]")
+    request_id = submit(ctx, msgs)
+    runner = threading.Thread(target=run_stream, args=(request_id, ctx))
+    runner.start()
+    wait_until(lambda: tokens_of(ctx, request_id), 5, message="first token")
+    assert claim(request_id, ctx) == "duplicate"
+    runner.join(10)
+    record = ctx.store.get(request_id)
+    assert record is not None and record.status == "completed"
+    assert sim_stats(sim_url, prompt_hash(msgs))["requests"] == 1
+
+
+def test_streaming_without_a_lease_is_worker_lost(ctx: StreamContext, sim_url: str) -> None:
+    """A redelivery finds the request streaming and nobody holding the lease: it is ended."""
+    msgs = messages()
+    request_id = submit(ctx, msgs)
+    ctx.store.transition(request_id, "streaming", allowed_from=["dispatched"])
+    ctx.store.emit(request_id, [ev.token(" partial"), ev.token(" text")])
+    assert run_stream(request_id, ctx) == "worker_lost"
+    record = ctx.store.get(request_id)
+    assert record is not None and record.status == "failed"
+    assert record.error is not None and record.error.code == "worker_lost"
+    assert record.result is not None and record.result.content == " partial text"
+    assert sim_stats(sim_url, prompt_hash(msgs))["requests"] == 0
+
+
+def test_sweep_ends_orphans_and_redispatches_stale_requests(
+        make_settings: Callable[..., Settings], sim_url: str) -> None:
+    settings = make_settings(upstream_base_url=sim_url, stream_redispatch_after_s=0.2)
+    ctx = StreamContext.build(settings)
+    try:
+        orphan = submit(ctx, messages())
+        ctx.store.transition(orphan, "streaming", allowed_from=["dispatched"])
+        ctx.redis.zadd(ctx.keys.streaming(), {orphan: 1})
+        stale = submit(ctx, messages())
+        sent: list[str] = []
+        wait_until(lambda: sweep_streams(ctx, sent.append).redispatched, 5,
+                   message="stale dispatched request sent again")
+        assert sent == [stale]
+        record = ctx.store.get(orphan)
+        assert record is not None and record.status == "failed"
+        assert record.error is not None and record.error.code == "worker_lost"
+        assert not ctx.redis.zscore(ctx.keys.streaming(), orphan)
+        assert run_stream(stale, ctx) == "completed"
+        assert not ctx.redis.zscore(ctx.keys.dispatched(), stale)
+    finally:
+        ctx.close()
+
+
+def test_cancel_stops_the_upstream_and_records_paid_tokens(ctx: StreamContext,
+                                                           sim_url: str) -> None:
+    msgs = messages("[[sim:tps=20,tokens=200]]")
+    request_id = submit(ctx, msgs)
+    outcome: list[str] = []
+    runner = threading.Thread(target=lambda: outcome.append(run_stream(request_id, ctx)))
+    runner.start()
+    wait_until(lambda: len(tokens_of(ctx, request_id)) >= 3, 5, message="three tokens")
+    assert ctx.store.cancel(request_id, MODEL)[0] == "cancelled"
+    runner.join(5)
+    assert outcome == ["cancelled"]
+    ph = prompt_hash(msgs)
+    wait_until(lambda: sim_stats(sim_url, ph)["streams_aborted"] == 1, 5,
+               message="upstream saw the stream aborted")
+    record = ctx.store.get(request_id)
+    assert record is not None and record.status == "cancelled"
+    relayed = len(tokens_of(ctx, request_id))
+    assert record.usage is not None
+    # Paid for: what was relayed, plus the token whose publish was refused (it revealed the
+    # cancel) and at most the one read before the publisher's answer came back.
+    assert relayed <= record.usage.completion_tokens <= relayed + 2
+    assert record.cost_usd is not None and record.cost_usd > 0
+    assert record.usage.completion_tokens < 40
+    ledger = Ledger.from_hash(ctx.redis.hgetall(ctx.keys.ledger()))
+    assert ledger.total("stream").completion_tokens == record.usage.completion_tokens
+    events = ctx.store.events_after(request_id)
+    assert events[-1]["type"] == "cancelled"
+
+
+def test_terminal_callback_is_scheduled_once(make_settings: Callable[..., Settings],
+                                             sim_url: str) -> None:
+    settings = make_settings(upstream_base_url=sim_url, callback_allowed_hosts=["hooks.example"])
+    ctx = StreamContext.build(settings)
+    notified: list[str] = []
+    ctx.notify = notified.append
+    try:
+        with_callback = submit(ctx, messages(), callback_url="https://hooks.example/done")
+        without = submit(ctx, messages())
+        assert run_stream(with_callback, ctx) == "completed"
+        assert run_stream(without, ctx) == "completed"
+        assert run_stream(with_callback, ctx) == "terminal"
+        assert notified == [with_callback]
+    finally:
+        ctx.close()
+
+
+def test_idle_and_total_timeouts_are_enforced_in_the_task(
+        make_settings: Callable[..., Settings], sim_url: str) -> None:
+    settings = make_settings(upstream_base_url=sim_url, stream_max_retries=0,
+                             stream_idle_timeout_s=0.3, stream_total_timeout_s=0.6)
+    ctx = StreamContext.build(settings)
+    try:
+        idle = submit(ctx, messages("[[sim:ttft=3]]"))
+        assert run_stream(idle, ctx) == "failed"
+        record = ctx.store.get(idle)
+        assert record is not None and record.error is not None
+        assert record.error.code == "upstream_timeout"
+        slow = submit(ctx, messages("[[sim:tps=20,tokens=200]]"))
+        assert run_stream(slow, ctx) == "failed"
+        record = ctx.store.get(slow)
+        assert record is not None and record.error is not None
+        assert record.error.code == "timeout" and not record.error.retryable
+        assert record.result is not None and 0 < len(record.result.content.split()) < 40
+    finally:
+        ctx.close()

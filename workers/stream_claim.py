@@ -1,0 +1,97 @@
+"""Exactly one upstream call per request: claiming a stream, and ending one whose worker died.
+
+Celery delivers at least once (acks late, redelivery when a worker is lost), so the stream task
+may run twice for one request. The claim makes that harmless:
+
+1. take the lease (``SET NX``): if somebody holds it, a live worker is on the request, and this
+   delivery is a duplicate — drop it;
+2. move ``dispatched`` → ``streaming`` with the state machine (`allowed_from`): only one claim
+   can win this move;
+3. if the move is refused because the request is already ``streaming`` while we could take the
+   lease, the worker that streamed it died: end it ``failed`` (code ``worker_lost``) with the
+   partial content from the replay log, instead of calling the upstream a second time.
+
+The sweep (`workers.stream_sweep`) applies step 3 to ``streaming`` requests whose lease expired.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from router import events as ev
+from router.logs import get_logger
+from router.records import now
+from workers.stream_context import StreamContext
+
+log = get_logger(__name__)
+
+ClaimOutcome = Literal["claimed", "duplicate", "terminal", "missing", "worker_lost"]
+
+WORKER_LOST = "worker_lost"
+
+
+def claim(request_id: str, ctx: StreamContext) -> ClaimOutcome:
+    """Try to become the one worker that streams `request_id`."""
+    keys = ctx.keys
+    status: Any = ctx.redis.hget(keys.record(request_id), "status")
+    if status is None:
+        ctx.redis.zrem(keys.dispatched(), request_id)
+        return "missing"
+    if status.decode() in ("completed", "failed", "cancelled"):
+        ctx.redis.zrem(keys.dispatched(), request_id)
+        return "terminal"
+    if not ctx.leases.acquire(request_id):
+        log.info("duplicate stream delivery dropped", request_id=request_id)
+        return "duplicate"
+    outcome = ctx.store.transition(
+        request_id, "streaming", allowed_from=["dispatched"],
+        fields={"started_at": now()}, event=ev.started(), incr_attempts=True,
+    )
+    if outcome.moved:
+        pipe = ctx.redis.pipeline(transaction=False)
+        pipe.zrem(keys.dispatched(), request_id)
+        pipe.zadd(keys.streaming(), {request_id: now()})
+        pipe.execute()
+        return "claimed"
+    try:
+        if outcome.previous == "streaming":
+            fail_worker_lost(request_id, ctx)
+            return "worker_lost"
+        ctx.redis.zrem(keys.dispatched(), request_id)
+        return "missing" if outcome.previous is None else "terminal"
+    finally:
+        ctx.leases.release(request_id)
+
+
+def partial_content(request_id: str, ctx: StreamContext) -> tuple[str, int]:
+    """The text relayed so far (from the replay log) and how many token events carried it."""
+    tokens = [e for e in ctx.store.events_after(request_id, 0) if e.get("type") == "token"]
+    return "".join(str(e.get("content", "")) for e in tokens), len(tokens)
+
+
+def fail_worker_lost(request_id: str, ctx: StreamContext) -> bool:
+    """End a ``streaming`` request whose worker is gone; keeps the partial content."""
+    content, n_tokens = partial_content(request_id, ctx)
+    message = (
+        "the stream worker handling this request stopped (crashed or was killed) after "
+        f"relaying {len(content)} characters; the partial content is kept in result.content. "
+        "Submit the request again to retry."
+    )
+    outcome = ctx.store.transition(
+        request_id, "failed", allowed_from=["streaming"],
+        fields={
+            "error": {"code": WORKER_LOST, "message": message, "retryable": True},
+            "result": {"content": content, "finish_reason": None},
+            "content_tokens_relayed": n_tokens,
+        },
+        event=ev.error(WORKER_LOST, message, True),
+    )
+    ctx.redis.zrem(ctx.keys.streaming(), request_id)
+    if outcome.moved:
+        log.warning("stream ended: worker lost", request_id=request_id, chars=len(content))
+        if ctx.redis.hget(ctx.keys.record(request_id), "callback_url"):
+            try:
+                ctx.notify(request_id)
+            except Exception:
+                log.exception("scheduling the terminal callback failed", request_id=request_id)
+    return outcome.moved

@@ -1,0 +1,76 @@
+"""Stream leases: proof that a live worker is streaming a request, kept alive by one thread.
+
+A worker takes the lease (``SET NX PX``, key `Keys.lease`) *before* it moves the request from
+``dispatched`` to ``streaming``, so every ``streaming`` request has had a lease. While the
+worker lives, the keeper thread refreshes every lease it holds (one pipelined ``PEXPIRE`` per
+``lease_s / 3``). When the process dies (even by SIGKILL) the refreshes stop and the lease
+expires within ``Settings.stream_lease_s``: a request that is ``streaming`` without a lease has
+lost its worker, which is what the claim of a redelivered task and the sweep act on.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import redis
+
+from router.keys import Keys
+from router.logs import get_logger
+
+log = get_logger(__name__)
+
+
+class LeaseKeeper:
+    """Takes, refreshes and releases the leases of one worker process."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, lease_s: float) -> None:
+        self.redis = client
+        self.keys = keys
+        self.lease_ms = max(1, int(lease_s * 1000))
+        self.owner = uuid.uuid4().hex
+        self._held: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="stream-leases", daemon=True)
+        self._thread.start()
+
+    def acquire(self, request_id: str) -> bool:
+        """Take the lease if nobody holds it (False: another worker is on this request)."""
+        taken = self.redis.set(self.keys.lease(request_id), self.owner, nx=True, px=self.lease_ms)
+        if taken:
+            with self._lock:
+                self._held.add(request_id)
+        return bool(taken)
+
+    def release(self, request_id: str) -> None:
+        with self._lock:
+            held = request_id in self._held
+            self._held.discard(request_id)
+        if held:
+            key = self.keys.lease(request_id)
+            if self.redis.get(key) == self.owner.encode():
+                self.redis.delete(key)
+
+    def alive(self, request_id: str) -> bool:
+        """Whether anybody holds the request's lease."""
+        return bool(self.redis.exists(self.keys.lease(request_id)))
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _loop(self) -> None:
+        interval = self.lease_ms / 3000
+        while not self._stop.wait(interval):
+            with self._lock:
+                held = list(self._held)
+            if not held:
+                continue
+            try:
+                pipe = self.redis.pipeline(transaction=False)
+                for request_id in held:
+                    pipe.pexpire(self.keys.lease(request_id), self.lease_ms)
+                pipe.execute()
+            except redis.RedisError as exc:
+                log.warning("refreshing stream leases failed", error=str(exc), leases=len(held))

@@ -1,0 +1,349 @@
+"""Running one stream: claim it, call the upstream once, relay every token, end it for sure.
+
+`run_stream(request_id, ctx)` is the whole stream lane for one request; the Celery task is a thin
+wrapper around it, and tests call it directly against the simulator.
+
+- **Exactly once**: `workers.stream_claim.claim` (lease + state machine) decides whether this
+  delivery may call the upstream at all.
+- **Relay**: each content delta goes to the shared `StreamPublisher` (replay log + pub/sub in
+  one guarded script); the publisher marks the stream `stopped` once the request is terminal
+  (cancelled), and the next delta closes the upstream response, so no more tokens are paid for.
+- **Retries** before the first token (connection errors, 429 with its ``retry-after``, 5xx):
+  exponential backoff with jitter (`workers.retry.RetryPolicy`); nothing reaches subscribers.
+- **Resume** after a drop mid-stream: the request is sent again with the text so far as an
+  assistant prefill, and only the new deltas are relayed, so subscribers see one unbroken
+  sequence. Resumes count against the same retry budget.
+- **Timeouts** are enforced here (the threads pool ignores Celery time limits): the idle timeout
+  is the httpx read timeout between chunks, the total timeout is checked at every chunk.
+- **End**: `completed` with the result, usage and cost (and the ``done`` event) in one
+  transition; or `failed` with an ``error`` event and the partial content; or, when cancelled,
+  the tokens already paid for are written to the cancelled record and the ledger.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Literal
+
+import httpx
+import openai
+
+from router import events as ev
+from router.ledger import add_to_ledger, ledger_increments
+from router.logs import get_logger
+from router.metrics import queue_timing
+from router.pricing import estimate_prompt_tokens
+from router.records import RequestRecord, Status, now
+from workers.retry import is_retryable, retry_after_seconds
+from workers.stream_claim import claim
+from workers.stream_context import StreamContext
+from workers.stream_publisher import PublishError, StreamHandle
+
+log = get_logger(__name__)
+
+RunOutcome = Literal[
+    "completed", "failed", "cancelled", "duplicate", "terminal", "missing", "worker_lost"
+]
+FLUSH_TIMEOUT_S = 10.0
+
+
+class StreamDropped(Exception):
+    """The upstream ended the stream without a finish reason (connection cut short)."""
+
+
+class _Stopped(Exception):
+    """The request became terminal while streaming (cancelled): stop reading."""
+
+
+class _TotalTimeout(Exception):
+    """The stream ran longer than `Settings.stream_total_timeout_s`."""
+
+
+@dataclass
+class UsageTally:
+    """Tokens paid for across every upstream attempt of one request."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    estimated: bool = False
+
+    def add(self, usage: dict[str, Any] | None, messages: list[dict[str, Any]],
+            tokens_received: int) -> None:
+        """Add one attempt: the upstream's usage if it sent one, else an estimate."""
+        if usage:
+            self.prompt_tokens += int(usage.get("prompt_tokens") or 0)
+            self.completion_tokens += int(usage.get("completion_tokens") or 0)
+        elif tokens_received:
+            self.prompt_tokens += estimate_prompt_tokens(messages)
+            self.completion_tokens += tokens_received
+            self.estimated = True
+
+    def as_dict(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+@dataclass
+class StreamState:
+    """What one request's stream has produced so far, across attempts."""
+
+    record: RequestRecord
+    handle: StreamHandle
+    pieces: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    first_token_at: float | None = None
+    usage: UsageTally = field(default_factory=UsageTally)
+
+    @property
+    def content(self) -> str:
+        return "".join(self.pieces)
+
+
+@dataclass(frozen=True)
+class Failure:
+    code: str
+    message: str
+    retryable: bool
+
+
+def run_stream(request_id: str, ctx: StreamContext) -> RunOutcome:
+    """Stream `request_id` if this delivery wins the claim; always leaves it terminal."""
+    claimed = claim(request_id, ctx)
+    if claimed != "claimed":
+        return claimed
+    record = ctx.store.get(request_id)
+    handle = ctx.publisher.open(request_id)
+    try:
+        if record is None:
+            return "missing"
+        state = StreamState(record, handle)
+        try:
+            return _stream(state, ctx)
+        except Exception as exc:  # never leave a claimed request streaming
+            log.exception("stream crashed", request_id=request_id)
+            return _end_failed(state, ctx, Failure("internal_error", f"stream worker error: {exc}",
+                                                   True))
+    finally:
+        ctx.publisher.close(handle)
+        ctx.leases.release(request_id)
+        ctx.redis.zrem(ctx.keys.streaming(), request_id)
+
+
+def _upstream_request(state: StreamState) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The body of the next attempt: the original, plus the text so far as a prefill."""
+    body = dict(state.record.body)
+    messages: list[dict[str, Any]] = list(body.pop("messages"))
+    if state.pieces:
+        messages.append({"role": "assistant", "content": state.content})
+        for cap in ("max_tokens", "max_completion_tokens"):
+            if isinstance(body.get(cap), int):
+                body[cap] = max(1, body[cap] - len(state.pieces))
+    return body, messages
+
+
+def _stream(state: StreamState, ctx: StreamContext) -> RunOutcome:
+    settings = ctx.settings
+    request_id = state.record.id
+    deadline = time.monotonic() + settings.stream_total_timeout_s
+    timeout = httpx.Timeout(settings.upstream_timeout_s, read=settings.stream_idle_timeout_s)
+    retries = 0
+    while True:
+        if _is_terminal(request_id, ctx):
+            return _end_stopped(state, ctx)
+        body, messages = _upstream_request(state)
+        model = body.pop("model")
+        received = 0
+        usage: dict[str, Any] | None = None
+        state.finish_reason = None
+        try:
+            stream = ctx.client.chat.completions.create(  # type: ignore[call-overload]
+                model=model, messages=messages,
+                stream=True, stream_options={"include_usage": True},
+                extra_body=body or None, timeout=timeout,
+            )
+            with stream:
+                for chunk in stream:
+                    if chunk.usage is not None:
+                        usage = chunk.usage.model_dump()
+                    for choice in chunk.choices:
+                        text = choice.delta.content if choice.delta else None
+                        if text:
+                            if state.first_token_at is None:
+                                state.first_token_at = now()
+                            state.pieces.append(text)
+                            received += 1
+                            ctx.publisher.publish(state.handle, text)
+                        if choice.finish_reason:
+                            state.finish_reason = choice.finish_reason
+                    if state.handle.stopped:
+                        raise _Stopped
+                    if time.monotonic() > deadline:
+                        raise _TotalTimeout
+            if state.finish_reason is None:
+                raise StreamDropped("the upstream stream ended without a finish reason")
+            state.usage.add(usage, messages, received)
+            return _end_completed(state, ctx)
+        except _Stopped:
+            state.usage.add(usage, messages, received)
+            return _end_stopped(state, ctx)
+        except _TotalTimeout:
+            state.usage.add(usage, messages, received)
+            return _end_failed(state, ctx, Failure(
+                "timeout", f"the stream ran longer than {settings.stream_total_timeout_s:g}s "
+                "(ROUTER_STREAM_TOTAL_TIMEOUT_S); the partial content is kept", False))
+        except PublishError as exc:
+            state.usage.add(usage, messages, received)
+            return _end_failed(state, ctx, Failure("publish_failed", str(exc), True))
+        except Exception as exc:
+            state.usage.add(usage, messages, received)
+            failure = _classify(exc, bool(state.pieces))
+            if failure.retryable and ctx.policy.allows(retries + 1):
+                retries += 1
+                delay = ctx.policy.backoff(retries, retry_after_seconds(exc))
+                log.warning("upstream attempt failed; retrying", request_id=request_id,
+                            retry=retries, delay_s=round(delay, 3), error=failure.message,
+                            resume_from_chars=len(state.content))
+                ctx.sleep(delay)
+                continue
+            if failure.retryable:
+                failure = Failure(failure.code, f"{failure.message} (gave up after {retries} "
+                                  f"retries)", True)
+            return _end_failed(state, ctx, failure)
+
+
+def _classify(exc: BaseException, mid_stream: bool) -> Failure:
+    """Turn an upstream exception into an error code, message and whether to retry."""
+    if isinstance(exc, openai.APIStatusError):
+        message = _upstream_message(exc)
+        return Failure(f"upstream_{exc.status_code}",
+                       f"upstream answered {exc.status_code}: {message}", is_retryable(exc))
+    if isinstance(exc, (StreamDropped, httpx.TransportError, openai.APIConnectionError)):
+        where = "mid-stream" if mid_stream else "before the first token"
+        code = "upstream_timeout" if isinstance(exc, (httpx.TimeoutException,
+                                                      openai.APITimeoutError)) else (
+            "stream_interrupted" if mid_stream else "upstream_unavailable")
+        return Failure(code, f"upstream connection failed {where}: {exc or type(exc).__name__}",
+                       True)
+    if isinstance(exc, openai.APIError):  # an error object inside the stream
+        return Failure("upstream_error", f"upstream error: {exc.message}", True)
+    raise exc
+
+
+def _upstream_message(exc: openai.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])
+    return exc.message
+
+
+def _is_terminal(request_id: str, ctx: StreamContext) -> bool:
+    status: Any = ctx.redis.hget(ctx.keys.record(request_id), "status")
+    return status is None or status in (b"completed", b"failed", b"cancelled")
+
+
+def _flush(state: StreamState, ctx: StreamContext) -> None:
+    ctx.publisher.flush(state.handle, FLUSH_TIMEOUT_S)
+
+
+def _cost_fields(state: StreamState, ctx: StreamContext) -> tuple[Decimal, dict[str, int],
+                                                                 dict[str, Any]]:
+    usage = state.usage.as_dict()
+    cost, increments = ledger_increments(ctx.settings, "stream", state.record.model, usage)
+    fields: dict[str, Any] = {
+        "usage": usage,
+        "cost_usd": str(cost),
+        "first_token_at": state.first_token_at,
+        "content_tokens_relayed": len(state.pieces),
+    }
+    return cost, increments, fields
+
+
+def _add_to_ledger(ctx: StreamContext, increments: dict[str, int],
+                   finished: RequestRecord | None = None) -> None:
+    """Add the cost to the ledger and, for a request this worker ended, its latencies."""
+    pipe = ctx.redis.pipeline(transaction=False)
+    add_to_ledger(pipe, ctx.keys, increments)
+    if finished is not None:
+        queue_timing(pipe, ctx.keys, finished)
+    pipe.execute()
+
+
+def _finished_record(state: StreamState, status: Status, finished_at: float) -> RequestRecord:
+    return state.record.model_copy(update={
+        "status": status, "finished_at": finished_at, "first_token_at": state.first_token_at,
+    })
+
+
+def _notify(state: StreamState, ctx: StreamContext) -> None:
+    if state.record.callback_url:
+        try:
+            ctx.notify(state.record.id)
+        except Exception:  # the request is terminal either way; the callback is best effort
+            log.exception("scheduling the terminal callback failed", request_id=state.record.id)
+
+
+def _end_completed(state: StreamState, ctx: StreamContext) -> RunOutcome:
+    _flush(state, ctx)
+    if state.handle.stopped:
+        return _end_stopped(state, ctx)
+    cost, increments, fields = _cost_fields(state, ctx)
+    content = state.content
+    fields["result"] = {
+        "content": content,
+        "finish_reason": state.finish_reason,
+        "usage": fields["usage"],
+        "message": {"role": "assistant", "content": content},
+    }
+    fields["finished_at"] = finished_at = now()
+    outcome = ctx.store.transition(
+        state.record.id, "completed", allowed_from=["streaming"], fields=fields,
+        event=ev.done(state.finish_reason, fields["usage"], cost, len(content)),
+    )
+    if not outcome.moved:  # cancelled (or swept) between the last token and now
+        return _end_stopped(state, ctx)
+    _add_to_ledger(ctx, increments, _finished_record(state, "completed", finished_at))
+    _notify(state, ctx)
+    log.info("stream completed", request_id=state.record.id, chars=len(content),
+             events=state.handle.events_published, cost_usd=str(cost))
+    return "completed"
+
+
+def _end_failed(state: StreamState, ctx: StreamContext, failure: Failure) -> RunOutcome:
+    with contextlib.suppress(PublishError):
+        _flush(state, ctx)
+    _cost, increments, fields = _cost_fields(state, ctx)
+    fields["error"] = {"code": failure.code, "message": failure.message,
+                       "retryable": failure.retryable}
+    if state.pieces:
+        fields["result"] = {"content": state.content, "finish_reason": None}
+    fields["finished_at"] = finished_at = now()
+    outcome = ctx.store.transition(
+        state.record.id, "failed", allowed_from=["streaming"], fields=fields,
+        event=ev.error(failure.code, failure.message, failure.retryable),
+    )
+    if not outcome.moved:
+        return _end_stopped(state, ctx)
+    paid = bool(state.usage.prompt_tokens or state.usage.completion_tokens)
+    _add_to_ledger(ctx, increments if paid else {},
+                   _finished_record(state, "failed", finished_at))
+    _notify(state, ctx)
+    log.warning("stream failed", request_id=state.record.id, code=failure.code,
+                error=failure.message)
+    return "failed"
+
+
+def _end_stopped(state: StreamState, ctx: StreamContext) -> RunOutcome:
+    """The request became terminal under us (cancelled): record what was paid for."""
+    _cost, increments, fields = _cost_fields(state, ctx)
+    paid = bool(state.usage.prompt_tokens or state.usage.completion_tokens)
+    if paid:
+        ctx.store.annotate(state.record.id, fields)
+        _add_to_ledger(ctx, increments)
+    log.info("stream stopped: request is terminal", request_id=state.record.id,
+             tokens_paid=state.usage.completion_tokens)
+    return "cancelled"
