@@ -94,6 +94,14 @@ class Keys:
         """Sorted set: upstream batch id -> submit time, for batches not yet finished."""
         return f"{self.prefix}:batch:inflight"
 
+    def batch_deadlines(self) -> str:
+        """Sorted set: queued low request id -> deadline, checked for escalation to stream."""
+        return f"{self.prefix}:batch:deadlines"
+
+    def callback_sent(self, request_id: str) -> str:
+        """String with TTL: set once the terminal callback of a request was delivered."""
+        return f"{self.prefix}:callback:{{{request_id}}}"
+
     def last_flush(self) -> str:
         """Hash: when the last flush ran and what it did."""
         return f"{self.prefix}:batch:last-flush"
@@ -106,6 +114,10 @@ class Keys:
     def ledger(self) -> str:
         """Hash: tokens and cost per route and model, and batch savings."""
         return f"{self.prefix}:ledger"
+
+    def timings(self, lane: str) -> str:
+        """Hash: latency histogram buckets, sums and counts of one lane (see router.metrics)."""
+        return f"{self.prefix}:metrics:timings:{lane}"
 
     def rate(self, api_key_id: str, kind: str, window: int) -> str:
         """Counter: requests or tokens used by one key in one minute window."""

@@ -1,8 +1,9 @@
 """The cost ledger: tokens and cost per route and model, and what the batch lane saved.
 
 One Redis hash (`Keys.ledger()`); fields are ``<route>|<model>|<measure>``. Costs are kept in
-integer nano-dollars (HINCRBY), so sums are exact and `savings == standard - paid` holds to the
-last digit.
+integer pico-dollars (HINCRBY), so sums are exact: every price with up to six decimals per
+million tokens is a whole number of pico-dollars per token, and so is half of it, so the batch
+savings equal the batch share of the standard cost times the discount to the last digit.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from router.keys import Keys
 from router.pricing import cost_usd
 from settings import Settings
 
-NANO = Decimal(1_000_000_000)
-MEASURES = ("requests", "prompt_tokens", "completion_tokens", "cost_nusd", "standard_cost_nusd")
+PICO = Decimal(1_000_000_000_000)
+MEASURES = ("requests", "prompt_tokens", "completion_tokens", "cost_pusd", "standard_cost_pusd")
 
 
-def to_nano(amount: Decimal) -> int:
-    return int((amount * NANO).to_integral_value())
+def to_pico(amount: Decimal) -> int:
+    return int((amount * PICO).to_integral_value())
 
 
 def ledger_increments(
@@ -36,8 +37,8 @@ def ledger_increments(
         base + "requests": 1,
         base + "prompt_tokens": int(usage.get("prompt_tokens") or 0),
         base + "completion_tokens": int(usage.get("completion_tokens") or 0),
-        base + "cost_nusd": to_nano(paid),
-        base + "standard_cost_nusd": to_nano(standard),
+        base + "cost_pusd": to_pico(paid),
+        base + "standard_cost_pusd": to_pico(standard),
     }
 
 
@@ -73,10 +74,10 @@ class Ledger:
             route, model, measure = name.split("|", 2)
             line = ledger.lines.setdefault((route, model), LedgerLine())
             amount = int(value)
-            if measure == "cost_nusd":
-                line.cost_usd = Decimal(amount) / NANO
-            elif measure == "standard_cost_nusd":
-                line.standard_cost_usd = Decimal(amount) / NANO
+            if measure == "cost_pusd":
+                line.cost_usd = Decimal(amount) / PICO
+            elif measure == "standard_cost_pusd":
+                line.standard_cost_usd = Decimal(amount) / PICO
             elif measure in MEASURES:
                 setattr(line, measure, amount)
         return ledger

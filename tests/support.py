@@ -130,12 +130,17 @@ def cli_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "router.cli", *args]
 
 
-def start_redis_server(workdir: Path, appendonly: bool = False) -> tuple[ManagedProcess, str]:
-    """A private redis-server on a free port; returns the process and its base URL."""
+def start_redis_server(workdir: Path, appendonly: bool = False, port: int | None = None,
+                       extra_args: tuple[str, ...] = ()) -> tuple[ManagedProcess, str]:
+    """A private redis-server on a free port; returns the process and its base URL.
+
+    `port` (with the same `workdir`) restarts a server where a stopped one was, reloading its
+    append-only file: the chaos test restarts Redis this way. `extra_args` go on the command line.
+    """
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server is not on PATH (apt-get install redis-server)")
-    port = free_port()
+    port = port or free_port()
     argv = [
         binary,
         "--port", str(port),
@@ -144,6 +149,7 @@ def start_redis_server(workdir: Path, appendonly: bool = False) -> tuple[Managed
         "--appendonly", "yes" if appendonly else "no",
         "--dir", str(workdir),
         "--maxclients", "10000",
+        *extra_args,
     ]
     proc = ManagedProcess("redis", argv, dict(os.environ), workdir / "redis.log").start()
     url = f"redis://127.0.0.1:{port}"
@@ -184,18 +190,31 @@ class Stack:
 
     def start_worker(self, lane: str, concurrency: int | None = None,
                      timeout: float = 30.0) -> ManagedProcess:
-        args = ["worker", "--lane", lane, "--name", f"{lane}-{len(self.processes)}@%h"]
+        node = f"{lane}-{len(self.processes)}"
+        args = ["worker", "--lane", lane, "--name", f"{node}@%h"]
         if concurrency:
             args += ["--concurrency", str(concurrency)]
         proc = self._spawn(f"worker-{lane}", cli_argv(*args))
-        wait_until(lambda: self._worker_ready(proc), timeout, 0.1,
+        hostname = f"{node}@{socket.gethostname()}"
+        wait_until(lambda: self._worker_ready(proc, hostname), timeout, 0.1,
                    message=f"{lane} worker ready")
         return proc
 
-    def _worker_ready(self, proc: ManagedProcess) -> bool:
+    def _worker_ready(self, proc: ManagedProcess, hostname: str) -> bool:
+        """Ready when its log says so (INFO) or, at quieter log levels, when it answers a ping."""
         if not proc.alive():
             raise RuntimeError(f"worker exited:\n{proc.output()[-3000:]}")
-        return "ready" in proc.output()
+        if "ready" in proc.output():
+            return True
+        if self.settings.log_level in ("DEBUG", "INFO"):
+            return False
+        from workers.celery_app import create_celery
+
+        app = create_celery(self.settings)
+        try:
+            return bool(app.control.ping(destination=[hostname], timeout=0.5))
+        finally:
+            app.close()
 
     def start_beat(self, timeout: float = 30.0) -> ManagedProcess:
         schedule = self.workdir / f"beat-{len(self.processes)}"

@@ -53,8 +53,13 @@ def create_celery(settings: Settings) -> Celery:
         timezone="UTC",
     )
     # The flush entry may be replaced by a schedule that reads the runtime flush interval.
+    from workers.batch_schedule import RuntimeFlushSchedule
+
+    flush_schedule = RuntimeFlushSchedule(settings.redis_url, settings.key_prefix,
+                                          settings.flush_interval_s,
+                                          settings.flush_early_threshold)
     app.conf.beat_schedule = {
-        "batch-flush": {"task": FLUSH_TASK, "schedule": settings.flush_interval_s,
+        "batch-flush": {"task": FLUSH_TASK, "schedule": flush_schedule,
                         "options": {"queue": batch_q, "expires": settings.flush_interval_s}},
         "batch-poll": {"task": POLL_TASK, "schedule": settings.poll_interval_s,
                        "options": {"queue": batch_q, "expires": settings.poll_interval_s}},

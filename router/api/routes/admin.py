@@ -1,7 +1,99 @@
-"""Routes for admin (filled in by its lane)."""
+"""``/v1/admin``: runtime configuration and an on-demand flush.
+
+When auth is on only tenants in `Settings.admin_tenants` may call these (others get 403: the
+routes are not secret, unlike request ids). With auth off (development) anyone may.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated, Any
 
-router = APIRouter()
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from router.api.deps import Caller, CallerDep, RedisDep, SettingsDep
+from router.intake import IntakeError
+from router.logs import get_logger
+from router.runtime_config import (
+    MAX_FLUSH_INTERVAL_S,
+    get_flush_interval_async,
+    runtime_view,
+    set_flush_interval_async,
+)
+from router.schemas import ErrorResponse
+from settings import Settings
+
+log = get_logger(__name__)
+
+router = APIRouter(prefix="/v1/admin", tags=["admin"])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 503)
+}
+
+
+def require_admin(request: Request, caller: CallerDep) -> Caller:
+    settings: Settings = request.app.state.settings
+    if settings.auth_enabled and caller.tenant not in settings.admin_tenants:
+        raise IntakeError(403, "admin routes are for admin tenants only (ROUTER_ADMIN_TENANTS)",
+                          code="not_admin")
+    return caller
+
+
+AdminDep = Annotated[Caller, Depends(require_admin)]
+
+
+class RuntimeConfigView(BaseModel):
+    flush_interval_s: float
+    flush_interval_overridden: bool
+    poll_interval_s: float
+
+
+class RuntimeConfigUpdate(BaseModel):
+    flush_interval_s: float = Field(gt=0, le=MAX_FLUSH_INTERVAL_S,
+                                    description="Seconds between batch flushes (> 0).")
+
+
+class FlushQueued(BaseModel):
+    queued: bool
+    task: str
+
+
+@router.get("/config", response_model=RuntimeConfigView, responses=_ERRORS)
+async def get_config(_: AdminDep, settings: SettingsDep, client: RedisDep) -> RuntimeConfigView:
+    """The runtime configuration (flush interval as beat currently applies it)."""
+    interval = await get_flush_interval_async(client, settings)
+    return RuntimeConfigView(**runtime_view(interval, settings))
+
+
+@router.put("/config", response_model=RuntimeConfigView, responses=_ERRORS)
+async def put_config(body: RuntimeConfigUpdate, caller: AdminDep, settings: SettingsDep,
+                     client: RedisDep) -> RuntimeConfigView:
+    """Change the flush interval; beat applies it at its next tick, no restart needed."""
+    interval = await set_flush_interval_async(client, settings, body.flush_interval_s)
+    log.info("flush interval changed", flush_interval_s=interval, tenant=caller.tenant)
+    return RuntimeConfigView(**runtime_view(interval, settings))
+
+
+@router.post("/flush", status_code=202, response_model=FlushQueued, responses=_ERRORS)
+async def flush_now(request: Request, caller: AdminDep, settings: SettingsDep) -> FlushQueued:
+    """Send a flush to the batch worker now (it skips if a flush is already running)."""
+    from router.keys import Keys
+    from workers.celery_app import FLUSH_TASK
+
+    celery_app = getattr(request.app.state.dispatcher, "app", None)
+    if celery_app is None:
+        from workers.celery_app import create_celery
+
+        celery_app = create_celery(settings)
+    queue = Keys(settings.key_prefix).batch_queue()
+    try:
+        await run_in_threadpool(celery_app.send_task, FLUSH_TASK, queue=queue,
+                                routing_key=queue, retry=True)
+    except Exception as exc:
+        log.error("flush could not be queued", error=str(exc))
+        raise IntakeError(503, "the batch queue is unavailable; retry",
+                          code="queue_unavailable") from exc
+    log.info("flush requested", tenant=caller.tenant)
+    return FlushQueued(queued=True, task=FLUSH_TASK)

@@ -1,0 +1,285 @@
+"""Plain batch-lane functions without Celery: JSONL, claim/release, flush crash safety,
+write-back idempotency, line parsing, callback policy. Real Redis, real simulator."""
+
+from __future__ import annotations
+
+import tracemalloc
+from collections.abc import Callable
+from decimal import Decimal
+
+import openai
+import orjson
+import pytest
+import redis
+
+from router.callback_policy import callback_refusal
+from router.keys import Keys
+from router.ledger import Ledger
+from router.store import RequestStore
+from settings import Settings
+from tests.batch_helpers import event_types, record, submit_low
+from tests.support import free_port, wait_until
+from workers import batch_claim
+from workers.batch_flush import FlushContext, flush
+from workers.batch_jsonl import write_parts
+from workers.batch_poll import PollContext, batch_meta, check_batch, write_back_batch
+from workers.batch_writeback import parse_line
+from workers.callbacks import sign
+from workers.upstream import make_openai_client
+
+
+def _ids(client: redis.Redis, key: str) -> list[str]:
+    return [x.decode() if isinstance(x, bytes) else str(x) for x in client.lrange(key, 0, -1)]
+
+
+def test_jsonl_parts_respect_request_and_byte_limits() -> None:
+    lines = [(f"id{i}", orjson.dumps({"model": "m", "messages": [{"role": "user",
+                                                                   "content": "x" * i}]}))
+             for i in range(10)]
+    parts = list(write_parts(iter(lines), max_requests=4, max_bytes=10_000))
+    assert [len(p.ids) for p in parts] == [4, 4, 2]
+    for part in parts:
+        rows = [orjson.loads(x) for x in part.path.read_bytes().splitlines()]
+        assert [r["custom_id"] for r in rows] == part.ids
+        assert all(r["method"] == "POST" and r["url"] == "/v1/chat/completions" for r in rows)
+        assert part.size == part.path.stat().st_size
+        part.remove()
+    small = list(write_parts(iter(lines), max_requests=100, max_bytes=400))
+    assert all(p.size <= 400 for p in small) and sum(len(p.ids) for p in small) == 10
+    for part in small:
+        part.remove()
+
+
+def test_jsonl_memory_stays_flat_for_50k_lines() -> None:
+    body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "y" * 1000}]})
+    tracemalloc.start()
+    try:
+        parts = list(write_parts(((f"{i:032x}", body) for i in range(50_000)), 50_000,
+                                 200 * 1024 * 1024))
+        _current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(parts) == 1 and len(parts[0].ids) == 50_000
+    assert parts[0].size > 50_000_000  # a 50 MB file ...
+    assert peak < 15_000_000  # ... written with a small fraction of it in memory
+    parts[0].remove()
+
+
+def test_claim_release_keeps_order_and_skips_cancelled(
+        make_settings: Callable[..., Settings], redis_client: redis.Redis) -> None:
+    settings = make_settings()
+    keys = Keys(settings.key_prefix)
+    ids = [submit_low(redis_client, settings, f"claim {i}") for i in range(5)]
+    claim = batch_claim.claim(redis_client, keys, "gpt-4o-mini", 3)
+    assert claim is not None and claim.ids == ids[:3]
+    assert _ids(redis_client, keys.pending("gpt-4o-mini")) == ids[3:]
+    assert _ids(redis_client, keys.claimed(claim.claim_id)) == ids[:3]
+    RequestStore(redis_client, settings).cancel(ids[1], "gpt-4o-mini")
+    assert batch_claim.recover_orphaned_claims(redis_client, keys) == 2
+    assert _ids(redis_client, keys.pending("gpt-4o-mini")) == [ids[0], ids[2], *ids[3:]]
+    assert redis_client.zcard(keys.claims()) == 0
+    assert not redis_client.exists(keys.claimed(claim.claim_id))
+    # A claim listing an id twice (a release interrupted and run again) puts it back once.
+    again = batch_claim.claim(redis_client, keys, "gpt-4o-mini", 1)
+    assert again is not None and again.ids == [ids[0]]
+    redis_client.rpush(keys.claimed(again.claim_id), ids[0])
+    assert batch_claim.recover_orphaned_claims(redis_client, keys) == 1
+    assert _ids(redis_client, keys.pending("gpt-4o-mini")) == [ids[0], ids[2], *ids[3:]]
+
+
+def _ctx(settings: Settings, client: redis.Redis, **kw: object) -> FlushContext:
+    return FlushContext(settings, client, make_openai_client(settings),
+                        **kw)  # type: ignore[arg-type]
+
+
+def test_flush_killed_after_claim_loses_nothing(
+        make_settings: Callable[..., Settings], redis_client: redis.Redis, sim_url: str) -> None:
+    settings = make_settings(upstream_base_url=sim_url, batch_mode="native")
+    keys = Keys(settings.key_prefix)
+    ids = [submit_low(redis_client, settings, f"crash {i}") for i in range(6)]
+
+    def die(_claim: batch_claim.Claim) -> None:
+        raise RuntimeError("worker killed mid-flush")
+
+    with pytest.raises(RuntimeError):
+        flush(_ctx(settings, redis_client, after_claim=die))
+    assert redis_client.llen(keys.pending("gpt-4o-mini")) == 0
+    assert redis_client.zcard(keys.claims()) == 1
+    assert not redis_client.exists(keys.flush_lock())  # released on the way out
+    assert all(record(redis_client, settings, i).status == "queued" for i in ids)
+    report = flush(_ctx(settings, redis_client))
+    assert report.recovered == 6 and report.submitted == 6 and len(report.batches) == 1
+    batch_id = report.batches[0]["batch_id"]
+    for request_id in ids:
+        rec = record(redis_client, settings, request_id)
+        assert rec.status == "submitted" and rec.batch_id == batch_id
+        assert event_types(redis_client, settings, request_id).count("submitted") == 1
+    assert redis_client.zcard(keys.claims()) == 0
+    assert redis_client.scard(keys.batch_requests(batch_id)) == 6
+
+
+def test_flush_upload_failure_puts_requests_back_untouched(
+        make_settings: Callable[..., Settings], redis_client: redis.Redis) -> None:
+    settings = make_settings(upstream_base_url=f"http://127.0.0.1:{free_port()}/v1",
+                             batch_mode="native", upstream_timeout_s=2)
+    keys = Keys(settings.key_prefix)
+    ids = [submit_low(redis_client, settings, f"down {i}") for i in range(4)]
+    later = submit_low(redis_client, settings, "other model", model="gpt-4o")
+    report = flush(_ctx(settings, redis_client))
+    assert report.error and report.submitted == 0
+    assert report.requeued_on_error == 1  # gpt-4o (first) failed; the flush stopped there
+    assert _ids(redis_client, keys.pending("gpt-4o-mini")) == ids
+    assert _ids(redis_client, keys.pending("gpt-4o")) == [later]
+    for request_id in ids:
+        assert record(redis_client, settings, request_id).status == "queued"
+        assert record(redis_client, settings, request_id).attempts == 0
+        assert event_types(redis_client, settings, request_id) == ["accepted", "queued"]
+    assert redis_client.zcard(keys.claims()) == 0
+    assert redis_client.zcard(keys.batches_in_flight()) == 0
+
+
+def test_write_back_twice_changes_nothing(
+        make_settings: Callable[..., Settings], redis_client: redis.Redis, sim_url: str) -> None:
+    settings = make_settings(upstream_base_url=sim_url, batch_mode="native")
+    keys = Keys(settings.key_prefix)
+    ids = [submit_low(redis_client, settings, f"twice {i}") for i in range(5)]
+    report = flush(_ctx(settings, redis_client))
+    batch_id = report.batches[0]["batch_id"]
+    upstream = make_openai_client(settings)
+    ctx = PollContext(settings, redis_client, upstream)
+    wait_until(lambda: check_batch(ctx, batch_id), 15, 0.1, message="batch completed")
+    assert redis_client.zcard(keys.batches_in_flight()) == 0
+    ledger_before = redis_client.hgetall(keys.ledger())
+    events_before = {i: event_types(redis_client, settings, i) for i in ids}
+    assert all(e[-1] == "done" for e in events_before.values())
+    again = write_back_batch(ctx, batch_id, "gpt-4o-mini", upstream.batches.retrieve(batch_id))
+    assert (again.completed, again.failed, again.requeued, again.unchanged) == (0, 0, 0, 5)
+    assert redis_client.hgetall(keys.ledger()) == ledger_before
+    assert {i: event_types(redis_client, settings, i) for i in ids} == events_before
+    ledger = Ledger.from_hash(ledger_before).total("batch")
+    assert ledger.requests == 5 and ledger.cost_usd > 0
+    assert ledger.savings_usd == ledger.standard_cost_usd * Decimal("0.5")
+    assert batch_meta(redis_client, keys, batch_id)["status"] == "completed"
+
+
+def test_parse_line_shapes() -> None:
+    ok = parse_line({"custom_id": "a", "response": {"status_code": 200, "body": {
+        "choices": [{"message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}}})
+    assert ok is not None and ok.ok and ok.result is not None and ok.result["content"] == "hi"
+    err500 = parse_line({"custom_id": "b", "response": {"status_code": 500, "body": {
+        "error": {"message": "boom", "code": "server_error"}}}})
+    assert err500 is not None and not err500.ok and err500.retryable
+    err400 = parse_line({"custom_id": "c", "response": {"status_code": 400, "body": {
+        "error": {"message": "bad", "code": "invalid"}}}})
+    assert err400 is not None and not err400.retryable and err400.error_code == "invalid"
+    expired = parse_line({"custom_id": "d", "response": None,
+                          "error": {"code": "batch_expired", "message": "late"}})
+    assert expired is not None and expired.retryable
+    assert parse_line({"response": None}) is None
+
+
+def test_callback_policy_is_no_open_relay() -> None:
+    allowed = ["hooks.example.com", "*.corp.example", "127.0.0.1"]
+    assert callback_refusal("https://hooks.example.com/x", allowed) is None
+    assert callback_refusal("https://a.corp.example/x", allowed) is None
+    assert callback_refusal("http://127.0.0.1:9/x", allowed) is None
+    assert callback_refusal("https://evil.example.net/", allowed)
+    assert callback_refusal("http://10.0.0.5/", ["*"])  # private IP even with '*'
+    assert callback_refusal("http://[::1]/", ["*"])
+    assert callback_refusal("http://169.254.169.254/latest", ["*"])
+    assert callback_refusal("https://hooks.example.com/x", [])  # no list, no callbacks
+    assert sign(b"{}", "s").startswith("sha256=") and len(sign(b"{}", "s")) == 71
+
+
+def test_openai_client_sees_simulator(sim_url: str) -> None:
+    client = openai.OpenAI(base_url=sim_url, api_key="sk-x")
+    assert client.batches.list(limit=1) is not None
+
+
+def test_config_cli_sets_and_gets_flush_interval(
+        make_settings: Callable[..., Settings], redis_client: redis.Redis) -> None:
+    import subprocess
+
+    from router.runtime_config import get_flush_interval
+    from tests.support import REPO_ROOT, child_env, cli_argv
+
+    settings = make_settings()
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(cli_argv("config", *args), env=child_env(settings), cwd=REPO_ROOT,
+                              capture_output=True, text=True, timeout=60)
+
+    done = cli("set", "flush-interval", "42.5")
+    assert done.returncode == 0, done.stderr
+    assert get_flush_interval(redis_client, settings) == 42.5
+    shown = cli("get")
+    assert shown.returncode == 0 and orjson.loads(shown.stdout)["flush_interval_s"] == 42.5
+    bad = cli("set", "flush-interval", "0")
+    assert bad.returncode == 2 and "flush_interval_s" in bad.stderr
+    assert get_flush_interval(redis_client, settings) == 42.5
+
+
+def test_flush_escalates_a_request_whose_deadline_a_batch_would_miss(
+        make_settings: Callable[..., Settings], redis_client: redis.Redis, sim_url: str) -> None:
+    settings = make_settings(upstream_base_url=sim_url, batch_mode="native",
+                             flush_interval_s=0.5, expected_batch_turnaround_s=5)
+    keys = Keys(settings.key_prefix)
+    late = submit_low(redis_client, settings, "deadline soon", deadline_s=8)
+    easy = submit_low(redis_client, settings, "no deadline")
+    assert record(redis_client, settings, late).route == "batch"
+    assert redis_client.zscore(keys.batch_deadlines(), late) is not None
+    # The worker now expects a slower batch round trip than the intake did.
+    slower = settings.model_copy(update={"expected_batch_turnaround_s": 60.0})
+    sent: list[str] = []
+    report = flush(_ctx(slower, redis_client, dispatch_stream=sent.append))
+    assert report.escalated == 1 and report.submitted == 1 and sent == [late]
+    rec = record(redis_client, settings, late)
+    assert (rec.status, rec.route) == ("dispatched", "stream") and "deadline" in rec.route_reason
+    assert redis_client.zscore(keys.dispatched(), late) is not None
+    assert redis_client.zscore(keys.batch_deadlines(), late) is None
+    assert record(redis_client, settings, easy).status == "submitted"
+
+
+def test_members_without_a_line_are_requeued_once(
+        make_settings: Callable[..., Settings], redis_client: redis.Redis, sim_url: str) -> None:
+    from types import SimpleNamespace
+
+    settings = make_settings(upstream_base_url=sim_url, batch_mode="native",
+                             batch_max_attempts=3)
+    keys = Keys(settings.key_prefix)
+    ids = [submit_low(redis_client, settings, f"lost {i}") for i in range(3)]
+    batch_id = flush(_ctx(settings, redis_client)).batches[0]["batch_id"]
+    ctx = PollContext(settings, redis_client, make_openai_client(settings))
+    # A completed batch whose files hold no line for these requests.
+    empty = SimpleNamespace(status="completed", output_file_id=None, error_file_id=None,
+                            errors=None)
+    first = write_back_batch(ctx, batch_id, "gpt-4o-mini", empty)
+    assert first.requeued == 3
+    second = write_back_batch(ctx, batch_id, "gpt-4o-mini", empty)
+    assert second.requeued == 0 and second.unchanged == 3
+    assert _ids(redis_client, keys.pending("gpt-4o-mini")) == ids
+    for request_id in ids:
+        rec = record(redis_client, settings, request_id)
+        assert (rec.status, rec.attempts, rec.batch_id) == ("queued", 1, None)
+        assert event_types(redis_client, settings, request_id)[-1] == "queued"
+
+
+def test_poll_requeues_a_batch_the_upstream_lost(
+        make_settings: Callable[..., Settings], redis_client: redis.Redis, sim_url: str) -> None:
+    from workers.batch_flush import mark_submitted, record_batch
+    from workers.batch_poll import poll
+
+    settings = make_settings(upstream_base_url=sim_url, batch_mode="native")
+    keys = Keys(settings.key_prefix)
+    ids = [submit_low(redis_client, settings, f"lost batch {i}") for i in range(2)]
+    claim = batch_claim.claim(redis_client, keys, "gpt-4o-mini", 10)
+    assert claim is not None
+    record_batch(redis_client, settings, "batch_unknown_upstream", "gpt-4o-mini", "native", 2)
+    assert mark_submitted(redis_client, settings, "batch_unknown_upstream", ids) == 2
+    batch_claim.drop(redis_client, keys, claim.claim_id)
+    report = poll(PollContext(settings, redis_client, make_openai_client(settings)))
+    assert report.finished == ["batch_unknown_upstream"] and report.writeback.requeued == 2
+    assert redis_client.zcard(keys.batches_in_flight()) == 0
+    assert _ids(redis_client, keys.pending("gpt-4o-mini")) == ids
+    assert all(record(redis_client, settings, i).status == "queued" for i in ids)

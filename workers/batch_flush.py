@@ -1,0 +1,259 @@
+"""The flush: send every model's pending low requests upstream as one batch per model.
+
+    lock → release orphaned claims → for each model: claim → read records → JSONL parts
+    → per part: upload, create batch, record it in flight, mark requests `submitted`
+    → drop the claim → note the flush in `Keys.last_flush()`
+
+The order makes a crash harmless at every step: a batch is recorded in flight *before* any of
+its requests says `submitted` (so a submitted request always has a batch to poll), and a claim
+is dropped only after each of its ids is submitted or back in the queue. An upload or create
+failure puts the claim's unsubmitted requests back at the front of their queue, untouched.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import openai
+import redis
+
+from router import events as ev
+from router.keys import Keys
+from router.logs import get_logger
+from router.records import dumps, now
+from settings import Settings
+from workers import batch_claim
+from workers.batch_claim import Claim, ClaimedRow
+from workers.batch_jsonl import JsonlPart, line_size, write_parts
+from workers.batch_lock import RedisLock, held
+from workers.batch_lua import FINISH_SCRIPT, SUBMIT_MANY_SCRIPT, run_pipelined
+from workers.batch_mode import ResolvedMode, resolve_batch_mode
+from workers.batch_writeback import Notify, no_notify
+from workers.deadlines import StreamDispatch, escalate
+
+log = get_logger(__name__)
+
+SUBMIT_CHUNK = 500
+UPSTREAM_ERRORS: tuple[type[BaseException], ...] = (openai.OpenAIError, httpx.HTTPError, OSError)
+
+AfterClaim = Callable[[Claim], None]
+SendEmulated = Callable[[str], None]
+
+
+@dataclass
+class FlushReport:
+    flush_id: str
+    ran: bool = True  # False when another flush held the lock
+    mode: str = ""
+    recovered: int = 0
+    submitted: int = 0
+    skipped: int = 0
+    escalated: int = 0
+    failed: int = 0
+    requeued_on_error: int = 0
+    batches: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class FlushContext:
+    """Everything one flush needs, passed down explicitly."""
+
+    settings: Settings
+    client: redis.Redis
+    upstream: openai.OpenAI
+    notify: Notify = no_notify
+    dispatch_stream: StreamDispatch | None = None
+    send_emulated: SendEmulated | None = None
+    after_claim: AfterClaim | None = None  # test hook: runs right after each claim
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(self.settings.key_prefix)
+
+
+class UpstreamSubmitError(Exception):
+    """Uploading the file or creating the batch failed; the claim was put back."""
+
+
+def flush(ctx: FlushContext, *, models: list[str] | None = None) -> FlushReport:
+    """Flush every pending model (or `models`) once; never two flushes at a time."""
+    started = time.monotonic()
+    report = FlushReport(flush_id=uuid.uuid4().hex)
+    keys = ctx.keys
+    with held(ctx.client, keys.flush_lock(), ctx.settings.batch_lock_ttl_s) as lock:
+        if lock is None:
+            report.ran = False
+            return report
+        report.recovered = batch_claim.recover_orphaned_claims(ctx.client, keys)
+        names = models if models is not None else sorted(
+            m.decode() if isinstance(m, bytes) else str(m)
+            for m in ctx.client.smembers(keys.pending_models())
+        )
+        if not names:
+            _note_flush(ctx, report, started)
+            return report
+        report.mode = resolve_batch_mode(ctx.settings, ctx.client, ctx.upstream)
+        try:
+            for model in names:
+                _flush_model(ctx, lock, report, model)
+        except UpstreamSubmitError as exc:
+            report.error = str(exc)
+        _note_flush(ctx, report, started)
+    log.info("flush done", flush_id=report.flush_id, mode=report.mode,
+             submitted=report.submitted, batches=len(report.batches),
+             escalated=report.escalated, recovered=report.recovered, error=report.error,
+             seconds=round(report.seconds, 3))
+    return report
+
+
+def _note_flush(ctx: FlushContext, report: FlushReport, started: float) -> None:
+    report.seconds = time.monotonic() - started
+    ctx.client.hset(ctx.keys.last_flush(), mapping={
+        "at": repr(now()), "flush_id": report.flush_id, "submitted": report.submitted,
+        "batches": len(report.batches), "error": report.error or "",
+    })
+
+
+def _flush_model(ctx: FlushContext, lock: RedisLock, report: FlushReport, model: str) -> None:
+    limit = ctx.settings.batch_max_requests
+    while True:
+        claim = batch_claim.claim(ctx.client, ctx.keys, model, limit)
+        if claim is None:
+            return
+        if ctx.after_claim is not None:
+            ctx.after_claim(claim)
+        _flush_claim(ctx, report, claim, report.mode)  # type: ignore[arg-type]
+        lock.extend()
+        if len(claim.ids) < limit:
+            return
+
+
+def _lines(ctx: FlushContext, report: FlushReport, claim: Claim) -> Iterator[tuple[str, bytes]]:
+    """The (id, body JSON) pairs worth sending; escalates and fails the others on the way."""
+    s = ctx.settings
+    cutoff = now() + s.expected_batch_turnaround_s
+    for row in batch_claim.fetch_rows(ctx.client, ctx.keys, claim.ids):
+        if row.status != "queued" or row.body_json is None:
+            report.skipped += 1
+            continue
+        if row.deadline_at is not None and row.deadline_at < cutoff:
+            reason = (f"deadline would be missed by a batch (expected turnaround "
+                      f"{s.expected_batch_turnaround_s:g}s), so it streams")
+            if escalate(ctx.client, s, row.id, claim.model, reason, ctx.dispatch_stream):
+                report.escalated += 1
+            continue
+        if line_size(row.id, row.body_json) > s.batch_max_bytes:
+            _fail_oversized(ctx, row)
+            report.failed += 1
+            continue
+        yield row.id, row.body_json
+
+
+def _fail_oversized(ctx: FlushContext, row: ClaimedRow) -> None:
+    k, s = ctx.keys, ctx.settings
+    message = (f"the request is larger than the batch file limit of {s.batch_max_bytes} bytes; "
+               "send it with priority high")
+    error = {"code": "request_too_large_for_batch", "message": message, "retryable": False}
+    answers = run_pipelined(ctx.client, FINISH_SCRIPT, [(
+        [k.record(row.id), k.seq(row.id), k.events(row.id), k.ledger()],
+        ["queued", "failed", k.channel(row.id), s.replay_maxlen, s.replay_ttl_s, s.result_ttl_s,
+         ev.error("request_too_large_for_batch", message, False), 0,
+         "error", dumps(error), "finished_at", repr(now())],
+    )])
+    if int(answers[0][0]) == 1 and answers[0][2]:
+        ctx.notify(row.id)
+
+
+def _flush_claim(ctx: FlushContext, report: FlushReport, claim: Claim,
+                 mode: ResolvedMode) -> None:
+    parts: Generator[JsonlPart, None, None] = write_parts(_lines(ctx, report, claim), ctx.settings.batch_max_requests,
+                        ctx.settings.batch_max_bytes)
+    try:
+        for part in parts:
+            try:
+                batch_id = (_submit_native(ctx, report, claim, part) if mode == "native"
+                            else _submit_emulated(ctx, claim, part))
+            finally:
+                part.remove()
+            moved = mark_submitted(ctx.client, ctx.settings, batch_id, part.ids)
+            report.submitted += moved
+            report.batches.append({"batch_id": batch_id, "model": claim.model,
+                                   "requests": len(part.ids), "bytes": part.size})
+            if mode == "emulated" and ctx.send_emulated is not None:
+                ctx.send_emulated(batch_id)
+    except UpstreamSubmitError:
+        report.requeued_on_error += batch_claim.release(ctx.client, ctx.keys, claim.claim_id)
+        raise
+    finally:
+        parts.close()  # a part being written when we stop is removed by write_parts
+    batch_claim.drop(ctx.client, ctx.keys, claim.claim_id)
+
+
+def _submit_native(ctx: FlushContext, report: FlushReport, claim: Claim,
+                   part: JsonlPart) -> str:
+    s = ctx.settings
+    try:
+        with part.path.open("rb") as fh:
+            uploaded = ctx.upstream.files.create(file=(part.path.name, fh), purpose="batch")
+        batch = ctx.upstream.batches.create(
+            input_file_id=uploaded.id,
+            endpoint="/v1/chat/completions",
+            completion_window=s.batch_completion_window,
+            metadata={"flush_id": report.flush_id, "claim_id": claim.claim_id,
+                      "model": claim.model[:256], "source": "hybrid-router"},
+        )
+    except UPSTREAM_ERRORS as exc:
+        log.error("batch submit failed; claim put back", model=claim.model,
+                  requests=len(part.ids), error=str(exc)[:500])
+        raise UpstreamSubmitError(f"submitting a batch of {claim.model} failed: {exc}") from exc
+    record_batch(ctx.client, s, batch.id, claim.model, "native", len(part.ids),
+                 input_file_id=uploaded.id, flush_id=report.flush_id)
+    return str(batch.id)
+
+
+def _submit_emulated(ctx: FlushContext, claim: Claim, part: JsonlPart) -> str:
+    batch_id = f"emu_{uuid.uuid4().hex}"
+    record_batch(ctx.client, ctx.settings, batch_id, claim.model, "emulated", len(part.ids),
+                 flush_id=claim.claim_id)
+    return batch_id
+
+
+def record_batch(client: redis.Redis, settings: Settings, batch_id: str, model: str, mode: str,
+                 count: int, *, input_file_id: str = "", flush_id: str = "") -> None:
+    """Remember an upstream batch and put it in flight (before its requests are submitted)."""
+    keys = Keys(settings.key_prefix)
+    at = now()
+    pipe = client.pipeline(transaction=True)
+    pipe.hset(keys.batch(batch_id), mapping={
+        "id": batch_id, "model": model, "mode": mode, "status": "submitted",
+        "requests": count, "input_file_id": input_file_id, "flush_id": flush_id,
+        "created_at": repr(at), "heartbeat_at": repr(at),
+    })
+    pipe.zadd(keys.batches_in_flight(), {batch_id: at})
+    pipe.execute()
+
+
+def mark_submitted(client: redis.Redis, settings: Settings, batch_id: str,
+                   ids: list[str], chunk: int = SUBMIT_CHUNK) -> int:
+    """Every still-`queued` id becomes `submitted` in `batch_id` (emitting `submitted`)."""
+    keys = Keys(settings.key_prefix)
+    event = ev.submitted(batch_id)
+    at = repr(now())
+    calls: list[tuple[list[str], list[Any]]] = []
+    for start in range(0, len(ids), chunk):
+        part = ids[start:start + chunk]
+        call_keys = [keys.batch_requests(batch_id)]
+        call_args: list[Any] = [batch_id, at, settings.replay_maxlen, settings.replay_ttl_s,
+                                event]
+        for request_id in part:
+            call_keys += [keys.record(request_id), keys.seq(request_id), keys.events(request_id)]
+            call_args += [request_id, keys.channel(request_id)]
+        calls.append((call_keys, call_args))
+    return sum(int(x) for x in run_pipelined(client, SUBMIT_MANY_SCRIPT, calls))

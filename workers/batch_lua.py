@@ -1,0 +1,196 @@
+"""The Lua scripts of the batch lane: claim, release, submit, finish, requeue, escalate, lock.
+
+In the style of `router.lua`: each multi-step move is one script, so a crash between two writes
+cannot leave a request half-moved. Scripts that touch many requests take their keys in chunks
+(three keys per request: record, seq, events), never build a key inside Lua.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+
+from router.lua import _COMMON, LuaScript
+
+# Claim the head of one model's pending list into a claimed list, registered in the claims set.
+# KEYS: pending, claimed, claims, models-set
+# ARGV: limit, claim_id, now, model
+# Returns the claimed ids in queue order.
+CLAIM = """
+local limit = tonumber(ARGV[1])
+local ids = redis.call('LRANGE', KEYS[1], 0, limit - 1)
+if #ids == 0 then
+  if redis.call('LLEN', KEYS[1]) == 0 then redis.call('SREM', KEYS[4], ARGV[4]) end
+  return ids
+end
+redis.call('LTRIM', KEYS[1], #ids, -1)
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
+for i = 1, #ids, 4000 do
+  redis.call('RPUSH', KEYS[2], unpack(ids, i, math.min(i + 3999, #ids)))
+end
+return ids
+"""
+
+# Put ids back at the FRONT of a pending list (keeping their order) and optionally drop a claim.
+# KEYS: pending, models-set, claimed, claims
+# ARGV: model, claim_id, drop_claim ('1'|'0'), ids...
+RELEASE = """
+for i = #ARGV, 4, -1 do redis.call('LPUSH', KEYS[1], ARGV[i]) end
+if #ARGV >= 4 then redis.call('SADD', KEYS[2], ARGV[1]) end
+if ARGV[3] == '1' then
+  redis.call('DEL', KEYS[3])
+  redis.call('ZREM', KEYS[4], ARGV[2])
+end
+return #ARGV - 3
+"""
+
+# Read a few fields of many records at once (cheaper than one HMGET per request from Python).
+# KEYS: records...   ARGV: field names...
+# Returns a flat list: for each record, one value per field (false when missing).
+FETCH = """
+local out = {}
+for i = 1, #KEYS do
+  local values = redis.call('HMGET', KEYS[i], unpack(ARGV))
+  for j = 1, #ARGV do out[#out + 1] = values[j] end
+end
+return out
+"""
+
+# Mark many requests `submitted` in one batch (only those still `queued`) and emit `submitted`.
+# KEYS: members-set, then per request: record, seq, events
+# ARGV: batch_id, now, maxlen, ev_ttl, event, then per request: id, channel
+# Returns the number moved.
+SUBMIT_MANY = (
+    _COMMON
+    + """
+local moved = 0
+local n = (#KEYS - 1) / 3
+for i = 0, n - 1 do
+  local rec, seq, events = KEYS[2 + 3 * i], KEYS[3 + 3 * i], KEYS[4 + 3 * i]
+  local id, channel = ARGV[6 + 2 * i], ARGV[7 + 2 * i]
+  redis.call('SADD', KEYS[1], id)
+  if redis.call('HGET', rec, 'status') == 'queued' then
+    redis.call('HSET', rec, 'status', 'submitted', 'batch_id', ARGV[1], 'started_at', ARGV[2])
+    emit(seq, events, channel, ARGV[3], ARGV[4], ARGV[5])
+    moved = moved + 1
+  end
+end
+return moved
+"""
+)
+
+# Move one request to a terminal state and add its cost to the ledger in the same step, so a
+# result written twice changes nothing and is counted once.
+# KEYS: record, seq, events, ledger
+# ARGV: allowed (comma list), to_status, channel, maxlen, ev_ttl, record_ttl, event,
+#       n_ledger, ledger field, amount, ..., record field, value, ...
+# Returns {moved (1|0|-1), previous_status, callback_url or ''}.
+FINISH = (
+    _COMMON
+    + """
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then return {-1, ''} end
+if is_terminal(cur) then return {0, cur} end
+local ok = false
+for s in string.gmatch(ARGV[1], '[^,]+') do if s == cur then ok = true end end
+if not ok then return {0, cur} end
+local n_ledger = tonumber(ARGV[8])
+for i = 9, 8 + 2 * n_ledger, 2 do
+  redis.call('HINCRBY', KEYS[4], ARGV[i], ARGV[i + 1])
+end
+local fields = {'status', ARGV[2]}
+for i = 9 + 2 * n_ledger, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[6]))
+emit(KEYS[2], KEYS[3], ARGV[3], ARGV[4], ARGV[5], ARGV[7])
+return {1, cur, redis.call('HGET', KEYS[1], 'callback_url') or ''}
+"""
+)
+
+# A request of a batch that produced no result for it goes back to the front of its queue
+# (attempts + 1), or fails once it has used its attempts. Only when it is still `submitted` in
+# this very batch, so a late or repeated poll cannot requeue a request twice.
+# KEYS: record, seq, events, pending, models-set
+# ARGV: batch_id, max_attempts, channel, maxlen, ev_ttl, record_ttl, now, queued_event,
+#       failed_event, error_json, id, model
+# Returns {1 requeued | 2 failed | 0 untouched, callback_url or ''}.
+REQUEUE = (
+    _COMMON
+    + """
+local cur = redis.call('HGET', KEYS[1], 'status')
+if cur ~= 'submitted' then return {0, ''} end
+if redis.call('HGET', KEYS[1], 'batch_id') ~= ARGV[1] then return {0, ''} end
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+if attempts >= tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[10], 'finished_at', ARGV[7])
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[6]))
+  emit(KEYS[2], KEYS[3], ARGV[3], ARGV[4], ARGV[5], ARGV[9])
+  return {2, redis.call('HGET', KEYS[1], 'callback_url') or ''}
+end
+redis.call('HSET', KEYS[1], 'status', 'queued')
+redis.call('HDEL', KEYS[1], 'batch_id')
+redis.call('LPUSH', KEYS[4], ARGV[11])
+redis.call('SADD', KEYS[5], ARGV[12])
+emit(KEYS[2], KEYS[3], ARGV[3], ARGV[4], ARGV[5], ARGV[8])
+return {1, ''}
+"""
+)
+
+# Move a queued low request to the stream lane because a batch would miss its deadline.
+# KEYS: record, seq, events, pending, dispatched, deadlines
+# ARGV: id, channel, maxlen, ev_ttl, now, route_reason, event
+# Returns 1 moved, 0 not queued any more.
+ESCALATE = (
+    _COMMON
+    + """
+redis.call('ZREM', KEYS[6], ARGV[1])
+if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
+redis.call('LREM', KEYS[4], 0, ARGV[1])
+redis.call('HSET', KEYS[1], 'status', 'dispatched', 'route', 'stream', 'route_reason', ARGV[6])
+redis.call('ZADD', KEYS[5], ARGV[5], ARGV[1])
+emit(KEYS[2], KEYS[3], ARGV[2], ARGV[3], ARGV[4], ARGV[7])
+return 1
+"""
+)
+
+# Release a lock only if we still hold it (our token), or extend it.
+# KEYS: lock   ARGV: token, ('' = release | ttl ms = extend)
+LOCK = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] == '' then return redis.call('DEL', KEYS[1]) end
+return redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+"""
+
+CLAIM_SCRIPT = LuaScript(CLAIM)
+RELEASE_SCRIPT = LuaScript(RELEASE)
+FETCH_SCRIPT = LuaScript(FETCH)
+SUBMIT_MANY_SCRIPT = LuaScript(SUBMIT_MANY)
+FINISH_SCRIPT = LuaScript(FINISH)
+REQUEUE_SCRIPT = LuaScript(REQUEUE)
+ESCALATE_SCRIPT = LuaScript(ESCALATE)
+LOCK_SCRIPT = LuaScript(LOCK)
+
+
+def run_pipelined(
+    client: redis.Redis, script: LuaScript, calls: Sequence[tuple[list[str], list[Any]]]
+) -> list[Any]:
+    """Run one script many times in one round trip (EVALSHA; loads the script if Redis lost it).
+
+    Only the script's own calls are in the pipeline, so re-running it after NOSCRIPT is safe:
+    a missing script fails every call before any ran.
+    """
+    if not calls:
+        return []
+    for attempt in (1, 2):
+        pipe = client.pipeline(transaction=False)
+        for keys, args in calls:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        try:
+            return list(pipe.execute())
+        except redis.exceptions.NoScriptError:
+            if attempt == 2:
+                raise
+            client.script_load(script.source)
+    raise AssertionError("unreachable")

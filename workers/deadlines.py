@@ -1,0 +1,85 @@
+"""Deadline escalation: a queued low request that a batch would deliver too late streams instead.
+
+A request enters `Keys.batch_deadlines()` at intake when it has a deadline. Each flush checks
+the requests it claims (now + expected turnaround past the deadline → escalate), and each poll
+checks the set against the time of the next flush (`escalate_due`). The move is one script
+that acts only while the request is still `queued`, then the stream task is sent; if a batch
+result were to arrive too, the state machine keeps the first result and refuses the second.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import redis
+
+from router import events as ev
+from router.keys import Keys
+from router.logs import get_logger
+from router.records import now
+from router.runtime_config import get_flush_interval
+from settings import Settings
+from workers.batch_lua import ESCALATE_SCRIPT
+
+log = get_logger(__name__)
+
+StreamDispatch = Callable[[str], None]
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def escalate(client: redis.Redis, settings: Settings, request_id: str, model: str, reason: str,
+             dispatch: StreamDispatch | None) -> bool:
+    """Move one request to the stream lane if it is still `queued`; True when it moved."""
+    k = Keys(settings.key_prefix)
+    at = now()
+    moved = int(ESCALATE_SCRIPT(
+        client,
+        [k.record(request_id), k.seq(request_id), k.events(request_id), k.pending(model),
+         k.dispatched(), k.batch_deadlines()],
+        [request_id, k.channel(request_id), settings.replay_maxlen, settings.replay_ttl_s,
+         repr(at), reason, ev.queued(None, f"escalated to stream: {reason}")],
+    ))
+    if not moved:
+        return False
+    log.info("request escalated to stream", request_id=request_id, reason=reason)
+    if dispatch is not None:
+        # If this send fails the stream sweep sends it again (the request is in dispatched).
+        dispatch(request_id)
+    return True
+
+
+def seconds_to_next_flush(client: redis.Redis, settings: Settings) -> float:
+    """How long until the next scheduled flush (runtime interval after the last flush)."""
+    interval = get_flush_interval(client, settings)
+    raw = client.hget(Keys(settings.key_prefix).last_flush(), "at")
+    if raw is None:
+        return interval
+    return max(0.0, float(raw) + interval - now())
+
+
+def register_deadline(client: redis.Redis, settings: Settings, request_id: str,
+                      deadline_at: float) -> None:
+    client.zadd(Keys(settings.key_prefix).batch_deadlines(), {request_id: deadline_at})
+
+
+def escalate_due(client: redis.Redis, settings: Settings,
+                 dispatch: StreamDispatch | None) -> int:
+    """Escalate every queued request whose deadline falls before next flush + turnaround."""
+    k = Keys(settings.key_prefix)
+    cutoff = now() + seconds_to_next_flush(client, settings) + settings.expected_batch_turnaround_s
+    ids = [x.decode() if isinstance(x, bytes) else str(x)
+           for x in client.zrangebyscore(k.batch_deadlines(), "-inf", cutoff, start=0, num=1000)]
+    moved = 0
+    for request_id in ids:
+        model = client.hget(k.record(request_id), "model")
+        if model is None:
+            client.zrem(k.batch_deadlines(), request_id)
+            continue
+        reason = ("deadline would be missed waiting for the next flush plus the expected batch "
+                  f"turnaround ({settings.expected_batch_turnaround_s:g}s), so it streams")
+        if escalate(client, settings, request_id, _text(model), reason, dispatch):
+            moved += 1
+    return moved
