@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 
 from router.api.deps import CallerDep, DispatcherDep, RedisDep, SettingsDep, StoreDep
 from router.api.errors import error_response
+from router.api.notify import cancel_and_notify
 from router.api.ratelimit import enforce_rate_limit
 from router.intake import IntakeError, accept_async, prepare
 from router.records import Priority, RequestRecord
@@ -141,7 +142,7 @@ async def _wait_final(request: Request, store: AsyncRequestStore, redis: Any, se
     """Wait for the request to end; None if the client went away first (it is cancelled)."""
     async for event in tail_log(redis, settings, record.id, 0, WAIT_TICK_S):
         if event is None and await request.is_disconnected():
-            await store.cancel(record.id, record.model)
+            await cancel_and_notify(request.app.state, record)
             return None
     return await store.get(record.id)
 
@@ -206,7 +207,7 @@ async def chat_completions(
 
     async def cancel_if_unfinished() -> None:
         if not state["final"]:
-            await store.cancel(record.id, record.model)
+            await cancel_and_notify(request.app.state, record)
 
     return SSEResponse(_relay(record, redis, settings, include_usage, state),
                        on_disconnect=cancel_if_unfinished, headers={"X-Request-Id": record.id})

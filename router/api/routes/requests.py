@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from router.api.deps import CallerDep, DispatcherDep, RedisDep, SettingsDep, StoreDep
+from router.api.notify import cancel_and_notify
 from router.api.ratelimit import enforce_rate_limit
 from router.classify import deadline_depends_on_flush
 from router.intake import IntakeError, accept_async, prepare
@@ -93,10 +94,12 @@ async def get_request(
 
 
 @router.delete("/{request_id}", response_model=CancelResponse, responses=_ERRORS)
-async def cancel_request(request_id: str, caller: CallerDep, store: StoreDep) -> CancelResponse:
+async def cancel_request(
+    request_id: str, request: Request, caller: CallerDep, store: StoreDep
+) -> CancelResponse:
     """Cancel: a queued request leaves its queue; a streaming one stops its upstream call."""
     record = await load_owned(store, request_id, caller.tenant)
-    outcome, previous = await store.cancel(request_id, record.model)
+    outcome, previous = await cancel_and_notify(request.app.state, record)
     if outcome == "terminal":
         raise IntakeError(
             409,

@@ -1,0 +1,30 @@
+# One image for every hybrid-router role (api, worker, beat, flower, sim): the command picks it.
+FROM python:3.12-slim AS base
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /app
+
+# Dependencies first so a code change does not reinstall them.
+COPY pyproject.toml README.md ./
+COPY settings ./settings
+COPY router ./router
+COPY workers ./workers
+COPY simulator ./simulator
+RUN pip install . \
+    && useradd --create-home --uid 10001 router \
+    && mkdir -p /data/beat && chown router /data/beat
+
+USER router
+
+# Every setting comes from ROUTER_* environment variables (see settings/config.py).
+ENV ROUTER_API_HOST=0.0.0.0 \
+    ROUTER_LOG_FORMAT=json
+
+EXPOSE 8000 5555 8900
+
+ENTRYPOINT ["hybrid-router"]
+CMD ["api", "--host", "0.0.0.0", "--port", "8000"]
