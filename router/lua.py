@@ -35,9 +35,12 @@ local function emit(seq_key, stream_key, channel, maxlen, ttl, body)
 end
 """
 
-# KEYS: record, idempotency, seq, events, queue, models-set
+# KEYS: record, idempotency, seq, events, queue, models-set, task-list
 # ARGV: id, idem_value ('' = none), idem_ttl, queue_kind ('list'|'zset'|''), now, model,
-#       channel, maxlen, ev_ttl, n_events, events..., field, value, field, value...
+#       channel, maxlen, ev_ttl, n_events, events..., task message ('' = none),
+#       field, value, field, value...
+# The task message (a Celery message for the stream lane) is LPUSHed onto the task list, so
+# record, event and task are written together or not at all.
 CREATE = (
     _COMMON
     + """
@@ -47,7 +50,8 @@ if ARGV[2] ~= '' then
 end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {0, ''} end
 local n_events = tonumber(ARGV[10])
-local first_field = 11 + n_events
+local task_message = ARGV[11 + n_events]
+local first_field = 12 + n_events
 local fields = {}
 for i = first_field, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(fields))
@@ -58,6 +62,7 @@ if ARGV[4] == 'list' then
 elseif ARGV[4] == 'zset' then
   redis.call('ZADD', KEYS[5], ARGV[5], ARGV[1])
 end
+if task_message ~= '' then redis.call('LPUSH', KEYS[7], task_message) end
 local seq = 0
 for i = 11, 10 + n_events do
   seq = emit(KEYS[3], KEYS[4], ARGV[7], ARGV[8], ARGV[9], ARGV[i])
@@ -141,6 +146,45 @@ redis.call('HSET', KEYS[1], unpack(ARGV))
 return 1
 """
 
+# KEYS: record, lease, seq, events, dispatched-zset, streaming-zset
+# ARGV: request id, lease owner, lease ms, now, channel, maxlen, ev_ttl, started event
+# The stream worker's claim in one round trip: take the lease, move dispatched -> streaming,
+# index the request as running and return its record. Returns {outcome, ...}:
+#   'claimed' + the record's HGETALL; 'missing'; 'terminal'; 'duplicate' (a live lease: another
+#   worker streams it); 'lost' (streaming and nobody held the lease: its worker died; the lease
+#   is now ours); 'other' + status (a state the stream lane does not own; lease released).
+CLAIM_STREAM = (
+    _COMMON
+    + """
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then
+  redis.call('ZREM', KEYS[5], ARGV[1])
+  return {'missing'}
+end
+if is_terminal(cur) then
+  redis.call('ZREM', KEYS[5], ARGV[1])
+  return {'terminal'}
+end
+if not redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', tonumber(ARGV[3])) then
+  return {'duplicate'}
+end
+if cur == 'streaming' then return {'lost'} end
+if cur ~= 'dispatched' then
+  redis.call('DEL', KEYS[2])
+  return {'other', cur}
+end
+redis.call('HSET', KEYS[1], 'status', 'streaming', 'started_at', ARGV[4])
+redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('ZREM', KEYS[5], ARGV[1])
+redis.call('ZADD', KEYS[6], ARGV[4], ARGV[1])
+emit(KEYS[3], KEYS[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
+local out = {'claimed'}
+local fields = redis.call('HGETALL', KEYS[1])
+for i = 1, #fields do out[#out + 1] = fields[i] end
+return out
+"""
+)
+
 
 @dataclass
 class LuaScript:
@@ -173,4 +217,5 @@ CREATE_SCRIPT = LuaScript(CREATE)
 TRANSITION_SCRIPT = LuaScript(TRANSITION)
 EMIT_SCRIPT = LuaScript(EMIT)
 CANCEL_SCRIPT = LuaScript(CANCEL)
+CLAIM_STREAM_SCRIPT = LuaScript(CLAIM_STREAM)
 ANNOTATE_SCRIPT = LuaScript(ANNOTATE)

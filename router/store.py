@@ -88,7 +88,10 @@ class StoreOps:
         record: RequestRecord,
         events: Sequence[str],
         idempotency_fingerprint: str | None = None,
+        task: tuple[str, str] | None = None,
     ) -> StoreOp[CreateOutcome]:
+        """Create the record, its queue entry and events; with `task` (list key, message), also
+        LPUSH the lane's task message in the same script (see workers.celery_message)."""
         k = self.keys
         if record.route == "batch" and record.status == "queued":
             queue_kind, queue_key = "list", k.pending(record.model)
@@ -119,9 +122,11 @@ class StoreOps:
             *self._event_args(record.id),
             len(events),
             *events,
+            task[1] if task else "",
             *fields,
         ]
-        keys = [idem_key, k.seq(record.id), k.events(record.id), queue_key, k.pending_models()]
+        keys = [idem_key, k.seq(record.id), k.events(record.id), queue_key, k.pending_models(),
+                task[0] if task else k.dispatched()]
 
         def parse(raw: Any) -> CreateOutcome:
             code, value = int(raw[0]), _s(raw[1])
@@ -249,9 +254,10 @@ class RequestStore:
         return op.parse(op.script(self.redis, op.keys, op.args))
 
     def create(
-        self, record: RequestRecord, events: Sequence[str], fingerprint: str | None = None
+        self, record: RequestRecord, events: Sequence[str], fingerprint: str | None = None,
+        task: tuple[str, str] | None = None,
     ) -> CreateOutcome:
-        return self.run(self.ops.create(record, events, fingerprint))
+        return self.run(self.ops.create(record, events, fingerprint, task))
 
     def get(self, request_id: str) -> RequestRecord | None:
         return _record_or_none(self.redis.hgetall(self.keys.record(request_id)))
@@ -288,9 +294,10 @@ class AsyncRequestStore:
         return op.parse(await op.script.run_async(self.redis, op.keys, op.args))
 
     async def create(
-        self, record: RequestRecord, events: Sequence[str], fingerprint: str | None = None
+        self, record: RequestRecord, events: Sequence[str], fingerprint: str | None = None,
+        task: tuple[str, str] | None = None,
     ) -> CreateOutcome:
-        return await self.run(self.ops.create(record, events, fingerprint))
+        return await self.run(self.ops.create(record, events, fingerprint, task))
 
     async def get(self, request_id: str) -> RequestRecord | None:
         return _record_or_none(await self.redis.hgetall(self.keys.record(request_id)))

@@ -6,6 +6,7 @@ from celery import Celery
 
 from router.keys import Keys
 from workers.celery_app import STREAM_TASK, settings_of
+from workers.celery_message import CeleryMessageBuilder
 
 
 class CeleryStreamDispatcher:
@@ -15,6 +16,11 @@ class CeleryStreamDispatcher:
     def __init__(self, app: Celery) -> None:
         self.app = app
         self.queue = Keys(settings_of(app).key_prefix).stream_queue()
+        self.messages = CeleryMessageBuilder(app, self.queue)
+
+    def task_message(self, request_id: str) -> tuple[str, str]:
+        """The stream task's message for `request_id`, for the intake's atomic create."""
+        return self.messages.build(STREAM_TASK, [request_id])
 
     def dispatch(self, request_id: str) -> None:
         self.app.send_task(STREAM_TASK, args=[request_id], queue=self.queue,

@@ -20,7 +20,8 @@ from typing import Any, Literal
 
 from router import events as ev
 from router.logs import get_logger
-from router.records import now
+from router.lua import CLAIM_STREAM_SCRIPT
+from router.records import RequestRecord, now
 from workers.stream_context import StreamContext
 
 log = get_logger(__name__)
@@ -32,35 +33,40 @@ WORKER_LOST = "worker_lost"
 
 def claim(request_id: str, ctx: StreamContext) -> ClaimOutcome:
     """Try to become the one worker that streams `request_id`."""
+    return claim_with_record(request_id, ctx)[0]
+
+
+def claim_with_record(request_id: str, ctx: StreamContext
+                      ) -> tuple[ClaimOutcome, RequestRecord | None]:
+    """`claim`, returning the claimed record too: steps 1 and 2 (and the running index and the
+    `started` event) are one script, so starting a stream costs one Redis round trip."""
     keys = ctx.keys
-    status: Any = ctx.redis.hget(keys.record(request_id), "status")
-    if status is None:
-        ctx.redis.zrem(keys.dispatched(), request_id)
-        return "missing"
-    if status.decode() in ("completed", "failed", "cancelled"):
-        ctx.redis.zrem(keys.dispatched(), request_id)
-        return "terminal"
-    if not ctx.leases.acquire(request_id):
-        log.info("duplicate stream delivery dropped", request_id=request_id)
-        return "duplicate"
-    outcome = ctx.store.transition(
-        request_id, "streaming", allowed_from=["dispatched"],
-        fields={"started_at": now()}, event=ev.started(), incr_attempts=True,
+    s = ctx.settings
+    raw: list[Any] = CLAIM_STREAM_SCRIPT(
+        ctx.redis,
+        [keys.record(request_id), keys.lease(request_id), keys.seq(request_id),
+         keys.events(request_id), keys.dispatched(), keys.streaming()],
+        [request_id, ctx.leases.owner, ctx.leases.lease_ms, now(), keys.channel(request_id),
+         s.replay_maxlen, s.replay_ttl_s, ev.started()],
     )
-    if outcome.moved:
-        pipe = ctx.redis.pipeline(transaction=False)
-        pipe.zrem(keys.dispatched(), request_id)
-        pipe.zadd(keys.streaming(), {request_id: now()})
-        pipe.execute()
-        return "claimed"
-    try:
-        if outcome.previous == "streaming":
+    outcome = raw[0].decode() if isinstance(raw[0], bytes) else str(raw[0])
+    if outcome == "claimed":
+        ctx.leases.adopt(request_id)
+        flat = raw[1:]
+        return "claimed", RequestRecord.from_hash(dict(zip(flat[::2], flat[1::2], strict=True)))
+    if outcome == "duplicate":
+        log.info("duplicate stream delivery dropped", request_id=request_id)
+        return "duplicate", None
+    if outcome == "lost":
+        ctx.leases.adopt(request_id)
+        try:
             fail_worker_lost(request_id, ctx)
-            return "worker_lost"
-        ctx.redis.zrem(keys.dispatched(), request_id)
-        return "missing" if outcome.previous is None else "terminal"
-    finally:
-        ctx.leases.release(request_id)
+        finally:
+            ctx.leases.release(request_id)
+        return "worker_lost", None
+    if outcome == "missing":
+        return "missing", None
+    return "terminal", None
 
 
 def partial_content(request_id: str, ctx: StreamContext) -> tuple[str, int]:

@@ -43,6 +43,11 @@ class LeaseKeeper:
                 self._held.add(request_id)
         return bool(taken)
 
+    def adopt(self, request_id: str) -> None:
+        """Keep refreshing a lease this process took inside a script (see stream_claim)."""
+        with self._lock:
+            self._held.add(request_id)
+
     def release(self, request_id: str) -> None:
         with self._lock:
             held = request_id in self._held

@@ -38,7 +38,7 @@ from router.metrics import queue_timing
 from router.pricing import estimate_prompt_tokens
 from router.records import RequestRecord, Status, now
 from workers.retry import is_retryable, retry_after_seconds
-from workers.stream_claim import claim
+from workers.stream_claim import claim_with_record
 from workers.stream_context import StreamContext
 from workers.stream_publisher import PublishError, StreamHandle
 
@@ -111,10 +111,9 @@ class Failure:
 
 def run_stream(request_id: str, ctx: StreamContext) -> RunOutcome:
     """Stream `request_id` if this delivery wins the claim; always leaves it terminal."""
-    claimed = claim(request_id, ctx)
+    claimed, record = claim_with_record(request_id, ctx)
     if claimed != "claimed":
         return claimed
-    record = ctx.store.get(request_id)
     handle = ctx.publisher.open(request_id)
     try:
         if record is None:
@@ -150,9 +149,11 @@ def _stream(state: StreamState, ctx: StreamContext) -> RunOutcome:
     deadline = time.monotonic() + settings.stream_total_timeout_s
     timeout = httpx.Timeout(settings.upstream_timeout_s, read=settings.stream_idle_timeout_s)
     retries = 0
+    first_attempt = True  # the claim has just seen the request dispatched, not terminal
     while True:
-        if _is_terminal(request_id, ctx):
+        if not first_attempt and _is_terminal(request_id, ctx):
             return _end_stopped(state, ctx)
+        first_attempt = False
         body, messages = _upstream_request(state)
         model = body.pop("model")
         received = 0
