@@ -193,9 +193,6 @@ def test_stream_lane_records_latencies(lanes_metrics: dict[Any, float]) -> None:
     assert _get(lanes_metrics, "hybrid_router_request_duration_seconds_count", lane="stream") == 1
 
 
-@pytest.mark.xfail(strict=True, reason="the batch lane does not call router.metrics.queue_timing "
-                   "yet (lead: wire it where workers.batch_writeback finishes a request, then "
-                   "drop this marker)")
 @pytest.mark.timeout(180)
 def test_batch_lane_records_latencies(lanes_metrics: dict[Any, float]) -> None:
     assert _get(lanes_metrics, "hybrid_router_time_to_first_token_seconds_count", lane="batch") == 1

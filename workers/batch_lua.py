@@ -7,12 +7,16 @@ cannot leave a request half-moved. Scripts that touch many requests take their k
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import redis
 
 from router.lua import _COMMON, LuaScript
+
+T = TypeVar("T")
+ScriptCall = tuple[list[str], list[Any]]
 
 # Claim the head of one model's pending list into a claimed list, registered in the claims set.
 # KEYS: pending, claimed, claims, models-set
@@ -109,13 +113,85 @@ return {1, cur, redis.call('HGET', KEYS[1], 'callback_url') or ''}
 """
 )
 
+# The write-back's FINISH for many requests in one call: each request still `submitted` moves to
+# `completed` (result, cost_usd, finished_at, usage when given) or `failed` (error, finished_at)
+# and emits its event; the ledger gets the summed amounts of exactly the requests that moved, in
+# the same script, so a result written twice changes nothing and is counted once. Amounts are
+# summed in Lua doubles while that stays exact (< 2^52, each at most 15 digits), else added
+# on their own.
+# KEYS: ledger, then per request: record, seq, events
+# ARGV: allowed (comma list), maxlen, ev_ttl, record_ttl, finished_at, n_ledger,
+#       ledger field names..., then per request:
+#         'completed', channel, event, n_ledger amounts, result_json, cost_usd, usage_json|''
+#      or 'failed', channel, event, error_json
+# Returns a flat list, per request: moved (1|0|-1), callback_url or '', created_at or ''.
+FINISH_MANY = (
+    _COMMON
+    + """
+local allowed = {}
+for s in string.gmatch(ARGV[1], '[^,]+') do allowed[s] = true end
+local maxlen, ev_ttl, rec_ttl, finished = ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
+local n_ledger = tonumber(ARGV[6])
+local sums = {}
+for j = 1, n_ledger do sums[j] = 0 end
+local function add(j, amount)
+  if #amount > 15 then
+    redis.call('HINCRBY', KEYS[1], ARGV[6 + j], amount)
+    return
+  end
+  sums[j] = sums[j] + tonumber(amount)
+  if sums[j] >= 4503599627370496 or sums[j] <= -4503599627370496 then
+    redis.call('HINCRBY', KEYS[1], ARGV[6 + j], string.format('%.0f', sums[j]))
+    sums[j] = 0
+  end
+end
+local out = {}
+local a = 7 + n_ledger
+for k = 2, #KEYS, 3 do
+  local rec = KEYS[k]
+  local to_status, channel, event = ARGV[a], ARGV[a + 1], ARGV[a + 2]
+  local at = a + 3
+  if to_status == 'completed' then a = at + n_ledger + 3 else a = at + 1 end
+  local cur = redis.call('HMGET', rec, 'status', 'callback_url', 'created_at')
+  if not cur[1] then
+    out[#out + 1] = -1; out[#out + 1] = ''; out[#out + 1] = ''
+  elseif is_terminal(cur[1]) or not allowed[cur[1]] then
+    out[#out + 1] = 0; out[#out + 1] = ''; out[#out + 1] = ''
+  else
+    if to_status == 'completed' then
+      for j = 1, n_ledger do add(j, ARGV[at + j - 1]) end
+      local v = at + n_ledger
+      if ARGV[v + 2] ~= '' then
+        redis.call('HSET', rec, 'status', 'completed', 'result', ARGV[v], 'cost_usd', ARGV[v + 1],
+                   'finished_at', finished, 'usage', ARGV[v + 2])
+      else
+        redis.call('HSET', rec, 'status', 'completed', 'result', ARGV[v], 'cost_usd', ARGV[v + 1],
+                   'finished_at', finished)
+      end
+    else
+      redis.call('HSET', rec, 'status', 'failed', 'error', ARGV[at], 'finished_at', finished)
+    end
+    redis.call('EXPIRE', rec, rec_ttl)
+    emit(KEYS[k + 1], KEYS[k + 2], channel, maxlen, ev_ttl, event)
+    out[#out + 1] = 1; out[#out + 1] = cur[2] or ''; out[#out + 1] = cur[3] or ''
+  end
+end
+for j = 1, n_ledger do
+  if sums[j] ~= 0 then
+    redis.call('HINCRBY', KEYS[1], ARGV[6 + j], string.format('%.0f', sums[j]))
+  end
+end
+return out
+"""
+)
+
 # A request of a batch that produced no result for it goes back to the front of its queue
 # (attempts + 1), or fails once it has used its attempts. Only when it is still `submitted` in
 # this very batch, so a late or repeated poll cannot requeue a request twice.
 # KEYS: record, seq, events, pending, models-set
 # ARGV: batch_id, max_attempts, channel, maxlen, ev_ttl, record_ttl, now, queued_event,
 #       failed_event, error_json, id, model
-# Returns {1 requeued | 2 failed | 0 untouched, callback_url or ''}.
+# Returns {1 requeued | 2 failed | 0 untouched, callback_url or '', created_at or ''}.
 REQUEUE = (
     _COMMON
     + """
@@ -127,7 +203,8 @@ if attempts >= tonumber(ARGV[2]) then
   redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[10], 'finished_at', ARGV[7])
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[6]))
   emit(KEYS[2], KEYS[3], ARGV[3], ARGV[4], ARGV[5], ARGV[9])
-  return {2, redis.call('HGET', KEYS[1], 'callback_url') or ''}
+  local tail = redis.call('HMGET', KEYS[1], 'callback_url', 'created_at')
+  return {2, tail[1] or '', tail[2] or ''}
 end
 redis.call('HSET', KEYS[1], 'status', 'queued')
 redis.call('HDEL', KEYS[1], 'batch_id')
@@ -168,6 +245,7 @@ RELEASE_SCRIPT = LuaScript(RELEASE)
 FETCH_SCRIPT = LuaScript(FETCH)
 SUBMIT_MANY_SCRIPT = LuaScript(SUBMIT_MANY)
 FINISH_SCRIPT = LuaScript(FINISH)
+FINISH_MANY_SCRIPT = LuaScript(FINISH_MANY)
 REQUEUE_SCRIPT = LuaScript(REQUEUE)
 ESCALATE_SCRIPT = LuaScript(ESCALATE)
 LOCK_SCRIPT = LuaScript(LOCK)
@@ -194,3 +272,57 @@ def run_pipelined(
                 raise
             client.script_load(script.source)
     raise AssertionError("unreachable")
+
+
+def run_overlapped(client: redis.Redis, script: LuaScript,
+                   items: Iterable[tuple[T, ScriptCall | None]]) -> Iterator[tuple[T, Any]]:
+    """Run one script per item, yielding `(item, answer)` in order, one call always in flight.
+
+    Call k+1 is sent before the answer of call k is read, so Redis runs a call while this thread
+    builds the next one (`items` is consumed lazily) and settles the previous one: the two CPUs
+    work at once, without a helper thread fighting this one for the GIL. An item without a call
+    yields `None`. A call answered NOSCRIPT did not run at all, so it is run again (loading the
+    script). If `items` raises, the calls already sent are answered first. The connection is
+    dropped, not reused, if we stop with replies still unread.
+    """
+    pool = client.connection_pool
+    conn = pool.get_connection()
+    in_flight: deque[tuple[T, ScriptCall | None]] = deque()
+    clean = False
+
+    def answer(item: T, call: ScriptCall | None) -> tuple[T, Any]:
+        if call is None:
+            return item, None
+        try:
+            return item, conn.read_response()
+        except redis.exceptions.NoScriptError:
+            return item, run_pipelined(client, script, [call])[0]
+
+    try:
+        client.script_load(script.source)
+        iterator = iter(items)
+        while True:
+            try:
+                item, call = next(iterator)
+            except StopIteration:
+                break
+            except BaseException:
+                # Building the next call failed (say the download broke): what was sent has
+                # run, so its answer is still handed out before the error goes up.
+                while in_flight:
+                    yield answer(*in_flight.popleft())
+                raise
+            if call is not None:
+                keys, args = call
+                conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args,
+                                  check_health=not in_flight)
+            in_flight.append((item, call))
+            if len(in_flight) > 1:
+                yield answer(*in_flight.popleft())
+        while in_flight:
+            yield answer(*in_flight.popleft())
+        clean = True
+    finally:
+        if not clean:
+            conn.disconnect()
+        pool.release(conn)

@@ -11,7 +11,7 @@ nothing the second time.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -158,12 +158,26 @@ def _members(client: redis.Redis, keys: Keys, batch_id: str) -> Iterator[str]:
         yield _text(raw)
 
 
+FILE_READ_CHUNK = 1 << 16
+
+
+def _split_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Lines of a byte stream, without decoding it to text first (orjson reads bytes)."""
+    rest = b""
+    for chunk in chunks:
+        lines = (rest + chunk).split(b"\n") if rest else chunk.split(b"\n")
+        rest = lines.pop()
+        yield from lines
+    if rest:
+        yield rest
+
+
 def _file_lines(upstream: openai.OpenAI, file_id: str) -> Iterator[LineOutcome]:
     """Parsed lines of an output or error file, streamed (a missing file yields nothing)."""
     try:
         with upstream.files.with_streaming_response.content(file_id) as response:
-            for line in response.iter_lines():
-                if not line.strip():
+            for line in _split_lines(response.iter_bytes(FILE_READ_CHUNK)):
+                if not line or line.isspace():
                     continue
                 try:
                     obj = orjson.loads(line)
