@@ -3,19 +3,23 @@
 Side by side, same server, same run: the router's ``POST /v1/requests`` (priority low) against
 the floor of the same HTTP stack (``GET /healthz`` on the same API process), at saturation and
 paced at half the router's saturated rate. Also checks that every 202 left exactly one entry in
-the batch queue (nothing lost under load).
+the batch queue (nothing lost under load). Each row also gives the API processes' CPU time
+per request, the one figure that stays comparable on a shared machine.
 
-    python -m bench.bench_intake            # full run (~1 minute)
-    python -m bench.bench_intake --quick    # smoke size
+    python -m bench.bench_intake            # full run (~1 minute) -> bench/out/intake.json
+    python -m bench.bench_intake --quick    # smoke size -> bench/out/intake_quick.json
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import tempfile
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
 import orjson
@@ -29,6 +33,40 @@ from tests.support import ManagedProcess, child_env, cli_argv, free_port, start_
 
 TARGET_RATE = 3000.0
 TARGET_P99_MS = 10.0
+T = TypeVar("T")
+
+
+def group_cpu_s(pgid: int) -> float:
+    """CPU seconds (user + system) used so far by every process of a process group.
+
+    The API runs in its own session (`ManagedProcess`), so its group is the uvicorn supervisor
+    and all its workers. CPU per request is the figure that survives a shared, noisy machine:
+    throughput and tail latency move with whatever else runs, CPU per request barely does.
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited while we looked
+        if int(fields[2]) == pgid:  # fields after the command name: state, ppid, pgrp, ...
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
+def run_fast(coro: Coroutine[Any, Any, T]) -> T:
+    """Run the load generator on uvloop when it is installed (uvicorn[standard] brings it):
+    the client shares the cores with the server under test, so its CPU per request matters."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
 
 
 def start_api(settings: Settings, workdir: Path, workers: int) -> tuple[ManagedProcess, str]:
@@ -42,9 +80,14 @@ def start_api(settings: Settings, workdir: Path, workers: int) -> tuple[ManagedP
     return proc, url
 
 
-def row(name: str, res: LoadResult) -> list[object]:
+def row(name: str, res: LoadResult, cpu_s: float) -> list[object]:
     s = summary_ms(res.latencies_s)
-    return [name, round(res.rate), res.ok, res.errors, s["p50_ms"], s["p90_ms"], s["p99_ms"]]
+    return [name, round(res.rate), res.ok, res.errors, s["p50_ms"], s["p90_ms"], s["p99_ms"],
+            cpu_us_per_request(res, cpu_s)]
+
+
+def cpu_us_per_request(res: LoadResult, cpu_s: float) -> int:
+    return round(cpu_s * 1e6 / res.ok) if res.ok else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,23 +113,33 @@ def main(argv: list[str] | None = None) -> int:
         "max_tokens": 64,
     })
     try:
+        cpu: dict[str, float] = {}
+
+        async def measured(name: str, load: Coroutine[Any, Any, LoadResult]) -> LoadResult:
+            before = group_cpu_s(api_proc.pid)
+            result = await load
+            cpu[name] = group_cpu_s(api_proc.pid) - before
+            return result
+
         async def scenario() -> dict[str, LoadResult]:
             out: dict[str, LoadResult] = {}
             await run_load(f"{api_url}/healthz", method="GET", connections=4, duration_s=0.5)
-            out["floor_sat"] = await run_load(f"{api_url}/healthz", method="GET", headers=headers,
-                                              connections=connections, duration_s=duration)
-            out["router_sat"] = await run_load(f"{api_url}/v1/requests", body=body, headers=headers,
-                                               connections=connections, duration_s=duration)
+            out["floor_sat"] = await measured("floor_sat", run_load(
+                f"{api_url}/healthz", method="GET", headers=headers, connections=connections,
+                duration_s=duration))
+            out["router_sat"] = await measured("router_sat", run_load(
+                f"{api_url}/v1/requests", body=body, headers=headers, connections=connections,
+                duration_s=duration))
             half = max(10.0, out["router_sat"].rate / 2)
-            out["router_half"] = await run_load(f"{api_url}/v1/requests", body=body,
-                                                headers=headers, connections=connections,
-                                                duration_s=duration, rate_per_s=half)
-            out["floor_half"] = await run_load(f"{api_url}/healthz", method="GET", headers=headers,
-                                               connections=connections, duration_s=duration,
-                                               rate_per_s=half)
+            out["router_half"] = await measured("router_half", run_load(
+                f"{api_url}/v1/requests", body=body, headers=headers, connections=connections,
+                duration_s=duration, rate_per_s=half))
+            out["floor_half"] = await measured("floor_half", run_load(
+                f"{api_url}/healthz", method="GET", headers=headers, connections=connections,
+                duration_s=duration, rate_per_s=half))
             return out
 
-        results = asyncio.run(scenario())
+        results = run_fast(scenario())
         client = redis.Redis.from_url(settings.redis_url)
         queued = client.llen(Keys(settings.key_prefix).pending("gpt-4o-mini"))
         accepted = results["router_sat"].ok + results["router_half"].ok
@@ -94,12 +147,13 @@ def main(argv: list[str] | None = None) -> int:
         api_proc.stop()
         redis_proc.stop()
 
-    headers_row = ["scenario", "req/s", "ok", "errors", "p50 ms", "p90 ms", "p99 ms"]
+    headers_row = ["scenario", "req/s", "ok", "errors", "p50 ms", "p90 ms", "p99 ms",
+                   "API CPU us/req"]
     rows = [
-        row("GET /healthz (HTTP floor), saturated", results["floor_sat"]),
-        row("POST /v1/requests low, saturated", results["router_sat"]),
-        row("GET /healthz at half load", results["floor_half"]),
-        row("POST /v1/requests low at half load", results["router_half"]),
+        row("GET /healthz (HTTP floor), saturated", results["floor_sat"], cpu["floor_sat"]),
+        row("POST /v1/requests low, saturated", results["router_sat"], cpu["router_sat"]),
+        row("GET /healthz at half load", results["floor_half"], cpu["floor_half"]),
+        row("POST /v1/requests low at half load", results["router_half"], cpu["router_half"]),
     ]
     print(f"\nIntake benchmark — {args.workers} API worker(s), {connections} connections, "
           f"{duration:g}s per scenario\n")
@@ -108,12 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nqueued entries {queued} == accepted {accepted}: {queued == accepted}")
     print(f"target: >= {TARGET_RATE:,.0f}/s saturated -> {results['router_sat'].rate:,.0f}/s; "
           f"p99 <= {TARGET_P99_MS} ms at half load -> {p99_half} ms")
-    path = write_result("intake", {
+    # A quick (smoke) run must not overwrite the figures of the last full run.
+    path = write_result("intake_quick" if args.quick else "intake", {
         "quick": args.quick,
         "api_workers": args.workers,
         "connections": connections,
         "duration_s": duration,
         "scenarios": {k: {"rate": v.rate, "ok": v.ok, "errors": v.errors,
+                          "api_cpu_us_per_request": cpu_us_per_request(v, cpu[k]),
                           **summary_ms(v.latencies_s)} for k, v in results.items()},
         "queued_equals_accepted": queued == accepted,
         "targets": {"rate_per_s": TARGET_RATE, "p99_ms_half_load": TARGET_P99_MS},
