@@ -41,6 +41,7 @@ from workers.retry import is_retryable, retry_after_seconds
 from workers.stream_claim import claim_with_record
 from workers.stream_context import StreamContext
 from workers.stream_publisher import PublishError, StreamHandle
+from workers.upstream_sse import TIMEOUT_ERRORS, TRANSPORT_ERRORS, iter_chunks
 
 log = get_logger(__name__)
 
@@ -160,25 +161,25 @@ def _stream(state: StreamState, ctx: StreamContext) -> RunOutcome:
         usage: dict[str, Any] | None = None
         state.finish_reason = None
         try:
-            stream = ctx.client.chat.completions.create(  # type: ignore[call-overload]
+            with ctx.client.chat.completions.with_streaming_response.create(  # type: ignore[call-overload]
                 model=model, messages=messages,
                 stream=True, stream_options={"include_usage": True},
                 extra_body=body or None, timeout=timeout,
-            )
-            with stream:
-                for chunk in stream:
-                    if chunk.usage is not None:
-                        usage = chunk.usage.model_dump()
-                    for choice in chunk.choices:
-                        text = choice.delta.content if choice.delta else None
+            ) as response:
+                for chunk in iter_chunks(response):
+                    if chunk.get("usage"):
+                        usage = chunk["usage"]
+                    for choice in chunk.get("choices") or ():
+                        delta = choice.get("delta")
+                        text = delta.get("content") if delta else None
                         if text:
                             if state.first_token_at is None:
                                 state.first_token_at = now()
                             state.pieces.append(text)
                             received += 1
                             ctx.publisher.publish(state.handle, text)
-                        if choice.finish_reason:
-                            state.finish_reason = choice.finish_reason
+                        if choice.get("finish_reason"):
+                            state.finish_reason = choice["finish_reason"]
                     if state.handle.stopped:
                         raise _Stopped
                     if time.monotonic() > deadline:
@@ -221,11 +222,12 @@ def _classify(exc: BaseException, mid_stream: bool) -> Failure:
         message = _upstream_message(exc)
         return Failure(f"upstream_{exc.status_code}",
                        f"upstream answered {exc.status_code}: {message}", is_retryable(exc))
-    if isinstance(exc, (StreamDropped, httpx.TransportError, openai.APIConnectionError)):
+    if isinstance(exc, (StreamDropped, *TRANSPORT_ERRORS)):
         where = "mid-stream" if mid_stream else "before the first token"
-        code = "upstream_timeout" if isinstance(exc, (httpx.TimeoutException,
-                                                      openai.APITimeoutError)) else (
-            "stream_interrupted" if mid_stream else "upstream_unavailable")
+        if isinstance(exc, TIMEOUT_ERRORS):
+            code = "upstream_timeout"
+        else:
+            code = "stream_interrupted" if mid_stream else "upstream_unavailable"
         return Failure(code, f"upstream connection failed {where}: {exc or type(exc).__name__}",
                        True)
     if isinstance(exc, openai.APIError):  # an error object inside the stream
