@@ -61,7 +61,8 @@ async def _direct_stream(client: httpx.AsyncClient, sim_url: str, tokens: int, t
 
 async def direct_run(sim_url: str, streams: int, tokens: int, tps: float
                      ) -> tuple[float, int, list[float]]:
-    limits = httpx.Limits(max_connections=streams + 10, max_keepalive_connections=streams + 10)
+    limits = httpx.Limits(max_connections=streams + 10, max_keepalive_connections=streams + 10,
+                          keepalive_expiry=1.0)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
         t0 = time.perf_counter()
         res = await asyncio.gather(*(_direct_stream(client, sim_url, tokens, tps)
@@ -109,7 +110,7 @@ async def router_run(api_url: str, settings: Settings, streams: int, tokens: int
                 if kind == "done":
                     done_tokens += int((event.get("usage") or {}).get("completion_tokens") or 0)
 
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64, keepalive_expiry=1.0)
     async with httpx.AsyncClient(timeout=60, limits=limits) as client:
         task = asyncio.create_task(reader())
         t0 = time.perf_counter()

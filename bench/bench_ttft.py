@@ -1,6 +1,7 @@
 """Benchmark 1 — added time to first token and added gap between tokens.
 
-Same client, same simulator (fixed timing), same run, at 1/10/50/200 concurrent streams:
+Same client (bench.sseclient, a lean socket-level client, so the client's own CPU does not
+dominate at 200 streams), same simulator (fixed timing), same run, at 1/10/50/200 concurrent streams:
   * direct:  the client streams ``/v1/chat/completions`` from the simulator itself;
   * events:  ``POST /v1/requests`` (high) to the router, then its SSE ``/events``;
   * drop-in: ``POST /v1/chat/completions`` (stream) to the router.
@@ -21,10 +22,10 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-import httpx
 import orjson
 
 from bench.common import percentile, table, write_result
+from bench.sseclient import request_json, stream_lines
 from settings import Settings
 from simulator.testing import running_simulator
 from tests.support import Stack, start_redis_server
@@ -45,33 +46,57 @@ def _prompt() -> list[dict[str, str]]:
     return [{"role": "user", "content": f"Benchmark prompt {uuid.uuid4().hex}"}]
 
 
-async def direct(client: httpx.AsyncClient, sim_url: str, model: str) -> StreamSample:
+async def direct(sim_url: str, model: str) -> StreamSample:
     body = {"model": model, "messages": _prompt(), "stream": True}
-    return await _read_chat_sse(client, f"{sim_url}/chat/completions", body,
+    return await _read_chat_sse(f"{sim_url}/chat/completions", body,
                                 {"Authorization": "Bearer sk-bench"})
 
 
-async def dropin(client: httpx.AsyncClient, api_url: str, model: str) -> StreamSample:
+async def dropin(api_url: str, model: str) -> StreamSample:
     body = {"model": model, "messages": _prompt(), "stream": True, "priority": "high"}
-    return await _read_chat_sse(client, f"{api_url}/v1/chat/completions", body,
+    return await _read_chat_sse(f"{api_url}/v1/chat/completions", body,
                                 {"Authorization": f"Bearer {API_KEY}"})
 
 
-async def _read_chat_sse(client: httpx.AsyncClient, url: str, body: dict[str, object],
-                         headers: dict[str, str]) -> StreamSample:
+async def _read_chat_sse(url: str, body: dict[str, object], headers: dict[str, str]
+                         ) -> StreamSample:
     t0 = time.perf_counter()
     first: float | None = None
     last = 0.0
     sample = StreamSample(0.0)
-    async with client.stream("POST", url, json=body, headers=headers) as resp:
-        resp.raise_for_status()
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = orjson.loads(line[6:])
-            choices = chunk.get("choices") or []
-            if not choices or not (choices[0].get("delta") or {}).get("content"):
-                continue
+    async for line in stream_lines(url, json=body, headers=headers):
+        if not line.startswith(b"data: {"):
+            continue
+        chunk = orjson.loads(line[6:])
+        choices = chunk.get("choices") or []
+        if not choices or not (choices[0].get("delta") or {}).get("content"):
+            continue
+        now = time.perf_counter()
+        if first is None:
+            first = now
+            sample.ttft_s = now - t0
+        else:
+            sample.gaps_s.append(now - last)
+        last = now
+        sample.tokens += 1
+    return sample
+
+
+async def events(api_url: str, model: str) -> StreamSample:
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    t0 = time.perf_counter()
+    accepted = await request_json(f"{api_url}/v1/requests", headers=headers,
+                                  json={"model": model, "messages": _prompt(), "priority": "high"})
+    request_id = accepted["id"]  # type: ignore[index]
+    sample = StreamSample(0.0)
+    first: float | None = None
+    last = 0.0
+    async for line in stream_lines(f"{api_url}/v1/requests/{request_id}/events", method="GET",
+                                   headers=headers):
+        if not line.startswith(b"data: "):
+            continue
+        event = orjson.loads(line[6:])
+        if event["type"] == "token":
             now = time.perf_counter()
             if first is None:
                 first = now
@@ -80,53 +105,22 @@ async def _read_chat_sse(client: httpx.AsyncClient, url: str, body: dict[str, ob
                 sample.gaps_s.append(now - last)
             last = now
             sample.tokens += 1
+        elif event["type"] in ("done", "error", "cancelled"):
+            break
     return sample
 
 
-async def events(client: httpx.AsyncClient, api_url: str, model: str) -> StreamSample:
-    headers = {"Authorization": f"Bearer {API_KEY}"}
-    t0 = time.perf_counter()
-    resp = await client.post(f"{api_url}/v1/requests", headers=headers,
-                             json={"model": model, "messages": _prompt(), "priority": "high"})
-    resp.raise_for_status()
-    request_id = resp.json()["id"]
-    sample = StreamSample(0.0)
-    first: float | None = None
-    last = 0.0
-    async with client.stream("GET", f"{api_url}/v1/requests/{request_id}/events",
-                             headers=headers) as stream:
-        async for line in stream.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            event = orjson.loads(line[6:])
-            if event["type"] == "token":
-                now = time.perf_counter()
-                if first is None:
-                    first = now
-                    sample.ttft_s = now - t0
-                else:
-                    sample.gaps_s.append(now - last)
-                last = now
-                sample.tokens += 1
-            elif event["type"] in ("done", "error", "cancelled"):
-                break
-    return sample
-
-
-Way = Callable[[httpx.AsyncClient, str, str], Awaitable[StreamSample]]
+Way = Callable[[str, str], Awaitable[StreamSample]]
 
 
 async def run_level(ways: dict[str, tuple[Way, str]], concurrency: int, rounds: int,
                     model: str) -> dict[str, list[StreamSample]]:
     """`rounds` rounds; in each, every way runs `concurrency` streams at once (interleaved)."""
-    limits = httpx.Limits(max_connections=concurrency * 2 + 10,
-                          max_keepalive_connections=concurrency * 2 + 10)
     out: dict[str, list[StreamSample]] = {name: [] for name in ways}
-    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
-        for _ in range(rounds):
-            for name, (fn, base) in ways.items():
-                samples = await asyncio.gather(*(fn(client, base, model) for _ in range(concurrency)))
-                out[name].extend(samples)
+    for _ in range(rounds):
+        for name, (fn, base) in ways.items():
+            samples = await asyncio.gather(*(fn(base, model) for _ in range(concurrency)))
+            out[name].extend(samples)
     return out
 
 
