@@ -63,7 +63,11 @@ def configure_logging(settings: Settings, *, force: bool = False) -> None:
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        structlog.stdlib.ProcessorFormatter(foreign_pre_chain=shared, processor=renderer)
+        # format_exc_info turns the exc_info of Celery's and uvicorn's records into a traceback
+        # string, so JSON lines keep the traceback instead of an object repr.
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.processors.format_exc_info], processor=renderer
+        )
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]

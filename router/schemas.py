@@ -71,6 +71,8 @@ def json_safety_problem(value: Any) -> str | None:
 
 
 def _has_lone_surrogate(text: str) -> bool:
+    if text.isascii():  # O(1) in CPython: most text needs no encoding attempt
+        return False
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

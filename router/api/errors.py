@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -102,6 +103,15 @@ def install_error_handlers(app: FastAPI) -> None:
             return error_response(400, "body could not be parsed as JSON (malformed, or nested "
                                   "too deeply)", param="body", code="invalid_json")
         return error_response(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
+
+    @app.exception_handler(redis.exceptions.ConnectionError)
+    @app.exception_handler(redis.exceptions.TimeoutError)
+    async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        # Redis away (restart, failover, network): a retryable 503, not a 500 (issue 8).
+        log.warning("redis unavailable", path=request.url.path, error=str(exc)[:200])
+        return error_response(503, "the request store (Redis) is unavailable; retry shortly "
+                              "(with the same idempotency_key, to be safe)",
+                              code="store_unavailable", headers={"retry-after": "1"})
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -20,6 +20,7 @@ from typing import Annotated, Any, get_args
 
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from router.api.deps import CallerDep, DispatcherDep, RedisDep, SettingsDep, StoreDep
@@ -185,7 +186,11 @@ async def chat_completions(
     updates: dict[str, Any] = {"priority": priority}
     if idempotency_key and not body.idempotency_key:
         updates["idempotency_key"] = idempotency_key
-    submit = SubmitRequest.model_validate({**body.model_dump(exclude_none=True), **updates})
+    try:
+        submit = SubmitRequest.model_validate({**body.model_dump(exclude_none=True), **updates})
+    except ValidationError as exc:  # the body was valid, so it is the Idempotency-Key header
+        raise IntakeError(400, f"Idempotency-Key header: {exc.errors()[0]['msg']}",
+                          param="Idempotency-Key") from None
     stream = bool(submit.stream)
     options = (submit.model_extra or {}).get("stream_options")
     include_usage = stream and isinstance(options, dict) and bool(options.get("include_usage"))
