@@ -6,7 +6,10 @@ the module-level `app` is what ``celery -A workers.celery_app`` and the CLI run.
 
 from __future__ import annotations
 
+import gc
+
 from celery import Celery
+from celery.signals import worker_ready
 from kombu import Queue
 
 from router.keys import Keys
@@ -68,6 +71,14 @@ def create_celery(settings: Settings) -> Celery:
     }
     app.conf.hr_settings = settings
     return app
+
+
+@worker_ready.connect
+def _freeze_startup_objects(**_: object) -> None:
+    """Move the worker's long-lived startup objects out of the garbage collector's reach, so
+    full collections (pauses every thread of the pool) stay short while streams are relayed."""
+    gc.collect()
+    gc.freeze()
 
 
 def settings_of(app: Celery) -> Settings:
