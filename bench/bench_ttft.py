@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ttft-s", type=float, default=0.05, help="simulator time to first token")
     parser.add_argument("--tps", type=float, default=50.0, help="simulator tokens per second")
     parser.add_argument("--tokens", type=int, default=20)
+    parser.add_argument("--api-workers", type=int, default=1, help="API processes")
     args = parser.parse_args(argv)
     levels = [1, 5] if args.quick else [int(x) for x in args.levels.split(",")]
     model = "gpt-4o-mini"
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                                 api_keys={API_KEY: "bench"}, log_level="WARNING")
             stack = Stack(settings)
             try:
-                api_url = stack.start_api()
+                api_url = stack.start_api(workers=args.api_workers)
                 stack.start_worker("stream")
                 ways: dict[str, tuple[Way, str]] = {
                     "direct": (direct, sim_url),

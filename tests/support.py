@@ -175,9 +175,10 @@ class Stack:
         self.processes.append(proc)
         return proc
 
-    def start_api(self, timeout: float = 20.0) -> str:
+    def start_api(self, timeout: float = 20.0, workers: int = 1) -> str:
         port = free_port()
-        proc = self._spawn("api", cli_argv("api", "--host", "127.0.0.1", "--port", str(port)))
+        proc = self._spawn("api", cli_argv("api", "--host", "127.0.0.1", "--port", str(port),
+                                           "--workers", str(workers)))
         self.api_url = f"http://127.0.0.1:{port}"
 
         def ready() -> bool:
