@@ -178,6 +178,20 @@ def _task_message(prepared: Prepared, dispatcher: StreamDispatcher) -> tuple[str
     return message
 
 
+def _dispatch_failure(exc: Exception) -> dict[str, Any]:
+    """The `transition` arguments that end a request whose hand-over to its lane failed."""
+    return {
+        "fields": {"error": {"code": "dispatch_unavailable", "message": str(exc)}},
+        "event": ev.error("dispatch_unavailable", "stream queue unavailable", True),
+    }
+
+
+def _accepted(record: RequestRecord) -> Accepted:
+    log.info("request accepted", request_id=record.id, route=record.route,
+             priority=record.priority, tenant=record.tenant)
+    return Accepted(record, replay=False)
+
+
 def _dispatch_failed(request_id: str, exc: Exception) -> IntakeError:
     log.error("stream dispatch failed", request_id=request_id, error=str(exc))
     return IntakeError(503, "the stream queue is unavailable; the request was not accepted, retry",
@@ -196,23 +210,13 @@ async def accept_async(
     if not outcome.created:
         existing = await store.get(outcome.request_id)
         return _replay_or_conflict(prepared, existing, outcome.body_fingerprint)
-    if prepared.record.route == "batch" and prepared.record.deadline_at is not None:
-        # Lets the batch lane escalate it to stream if a batch would now miss the deadline.
-        await store.redis.zadd(store.keys.batch_deadlines(),
-                               {prepared.record.id: prepared.record.deadline_at})
     if prepared.record.route == "stream" and task is None:
         try:
             await dispatch_in_thread(dispatcher.dispatch, prepared.record.id)
         except Exception as exc:
-            await store.transition(
-                prepared.record.id, "failed",
-                fields={"error": {"code": "dispatch_unavailable", "message": str(exc)}},
-                event=ev.error("dispatch_unavailable", "stream queue unavailable", True),
-            )
+            await store.transition(prepared.record.id, "failed", **_dispatch_failure(exc))
             raise _dispatch_failed(prepared.record.id, exc) from exc
-    log.info("request accepted", request_id=prepared.record.id, route=prepared.record.route,
-             priority=prepared.record.priority, tenant=prepared.record.tenant)
-    return Accepted(prepared.record, replay=False)
+    return _accepted(prepared.record)
 
 
 def accept_sync(
@@ -224,19 +228,10 @@ def accept_sync(
     if not outcome.created:
         existing = store.get(outcome.request_id)
         return _replay_or_conflict(prepared, existing, outcome.body_fingerprint)
-    if prepared.record.route == "batch" and prepared.record.deadline_at is not None:
-        store.redis.zadd(store.keys.batch_deadlines(),
-                         {prepared.record.id: prepared.record.deadline_at})
     if prepared.record.route == "stream" and task is None:
         try:
             dispatcher.dispatch(prepared.record.id)
         except Exception as exc:
-            store.transition(
-                prepared.record.id, "failed",
-                fields={"error": {"code": "dispatch_unavailable", "message": str(exc)}},
-                event=ev.error("dispatch_unavailable", "stream queue unavailable", True),
-            )
+            store.transition(prepared.record.id, "failed", **_dispatch_failure(exc))
             raise _dispatch_failed(prepared.record.id, exc) from exc
-    log.info("request accepted", request_id=prepared.record.id, route=prepared.record.route,
-             priority=prepared.record.priority, tenant=prepared.record.tenant)
-    return Accepted(prepared.record, replay=False)
+    return _accepted(prepared.record)

@@ -35,12 +35,13 @@ local function emit(seq_key, stream_key, channel, maxlen, ttl, body)
 end
 """
 
-# KEYS: record, idempotency, seq, events, queue, models-set, task-list
+# KEYS: record, idempotency, seq, events, queue, models-set, task-list, batch-deadlines
 # ARGV: id, idem_value ('' = none), idem_ttl, queue_kind ('list'|'zset'|''), now, model,
 #       channel, maxlen, ev_ttl, n_events, events..., task message ('' = none),
-#       field, value, field, value...
-# The task message (a Celery message for the stream lane) is LPUSHed onto the task list, so
-# record, event and task are written together or not at all.
+#       batch deadline ('' = none), field, value, field, value...
+# The task message (a Celery message for the stream lane) is LPUSHed onto the task list, and a
+# queued request's deadline is indexed for escalation, so record, event, task and deadline are
+# written together or not at all.
 CREATE = (
     _COMMON
     + """
@@ -51,7 +52,8 @@ end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {0, ''} end
 local n_events = tonumber(ARGV[10])
 local task_message = ARGV[11 + n_events]
-local first_field = 12 + n_events
+local batch_deadline = ARGV[12 + n_events]
+local first_field = 13 + n_events
 local fields = {}
 for i = first_field, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(fields))
@@ -59,6 +61,7 @@ if ARGV[2] ~= '' then redis.call('SET', KEYS[2], ARGV[2], 'EX', tonumber(ARGV[3]
 if ARGV[4] == 'list' then
   redis.call('RPUSH', KEYS[5], ARGV[1])
   redis.call('SADD', KEYS[6], ARGV[6])
+  if batch_deadline ~= '' then redis.call('ZADD', KEYS[8], batch_deadline, ARGV[1]) end
 elseif ARGV[4] == 'zset' then
   redis.call('ZADD', KEYS[5], ARGV[5], ARGV[1])
 end

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+import orjson
 import redis
 import redis.asyncio as aioredis
 
@@ -40,8 +41,6 @@ def body_fingerprint(body: dict[str, Any]) -> str:
 
 
 def dumps_sorted(value: Any) -> str:
-    import orjson
-
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
 
 
@@ -91,7 +90,8 @@ class StoreOps:
         task: tuple[str, str] | None = None,
     ) -> StoreOp[CreateOutcome]:
         """Create the record, its queue entry and events; with `task` (list key, message), also
-        LPUSH the lane's task message in the same script (see workers.celery_message)."""
+        LPUSH the lane's task message in the same script (see workers.celery_message). A queued
+        request with a deadline is indexed in `Keys.batch_deadlines` for escalation."""
         k = self.keys
         if record.route == "batch" and record.status == "queued":
             queue_kind, queue_key = "list", k.pending(record.model)
@@ -123,10 +123,11 @@ class StoreOps:
             len(events),
             *events,
             task[1] if task else "",
+            record.deadline_at if queue_kind == "list" and record.deadline_at is not None else "",
             *fields,
         ]
         keys = [idem_key, k.seq(record.id), k.events(record.id), queue_key, k.pending_models(),
-                task[0] if task else k.dispatched()]
+                task[0] if task else k.dispatched(), k.batch_deadlines()]
 
         def parse(raw: Any) -> CreateOutcome:
             code, value = int(raw[0]), _s(raw[1])

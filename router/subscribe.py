@@ -112,10 +112,6 @@ def follow_events(
         pubsub.close()
 
 
-async def _aremaining(deadline: float | None) -> float:
-    return _remaining(deadline)
-
-
 async def afollow_events(
     client: aioredis.Redis,
     settings: Settings,
@@ -131,7 +127,7 @@ async def afollow_events(
     try:
         await pubsub.subscribe(keys.channel(request_id))
         while True:
-            message = await pubsub.get_message(timeout=await _aremaining(deadline))
+            message = await pubsub.get_message(timeout=_remaining(deadline))
             if message is not None and message["type"] == "subscribe":
                 break
 
@@ -150,7 +146,7 @@ async def afollow_events(
                 yield event
                 if event["type"] in FINAL_EVENT_TYPES:
                     return
-            message = await pubsub.get_message(timeout=await _aremaining(deadline))
+            message = await pubsub.get_message(timeout=_remaining(deadline))
             if message is None or message["type"] != "message":
                 pending = []
                 continue

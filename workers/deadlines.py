@@ -60,11 +60,6 @@ def seconds_to_next_flush(client: redis.Redis, settings: Settings) -> float:
     return max(0.0, float(raw) + interval - now())
 
 
-def register_deadline(client: redis.Redis, settings: Settings, request_id: str,
-                      deadline_at: float) -> None:
-    client.zadd(Keys(settings.key_prefix).batch_deadlines(), {request_id: deadline_at})
-
-
 def escalate_due(client: redis.Redis, settings: Settings,
                  dispatch: StreamDispatch | None) -> int:
     """Escalate every queued request whose deadline falls before next flush + turnaround."""
