@@ -229,6 +229,14 @@ class Stack:
             proc.stop()
         self.processes.clear()
 
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        """Stop every process and remove every key under the stack's prefix."""
+        self.stop()
+        delete_prefix(self.settings.redis_url, self.settings.key_prefix)
+
     def logs(self) -> str:
         return "\n".join(f"===== {p.name} =====\n{p.output()[-4000:]}" for p in self.processes)
 

@@ -14,7 +14,7 @@ import redis
 
 from router.keys import Keys
 from settings import Settings
-from tests.support import Stack, delete_prefix
+from tests.support import Stack
 
 KEY = "key-bad-input-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
@@ -33,13 +33,8 @@ def api(redis_base_url: str) -> Iterator[tuple[str, Settings]]:
         log_format="json",
         _env_file=None,
     )
-    stack = Stack(settings)
-    stack.start_api()
-    try:
-        yield stack.api_url, settings
-    finally:
-        stack.stop()
-        delete_prefix(f"{redis_base_url}/0", settings.key_prefix)
+    with Stack(settings) as stack:
+        yield stack.start_api(), settings
 
 
 def keyspace(r: redis.Redis, prefix: str) -> dict[bytes, Any]:

@@ -15,7 +15,7 @@ import redis
 
 from router.keys import Keys
 from settings import Settings
-from tests.support import Stack, delete_prefix
+from tests.support import Stack
 
 KEY_A, KEY_B = "key-tenant-a-0123456789", "key-tenant-b-0123456789"
 A = {"Authorization": f"Bearer {KEY_A}"}
@@ -23,8 +23,8 @@ B = {"Authorization": f"Bearer {KEY_B}"}
 MSG = [{"role": "user", "content": "hello"}]
 
 
-def start_stack(redis_base_url: str, **overrides: Any) -> tuple[Stack, Settings]:
-    settings = Settings(
+def stack_settings(redis_base_url: str, **overrides: Any) -> Settings:
+    return Settings(
         redis_url=f"{redis_base_url}/0",
         key_prefix=f"t{uuid.uuid4().hex[:10]}",
         api_keys={KEY_A: "tenant-a", KEY_B: "tenant-b"},
@@ -32,20 +32,14 @@ def start_stack(redis_base_url: str, **overrides: Any) -> tuple[Stack, Settings]
         _env_file=None,
         **overrides,
     )
-    stack = Stack(settings)
-    stack.start_api()
-    return stack, settings
 
 
 @pytest.fixture(scope="module")
 def api(redis_base_url: str) -> Iterator[tuple[str, Settings]]:
-    stack, settings = start_stack(redis_base_url, flush_interval_s=60,
-                                  expected_batch_turnaround_s=3600)
-    try:
-        yield stack.api_url, settings
-    finally:
-        stack.stop()
-        delete_prefix(f"{redis_base_url}/0", settings.key_prefix)
+    settings = stack_settings(redis_base_url, flush_interval_s=60,
+                              expected_batch_turnaround_s=3600)
+    with Stack(settings) as stack:
+        yield stack.start_api(), settings
 
 
 @pytest.fixture
@@ -131,16 +125,13 @@ def test_low_with_long_deadline_stays_on_batch(api: tuple[str, Settings]) -> Non
 
 
 def test_normal_routes_as_configured(redis_base_url: str, r: redis.Redis) -> None:
-    stack, settings = start_stack(redis_base_url, normal_route="batch")
-    try:
-        data = submit(stack.api_url, {"messages": MSG, "priority": "normal"}).json()
+    settings = stack_settings(redis_base_url, normal_route="batch")
+    with Stack(settings) as stack:
+        data = submit(stack.start_api(), {"messages": MSG, "priority": "normal"}).json()
         assert data["route"] == "batch"
         assert "ROUTER_NORMAL_ROUTE" in data["route_reason"]
         keys = Keys(settings.key_prefix)
         assert data["id"].encode() in r.lrange(keys.pending(settings.default_model), 0, -1)
-    finally:
-        stack.stop()
-        delete_prefix(f"{redis_base_url}/0", settings.key_prefix)
 
 
 def test_get_returns_the_record(api: tuple[str, Settings]) -> None:

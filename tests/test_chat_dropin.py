@@ -15,7 +15,7 @@ import pytest
 from settings import Settings
 from simulator import prompt_hash
 from simulator.testing import sim_stats
-from tests.support import Stack, delete_prefix, wait_until
+from tests.support import Stack, wait_until
 
 MODEL = "gpt-4o-mini"
 KEY = "sk-router-tenant"
@@ -29,14 +29,10 @@ def lane(redis_base_url: str, sim_url: str) -> Iterator[Stack]:
         api_keys={KEY: "tenant-a"}, retry_backoff_base_s=0.02, retry_backoff_max_s=0.1,
         stream_worker_concurrency=8, log_format="json",
     )
-    stack = Stack(settings)
-    try:
+    with Stack(settings) as stack:
         stack.start_api(timeout=60)
         stack.start_worker("stream", timeout=60)
         yield stack
-    finally:
-        stack.stop()
-        delete_prefix(settings.redis_url, settings.key_prefix)
 
 
 @pytest.fixture(scope="module")

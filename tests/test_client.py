@@ -22,7 +22,7 @@ from router.client import AsyncRouterClient, RouterClient, RouterError, SSEDecod
 from router.keys import Keys
 from router.store import RequestStore
 from settings import Settings
-from tests.support import Stack, delete_prefix, wait_until
+from tests.support import Stack, wait_until
 
 KEY_A, KEY_B = "client-key-a-0123456789", "client-key-b-0123456789"
 MSG = [{"role": "user", "content": "hello"}]
@@ -37,13 +37,8 @@ def api(redis_base_url: str) -> Iterator[tuple[str, Settings]]:
         log_format="json",
         _env_file=None,
     )
-    stack = Stack(settings)
-    stack.start_api()
-    try:
-        yield stack.api_url, settings
-    finally:
-        stack.stop()
-        delete_prefix(f"{redis_base_url}/0", settings.key_prefix)
+    with Stack(settings) as stack:
+        yield stack.start_api(), settings
 
 
 @pytest.fixture

@@ -50,14 +50,10 @@ def lane_settings(redis_base_url: str, sim_url: str, **overrides: Any) -> Settin
 @pytest.fixture(scope="module")
 def lane(redis_base_url: str, sim_url: str) -> Iterator[Stack]:
     settings = lane_settings(redis_base_url, sim_url)
-    stack = Stack(settings)
-    try:
+    with Stack(settings) as stack:
         stack.start_api(timeout=60)
         stack.start_worker("stream", timeout=60)
         yield stack
-    finally:
-        stack.stop()
-        delete_prefix(settings.redis_url, settings.key_prefix)
 
 
 @pytest.fixture(scope="module")
