@@ -37,9 +37,23 @@ API_KEY = "bench-key"
 
 @dataclass
 class StreamSample:
-    ttft_s: float
+    """One stream as the client saw it, timed from `t0` (just before its first request)."""
+
+    t0: float
+    ttft_s: float = 0.0
     gaps_s: list[float] = field(default_factory=list)
     tokens: int = 0
+    _last: float = 0.0
+
+    def token(self) -> None:
+        """Record a token arriving now: the first sets the TTFT, the rest the gaps."""
+        now = time.perf_counter()
+        if self.tokens == 0:
+            self.ttft_s = now - self.t0
+        else:
+            self.gaps_s.append(now - self._last)
+        self._last = now
+        self.tokens += 1
 
 
 def _prompt() -> list[dict[str, str]]:
@@ -60,51 +74,30 @@ async def dropin(api_url: str, model: str) -> StreamSample:
 
 async def _read_chat_sse(url: str, body: dict[str, object], headers: dict[str, str]
                          ) -> StreamSample:
-    t0 = time.perf_counter()
-    first: float | None = None
-    last = 0.0
-    sample = StreamSample(0.0)
+    sample = StreamSample(time.perf_counter())
     async for line in stream_lines(url, json=body, headers=headers):
         if not line.startswith(b"data: {"):
             continue
         chunk = orjson.loads(line[6:])
         choices = chunk.get("choices") or []
-        if not choices or not (choices[0].get("delta") or {}).get("content"):
-            continue
-        now = time.perf_counter()
-        if first is None:
-            first = now
-            sample.ttft_s = now - t0
-        else:
-            sample.gaps_s.append(now - last)
-        last = now
-        sample.tokens += 1
+        if choices and (choices[0].get("delta") or {}).get("content"):
+            sample.token()
     return sample
 
 
 async def events(api_url: str, model: str) -> StreamSample:
     headers = {"Authorization": f"Bearer {API_KEY}"}
-    t0 = time.perf_counter()
+    sample = StreamSample(time.perf_counter())
     accepted = await request_json(f"{api_url}/v1/requests", headers=headers,
                                   json={"model": model, "messages": _prompt(), "priority": "high"})
     request_id = accepted["id"]  # type: ignore[index]
-    sample = StreamSample(0.0)
-    first: float | None = None
-    last = 0.0
     async for line in stream_lines(f"{api_url}/v1/requests/{request_id}/events", method="GET",
                                    headers=headers):
         if not line.startswith(b"data: "):
             continue
         event = orjson.loads(line[6:])
         if event["type"] == "token":
-            now = time.perf_counter()
-            if first is None:
-                first = now
-                sample.ttft_s = now - t0
-            else:
-                sample.gaps_s.append(now - last)
-            last = now
-            sample.tokens += 1
+            sample.token()
         elif event["type"] in ("done", "error", "cancelled"):
             break
     return sample
