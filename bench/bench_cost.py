@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{settings.batch_discount} x standard {total.standard_cost_usd:.12f}: exact={exact}")
     print(f"ledger equals the sum of per-request costs: {ledger_matches}; "
           f"not terminal: {len(not_done)}")
-    path = write_result("cost", {
+    path = write_result("cost_quick" if args.quick else "cost", {
         "quick": args.quick, "low": n_low, "high": n_high, "elapsed_s": elapsed,
         "standard_cost_usd": str(total.standard_cost_usd), "router_cost_usd": str(total.cost_usd),
         "savings_usd": str(total.savings_usd), "expected_savings_usd": str(expected_savings),

@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ncapacity: {capacity} concurrent streams (target >= {TARGET_STREAMS}); "
           f"throughput target >= {TARGET_TOKENS_PER_S:,} tokens/s")
     data["capacity_streams"] = capacity
-    path = write_result("relay", {"quick": args.quick, **data,
+    path = write_result("relay_quick" if args.quick else "relay", {"quick": args.quick, **data,
                                   "targets": {"tokens_per_s": TARGET_TOKENS_PER_S,
                                               "streams": TARGET_STREAMS}})
     print(f"written: {path}")

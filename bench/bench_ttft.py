@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(["streams", "way", "n", "ttft p50", "p90", "p99", "added p50", "added p99",
                  "gap p50", "gap p99", "added gap p99"], rows))
     print(f"\ntargets at 50 streams: added p50 <= {TARGET_P50_MS} ms, added p99 <= {TARGET_P99_MS} ms")
-    path = write_result("ttft", {"quick": args.quick, "sim": vars(args), "levels": data,
+    path = write_result("ttft_quick" if args.quick else "ttft", {"quick": args.quick, "sim": vars(args), "levels": data,
                                  "targets": {"added_p50_ms": TARGET_P50_MS,
                                              "added_p99_ms": TARGET_P99_MS}})
     print(f"written: {path}")
