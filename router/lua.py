@@ -211,10 +211,6 @@ class LuaScript:
         except redis.exceptions.NoScriptError:
             return await client.eval(self.source, len(keys), *keys, *args)
 
-    def queue_in(self, pipe: Any, keys: list[str], args: list[Any]) -> None:
-        """Add the script to a pipeline (sync or async) as EVAL, which needs no cached SHA."""
-        pipe.eval(self.source, len(keys), *keys, *args)
-
 
 CREATE_SCRIPT = LuaScript(CREATE)
 TRANSITION_SCRIPT = LuaScript(TRANSITION)

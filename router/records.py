@@ -18,8 +18,6 @@ Priority = Literal["high", "normal", "low"]
 RouteName = Literal["stream", "batch"]
 
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
-ACTIVE_STREAM: frozenset[str] = frozenset({"dispatched", "streaming"})
-ACTIVE_BATCH: frozenset[str] = frozenset({"queued", "submitted"})
 
 _JSON_FIELDS = ("body", "result", "error", "metadata", "usage")
 _FLOAT_FIELDS = (
