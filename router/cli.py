@@ -59,24 +59,34 @@ def api(
 @app.command()
 def worker(
     lane: Annotated[str, typer.Option(help="Which lane: stream or batch.")] = "stream",
-    concurrency: Annotated[int | None, typer.Option(help="Threads (default from settings).")] = None,
+    concurrency: Annotated[int | None, typer.Option(
+        help="Stream lane: most streams at once; batch lane: threads (default from settings).")] = None,
     name: Annotated[str | None, typer.Option(help="Celery node name.")] = None,
     host: Annotated[str | None, typer.Option(hidden=True)] = None,
     port: Annotated[int | None, typer.Option(hidden=True)] = None,
 ) -> None:
-    """Run a Celery worker for one lane (threads pool: the work is I/O-bound)."""
+    """Run a Celery worker for one lane: for the stream lane, its stream engine runs every
+    stream on one event loop; the batch lane uses Celery's threads pool (I/O-bound tasks)."""
     from router.keys import Keys
     from workers.celery_app import app as celery_app
+    from workers.celery_app import settings_of
 
     settings = load_settings()
     keys = Keys(settings.key_prefix)
     if lane not in ("stream", "batch"):
         typer.echo("hybrid-router: --lane must be 'stream' or 'batch'", err=True)
         raise typer.Exit(2)
-    queue = keys.stream_queue() if lane == "stream" else keys.batch_queue()
-    threads = concurrency or (
-        settings.stream_worker_concurrency if lane == "stream" else settings.emulated_concurrency + 4
-    )
+    if lane == "stream":
+        from workers import stream_worker
+
+        if concurrency:
+            celery_app.conf.hr_settings = settings_of(celery_app).model_copy(
+                update={"stream_worker_concurrency": concurrency})
+        stream_worker.install(celery_app)
+        # Celery's own consumer takes only the control queue (the sweep): a few threads.
+        queue, threads = keys.stream_control_queue(), 4
+    else:
+        queue, threads = keys.batch_queue(), concurrency or settings.emulated_concurrency + 4
     argv = [
         "worker",
         "-Q", queue,
@@ -88,10 +98,6 @@ def worker(
         "-E",
         "--loglevel", settings.log_level,
     ]
-    if lane == "stream":
-        # Hundreds of threads hand tokens to each other; the default 5 ms GIL switch interval
-        # would add up to 5 ms at every hand-off under load. 1 ms keeps latency low.
-        sys.setswitchinterval(0.001)
     celery_app.worker_main(argv=argv)
 
 

@@ -132,6 +132,11 @@ class Keys:
         """Celery queue of the stream lane."""
         return f"{self.prefix}.stream"
 
+    def stream_control_queue(self) -> str:
+        """Celery queue of the stream lane's own Celery consumer (the sweep); the stream queue
+        itself is consumed by the stream engine (`workers.stream_engine`)."""
+        return f"{self.prefix}.stream.control"
+
     def batch_queue(self) -> str:
         """Celery queue of the batch lane (flush, poll, emulated runs, callbacks)."""
         return f"{self.prefix}.batch"

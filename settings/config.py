@@ -91,7 +91,9 @@ class Settings(BaseSettings):
     retry_backoff_max_s: float = Field(20.0, gt=0)
     stream_idle_timeout_s: float = Field(60.0, gt=0, description="Longest wait between tokens.")
     stream_total_timeout_s: float = Field(900.0, gt=0, description="Longest one stream may run.")
-    stream_worker_concurrency: int = Field(256, ge=1, le=4096)
+    stream_worker_concurrency: int = Field(
+        512, ge=1, le=4096, description="Most streams one stream worker process runs at once."
+    )
     stream_lease_s: float = Field(15.0, gt=0, description="Heartbeat lease of a running stream.")
     stream_redispatch_after_s: float = Field(
         60.0, gt=0, description="A dispatched request not picked up this long is sent again."

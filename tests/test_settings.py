@@ -104,7 +104,6 @@ MEANINGS = {
     "stream_max_retries": "Retries of a failed stream before the request fails.",
     "retry_backoff_base_s": "First retry pause (exponential, with jitter).",
     "retry_backoff_max_s": "Longest retry pause.",
-    "stream_worker_concurrency": "Threads of a stream worker.",
     "result_ttl_s": "How long a finished record is kept.",
     "replay_ttl_s": "How long a request's replay log is kept.",
     "replay_maxlen": "Most events kept in one replay log.",

@@ -6,7 +6,9 @@ prompt, so simulator counters and fault directives never mix between tests.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -246,3 +248,45 @@ def test_sigkilled_worker_leaves_a_terminal_failed_request(
         stack.stop()
         delete_prefix(settings.redis_url, settings.key_prefix)
 
+
+
+def test_flower_sees_each_stream_as_a_celery_task(lane: Stack, http: httpx.Client) -> None:
+    """What Flower reads: the worker's Celery task events, received over the broker."""
+    app = create_celery(lane.settings)
+    seen: list[dict[str, Any]] = []
+    ready = threading.Event()
+    request_ids: list[str] = []
+
+    def listen() -> None:
+        with app.connection_for_read() as conn:
+            def on_event(event: dict[str, Any]) -> None:
+                seen.append(event)
+                if any(e["type"] == "task-succeeded" for e in seen) and request_ids:
+                    receiver.should_stop = True
+
+            receiver = app.events.Receiver(conn, handlers={"*": on_event})
+            ready.set()
+            with contextlib.suppress(TimeoutError, OSError):
+                receiver.capture(limit=None, timeout=15, wakeup=False)
+
+    broker = redis.Redis.from_url(lane.settings.redis_url)
+
+    def subscriptions() -> int:
+        return int(broker.pubsub_numpat()) + sum(n for _, n in broker.pubsub_numsub(
+            *broker.pubsub_channels()))
+
+    before = subscriptions()
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    ready.wait(5)
+    wait_until(lambda: subscriptions() > before, 10, message="event receiver subscribed")
+    request_ids.append(submit(http, messages()))
+    listener.join(20)
+    tasks = [e for e in seen if e["type"].startswith("task-")]
+    received = [e for e in tasks if e["type"] == "task-received"]
+    assert any(e["name"] == "hr.stream.run" and request_ids[0] in e["args"] for e in received)
+    task_id = next(e["uuid"] for e in received if request_ids[0] in e["args"])
+    kinds = [e["type"] for e in tasks if e["uuid"] == task_id]
+    assert kinds == ["task-received", "task-started", "task-succeeded"]
+    done = next(e for e in tasks if e["uuid"] == task_id and e["type"] == "task-succeeded")
+    assert done["hostname"].startswith("stream") and "completed" in done["result"]

@@ -30,10 +30,13 @@ def create_celery(settings: Settings) -> Celery:
         include=["workers.stream_tasks", "workers.batch_tasks"],
     )
     stream_q, batch_q = keys.stream_queue(), keys.batch_queue()
+    control_q = keys.stream_control_queue()
     app.conf.update(
-        task_queues=(Queue(stream_q, routing_key=stream_q), Queue(batch_q, routing_key=batch_q)),
+        task_queues=(Queue(stream_q, routing_key=stream_q), Queue(batch_q, routing_key=batch_q),
+                     Queue(control_q, routing_key=control_q)),
         task_default_queue=stream_q,
-        task_routes={"hr.stream.*": {"queue": stream_q}, "hr.batch.*": {"queue": batch_q}},
+        task_routes={STREAM_SWEEP_TASK: {"queue": control_q}, "hr.stream.*": {"queue": stream_q},
+                     "hr.batch.*": {"queue": batch_q}},
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,
@@ -67,7 +70,7 @@ def create_celery(settings: Settings) -> Celery:
         "batch-poll": {"task": POLL_TASK, "schedule": settings.poll_interval_s,
                        "options": {"queue": batch_q, "expires": settings.poll_interval_s}},
         "stream-sweep": {"task": STREAM_SWEEP_TASK, "schedule": 5.0,
-                         "options": {"queue": stream_q, "expires": 5.0}},
+                         "options": {"queue": control_q, "expires": 5.0}},
     }
     app.conf.hr_settings = settings
     return app

@@ -16,7 +16,10 @@ The sweep (`workers.stream_sweep`) applies step 3 to ``streaming`` requests whos
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Literal
+
+import redis.asyncio as aioredis
 
 from router import events as ev
 from router.logs import get_logger
@@ -32,23 +35,40 @@ WORKER_LOST = "worker_lost"
 
 
 def claim(request_id: str, ctx: StreamContext) -> ClaimOutcome:
-    """Try to become the one worker that streams `request_id`."""
-    return claim_with_record(request_id, ctx)[0]
+    """Try to become the one worker that streams `request_id` (sync; the engine uses `aclaim`)."""
+    keys, args = _claim_call(request_id, ctx)
+    outcome, _record = _claim_result(request_id, ctx, CLAIM_STREAM_SCRIPT(ctx.redis, keys, args))
+    if outcome == "worker_lost":
+        _end_lost(request_id, ctx)
+    return outcome
 
 
-def claim_with_record(request_id: str, ctx: StreamContext
-                      ) -> tuple[ClaimOutcome, RequestRecord | None]:
-    """`claim`, returning the claimed record too: steps 1 and 2 (and the running index and the
-    `started` event) are one script, so starting a stream costs one Redis round trip."""
+async def aclaim(request_id: str, ctx: StreamContext, client: aioredis.Redis
+                 ) -> tuple[ClaimOutcome, RequestRecord | None]:
+    """`claim` on the stream engine's loop, returning the claimed record too: steps 1 and 2 (and
+    the running index and the `started` event) are one script, so starting a stream costs one
+    Redis round trip. The rare `worker_lost` ending runs in a thread (sync store)."""
+    keys, args = _claim_call(request_id, ctx)
+    raw = await CLAIM_STREAM_SCRIPT.run_async(client, keys, args)
+    outcome, record = _claim_result(request_id, ctx, raw)
+    if outcome == "worker_lost":
+        await asyncio.get_running_loop().run_in_executor(None, _end_lost, request_id, ctx)
+    return outcome, record
+
+
+def _claim_call(request_id: str, ctx: StreamContext) -> tuple[list[str], list[Any]]:
     keys = ctx.keys
     s = ctx.settings
-    raw: list[Any] = CLAIM_STREAM_SCRIPT(
-        ctx.redis,
+    return (
         [keys.record(request_id), keys.lease(request_id), keys.seq(request_id),
          keys.events(request_id), keys.dispatched(), keys.streaming()],
         [request_id, ctx.leases.owner, ctx.leases.lease_ms, now(), keys.channel(request_id),
          s.replay_maxlen, s.replay_ttl_s, ev.started()],
     )
+
+
+def _claim_result(request_id: str, ctx: StreamContext, raw: list[Any]
+                  ) -> tuple[ClaimOutcome, RequestRecord | None]:
     outcome = raw[0].decode() if isinstance(raw[0], bytes) else str(raw[0])
     if outcome == "claimed":
         ctx.leases.adopt(request_id)
@@ -59,14 +79,17 @@ def claim_with_record(request_id: str, ctx: StreamContext
         return "duplicate", None
     if outcome == "lost":
         ctx.leases.adopt(request_id)
-        try:
-            fail_worker_lost(request_id, ctx)
-        finally:
-            ctx.leases.release(request_id)
         return "worker_lost", None
     if outcome == "missing":
         return "missing", None
     return "terminal", None
+
+
+def _end_lost(request_id: str, ctx: StreamContext) -> None:
+    try:
+        fail_worker_lost(request_id, ctx)
+    finally:
+        ctx.leases.release(request_id)
 
 
 def partial_content(request_id: str, ctx: StreamContext) -> tuple[str, int]:

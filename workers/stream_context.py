@@ -1,18 +1,19 @@
 """Everything a stream needs that lives as long as the worker process, built once per settings.
 
-The Celery threads pool runs many streams in one process; they share one Redis connection pool,
-one openai client (its httpx pool), one publisher thread and one lease keeper. Tests build a
-`StreamContext` directly and call `workers.streaming.run_stream` without Celery.
+Every stream of a process runs on the process's one `StreamEngine` (an asyncio loop in its own
+thread, with its async Redis pool, upstream connection pool and publisher); the context holds
+the engine and the synchronous side shared with the sweep and the Celery tasks: a Redis pool,
+the store, the lease keeper and the retry policy. Tests build a `StreamContext` directly and
+call `workers.streaming.run_stream` without Celery.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import openai
 import redis
 
 from router.keys import Keys
@@ -20,8 +21,9 @@ from router.store import RequestStore
 from settings import Settings
 from workers.retry import RetryPolicy
 from workers.stream_lease import LeaseKeeper
-from workers.stream_publisher import StreamPublisher
-from workers.upstream import make_openai_client
+
+if TYPE_CHECKING:
+    from workers.stream_engine import StreamEngine
 
 
 @dataclass
@@ -29,39 +31,46 @@ class StreamContext:
     settings: Settings
     redis: redis.Redis
     store: RequestStore
-    client: openai.OpenAI
-    publisher: StreamPublisher
     leases: LeaseKeeper
     policy: RetryPolicy
-    sleep: Callable[[float], None] = field(default=time.sleep)
     # Called with the id of every request this process moved to a terminal state that has a
     # callback_url (the Celery task wires `workers.callbacks.schedule_callback`).
     notify: Callable[[str], None] = field(default=lambda _request_id: None)
+    _engine: StreamEngine | None = field(default=None, repr=False)
+    _engine_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def keys(self) -> Keys:
         return self.store.keys
 
+    @property
+    def engine(self) -> StreamEngine:
+        """The process's stream engine, started on first use."""
+        with self._engine_lock:
+            if self._engine is None:
+                from workers.stream_engine import StreamEngine
+
+                self._engine = StreamEngine(self)
+                self._engine.start()
+            return self._engine
+
     @classmethod
     def build(cls, settings: Settings) -> StreamContext:
-        pool_size = settings.stream_worker_concurrency * 2 + 16
-        client = redis.Redis.from_url(settings.redis_url, max_connections=pool_size,
+        client = redis.Redis.from_url(settings.redis_url, max_connections=64,
                                       health_check_interval=30)
         store = RequestStore(client, settings)
         return cls(
             settings=settings,
             redis=client,
             store=store,
-            client=make_openai_client(settings),
-            publisher=StreamPublisher(client, store.ops),
             leases=LeaseKeeper(client, store.keys, settings.stream_lease_s),
             policy=RetryPolicy.from_settings(settings),
         )
 
     def close(self) -> None:
-        self.publisher.shutdown()
+        if self._engine is not None:
+            self._engine.stop()
         self.leases.shutdown()
-        self.client.close()
         self.redis.close()
 
 

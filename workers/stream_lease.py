@@ -17,8 +17,14 @@ import redis
 
 from router.keys import Keys
 from router.logs import get_logger
+from router.lua import LuaScript
 
 log = get_logger(__name__)
+
+# Delete a lease only if this worker still holds it (KEYS[1] lease, ARGV[1] owner).
+RELEASE_LEASE_SCRIPT = LuaScript(
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+)
 
 
 class LeaseKeeper:
@@ -56,6 +62,12 @@ class LeaseKeeper:
             key = self.keys.lease(request_id)
             if self.redis.get(key) == self.owner.encode():
                 self.redis.delete(key)
+
+    def forget(self, request_id: str) -> None:
+        """Stop refreshing a lease; the caller deletes it with `RELEASE_LEASE_SCRIPT` (the stream
+        engine does so in the same round trip as the rest of a stream's clean-up)."""
+        with self._lock:
+            self._held.discard(request_id)
 
     def alive(self, request_id: str) -> bool:
         """Whether anybody holds the request's lease."""

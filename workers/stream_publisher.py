@@ -1,37 +1,33 @@
-"""One publisher thread per worker process: token events of every running stream, coalesced.
+"""One publisher per stream worker process: token events of every running stream, coalesced.
 
-Why a shared thread: a stream thread that published each token itself would spend one Redis
-round trip per token and, when tokens arrive faster than that, fall behind the upstream (the
-socket buffer fills, the upstream slows down). Here a stream thread only appends the token text
-to its `StreamHandle` and goes back to reading. The publisher thread takes everything pending
-for *all* streams and sends it in one pipelined round trip: one guarded EMIT script per stream
-with that stream's pending text joined into one ``token`` event. When tokens are slower than a
-round trip (the normal case) every token is its own event; tokens are joined only when they
-arrived while the previous publish was in flight.
+All streams of a process run on one asyncio loop (`workers.stream_engine`). A stream only
+appends a token's text to its `StreamHandle` and goes back to reading its upstream; the
+publisher task takes everything pending for *all* streams and sends it in one pipelined round
+trip: one guarded EMIT script per stream, with that stream's pending text joined into one
+``token`` event. When tokens are slower than a round trip (the normal case) every token is its
+own event, sent on the next turn of the loop; tokens are joined only when they arrived while
+the previous publish was in flight. Why: a stream that published each token itself would spend
+one Redis round trip per token, and hundreds of streams would each wait on their own.
 
 The EMIT script is guarded: it answers -1 once the request is terminal (cancelled by the API,
-or failed by a sweep). The handle is then marked `stopped` and the stream thread closes the
-upstream response on its next token, so no further tokens are paid for.
+or failed by a sweep). The handle is then marked `stopped` and the stream closes the upstream
+response on its next chunk, so no further tokens are paid for.
 """
 
 from __future__ import annotations
 
-import threading
-import time
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+import redis.asyncio as aioredis
 
 from router import events as ev
 from router.logs import get_logger
 from router.store import StoreOps
 
 log = get_logger(__name__)
-
-# One attempt: a pipeline cut by a connection error may have run in part, and sending it again
-# could duplicate tokens; a stream whose events cannot be published fails instead.
-PUBLISH_ATTEMPTS = 1
 
 
 class PublishError(RuntimeError):
@@ -52,113 +48,112 @@ class StreamHandle:
 
 
 class StreamPublisher:
-    """Drains every stream's pending tokens in one pipelined round trip per wake-up."""
+    """Drains every stream's pending tokens in one pipelined round trip per wake-up.
 
-    def __init__(self, client: redis.Redis, ops: StoreOps) -> None:
+    Create it inside the running loop; `run()` is the publisher task. One attempt per batch: a
+    pipeline cut by a connection error may have run in part, and sending it again could
+    duplicate tokens, so a stream whose events cannot be published fails instead.
+    """
+
+    def __init__(self, client: aioredis.Redis, ops: StoreOps) -> None:
         self.redis = client
         self.ops = ops
-        self._cond = threading.Condition()
         self._handles: dict[str, StreamHandle] = {}
+        # Handles with pending text, in arrival order (a dict as an ordered set): a wake-up
+        # looks only at streams that have something to send, not at every running stream.
+        self._ready: dict[StreamHandle, None] = {}
+        self._wake = asyncio.Event()
+        self._sent = asyncio.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="stream-publisher", daemon=True)
-        self._thread.start()
 
-    # --- stream threads ------------------------------------------------------------------------
+    # --- streams ---------------------------------------------------------------------------------
     def open(self, request_id: str) -> StreamHandle:
         handle = StreamHandle(request_id)
-        with self._cond:
-            self._handles[request_id] = handle
+        self._handles[request_id] = handle
         return handle
 
     def publish(self, handle: StreamHandle, content: str) -> None:
-        """Queue one token's text; returns at once (the publisher thread sends it)."""
+        """Queue one token's text; the publisher task sends it on its next turn."""
         if handle.error is not None:
             raise PublishError(f"publishing failed: {handle.error}") from handle.error
-        with self._cond:
-            handle.pending.append(content)
-            self._cond.notify_all()
+        handle.pending.append(content)
+        self._ready[handle] = None
+        self._wake.set()
 
-    def flush(self, handle: StreamHandle, timeout: float = 10.0) -> None:
+    async def flush(self, handle: StreamHandle, timeout: float = 10.0) -> None:
         """Wait until everything queued for `handle` is in the replay log (or refused)."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while handle.pending or handle.inflight:
-                if handle.error is not None:
-                    break
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise PublishError(f"publishing did not finish within {timeout}s")
-                self._cond.wait(left)
+        async def drained() -> None:
+            async with self._sent:
+                await self._sent.wait_for(
+                    lambda: handle.error is not None or not (handle.pending or handle.inflight))
+
+        try:
+            await asyncio.wait_for(drained(), timeout)
+        except TimeoutError:
+            raise PublishError(f"publishing did not finish within {timeout}s") from None
         if handle.error is not None:
             raise PublishError(f"publishing failed: {handle.error}") from handle.error
 
     def close(self, handle: StreamHandle) -> None:
-        with self._cond:
-            self._handles.pop(handle.request_id, None)
+        self._handles.pop(handle.request_id, None)
+        self._ready.pop(handle, None)
 
     def shutdown(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        self._thread.join(5)
+        self._closed = True
+        self._wake.set()
 
-    # --- the publisher thread -------------------------------------------------------------------
-    def _take_pending(self) -> dict[StreamHandle, list[str]] | None:
-        with self._cond:
-            while not self._closed:
-                ready = [h for h in self._handles.values() if h.pending and not h.inflight]
-                if ready:
-                    batch = {}
-                    for handle in ready:
-                        batch[handle] = handle.pending
-                        handle.pending = []
-                        handle.inflight = True
-                    return batch
-                self._cond.wait()
-            return None
+    # --- the publisher task ----------------------------------------------------------------------
+    async def run(self) -> None:
+        while not self._closed:
+            await self._wake.wait()
+            self._wake.clear()
+            batch = {}
+            for handle in list(self._ready):
+                if not handle.inflight:  # an in-flight one stays ready for the next batch
+                    del self._ready[handle]
+                    batch[handle] = handle.pending
+                    handle.pending = []
+                    handle.inflight = True
+            if batch:
+                await self._publish(batch)
 
-    def _loop(self) -> None:
-        while True:
-            batch = self._take_pending()
-            if batch is None:
-                return
-            results: list[Any] | None = None
-            error: BaseException | None = None
-            for attempt in range(1, PUBLISH_ATTEMPTS + 1):
-                try:
-                    results = self._send(batch)
-                    break
-                except redis.RedisError as exc:
-                    error = exc
-                    log.warning("publishing tokens failed", attempt=attempt, error=str(exc),
-                                streams=len(batch))
-                    time.sleep(0.05 * attempt)
-            with self._cond:
-                for i, handle in enumerate(batch):
-                    handle.inflight = False
-                    if results is None:
-                        handle.error = error
-                        continue
-                    seq = int(results[i])
-                    if seq < 0:
-                        handle.stopped = True
-                    else:
-                        handle.last_seq = seq
-                        handle.events_published += 1
-                self._cond.notify_all()
+    async def _publish(self, batch: dict[StreamHandle, list[str]]) -> None:
+        results: list[Any] | None = None
+        error: BaseException | None = None
+        try:
+            results = await self._send(batch)
+        except (redis.RedisError, OSError) as exc:
+            error = exc
+            log.warning("publishing tokens failed", error=str(exc), streams=len(batch))
+        for i, handle in enumerate(batch):
+            handle.inflight = False
+            if results is None:
+                handle.error = error
+                continue
+            seq = int(results[i])
+            if seq < 0:
+                handle.stopped = True
+            else:
+                handle.last_seq = seq
+                handle.events_published += 1
+            if handle.pending:  # arrived while this batch was in flight
+                self._wake.set()
+        async with self._sent:
+            self._sent.notify_all()
 
-    def _send(self, batch: dict[StreamHandle, list[str]]) -> list[Any]:
+    async def _send(self, batch: dict[StreamHandle, list[str]]) -> list[Any]:
         """One round trip: a guarded EMIT per stream (EVALSHA, loading the script if needed)."""
         ops = [self.ops.emit(h.request_id, [ev.token("".join(parts))], guard=True)
                for h, parts in batch.items()]
+        results: list[Any] = []
         for _ in range(2):
             pipe = self.redis.pipeline(transaction=False)
             for op in ops:
                 pipe.evalsha(op.script.sha, len(op.keys), *op.keys, *op.args)
-            results: list[Any] = pipe.execute(raise_on_error=False)
+            results = await pipe.execute(raise_on_error=False)
             if not any(isinstance(r, redis.exceptions.NoScriptError) for r in results):
                 break
-            self.redis.script_load(ops[0].script.source)
+            await self.redis.script_load(ops[0].script.source)
         for r in results:
             if isinstance(r, Exception):
                 raise redis.RedisError(str(r))

@@ -1,7 +1,9 @@
 """Running one stream: claim it, call the upstream once, relay every token, end it for sure.
 
-`run_stream(request_id, ctx)` is the whole stream lane for one request; the Celery task is a thin
-wrapper around it, and tests call it directly against the simulator.
+`stream_request(request_id, rt)` is the whole stream lane for one request, a coroutine on the
+process's stream engine loop (`workers.stream_engine`). `run_stream(request_id, ctx)` runs it
+there from any thread and waits: the Celery task is a thin wrapper around it, and tests call it
+directly against the simulator.
 
 - **Exactly once**: `workers.stream_claim.claim` (lease + state machine) decides whether this
   delivery may call the upstream at all.
@@ -13,8 +15,8 @@ wrapper around it, and tests call it directly against the simulator.
 - **Resume** after a drop mid-stream: the request is sent again with the text so far as an
   assistant prefill, and only the new deltas are relayed, so subscribers see one unbroken
   sequence. Resumes count against the same retry budget.
-- **Timeouts** are enforced here (the threads pool ignores Celery time limits): the idle timeout
-  is the httpx read timeout between chunks, the total timeout is checked at every chunk.
+- **Timeouts** are enforced here (Celery's time limits do not reach the engine): the idle
+  timeout is the httpx read timeout between chunks, the total timeout is checked at every chunk.
 - **End**: `completed` with the result, usage and cost (and the ``done`` event) in one
   transition; or `failed` with an ``error`` event and the partial content; or, when cancelled,
   the tokens already paid for are written to the cancelled record and the ledger.
@@ -22,6 +24,7 @@ wrapper around it, and tests call it directly against the simulator.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from dataclasses import dataclass, field
@@ -38,10 +41,12 @@ from router.metrics import queue_timing
 from router.pricing import estimate_prompt_tokens
 from router.records import RequestRecord, Status, now
 from workers.retry import is_retryable, retry_after_seconds
-from workers.stream_claim import claim_with_record
+from workers.stream_claim import aclaim
 from workers.stream_context import StreamContext
+from workers.stream_lease import RELEASE_LEASE_SCRIPT
 from workers.stream_publisher import PublishError, StreamHandle
-from workers.upstream_sse import TIMEOUT_ERRORS, TRANSPORT_ERRORS, iter_chunks
+from workers.stream_runtime import StreamRuntime
+from workers.upstream_sse import TIMEOUT_ERRORS, TRANSPORT_ERRORS
 
 log = get_logger(__name__)
 
@@ -111,25 +116,42 @@ class Failure:
 
 
 def run_stream(request_id: str, ctx: StreamContext) -> RunOutcome:
+    """Stream `request_id` on the process's engine and wait for the outcome (any thread)."""
+    return ctx.engine.run(request_id)
+
+
+async def stream_request(request_id: str, rt: StreamRuntime) -> RunOutcome:
     """Stream `request_id` if this delivery wins the claim; always leaves it terminal."""
-    claimed, record = claim_with_record(request_id, ctx)
+    claimed, record = await aclaim(request_id, rt.ctx, rt.redis)
     if claimed != "claimed":
         return claimed
-    handle = ctx.publisher.open(request_id)
+    handle = rt.publisher.open(request_id)
     try:
         if record is None:
             return "missing"
         state = StreamState(record, handle)
         try:
-            return _stream(state, ctx)
+            return await _stream(state, rt)
         except Exception as exc:  # never leave a claimed request streaming
             log.exception("stream crashed", request_id=request_id)
-            return _end_failed(state, ctx, Failure("internal_error", f"stream worker error: {exc}",
-                                                   True))
+            return await _end_failed(state, rt, Failure("internal_error",
+                                                        f"stream worker error: {exc}", True))
     finally:
-        ctx.publisher.close(handle)
-        ctx.leases.release(request_id)
-        ctx.redis.zrem(ctx.keys.streaming(), request_id)
+        rt.publisher.close(handle)
+        await _release(request_id, rt)
+
+
+async def _release(request_id: str, rt: StreamRuntime) -> None:
+    """Give the lease back and leave the running index, in one round trip."""
+    rt.ctx.leases.forget(request_id)
+    keys = rt.keys
+    pipe = rt.redis.pipeline(transaction=False)
+    lease = keys.lease(request_id)
+    pipe.evalsha(RELEASE_LEASE_SCRIPT.sha, 1, lease, rt.ctx.leases.owner)
+    pipe.zrem(keys.streaming(), request_id)
+    results = await pipe.execute(raise_on_error=False)
+    if isinstance(results[0], Exception):  # script not loaded yet
+        await RELEASE_LEASE_SCRIPT.run_async(rt.redis, [lease], [rt.ctx.leases.owner])
 
 
 def _upstream_request(state: StreamState) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -144,29 +166,26 @@ def _upstream_request(state: StreamState) -> tuple[dict[str, Any], list[dict[str
     return body, messages
 
 
-def _stream(state: StreamState, ctx: StreamContext) -> RunOutcome:
-    settings = ctx.settings
+async def _stream(state: StreamState, rt: StreamRuntime) -> RunOutcome:
+    settings = rt.settings
+    policy = rt.ctx.policy
     request_id = state.record.id
     deadline = time.monotonic() + settings.stream_total_timeout_s
     timeout = httpx.Timeout(settings.upstream_timeout_s, read=settings.stream_idle_timeout_s)
     retries = 0
     first_attempt = True  # the claim has just seen the request dispatched, not terminal
     while True:
-        if not first_attempt and _is_terminal(request_id, ctx):
-            return _end_stopped(state, ctx)
+        if not first_attempt and await _is_terminal(request_id, rt):
+            return await _end_stopped(state, rt)
         first_attempt = False
         body, messages = _upstream_request(state)
-        model = body.pop("model")
+        body.update(messages=messages, stream=True, stream_options={"include_usage": True})
         received = 0
         usage: dict[str, Any] | None = None
         state.finish_reason = None
         try:
-            with ctx.client.chat.completions.with_streaming_response.create(  # type: ignore[call-overload]
-                model=model, messages=messages,
-                stream=True, stream_options={"include_usage": True},
-                extra_body=body or None, timeout=timeout,
-            ) as response:
-                for chunk in iter_chunks(response):
+            async with rt.upstream.stream(body, timeout) as chunks:
+                async for chunk in chunks:
                     if chunk.get("usage"):
                         usage = chunk["usage"]
                     for choice in chunk.get("choices") or ():
@@ -177,7 +196,7 @@ def _stream(state: StreamState, ctx: StreamContext) -> RunOutcome:
                                 state.first_token_at = now()
                             state.pieces.append(text)
                             received += 1
-                            ctx.publisher.publish(state.handle, text)
+                            rt.publisher.publish(state.handle, text)
                         if choice.get("finish_reason"):
                             state.finish_reason = choice["finish_reason"]
                     if state.handle.stopped:
@@ -187,33 +206,33 @@ def _stream(state: StreamState, ctx: StreamContext) -> RunOutcome:
             if state.finish_reason is None:
                 raise StreamDropped("the upstream stream ended without a finish reason")
             state.usage.add(usage, messages, received)
-            return _end_completed(state, ctx)
+            return await _end_completed(state, rt)
         except _Stopped:
             state.usage.add(usage, messages, received)
-            return _end_stopped(state, ctx)
+            return await _end_stopped(state, rt)
         except _TotalTimeout:
             state.usage.add(usage, messages, received)
-            return _end_failed(state, ctx, Failure(
+            return await _end_failed(state, rt, Failure(
                 "timeout", f"the stream ran longer than {settings.stream_total_timeout_s:g}s "
                 "(ROUTER_STREAM_TOTAL_TIMEOUT_S); the partial content is kept", False))
         except PublishError as exc:
             state.usage.add(usage, messages, received)
-            return _end_failed(state, ctx, Failure("publish_failed", str(exc), True))
+            return await _end_failed(state, rt, Failure("publish_failed", str(exc), True))
         except Exception as exc:
             state.usage.add(usage, messages, received)
             failure = _classify(exc, bool(state.pieces))
-            if failure.retryable and ctx.policy.allows(retries + 1):
+            if failure.retryable and policy.allows(retries + 1):
                 retries += 1
-                delay = ctx.policy.backoff(retries, retry_after_seconds(exc))
+                delay = policy.backoff(retries, retry_after_seconds(exc))
                 log.warning("upstream attempt failed; retrying", request_id=request_id,
                             retry=retries, delay_s=round(delay, 3), error=failure.message,
                             resume_from_chars=len(state.content))
-                ctx.sleep(delay)
+                await asyncio.sleep(delay)
                 continue
             if failure.retryable:
                 failure = Failure(failure.code, f"{failure.message} (gave up after {retries} "
                                   f"retries)", True)
-            return _end_failed(state, ctx, failure)
+            return await _end_failed(state, rt, failure)
 
 
 def _classify(exc: BaseException, mid_stream: bool) -> Failure:
@@ -244,19 +263,19 @@ def _upstream_message(exc: openai.APIStatusError) -> str:
     return exc.message
 
 
-def _is_terminal(request_id: str, ctx: StreamContext) -> bool:
-    status: Any = ctx.redis.hget(ctx.keys.record(request_id), "status")
+async def _is_terminal(request_id: str, rt: StreamRuntime) -> bool:
+    status: Any = await rt.redis.hget(rt.keys.record(request_id), "status")
     return status is None or status in (b"completed", b"failed", b"cancelled")
 
 
-def _flush(state: StreamState, ctx: StreamContext) -> None:
-    ctx.publisher.flush(state.handle, FLUSH_TIMEOUT_S)
+async def _flush(state: StreamState, rt: StreamRuntime) -> None:
+    await rt.publisher.flush(state.handle, FLUSH_TIMEOUT_S)
 
 
-def _cost_fields(state: StreamState, ctx: StreamContext) -> tuple[Decimal, dict[str, int],
-                                                                 dict[str, Any]]:
+def _cost_fields(state: StreamState, rt: StreamRuntime) -> tuple[Decimal, dict[str, int],
+                                                                dict[str, Any]]:
     usage = state.usage.as_dict()
-    cost, increments = ledger_increments(ctx.settings, "stream", state.record.model, usage)
+    cost, increments = ledger_increments(rt.settings, "stream", state.record.model, usage)
     fields: dict[str, Any] = {
         "usage": usage,
         "cost_usd": str(cost),
@@ -266,14 +285,14 @@ def _cost_fields(state: StreamState, ctx: StreamContext) -> tuple[Decimal, dict[
     return cost, increments, fields
 
 
-def _add_to_ledger(ctx: StreamContext, increments: dict[str, int],
-                   finished: RequestRecord | None = None) -> None:
+async def _add_to_ledger(rt: StreamRuntime, increments: dict[str, int],
+                         finished: RequestRecord | None = None) -> None:
     """Add the cost to the ledger and, for a request this worker ended, its latencies."""
-    pipe = ctx.redis.pipeline(transaction=False)
-    add_to_ledger(pipe, ctx.keys, increments)
+    pipe = rt.redis.pipeline(transaction=False)
+    add_to_ledger(pipe, rt.keys, increments)
     if finished is not None:
-        queue_timing(pipe, ctx.keys, finished)
-    pipe.execute()
+        queue_timing(pipe, rt.keys, finished)
+    await pipe.execute()
 
 
 def _finished_record(state: StreamState, status: Status, finished_at: float) -> RequestRecord:
@@ -282,19 +301,20 @@ def _finished_record(state: StreamState, status: Status, finished_at: float) -> 
     })
 
 
-def _notify(state: StreamState, ctx: StreamContext) -> None:
+async def _notify(state: StreamState, rt: StreamRuntime) -> None:
+    """Schedule the terminal callback (a Celery publish: sync, so in a thread)."""
     if state.record.callback_url:
         try:
-            ctx.notify(state.record.id)
+            await asyncio.get_running_loop().run_in_executor(None, rt.ctx.notify, state.record.id)
         except Exception:  # the request is terminal either way; the callback is best effort
             log.exception("scheduling the terminal callback failed", request_id=state.record.id)
 
 
-def _end_completed(state: StreamState, ctx: StreamContext) -> RunOutcome:
-    _flush(state, ctx)
+async def _end_completed(state: StreamState, rt: StreamRuntime) -> RunOutcome:
+    await _flush(state, rt)
     if state.handle.stopped:
-        return _end_stopped(state, ctx)
-    cost, increments, fields = _cost_fields(state, ctx)
+        return await _end_stopped(state, rt)
+    cost, increments, fields = _cost_fields(state, rt)
     content = state.content
     fields["result"] = {
         "content": content,
@@ -303,50 +323,50 @@ def _end_completed(state: StreamState, ctx: StreamContext) -> RunOutcome:
         "message": {"role": "assistant", "content": content},
     }
     fields["finished_at"] = finished_at = now()
-    outcome = ctx.store.transition(
+    outcome = await rt.store.transition(
         state.record.id, "completed", allowed_from=["streaming"], fields=fields,
         event=ev.done(state.finish_reason, fields["usage"], cost, len(content)),
     )
     if not outcome.moved:  # cancelled (or swept) between the last token and now
-        return _end_stopped(state, ctx)
-    _add_to_ledger(ctx, increments, _finished_record(state, "completed", finished_at))
-    _notify(state, ctx)
+        return await _end_stopped(state, rt)
+    await _add_to_ledger(rt, increments, _finished_record(state, "completed", finished_at))
+    await _notify(state, rt)
     log.info("stream completed", request_id=state.record.id, chars=len(content),
              events=state.handle.events_published, cost_usd=str(cost))
     return "completed"
 
 
-def _end_failed(state: StreamState, ctx: StreamContext, failure: Failure) -> RunOutcome:
+async def _end_failed(state: StreamState, rt: StreamRuntime, failure: Failure) -> RunOutcome:
     with contextlib.suppress(PublishError):
-        _flush(state, ctx)
-    _cost, increments, fields = _cost_fields(state, ctx)
+        await _flush(state, rt)
+    _cost, increments, fields = _cost_fields(state, rt)
     fields["error"] = {"code": failure.code, "message": failure.message,
                        "retryable": failure.retryable}
     if state.pieces:
         fields["result"] = {"content": state.content, "finish_reason": None}
     fields["finished_at"] = finished_at = now()
-    outcome = ctx.store.transition(
+    outcome = await rt.store.transition(
         state.record.id, "failed", allowed_from=["streaming"], fields=fields,
         event=ev.error(failure.code, failure.message, failure.retryable),
     )
     if not outcome.moved:
-        return _end_stopped(state, ctx)
+        return await _end_stopped(state, rt)
     paid = bool(state.usage.prompt_tokens or state.usage.completion_tokens)
-    _add_to_ledger(ctx, increments if paid else {},
-                   _finished_record(state, "failed", finished_at))
-    _notify(state, ctx)
+    await _add_to_ledger(rt, increments if paid else {},
+                         _finished_record(state, "failed", finished_at))
+    await _notify(state, rt)
     log.warning("stream failed", request_id=state.record.id, code=failure.code,
                 error=failure.message)
     return "failed"
 
 
-def _end_stopped(state: StreamState, ctx: StreamContext) -> RunOutcome:
+async def _end_stopped(state: StreamState, rt: StreamRuntime) -> RunOutcome:
     """The request became terminal under us (cancelled): record what was paid for."""
-    _cost, increments, fields = _cost_fields(state, ctx)
+    _cost, increments, fields = _cost_fields(state, rt)
     paid = bool(state.usage.prompt_tokens or state.usage.completion_tokens)
     if paid:
-        ctx.store.annotate(state.record.id, fields)
-        _add_to_ledger(ctx, increments)
+        await rt.store.annotate(state.record.id, fields)
+        await _add_to_ledger(rt, increments)
     log.info("stream stopped: request is terminal", request_id=state.record.id,
              tokens_paid=state.usage.completion_tokens)
     return "cancelled"

@@ -1,27 +1,35 @@
-"""Reading an upstream chat-completion stream as raw SSE, for the stream lane's hot path.
+"""The stream lane's upstream call: one streamed chat completion, read as raw SSE, on asyncio.
 
-The request is made by the official `openai` SDK (`with_streaming_response`: base URL, auth,
-headers and HTTP errors mapped to `openai.APIStatusError` exactly as usual); only the body is
-read here. Two reasons:
+Why not ``AsyncOpenAI.chat.completions.create(stream=True)`` on the hot path: a stream worker
+starts hundreds of streams a second and relays thousands of chunks a second on one event loop,
+and the SDK spends ~1.4 ms of CPU building each request and a pydantic model per chunk (raw
+httpx: ~0.7 ms per request, a dict per chunk). So the request is sent by the lean client of
+`workers.upstream_http` (httpx when a proxy is configured), but configured *from the SDK
+client* (`workers.upstream.make_async_openai_client`): the same base URL, auth and headers the
+SDK would send, and HTTP errors become the SDK's own exception classes
+(`openai.RateLimitError`, `openai.InternalServerError`, ...), so retry decisions
+(`workers.retry`) are the same as for any other SDK call.
 
-- the sync SDK stream stops reading at ``data: [DONE]`` and closes the response before the
-  chunked body's end, so HTTP/1.1 keep-alive is lost and every stream pays a new TCP (and, on a
-  real upstream, TLS) handshake before its first token; reading to the end keeps the
-  connection in the pool;
-- each chunk becomes a plain dict (orjson) instead of a pydantic model, which is most of the
-  per-token CPU of a worker relaying hundreds of streams.
+The body is read to its end even after ``data: [DONE]``, so the keep-alive connection goes back
+to the pool (no new TCP/TLS handshake before the next stream's first token).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, cast
+from urllib.parse import urlsplit
 
 import httpx
 import openai
 import orjson
 
-try:  # the SDK's transport (newer SDKs use the httpx2 fork, older ones httpx itself)
+from settings import Settings
+from workers.upstream import make_async_openai_client
+from workers.upstream_http import ConnectionPool
+
+try:  # the SDK's own transport (newer SDKs use the httpx2 fork, older ones httpx itself)
     import httpx2
 
     _HTTPX2_ERRORS: tuple[type[BaseException], ...] = (httpx2.TransportError,)
@@ -30,7 +38,7 @@ except ImportError:  # pragma: no cover - depends on the installed SDK
     _HTTPX2_ERRORS = ()
     _HTTPX2_TIMEOUTS = ()
 
-# A transport failure while reading the body: the stream was cut short.
+# A transport failure while connecting or reading the body: the stream was cut short.
 TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
     httpx.TransportError,
     *_HTTPX2_ERRORS,
@@ -45,25 +53,140 @@ TIMEOUT_ERRORS: tuple[type[BaseException], ...] = (
     openai.APITimeoutError,
 )
 
+_STATUS_ERRORS: dict[int, type[openai.APIStatusError]] = {
+    400: openai.BadRequestError,
+    401: openai.AuthenticationError,
+    403: openai.PermissionDeniedError,
+    404: openai.NotFoundError,
+    409: openai.ConflictError,
+    422: openai.UnprocessableEntityError,
+    429: openai.RateLimitError,
+}
+
 
 class UpstreamStreamError(openai.APIError):
     """An ``{"error": ...}`` object sent inside the stream by the upstream."""
 
 
-def iter_chunks(response: Any) -> Iterator[dict[str, Any]]:
+def status_error(response: httpx.Response, body: bytes) -> openai.APIStatusError:
+    """The SDK's exception for an HTTP error answer (what ``AsyncOpenAI`` would raise)."""
+    try:
+        parsed: Any = orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        parsed = body.decode(errors="replace")
+    inner = parsed.get("error", parsed) if isinstance(parsed, dict) else parsed
+    message = inner.get("message") if isinstance(inner, dict) else inner
+    text = f"Error code: {response.status_code} - {message or parsed or response.reason_phrase}"
+    code = response.status_code
+    cls = _STATUS_ERRORS.get(code) or (openai.InternalServerError if code >= 500 else openai.APIStatusError)
+    return cls(text, response=cast(Any, response), body=inner)
+
+
+class UpstreamStreamer:
+    """Sends streamed chat completions to the upstream over a keep-alive connection pool:
+    `workers.upstream_http` (lean, httptools) unless the environment sets a proxy for the
+    upstream, then httpx (which honours the proxy variables)."""
+
+    def __init__(self, settings: Settings, max_connections: int) -> None:
+        sdk = make_async_openai_client(settings)
+        headers = {k: v for k, v in {**sdk.default_headers, **sdk.auth_headers}.items()
+                   if isinstance(v, str)}
+        headers["Accept"] = "text/event-stream"
+        self.url = str(sdk.base_url).rstrip("/") + "/chat/completions"
+        self.headers = headers
+        self._request = httpx.Request("POST", self.url)  # for the SDK's exceptions
+        self.pool: ConnectionPool | None = None
+        self.http: httpx.AsyncClient | None = None
+        if _proxied(self.url):
+            self.http = httpx.AsyncClient(
+                headers=headers, timeout=settings.upstream_timeout_s,
+                limits=httpx.Limits(max_connections=max_connections,
+                                    max_keepalive_connections=max_connections))
+        else:
+            self.pool = ConnectionPool(self.url, max_idle=max_connections)
+
+    @asynccontextmanager
+    async def stream(self, body: dict[str, Any], timeout: httpx.Timeout
+                     ) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
+        """POST `body` with ``stream: true``; yields the chunks' iterator (HTTP errors raise
+        the SDK's `openai.APIStatusError` subclasses before anything is yielded)."""
+        content = orjson.dumps(body)
+        if self.pool is None:
+            async with self._stream_httpx(content, timeout) as chunks:
+                yield chunks
+            return
+        response = await self.pool.post(content, self.headers, timeout.connect or 60.0,
+                                        timeout.read or 60.0)
+        try:
+            if response.status_code >= 400:
+                error_body = await response.read()
+                raise status_error(httpx.Response(response.status_code, headers=response.headers,
+                                                  content=error_body, request=self._request),
+                                   error_body)
+            yield sse_chunks(response.lines(), self._request)
+        finally:
+            response.close()
+
+    @asynccontextmanager
+    async def _stream_httpx(self, content: bytes, timeout: httpx.Timeout
+                            ) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
+        assert self.http is not None
+        request = self.http.build_request("POST", self.url, content=content, timeout=timeout,
+                                          headers=self.headers)
+        response = await self.http.send(request, stream=True)
+        try:
+            if response.status_code >= 400:
+                raise status_error(response, await response.aread())
+            yield sse_chunks(_httpx_lines(response), response.request)
+        finally:
+            await response.aclose()
+
+    async def aclose(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+        if self.http is not None:
+            await self.http.aclose()
+
+
+def _proxied(url: str) -> bool:
+    """Whether the environment routes `url` through a proxy (HTTPS_PROXY, NO_PROXY, ...)."""
+    from urllib.request import getproxies, proxy_bypass
+
+    scheme = urlsplit(url).scheme
+    proxies = getproxies()
+    if not (proxies.get(scheme) or proxies.get("all")):
+        return False
+    return not proxy_bypass(urlsplit(url).hostname or "")
+
+
+async def _httpx_lines(response: httpx.Response) -> AsyncIterator[bytes]:
+    buffer = b""
+    async for data in response.aiter_bytes():
+        buffer += data
+        if b"\n" not in data:
+            continue
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            yield line.rstrip(b"\r")
+    if buffer:
+        yield buffer
+
+
+async def sse_chunks(lines: AsyncIterator[bytes], request: httpx.Request
+                     ) -> AsyncIterator[dict[str, Any]]:
     """The JSON chunks of an SSE chat-completion stream; reads the body to its end."""
     done = False
-    for line in response.iter_lines():
-        if done or not line.startswith("data:"):
+    async for line in lines:
+        if done or not line.startswith(b"data:"):
             continue
-        data = line[5:].strip()
-        if data == "[DONE]":
+        payload = line[5:].strip()
+        if payload == b"[DONE]":
             done = True  # keep reading: the rest of the body lets the connection be reused
             continue
-        chunk = orjson.loads(data)
+        chunk = orjson.loads(payload)
         if isinstance(chunk, dict) and chunk.get("error"):
             error = chunk["error"]
             message = error.get("message") if isinstance(error, dict) else str(error)
             raise UpstreamStreamError(str(message or "error inside the stream"),
-                                      response.http_request, body=error)
+                                      cast(Any, request), body=error)
         yield chunk

@@ -1,0 +1,129 @@
+"""The stream engine (`workers.stream_engine`): it takes Celery task messages off the stream
+queue itself, runs them on its loop, forwards other tasks to Celery, and reports every stream
+to Flower as Celery task events. Real Redis, real simulator, real Celery messages."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from router.intake import accept_sync, prepare
+from router.keys import Keys
+from router.schemas import SubmitRequest
+from settings import Settings
+from tests.support import wait_until
+from workers.celery_app import STREAM_SWEEP_TASK, STREAM_TASK, create_celery
+from workers.celery_message import CeleryMessageBuilder
+from workers.dispatch import CeleryStreamDispatcher
+from workers.stream_context import StreamContext
+from workers.stream_engine import parse_task_message
+
+MODEL = "gpt-4o-mini"
+
+
+@pytest.fixture
+def ctx(make_settings: Callable[..., Settings], sim_url: str) -> Iterator[StreamContext]:
+    context = StreamContext.build(make_settings(upstream_base_url=sim_url,
+                                                stream_worker_concurrency=4))
+    yield context
+    context.close()
+
+
+def queues(settings: Settings) -> tuple[str, str]:
+    keys = Keys(settings.key_prefix)
+    return (keys.celery_prefix() + keys.stream_queue(),
+            keys.celery_prefix() + keys.stream_control_queue())
+
+
+def test_parses_the_messages_of_send_task_and_of_the_intake(ctx: StreamContext) -> None:
+    app = create_celery(ctx.settings)
+    stream_list, _ = queues(ctx.settings)
+    queue = Keys(ctx.settings.key_prefix).stream_queue()
+    sent = app.send_task(STREAM_TASK, args=["req-1"], queue=queue, routing_key=queue)
+    raw = ctx.redis.rpop(stream_list)
+    assert isinstance(raw, bytes)
+    assert parse_task_message(raw) == (STREAM_TASK, sent.id, ["req-1"])
+    _key, built = CeleryMessageBuilder(app, queue).build(STREAM_TASK, ["req-2"])
+    name, task_id, args = parse_task_message(built.encode())
+    assert (name, args) == (STREAM_TASK, ["req-2"]) and uuid.UUID(task_id)
+
+
+def test_consumes_the_stream_queue_and_reports_each_stream(ctx: StreamContext) -> None:
+    settings = ctx.settings
+    events: list[tuple[str, dict[str, Any]]] = []
+    lock = threading.Lock()
+
+    def sink(event_type: str, fields: dict[str, Any]) -> None:
+        with lock:
+            events.append((event_type, fields))
+
+    stream_list, control_list = queues(settings)
+    ctx.engine.consume(stream_list, control_list, sink)
+    dispatcher = CeleryStreamDispatcher(create_celery(settings))
+    ids = []
+    for i in range(6):  # more than the engine's 4 slots: the rest wait in the queue
+        req = SubmitRequest.model_validate({
+            "model": MODEL, "priority": "high",
+            "messages": [{"role": "user", "content": f"engine {i} {uuid.uuid4().hex}"}]})
+        ids.append(accept_sync(prepare(req, "default", settings), ctx.store, dispatcher).record.id)
+
+    def all_done() -> bool:
+        return all((rec := ctx.store.get(i)) is not None and rec.status == "completed" for i in ids)
+
+    wait_until(all_done, 20, message="every queued stream completed")
+    assert ctx.redis.llen(stream_list) == 0
+
+    def reported() -> dict[str, list[str]]:
+        with lock:
+            by_task: dict[str, list[str]] = {}
+            for event_type, fields in events:
+                by_task.setdefault(fields["uuid"], []).append(event_type)
+            return by_task
+
+    wait_until(lambda: len(reported()) == 6 and all(
+        kinds[-1] == "task-succeeded" for kinds in reported().values()), 5,
+        message="a task-received ... task-succeeded sequence per stream")
+    assert all(kinds == ["task-received", "task-started", "task-succeeded"]
+               for kinds in reported().values())
+    with lock:
+        received = [f for t, f in events if t == "task-received"]
+    assert sorted(f["args"] for f in received) == sorted(repr([i]) for i in ids)
+    assert {f["name"] for f in received} == {STREAM_TASK}
+
+
+def test_other_tasks_on_the_stream_queue_go_to_the_control_queue(ctx: StreamContext) -> None:
+    settings = ctx.settings
+    stream_list, control_list = queues(settings)
+    ctx.engine.consume(stream_list, control_list)
+    app = create_celery(settings)
+    queue = Keys(settings.key_prefix).stream_queue()
+    sent = app.send_task(STREAM_SWEEP_TASK, queue=queue, routing_key=queue)
+    forwarded = wait_until(lambda: ctx.redis.lrange(control_list, 0, -1), 5,
+                           message="sweep forwarded to the control queue")
+    assert [parse_task_message(m)[:2] for m in forwarded] == [(STREAM_SWEEP_TASK, sent.id)]
+    ctx.redis.lpush(stream_list, b"not a celery message")
+    wait_until(lambda: ctx.redis.llen(stream_list) == 0, 5, message="garbage taken off the queue")
+    assert ctx.redis.llen(control_list) == 1
+
+
+def test_stop_lets_running_streams_end(ctx: StreamContext) -> None:
+    settings = ctx.settings
+    req = SubmitRequest.model_validate({
+        "model": MODEL, "priority": "high",
+        "messages": [{"role": "user", "content": f"[[sim:tps=40,tokens=20]] {uuid.uuid4().hex}"}]})
+    stream_list, control_list = queues(settings)
+    ctx.engine.consume(stream_list, control_list)
+    dispatcher = CeleryStreamDispatcher(create_celery(settings))
+    request_id = accept_sync(prepare(req, "default", settings), ctx.store, dispatcher).record.id
+    wait_until(lambda: (rec := ctx.store.get(request_id)) is not None and rec.status == "streaming",
+               5, message="stream started")
+    ctx.engine.stop(timeout=10)
+    record = ctx.store.get(request_id)
+    assert record is not None and record.status == "completed"
+    client = redis.Redis.from_url(settings.redis_url)
+    assert not client.exists(Keys(settings.key_prefix).lease(request_id))

@@ -1,0 +1,250 @@
+"""The stream engine: every stream of a worker process on one asyncio loop, fed straight from
+the stream queue.
+
+Why: with a thread per stream, each new stream paid Celery's consumer (one message at a time,
+~2-3 ms each: kombu's ack bookkeeping, the task request, the thread hand-off, the tracer) and
+then competed for the GIL with every other stream's token relay; a burst of new streams delayed
+both their first tokens and the running streams' next ones. Here one loop (uvloop when
+installed) owns an async Redis pool, one upstream connection pool and the coalescing publisher,
+and a consumer task takes stream task messages off the stream queue's Redis list itself
+(``BRPOP``), so starting a stream is one pop, one claim script and one upstream request.
+
+The messages are ordinary Celery task messages (``hr.stream.run``, args ``[request_id]``): the
+intake writes them atomically with the record, the sweep sends them with ``send_task``. A plain
+Celery worker on the stream queue would run them too (the task body calls `run_stream`, which
+runs the same coroutine here), only slower. For Flower, the engine sends the Celery task events
+a worker sends (``task-received``, ``task-started``, ``task-succeeded`` / ``task-failed``) from
+its own thread, off the hot path.
+
+Delivery: a message is popped without an acknowledgement. A process that dies after the pop
+and before the claim (a sub-millisecond window) leaves the request ``dispatched``; the sweep
+sends it again after ``Settings.stream_redispatch_after_s``. After the claim, the lease covers
+it (see `workers.stream_claim`). Exactly-once upstream calls come from the claim either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import queue
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import orjson
+import redis
+
+from router.logs import get_logger
+from workers.celery_app import STREAM_TASK
+from workers.stream_context import StreamContext
+from workers.stream_runtime import StreamRuntime
+from workers.streaming import RunOutcome, stream_request
+
+log = get_logger(__name__)
+
+POP_TIMEOUT_S = 1
+EVENT_BATCH_S = 0.05
+# Sends one Celery task event: (event type, fields).
+EventSink = Callable[[str, dict[str, Any]], None]
+
+
+def parse_task_message(raw: bytes) -> tuple[str, str, list[Any]]:
+    """(task name, task id, args) of a Celery task message (protocol 2, kombu Redis envelope)."""
+    envelope = orjson.loads(raw)
+    headers = envelope.get("headers") or {}
+    body = envelope["body"]
+    if (envelope.get("properties") or {}).get("body_encoding") == "base64":
+        body = base64.b64decode(body)
+    decoded = orjson.loads(body)
+    args = decoded[0] if isinstance(decoded, list) else decoded.get("args", [])
+    return str(headers.get("task", "")), str(headers.get("id", "")), list(args)
+
+
+class TaskEvents:
+    """Forwards task events to Flower from a thread of its own (a Celery event is a
+    synchronous Redis publish; the loop never waits for one)."""
+
+    def __init__(self, sink: EventSink) -> None:
+        self._sink = sink
+        self._queue: queue.SimpleQueue[tuple[str, dict[str, Any]] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="stream-task-events", daemon=True)
+        self._thread.start()
+
+    def send(self, event_type: str, **fields: Any) -> None:
+        self._queue.put((event_type, fields))
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(5)
+
+    def _loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            # Gather what arrives within a short window, so this thread wakes (and takes the
+            # GIL from the loop) once per burst of stream starts rather than once per event.
+            time.sleep(EVENT_BATCH_S)
+            batch = [first]
+            while not self._queue.empty():
+                batch.append(self._queue.get())
+            for item in batch:
+                if item is None:
+                    return
+                try:
+                    self._sink(*item)
+                except Exception as exc:  # Flower is a view; streams never wait or fail for it
+                    log.warning("sending a task event failed", task_event=item[0], error=str(exc))
+
+
+class StreamEngine:
+    """One asyncio loop in its own thread that runs every stream of the process."""
+
+    def __init__(self, ctx: StreamContext) -> None:
+        self.ctx = ctx
+        self.max_streams = ctx.settings.stream_worker_concurrency
+        self.loop = _new_loop()
+        self._thread = threading.Thread(target=self._run_loop, name="stream-engine", daemon=True)
+        self._ready = threading.Event()
+        self._rt: StreamRuntime | None = None
+        self._consumer: asyncio.Task[None] | None = None
+        self._consuming = False
+        self._running: set[asyncio.Task[Any]] = set()
+        self._events: TaskEvents | None = None
+
+    # --- from any thread ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait(10)
+
+    def submit(self, request_id: str) -> concurrent.futures.Future[RunOutcome]:
+        """Run `request_id`'s stream on the loop; the future holds its outcome."""
+        return self._call(self._tracked(stream_request(request_id, self._runtime())))
+
+    def run(self, request_id: str) -> RunOutcome:
+        """Run `request_id`'s stream and wait for its outcome (for Celery tasks and tests)."""
+        return self.submit(request_id).result()
+
+    def consume(self, list_key: str, forward_key: str, sink: EventSink | None = None) -> None:
+        """Start taking task messages off `list_key`; a message for another task than the
+        stream task is pushed to `forward_key` (a queue that Celery itself consumes)."""
+        self._events = TaskEvents(sink) if sink is not None else None
+        self._call(self._start_consumer(list_key, forward_key)).result(10)
+
+    def running(self) -> int:
+        return len(self._running)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop consuming, let running streams end (up to `timeout`), close the loop."""
+        if not self._thread.is_alive():
+            return
+        try:
+            self._call(self._drain(timeout)).result(timeout + 5)
+        except Exception:
+            log.exception("stream engine did not stop cleanly")
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        if self._events is not None:
+            self._events.close()
+
+    # --- the loop ------------------------------------------------------------------------------------
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self._setup())
+        self._ready.set()
+        self.loop.run_forever()
+        self.loop.close()
+
+    async def _setup(self) -> None:
+        self._rt = StreamRuntime.build(self.ctx, self.max_streams + 8)
+        self._publisher_task = asyncio.create_task(self._rt.publisher.run(), name="stream-publisher")
+
+    def _runtime(self) -> StreamRuntime:
+        if self._rt is None:
+            raise RuntimeError("the stream engine is not started")
+        return self._rt
+
+    def _call(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future[Any]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    async def _tracked(self, coro: Coroutine[Any, Any, RunOutcome]) -> RunOutcome:
+        task = asyncio.current_task()
+        assert task is not None
+        self._running.add(task)
+        try:
+            return await coro
+        finally:
+            self._running.discard(task)
+
+    async def _start_consumer(self, list_key: str, forward_key: str) -> None:
+        self._consuming = True
+        self._consumer = asyncio.create_task(self._consume(list_key, forward_key),
+                                             name="stream-consumer")
+
+    async def _consume(self, list_key: str, forward_key: str) -> None:
+        rt = self._runtime()
+        slots = asyncio.Semaphore(self.max_streams)
+        failures = 0
+        while self._consuming:
+            await slots.acquire()
+            try:
+                popped: Any = await rt.redis.brpop([list_key], timeout=POP_TIMEOUT_S)
+                failures = 0
+            except (redis.RedisError, OSError) as exc:
+                slots.release()
+                failures += 1
+                log.warning("taking stream tasks failed; retrying", error=str(exc))
+                await asyncio.sleep(min(2.0, 0.1 * 2 ** min(failures, 5)))
+                continue
+            if popped is None:
+                slots.release()
+                continue
+            task = asyncio.create_task(self._handle(popped[1], forward_key))
+            task.add_done_callback(lambda _t: slots.release())
+
+    async def _handle(self, raw: bytes, forward_key: str) -> None:
+        try:
+            name, task_id, args = parse_task_message(raw)
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            log.error("dropped a message that is not a Celery task message", error=str(exc))
+            return
+        if name != STREAM_TASK or not args:
+            await self._runtime().redis.lpush(forward_key, raw)
+            return
+        request_id = str(args[0])
+        started = time.monotonic()
+        events = self._events
+        if events is not None:
+            events.send("task-received", uuid=task_id, name=name, args=repr(args), kwargs="{}",
+                        retries=0, eta=None, expires=None, root_id=task_id, parent_id=None)
+            events.send("task-started", uuid=task_id)
+        try:
+            outcome = await self._tracked(stream_request(request_id, self._runtime()))
+        except Exception as exc:
+            log.exception("stream task failed", request_id=request_id)
+            if events is not None:
+                events.send("task-failed", uuid=task_id, exception=repr(exc), traceback="")
+            return
+        if events is not None:
+            events.send("task-succeeded", uuid=task_id, result=repr(outcome),
+                        runtime=time.monotonic() - started)
+
+    async def _drain(self, timeout: float) -> None:
+        self._consuming = False
+        if self._consumer is not None:
+            await asyncio.wait([self._consumer], timeout=POP_TIMEOUT_S + 1)
+        pending = set(self._running)
+        if pending:
+            log.info("waiting for running streams to end", streams=len(pending))
+            await asyncio.wait(pending, timeout=timeout)
+        if self._rt is not None:
+            await self._rt.aclose()
+        self._publisher_task.cancel()
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is installed with uvicorn[standard]
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()

@@ -1,0 +1,55 @@
+"""What every stream of a process shares on the stream engine's loop.
+
+Built by `workers.stream_engine.StreamEngine` inside its loop (async Redis clients and the
+httpx pool belong to the loop that made them); `ctx` is the process's synchronous
+`StreamContext` (settings, lease keeper, retry policy, terminal-callback hook, and the sync
+store used by the rare paths that run in a thread).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from router.keys import Keys
+from router.store import AsyncRequestStore
+from settings import Settings
+from workers.stream_context import StreamContext
+from workers.stream_publisher import StreamPublisher
+from workers.upstream_sse import UpstreamStreamer
+
+
+@dataclass
+class StreamRuntime:
+    ctx: StreamContext
+    redis: aioredis.Redis
+    store: AsyncRequestStore
+    publisher: StreamPublisher
+    upstream: UpstreamStreamer
+
+    @property
+    def settings(self) -> Settings:
+        return self.ctx.settings
+
+    @property
+    def keys(self) -> Keys:
+        return self.ctx.keys
+
+    @classmethod
+    def build(cls, ctx: StreamContext, max_streams: int) -> StreamRuntime:
+        """Call inside the engine's loop."""
+        settings = ctx.settings
+        # Blocking pool: a burst of stream starts waits for a connection instead of failing.
+        pool = aioredis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=64,
+                                                        timeout=30, health_check_interval=30)
+        client = aioredis.Redis(connection_pool=pool)
+        store = AsyncRequestStore(client, settings)
+        return cls(ctx=ctx, redis=client, store=store,
+                   publisher=StreamPublisher(client, store.ops),
+                   upstream=UpstreamStreamer(settings, max_connections=max_streams))
+
+    async def aclose(self) -> None:
+        self.publisher.shutdown()
+        await self.upstream.aclose()
+        await self.redis.aclose()
