@@ -58,9 +58,9 @@ def test_consumes_the_stream_queue_and_reports_each_stream(ctx: StreamContext) -
     events: list[tuple[str, dict[str, Any]]] = []
     lock = threading.Lock()
 
-    def sink(event_type: str, fields: dict[str, Any]) -> None:
+    def sink(batch: list[tuple[str, dict[str, Any]]]) -> None:
         with lock:
-            events.append((event_type, fields))
+            events.extend(batch)
 
     stream_list, control_list = queues(settings)
     ctx.engine.consume(stream_list, control_list, sink)

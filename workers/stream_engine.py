@@ -46,8 +46,8 @@ log = get_logger(__name__)
 
 POP_TIMEOUT_S = 1
 EVENT_BATCH_S = 0.05
-# Sends one Celery task event: (event type, fields).
-EventSink = Callable[[str, dict[str, Any]], None]
+# Sends Celery task events, a batch at a time: [(event type, fields), ...].
+EventSink = Callable[[list[tuple[str, dict[str, Any]]]], None]
 
 
 def parse_task_message(raw: bytes) -> tuple[str, str, list[Any]]:
@@ -64,7 +64,7 @@ def parse_task_message(raw: bytes) -> tuple[str, str, list[Any]]:
 
 class TaskEvents:
     """Forwards task events to Flower from a thread of its own (a Celery event is a
-    synchronous Redis publish; the loop never waits for one)."""
+    synchronous Redis publish; the loop never waits for one), a batch per wake-up."""
 
     def __init__(self, sink: EventSink) -> None:
         self._sink = sink
@@ -88,13 +88,14 @@ class TaskEvents:
             batch = [first]
             while not self._queue.empty():
                 batch.append(self._queue.get())
-            for item in batch:
-                if item is None:
-                    return
+            events = [item for item in batch if item is not None]
+            if events:
                 try:
-                    self._sink(*item)
+                    self._sink(events)
                 except Exception as exc:  # Flower is a view; streams never wait or fail for it
-                    log.warning("sending a task event failed", task_event=item[0], error=str(exc))
+                    log.warning("sending task events failed", events=len(events), error=str(exc))
+            if len(events) < len(batch):
+                return
 
 
 class StreamEngine:

@@ -20,12 +20,14 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
+import hiredis
 import redis
 import redis.asyncio as aioredis
 
 from router import events as ev
 from router.logs import get_logger
-from router.store import StoreOps
+from router.store import StoreOp, StoreOps
+from workers.redis_pipe import RedisPipe
 
 log = get_logger(__name__)
 
@@ -55,9 +57,10 @@ class StreamPublisher:
     duplicate tokens, so a stream whose events cannot be published fails instead.
     """
 
-    def __init__(self, client: aioredis.Redis, ops: StoreOps) -> None:
+    def __init__(self, client: aioredis.Redis, ops: StoreOps, pipe: RedisPipe | None = None) -> None:
         self.redis = client
         self.ops = ops
+        self.pipe = pipe
         self._handles: dict[str, StreamHandle] = {}
         # Handles with pending text, in arrival order (a dict as an ordered set): a wake-up
         # looks only at streams that have something to send, not at every running stream.
@@ -106,6 +109,9 @@ class StreamPublisher:
     async def run(self) -> None:
         while not self._closed:
             await self._wake.wait()
+            # One more turn of the loop: tokens of other streams that arrived in the same read
+            # of the sockets are appended meanwhile and go out in this batch.
+            await asyncio.sleep(0)
             self._wake.clear()
             batch = {}
             for handle in list(self._ready):
@@ -145,6 +151,8 @@ class StreamPublisher:
         """One round trip: a guarded EMIT per stream (EVALSHA, loading the script if needed)."""
         ops = [self.ops.emit(h.request_id, [ev.token("".join(parts))], guard=True)
                for h, parts in batch.items()]
+        if self.pipe is not None:
+            return await self._send_raw(self.pipe, ops)
         results: list[Any] = []
         for _ in range(2):
             pipe = self.redis.pipeline(transaction=False)
@@ -157,4 +165,16 @@ class StreamPublisher:
         for r in results:
             if isinstance(r, Exception):
                 raise redis.RedisError(str(r))
+        return results
+
+    async def _send_raw(self, pipe: RedisPipe, ops: list[StoreOp[int]]) -> list[Any]:
+        commands = [("EVALSHA", op.script.sha, len(op.keys), *op.keys, *op.args) for op in ops]
+        results = await pipe.execute(commands)
+        if any(isinstance(r, hiredis.ReplyError) and str(r).startswith("NOSCRIPT") for r in results):
+            # Nothing ran (every command is the same script): load it and send the batch again.
+            await pipe.execute([("SCRIPT", "LOAD", ops[0].script.source)])
+            results = await pipe.execute(commands)
+        for r in results:
+            if isinstance(r, hiredis.ReplyError):
+                raise redis.ResponseError(str(r))
         return results

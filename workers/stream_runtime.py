@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from router.keys import Keys
 from router.store import AsyncRequestStore
 from settings import Settings
+from workers.redis_pipe import RedisPipe
 from workers.stream_context import StreamContext
 from workers.stream_publisher import StreamPublisher
 from workers.upstream_sse import UpstreamStreamer
@@ -45,11 +46,17 @@ class StreamRuntime:
                                                         timeout=30, health_check_interval=30)
         client = aioredis.Redis(connection_pool=pool)
         store = AsyncRequestStore(client, settings)
+        try:
+            pipe: RedisPipe | None = RedisPipe(settings.redis_url)
+        except ValueError:  # e.g. a unix socket URL: the publisher uses redis-py's pipeline
+            pipe = None
         return cls(ctx=ctx, redis=client, store=store,
-                   publisher=StreamPublisher(client, store.ops),
+                   publisher=StreamPublisher(client, store.ops, pipe),
                    upstream=UpstreamStreamer(settings, max_connections=max_streams))
 
     async def aclose(self) -> None:
         self.publisher.shutdown()
+        if self.publisher.pipe is not None:
+            self.publisher.pipe.close()
         await self.upstream.aclose()
         await self.redis.aclose()

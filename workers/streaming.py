@@ -102,6 +102,7 @@ class StreamState:
     finish_reason: str | None = None
     first_token_at: float | None = None
     usage: UsageTally = field(default_factory=UsageTally)
+    released: bool = False  # the lease went back with the ledger write
 
     @property
     def content(self) -> str:
@@ -126,6 +127,7 @@ async def stream_request(request_id: str, rt: StreamRuntime) -> RunOutcome:
     if claimed != "claimed":
         return claimed
     handle = rt.publisher.open(request_id)
+    state: StreamState | None = None
     try:
         if record is None:
             return "missing"
@@ -138,20 +140,25 @@ async def stream_request(request_id: str, rt: StreamRuntime) -> RunOutcome:
                                                         f"stream worker error: {exc}", True))
     finally:
         rt.publisher.close(handle)
-        await _release(request_id, rt)
+        if state is None or not state.released:
+            pipe = rt.redis.pipeline(transaction=False)
+            _queue_release(pipe, request_id, rt)
+            await _execute_with_release(pipe, request_id, rt)
 
 
-async def _release(request_id: str, rt: StreamRuntime) -> None:
-    """Give the lease back and leave the running index, in one round trip."""
+def _queue_release(pipe: Any, request_id: str, rt: StreamRuntime) -> None:
+    """Queue giving the lease back and leaving the running index (the stream is over)."""
     rt.ctx.leases.forget(request_id)
-    keys = rt.keys
-    pipe = rt.redis.pipeline(transaction=False)
-    lease = keys.lease(request_id)
-    pipe.evalsha(RELEASE_LEASE_SCRIPT.sha, 1, lease, rt.ctx.leases.owner)
-    pipe.zrem(keys.streaming(), request_id)
+    pipe.evalsha(RELEASE_LEASE_SCRIPT.sha, 1, rt.keys.lease(request_id), rt.ctx.leases.owner)
+    pipe.zrem(rt.keys.streaming(), request_id)
+
+
+async def _execute_with_release(pipe: Any, request_id: str, rt: StreamRuntime) -> None:
+    """Run a pipeline whose first command is `_queue_release`'s (loading its script if new)."""
     results = await pipe.execute(raise_on_error=False)
-    if isinstance(results[0], Exception):  # script not loaded yet
-        await RELEASE_LEASE_SCRIPT.run_async(rt.redis, [lease], [rt.ctx.leases.owner])
+    if isinstance(results[0], Exception):  # the release script was not loaded yet
+        await RELEASE_LEASE_SCRIPT.run_async(rt.redis, [rt.keys.lease(request_id)],
+                                             [rt.ctx.leases.owner])
 
 
 def _upstream_request(state: StreamState) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -285,14 +292,17 @@ def _cost_fields(state: StreamState, rt: StreamRuntime) -> tuple[Decimal, dict[s
     return cost, increments, fields
 
 
-async def _add_to_ledger(rt: StreamRuntime, increments: dict[str, int],
+async def _add_to_ledger(rt: StreamRuntime, state: StreamState, increments: dict[str, int],
                          finished: RequestRecord | None = None) -> None:
-    """Add the cost to the ledger and, for a request this worker ended, its latencies."""
+    """Add the cost to the ledger and, for a request this worker ended, its latencies; the
+    stream is over, so its lease goes back in the same round trip."""
     pipe = rt.redis.pipeline(transaction=False)
+    _queue_release(pipe, state.record.id, rt)
     add_to_ledger(pipe, rt.keys, increments)
     if finished is not None:
         queue_timing(pipe, rt.keys, finished)
-    await pipe.execute()
+    await _execute_with_release(pipe, state.record.id, rt)
+    state.released = True
 
 
 def _finished_record(state: StreamState, status: Status, finished_at: float) -> RequestRecord:
@@ -329,7 +339,7 @@ async def _end_completed(state: StreamState, rt: StreamRuntime) -> RunOutcome:
     )
     if not outcome.moved:  # cancelled (or swept) between the last token and now
         return await _end_stopped(state, rt)
-    await _add_to_ledger(rt, increments, _finished_record(state, "completed", finished_at))
+    await _add_to_ledger(rt, state, increments, _finished_record(state, "completed", finished_at))
     await _notify(state, rt)
     log.info("stream completed", request_id=state.record.id, chars=len(content),
              events=state.handle.events_published, cost_usd=str(cost))
@@ -352,7 +362,7 @@ async def _end_failed(state: StreamState, rt: StreamRuntime, failure: Failure) -
     if not outcome.moved:
         return await _end_stopped(state, rt)
     paid = bool(state.usage.prompt_tokens or state.usage.completion_tokens)
-    await _add_to_ledger(rt, increments if paid else {},
+    await _add_to_ledger(rt, state, increments if paid else {},
                          _finished_record(state, "failed", finished_at))
     await _notify(state, rt)
     log.warning("stream failed", request_id=state.record.id, code=failure.code,
@@ -366,7 +376,7 @@ async def _end_stopped(state: StreamState, rt: StreamRuntime) -> RunOutcome:
     paid = bool(state.usage.prompt_tokens or state.usage.completion_tokens)
     if paid:
         await rt.store.annotate(state.record.id, fields)
-        await _add_to_ledger(rt, increments)
+        await _add_to_ledger(rt, state, increments)
     log.info("stream stopped: request is terminal", request_id=state.record.id,
              tokens_paid=state.usage.completion_tokens)
     return "cancelled"

@@ -1,0 +1,95 @@
+"""A minimal asyncio Redis connection for one caller's pipelined batches: the token publisher.
+
+Why not redis-py's async pipeline here: the publisher sends a batch of EMIT scripts on every
+turn of the stream engine's loop, thousands of batches a second, and redis-py spends most of a
+batch's CPU around the socket (pool checkout, a timeout context per read, per-command response
+callbacks). Here hiredis packs the commands and parses the replies, and the batch is one write
+and as many reads as the replies need. One batch at a time (the publisher awaits each); a
+connection error closes the connection and the next batch opens a new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from typing import Any
+from urllib.parse import urlsplit
+
+import hiredis
+import redis
+from redis.connection import parse_url
+
+READ_SIZE = 65536
+
+
+class RedisPipe:
+    """Pipelined commands over one connection; replies in order, errors as `ReplyError`s."""
+
+    def __init__(self, url: str, timeout_s: float = 10.0) -> None:
+        scheme = urlsplit(url).scheme
+        if scheme not in ("redis", "rediss"):
+            raise ValueError(f"RedisPipe supports redis:// and rediss:// URLs, not {scheme}://")
+        options = parse_url(url)
+        self.host = str(options.get("host") or "localhost")
+        self.port = int(options.get("port") or 6379)
+        self.db = int(options.get("db") or 0)
+        self.username = options.get("username")
+        self.password = options.get("password")
+        self.ssl = ssl.create_default_context() if scheme == "rediss" else None
+        self.timeout_s = timeout_s
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._parser = hiredis.Reader()
+
+    async def execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send `commands` in one write; their replies (a `hiredis.ReplyError` for an error).
+        Raises `redis.ConnectionError` (or `redis.TimeoutError`) when the connection fails."""
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                if self._writer is None:
+                    await self._connect()
+                return await self._roundtrip(commands)
+        except (OSError, EOFError, TimeoutError) as exc:
+            self.close()
+            if isinstance(exc, TimeoutError):
+                raise redis.TimeoutError(f"no reply from Redis within {self.timeout_s:g}s") from exc
+            raise redis.ConnectionError(f"Redis connection failed: {exc}") from exc
+        except BaseException:  # cancelled mid-batch, refused AUTH: the stream is out of step
+            self.close()
+            raise
+
+    async def _roundtrip(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        assert self._reader is not None and self._writer is not None
+        self._writer.write(b"".join(hiredis.pack_command(c) for c in commands))
+        replies: list[Any] = []
+        parser = self._parser
+        while len(replies) < len(commands):
+            reply = parser.gets()
+            if reply is False:
+                data = await self._reader.read(READ_SIZE)
+                if not data:
+                    raise EOFError("Redis closed the connection")
+                parser.feed(data)
+                continue
+            replies.append(reply)
+        return replies
+
+    async def _connect(self) -> None:
+        self._parser = hiredis.Reader()
+        self._reader, self._writer = await asyncio.open_connection(self.host, self.port,
+                                                                   ssl=self.ssl)
+        setup: list[tuple[Any, ...]] = []
+        if self.password is not None:
+            setup.append(("AUTH", self.username, self.password) if self.username
+                         else ("AUTH", self.password))
+        if self.db:
+            setup.append(("SELECT", self.db))
+        if setup:
+            for reply in await self._roundtrip(setup):
+                if isinstance(reply, hiredis.ReplyError):
+                    raise redis.AuthenticationError(str(reply))
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._reader = self._writer = None
