@@ -1,18 +1,26 @@
-"""`workers.redis_pipe.RedisPipe` (the publisher's pipelined connection) against real Redis
-servers: replies in order, errors as values, AUTH and SELECT, and a lost server."""
+"""`router.redis_pipe.RedisPipe` (the publisher's and the SSE followers' raw connection)
+against real Redis servers: replies in order, errors as values, AUTH and SELECT, a lost server,
+and `tail_log` over it."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import hiredis
 import pytest
 import redis
+import redis.asyncio as aioredis
 
+from router import events as ev
+from router import subscribe
+from router.redis_pipe import RedisPipe, url_of
+from router.store import RequestStore
+from settings import Settings
 from tests.support import start_redis_server
-from workers.redis_pipe import RedisPipe
 
 
 def test_replies_in_order_with_errors_as_values(redis_base_url: str) -> None:
@@ -59,3 +67,42 @@ def test_password_and_a_lost_server(tmp_path: Path) -> None:
 def test_only_tcp_urls() -> None:
     with pytest.raises(ValueError):
         RedisPipe("unix:///tmp/redis.sock")
+
+
+def test_url_of_a_client() -> None:
+    client = aioredis.Redis(host="10.0.0.5", port=6380, db=2, username="u", password="p@ss")
+    assert url_of(client) == "redis://u:p%40ss@10.0.0.5:6380/2"
+    assert url_of(aioredis.Redis.from_url("redis://127.0.0.1:6379/0")) == "redis://127.0.0.1:6379/0"
+    assert url_of(aioredis.Redis(unix_socket_path="/tmp/redis.sock")) is None
+    assert url_of(aioredis.Redis.from_url("rediss://example.com:6380/0")) is None
+
+
+@pytest.mark.parametrize("raw_pipe", [True, False], ids=["hiredis-pipe", "redis-py"])
+def test_tail_log_reads_every_event_after_a_seq(make_settings: Callable[..., Settings],
+                                                monkeypatch: pytest.MonkeyPatch,
+                                                raw_pipe: bool) -> None:
+    """`tail_log` (the API's SSE source) over a pooled raw connection, and over redis-py where
+    no raw connection can be made (unix sockets, TLS): the same events either way."""
+    settings = make_settings()
+    if not raw_pipe:
+        monkeypatch.setattr(subscribe, "_pipe_pool", lambda _client: None)
+    sync = redis.Redis.from_url(settings.redis_url)
+    store = RequestStore(sync, settings)
+    request_id = uuid.uuid4().hex
+    sync.hset(store.keys.record(request_id), "status", "streaming")
+    client = aioredis.Redis.from_url(settings.redis_url)
+
+    async def run() -> list[dict[str, Any] | None]:
+        store.emit(request_id, [ev.token("a"), ev.token("b")], guard=False)
+        follower = subscribe.tail_log(client, settings, request_id, 1, idle_s=0.2)
+        got = [await follower.__anext__()]
+        got.append(await asyncio.wait_for(follower.__anext__(), 5))  # idle: a keep-alive
+        store.emit(request_id, [ev.token("c"), ev.error("x", "boom")], guard=False)
+        got += [event async for event in follower]
+        return got
+
+    got = asyncio.run(run())
+    assert got[1] is None
+    assert [e["content"] if e["type"] == "token" else e["type"] for e in got if e] == \
+        ["b", "c", "error"]
+    assert [e["seq"] for e in got if e] == [2, 3, 4]

@@ -26,8 +26,8 @@ import redis.asyncio as aioredis
 
 from router import events as ev
 from router.logs import get_logger
+from router.redis_pipe import RedisPipe
 from router.store import StoreOp, StoreOps
-from workers.redis_pipe import RedisPipe
 
 log = get_logger(__name__)
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from router.keys import Keys
+from router.redis_pipe import RedisPipe
 from router.store import AsyncRequestStore
 from settings import Settings
-from workers.redis_pipe import RedisPipe
 from workers.stream_context import StreamContext
 from workers.stream_publisher import StreamPublisher
 from workers.upstream_sse import UpstreamStreamer

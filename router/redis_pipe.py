@@ -1,11 +1,13 @@
-"""A minimal asyncio Redis connection for one caller's pipelined batches: the token publisher.
+"""A minimal asyncio Redis connection for the two per-token hot paths: the stream engine's
+token publisher and the API's SSE followers (``XREAD BLOCK`` on a request's replay log).
 
-Why not redis-py's async pipeline here: the publisher sends a batch of EMIT scripts on every
-turn of the stream engine's loop, thousands of batches a second, and redis-py spends most of a
-batch's CPU around the socket (pool checkout, a timeout context per read, per-command response
-callbacks). Here hiredis packs the commands and parses the replies, and the batch is one write
-and as many reads as the replies need. One batch at a time (the publisher awaits each); a
-connection error closes the connection and the next batch opens a new one.
+Why not redis-py there: the publisher sends a batch of EMIT scripts on every turn of the stream
+engine's loop, and each SSE follower issues one XREAD per token it relays, thousands of commands
+a second either way, and redis-py spends most of a command's CPU around the socket (pool
+checkout, a timeout context per read, per-command response callbacks). Here hiredis packs the
+commands and parses the replies, and a batch is one write and as many reads as the replies
+need. One batch at a time per connection; a connection error closes the connection and the
+next batch opens a new one.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import hiredis
 import redis
@@ -41,18 +43,20 @@ class RedisPipe:
         self._writer: asyncio.StreamWriter | None = None
         self._parser = hiredis.Reader()
 
-    async def execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+    async def execute(self, commands: list[tuple[Any, ...]], timeout_s: float | None = None
+                      ) -> list[Any]:
         """Send `commands` in one write; their replies (a `hiredis.ReplyError` for an error).
         Raises `redis.ConnectionError` (or `redis.TimeoutError`) when the connection fails."""
+        timeout_s = timeout_s or self.timeout_s
         try:
-            async with asyncio.timeout(self.timeout_s):
+            async with asyncio.timeout(timeout_s):
                 if self._writer is None:
                     await self._connect()
                 return await self._roundtrip(commands)
         except (OSError, EOFError, TimeoutError) as exc:
             self.close()
             if isinstance(exc, TimeoutError):
-                raise redis.TimeoutError(f"no reply from Redis within {self.timeout_s:g}s") from exc
+                raise redis.TimeoutError(f"no reply from Redis within {timeout_s:g}s") from exc
             raise redis.ConnectionError(f"Redis connection failed: {exc}") from exc
         except BaseException:  # cancelled mid-batch, refused AUTH: the stream is out of step
             self.close()
@@ -89,7 +93,47 @@ class RedisPipe:
                 if isinstance(reply, hiredis.ReplyError):
                     raise redis.AuthenticationError(str(reply))
 
+    @property
+    def connected(self) -> bool:
+        return self._writer is not None and not self._writer.is_closing()
+
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
         self._reader = self._writer = None
+
+
+class PipePool:
+    """Idle `RedisPipe` connections to one server, for callers that hold one for a while (an
+    SSE follower's blocking XREADs) and give it back; a broken pipe is dropped, not reused."""
+
+    def __init__(self, url: str, max_idle: int = 256) -> None:
+        self.url = url
+        self.max_idle = max_idle
+        self._idle: list[RedisPipe] = []
+
+    def acquire(self) -> RedisPipe:
+        return self._idle.pop() if self._idle else RedisPipe(self.url)
+
+    def release(self, pipe: RedisPipe) -> None:
+        if pipe.connected and len(self._idle) < self.max_idle:
+            self._idle.append(pipe)
+        else:
+            pipe.close()
+
+    def close(self) -> None:
+        for pipe in self._idle:
+            pipe.close()
+        self._idle.clear()
+
+
+def url_of(client: Any) -> str | None:
+    """The ``redis://`` URL of a redis-py client's pool (None for a unix socket or TLS)."""
+    kwargs = client.connection_pool.connection_kwargs
+    if "path" in kwargs or kwargs.get("ssl") or client.connection_pool.connection_class.__name__ \
+            not in ("Connection",):
+        return None
+    user = kwargs.get("username") or ""
+    password = kwargs.get("password")
+    auth = f"{quote(user)}:{quote(password)}@" if password is not None else ""
+    return f"redis://{auth}{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
