@@ -1,16 +1,10 @@
 """Stream-lane Celery tasks: thin wrappers over `workers.streaming` and `workers.stream_sweep`.
 
-Why the **threads** pool (``hybrid-router worker --lane stream``, ``-P threads``, concurrency
-``Settings.stream_worker_concurrency``) rather than gevent: a stream is I/O-bound (a thread
-spends its life blocked in ``recv`` on the upstream socket, with the GIL released), and a few
-hundred OS threads per process are cheap. Threads need no monkey-patching, so the official
-openai SDK, httpx and redis-py run exactly as they do everywhere else, and the per-process
-publisher and lease threads are ordinary threads. gevent would allow thousands of streams per
-process, but only if every library cooperates with its patching; when one does not, a single
-blocking call stalls every stream of the process. Scale out with more worker processes instead.
-
-The threads pool ignores Celery's ``time_limit``/``soft_time_limit``; the idle and total
-timeouts are enforced inside `workers.streaming.run_stream`.
+``hr.stream.run`` messages are normally taken off the stream queue by the worker's stream
+engine (`workers.stream_engine`), not by Celery's consumer; this task exists so that any Celery
+worker consuming the stream queue runs them the same way: the task body runs the stream on the
+process's engine and waits for its outcome. ``hr.stream.sweep`` runs on Celery's own consumer
+(the stream lane's control queue).
 """
 
 from __future__ import annotations
