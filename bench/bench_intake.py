@@ -13,19 +13,17 @@ per request, the one figure that stays comparable on a shared machine.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import os
 import sys
 import tempfile
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import orjson
 import redis
 
-from bench.common import summary_ms, table, write_result
+from bench.common import group_cpu_s, run_fast, summary_ms, table, write_result
 from bench.httpload import LoadResult, run_load
 from router.keys import Keys
 from settings import Settings
@@ -33,40 +31,6 @@ from tests.support import ManagedProcess, child_env, cli_argv, free_port, start_
 
 TARGET_RATE = 3000.0
 TARGET_P99_MS = 10.0
-T = TypeVar("T")
-
-
-def group_cpu_s(pgid: int) -> float:
-    """CPU seconds (user + system) used so far by every process of a process group.
-
-    The API runs in its own session (`ManagedProcess`), so its group is the uvicorn supervisor
-    and all its workers. CPU per request is the figure that survives a shared, noisy machine:
-    throughput and tail latency move with whatever else runs, CPU per request barely does.
-    """
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # exited while we looked
-        if int(fields[2]) == pgid:  # fields after the command name: state, ppid, pgrp, ...
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / tick
-
-
-def run_fast(coro: Coroutine[Any, Any, T]) -> T:
-    """Run the load generator on uvloop when it is installed (uvicorn[standard] brings it):
-    the client shares the cores with the server under test, so its CPU per request matters."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(coro)
 
 
 def start_api(settings: Settings, workdir: Path, workers: int) -> tuple[ManagedProcess, str]:
@@ -159,7 +123,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{duration:g}s per scenario\n")
     print(table(headers_row, rows))
     p99_half = summary_ms(results["router_half"].latencies_s)["p99_ms"]
-    print(f"\nqueued entries {queued} == accepted {accepted}: {queued == accepted}")
+    half = results["router_half"]
+    print(f"\nload generator at half load: {cpu_us_per_request(half, half.client_cpu_s)} us CPU per "
+          f"request, woke for its slots late by p99 {summary_ms(half.slips_s)['p99_ms']} ms")
+    print(f"queued entries {queued} == accepted {accepted}: {queued == accepted}")
     print(f"target: >= {TARGET_RATE:,.0f}/s saturated -> {results['router_sat'].rate:,.0f}/s; "
           f"p99 <= {TARGET_P99_MS} ms at half load -> {p99_half} ms")
     # A quick (smoke) run must not overwrite the figures of the last full run.
@@ -170,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         "duration_s": duration,
         "scenarios": {k: {"rate": v.rate, "ok": v.ok, "errors": v.errors,
                           "api_cpu_us_per_request": cpu_us_per_request(v, cpu[k]),
+                          "client_cpu_us_per_request": cpu_us_per_request(v, v.client_cpu_s),
+                          **({"slot_slip_p99_ms": summary_ms(v.slips_s)["p99_ms"]} if v.slips_s
+                             else {}),
                           **summary_ms(v.latencies_s)} for k, v in results.items()},
         "queued_equals_accepted": queued == accepted,
         "targets": {"rate_per_s": TARGET_RATE, "p99_ms_half_load": TARGET_P99_MS},

@@ -21,6 +21,11 @@ class LoadResult:
     status_counts: dict[int, int] = field(default_factory=dict)
     latencies_s: list[float] = field(default_factory=list)
     elapsed_s: float = 0.0
+    # Paced runs: how late the generator woke for a request's slot (a request still waiting for
+    # its previous answer is the server's delay, not counted). Large values would mean that the
+    # generator itself, sharing the cores with the server, could not keep its schedule.
+    slips_s: list[float] = field(default_factory=list)
+    client_cpu_s: float = 0.0  # CPU time of this process during the run (the generator's cost)
 
     @property
     def rate(self) -> float:
@@ -69,6 +74,7 @@ async def run_load(
     host, port = parsed.hostname or "127.0.0.1", parsed.port or 80
     payload = build_request(url, method, body, headers or {})
     result = LoadResult()
+    cpu_start = time.process_time()
     start = time.perf_counter()
     deadline = start + duration_s
     interval = connections / rate_per_s if rate_per_s else 0.0
@@ -81,11 +87,15 @@ async def run_load(
                 now = time.perf_counter()
                 if now >= deadline:
                     return
+                slept = False
                 if interval:
                     if next_at > now:
                         await asyncio.sleep(next_at - now)
+                        slept = True
                     next_at += interval
                 t0 = time.perf_counter()
+                if slept:
+                    result.slips_s.append(max(0.0, t0 - (next_at - interval)))
                 writer.write(payload)
                 result.sent += 1
                 try:
@@ -106,4 +116,5 @@ async def run_load(
 
     await asyncio.gather(*(worker(i) for i in range(connections)))
     result.elapsed_s = time.perf_counter() - start
+    result.client_cpu_s = time.process_time() - cpu_start
     return result

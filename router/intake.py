@@ -48,7 +48,7 @@ class StreamDispatcher(Protocol):
 class Prepared:
     record: RequestRecord
     events: list[str]
-    fingerprint: str
+    fingerprint: str  # of the whole request, for its idempotency key ("" without a key)
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,9 @@ def prepare(
     events = [ev.accepted(decision.route, req.priority)]
     if decision.route == "batch":
         events.append(ev.queued())
-    return Prepared(record, events, body_fingerprint(dumped))
+    # The fingerprint only matters to an idempotency key: skip hashing the body without one.
+    fingerprint = body_fingerprint(dumped) if req.idempotency_key is not None else ""
+    return Prepared(record, events, fingerprint)
 
 
 def _replay_or_conflict(

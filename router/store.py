@@ -18,6 +18,7 @@ import redis
 import redis.asyncio as aioredis
 
 from router import events as ev
+from router.coalesce import ScriptCoalescer
 from router.keys import Keys
 from router.lua import (
     ANNOTATE_SCRIPT,
@@ -124,7 +125,7 @@ class StoreOps:
             *events,
             task[1] if task else "",
             record.deadline_at if queue_kind == "list" and record.deadline_at is not None else "",
-            *fields,
+            orjson.dumps(fields),
         ]
         keys = [idem_key, k.seq(record.id), k.events(record.id), queue_key, k.pending_models(),
                 task[0] if task else k.dispatched(), k.batch_deadlines()]
@@ -290,9 +291,10 @@ class AsyncRequestStore:
         self.settings = settings
         self.ops = StoreOps(settings)
         self.keys = self.ops.keys
+        self.scripts = ScriptCoalescer(client)
 
     async def run(self, op: StoreOp[T]) -> T:
-        return op.parse(await op.script.run_async(self.redis, op.keys, op.args))
+        return op.parse(await self.scripts.run(op.script, op.keys, op.args))
 
     async def create(
         self, record: RequestRecord, events: Sequence[str], fingerprint: str | None = None,

@@ -205,6 +205,28 @@ def test_budget_becomes_a_max_tokens_cap_from_the_lane_price(api: tuple[str, Set
     assert httpx.get(f"{url}/v1/requests/{capped}", headers=A).json()["body"]["max_tokens"] == 50
 
 
+def test_fast_and_general_paths_answer_alike(api: tuple[str, Settings]) -> None:
+    """``application/json`` takes the submit fast path; with a charset parameter the request
+    goes through FastAPI's general handler (router.api.fast_path). Both answer the same."""
+    url, _ = api
+    answers = []
+    for content_type in ("application/json", "application/json; charset=utf-8"):
+        for priority in ("low", "high"):
+            resp = httpx.post(f"{url}/v1/requests", headers={**A, "Content-Type": content_type},
+                              content=orjson.dumps({"messages": MSG, "priority": priority}))
+            assert resp.status_code == 202, resp.text
+            assert resp.headers["content-type"] == "application/json"
+            data = resp.json()
+            rid = data.pop("id")
+            assert data.pop("channel").endswith(rid)
+            assert data.pop("events_url") == f"{url}/v1/requests/{rid}/events"
+            assert data.pop("result_url") == f"{url}/v1/requests/{rid}"
+            answers.append(data)
+    assert answers[:2] == answers[2:]
+    assert list(answers[0]) == ["status", "route", "route_reason", "priority", "model",
+                                "idempotent_replay"]
+
+
 UNICODE = (
     "emoji 👩‍👩‍👧‍👦🏳️‍🌈 cjk 漢字かなカナ한국어 rtl עברית العربية combining e\u0301 a\u0308\u0323 "
     "controls \u0001\u0007\u001b[0m\t\r\n zero-width \u200b\u200d bom \ufeff nbsp\u00a0 max \U0010fffd"

@@ -50,6 +50,19 @@ def test_create_then_get_round_trips(store: RequestStore) -> None:
     assert store.get(uuid.uuid4().hex) is None
 
 
+def test_create_keeps_every_character_of_the_fields(store: RequestStore) -> None:
+    """The fields reach the script as one JSON array (decoded by Lua's cjson): quotes,
+    backslashes, control characters, NUL, non-ASCII and astral text come back unchanged."""
+    rec = record().model_copy(update={
+        "body": {"messages": [{"role": "user", "content": 'q"\\ \n\t\u0000\u001f é ✓ 😀 \u2028 '
+                                                          '\\u0041 {"x": [1]}'}]},
+        "metadata": {"k\u00e9y": ["\\", None, 1.5, 2**62]},
+        "route_reason": "ü" * 3000,
+    })
+    assert store.create(rec, [ev.accepted("batch", "low")]).created
+    assert store.get(rec.id) == rec
+
+
 def test_stream_record_goes_to_the_dispatched_set(store: RequestStore) -> None:
     rec = record("stream")
     store.create(rec, [ev.accepted("stream", "high")])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Annotated
 
 import redis.asyncio as aioredis
@@ -50,6 +51,7 @@ async def get_dispatcher(request: Request) -> StreamDispatcher:
     return dispatcher
 
 
+@lru_cache(maxsize=256)  # only ever called with a key that matched one of settings.api_keys
 def key_id(api_key: str) -> str:
     """A short, non-reversible id of an API key, safe to log and to use in rate-limit keys."""
     return hashlib.sha256(api_key.encode()).hexdigest()[:16]

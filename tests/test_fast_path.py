@@ -1,0 +1,91 @@
+"""The fast path of a route takes only plain, valid JSON requests and hands everything else to
+FastAPI's general handler, which then answers exactly as without a fast path."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.testclient import TestClient
+from pydantic import BaseModel
+
+from router.api.fast_path import json_model, with_fast_path
+from router.schemas import SubmitRequest
+
+VALID = b'{"messages": [{"role": "user", "content": "hi"}], "priority": "low"}'
+
+
+def request(body: bytes, content_type: str | None = "application/json") -> Request:
+    headers = [(b"content-type", content_type.encode())] if content_type is not None else []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return Request({"type": "http", "method": "POST", "path": "/", "headers": headers}, receive)
+
+
+def parsed(body: bytes, content_type: str | None = "application/json") -> SubmitRequest | None:
+    return asyncio.run(json_model(request(body, content_type), SubmitRequest))
+
+
+def test_plain_valid_json_is_parsed() -> None:
+    model = parsed(VALID)
+    assert model is not None and model.priority == "low" and model.messages[0].content == "hi"
+
+
+def test_everything_unusual_is_left_to_the_general_handler() -> None:
+    assert parsed(VALID, "application/json; charset=utf-8") is None
+    assert parsed(VALID, "text/plain") is None
+    assert parsed(VALID, None) is None
+    assert parsed(b"") is None
+    assert parsed(b'{"messages": [') is None  # malformed
+    assert parsed(b"[1, 2]") is None  # not an object
+    assert parsed(b'{"messages": [{"role": "user", "content": NaN}]}') is None  # not finite
+    assert parsed(b'{"messages": [{"role": "user", "content": "\\ud800"}]}') is None
+    assert parsed(b"[" * 100_000 + b"]" * 100_000) is None  # too deep for the parser
+
+
+class Item(BaseModel):
+    name: str
+
+
+def test_the_route_answers_from_the_fast_path_or_else_the_general_one() -> None:
+    async def fast(req: Request) -> Response | None:
+        item = await json_model(req, Item)
+        if item is None or item.name == "general":
+            return None
+        return Response(f"fast {item.name}")
+
+    app = FastAPI()
+
+    async def endpoint(item: Item) -> Response:
+        return Response(f"general {item.name}")
+
+    app.router.add_api_route("/items", endpoint, methods=["POST"],
+                             route_class_override=with_fast_path(fast))
+    client = TestClient(app)
+    assert client.post("/items", json={"name": "a"}).text == "fast a"
+    assert client.post("/items", json={"name": "general"}).text == "general general"
+    refused = client.post("/items", json={"nom": "a"})
+    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "name"]
+    assert "/items" in client.get("/openapi.json").json()["paths"]
+
+
+def test_base_url_is_starlettes_and_is_kept_per_host() -> None:
+    from router.api.routes.requests import base_url
+
+    def req(host: bytes | None, scheme: str = "http", root_path: str = "") -> Request:
+        headers = [(b"host", host)] if host is not None else []
+        return Request({"type": "http", "method": "POST", "path": "/v1/requests", "headers": headers,
+                        "scheme": scheme, "server": ("10.0.0.1", 8000), "root_path": root_path,
+                        "query_string": b""})
+
+    for args in [(b"api.example.com",), (b"api.example.com:8443", "https"), (b"other.example",),
+                 (None,), (b"api.example.com", "http", "/router")]:
+        expected = str(req(*args).base_url).rstrip("/")
+        assert base_url(req(*args)) == expected
+        assert base_url(req(*args)) == expected  # now from the cache
+    assert base_url(req(b"api.example.com")) == "http://api.example.com"
+    assert base_url(req(None)) == "http://10.0.0.1:8000"
+    assert base_url(req(b"api.example.com", "http", "/router")) == "http://api.example.com/router"
