@@ -106,3 +106,21 @@ def test_tail_log_reads_every_event_after_a_seq(make_settings: Callable[..., Set
     assert [e["content"] if e["type"] == "token" else e["type"] for e in got if e] == \
         ["b", "c", "error"]
     assert [e["seq"] for e in got if e] == [2, 3, 4]
+
+
+def test_a_server_that_never_answers_is_a_timeout() -> None:
+    async def run() -> None:
+        async def silent(reader: asyncio.StreamReader, _writer: asyncio.StreamWriter) -> None:
+            await reader.read()  # takes the command, answers nothing
+
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        pipe = RedisPipe(f"redis://127.0.0.1:{port}/0", timeout_s=0.3)
+        try:
+            with pytest.raises(redis.TimeoutError):
+                await pipe.execute([("PING",)])
+            assert not pipe.connected
+        finally:
+            server.close()
+
+    asyncio.run(run())

@@ -4,9 +4,11 @@ All streams of a process run on one asyncio loop (`workers.stream_engine`). A st
 appends a token's text to its `StreamHandle` and goes back to reading its upstream; the
 publisher task takes everything pending for *all* streams and sends it in one pipelined round
 trip: one guarded EMIT script per stream, with that stream's pending text joined into one
-``token`` event. When tokens are slower than a round trip (the normal case) every token is its
-own event, sent on the next turn of the loop; tokens are joined only when they arrived while
-the previous publish was in flight. Why: a stream that published each token itself would spend
+``token`` event. A stream's first token goes out on the next turn of the loop; later tokens wait
+up to `COALESCE_S` (2 ms) so that the tokens of many streams share one round trip. When tokens
+are slower than that (the normal case) every token is still its own event; a stream's tokens
+are joined only when they arrived within one such window or while the previous publish was in
+flight. Why: a stream that published each token itself would spend
 one Redis round trip per token, and hundreds of streams would each wait on their own.
 
 The EMIT script is guarded: it answers -1 once the request is terminal (cancelled by the API,
@@ -30,6 +32,11 @@ from router.redis_pipe import RedisPipe
 from router.store import StoreOp, StoreOps
 
 log = get_logger(__name__)
+
+# A stream's later tokens wait at most this long for other streams' tokens to share their round
+# trip (fewer Redis round trips and syscalls per token under load); a stream's first token and
+# a flush never wait.
+COALESCE_S = 0.002
 
 
 class PublishError(RuntimeError):
@@ -68,6 +75,8 @@ class StreamPublisher:
         self._wake = asyncio.Event()
         self._sent = asyncio.Condition()
         self._closed = False
+        self._urgent = False
+        self._hold: asyncio.Future[None] | None = None
 
     # --- streams ---------------------------------------------------------------------------------
     def open(self, request_id: str) -> StreamHandle:
@@ -81,10 +90,20 @@ class StreamPublisher:
             raise PublishError(f"publishing failed: {handle.error}") from handle.error
         handle.pending.append(content)
         self._ready[handle] = None
+        if handle.events_published == 0 and not handle.inflight:
+            self._expedite()  # a first token: the subscriber's time to first token
         self._wake.set()
+
+    def _expedite(self) -> None:
+        self._urgent = True
+        if self._hold is not None and not self._hold.done():
+            self._hold.set_result(None)
 
     async def flush(self, handle: StreamHandle, timeout: float = 10.0) -> None:
         """Wait until everything queued for `handle` is in the replay log (or refused)."""
+        if handle.pending:
+            self._expedite()
+
         async def drained() -> None:
             async with self._sent:
                 await self._sent.wait_for(
@@ -103,15 +122,25 @@ class StreamPublisher:
 
     def shutdown(self) -> None:
         self._closed = True
+        self._expedite()
         self._wake.set()
 
     # --- the publisher task ----------------------------------------------------------------------
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
         while not self._closed:
             await self._wake.wait()
-            # One more turn of the loop: tokens of other streams that arrived in the same read
-            # of the sockets are appended meanwhile and go out in this batch.
-            await asyncio.sleep(0)
+            if self._urgent:
+                # One more turn of the loop: tokens of other streams that arrived in the same
+                # read of the sockets are appended meanwhile and go out in this batch.
+                await asyncio.sleep(0)
+            else:
+                self._hold = hold = loop.create_future()
+                timer = loop.call_later(COALESCE_S, _release, hold)
+                await hold
+                timer.cancel()
+                self._hold = None
+            self._urgent = False
             self._wake.clear()
             batch = {}
             for handle in list(self._ready):
@@ -178,3 +207,8 @@ class StreamPublisher:
             if isinstance(r, hiredis.ReplyError):
                 raise redis.ResponseError(str(r))
         return results
+
+
+def _release(hold: asyncio.Future[None]) -> None:
+    if not hold.done():
+        hold.set_result(None)
