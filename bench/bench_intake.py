@@ -8,6 +8,12 @@ per request, the one figure that stays comparable on a shared machine.
 
     python -m bench.bench_intake            # full run (~1 minute) -> bench/out/intake.json
     python -m bench.bench_intake --quick    # smoke size -> bench/out/intake_quick.json
+    python -m bench.bench_intake --workers 2   # two API processes (more throughput, but on a
+                                               # 2-core machine they contend with Redis and
+                                               # the load generator, and half load's p99 suffers)
+
+The default is one API process, as ``hybrid-router api``, ``hybrid-router up`` and the compose
+file run it.
 """
 
 from __future__ import annotations
@@ -59,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
     parser.add_argument("--duration", type=float, default=6.0)
     parser.add_argument("--connections", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=2, help="API worker processes")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="API worker processes (default 1, as shipped)")
     args = parser.parse_args(argv)
     duration = 1.0 if args.quick else args.duration
     connections = 8 if args.quick else args.connections
