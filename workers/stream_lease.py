@@ -59,9 +59,7 @@ class LeaseKeeper:
             held = request_id in self._held
             self._held.discard(request_id)
         if held:
-            key = self.keys.lease(request_id)
-            if self.redis.get(key) == self.owner.encode():
-                self.redis.delete(key)
+            RELEASE_LEASE_SCRIPT(self.redis, [self.keys.lease(request_id)], [self.owner])
 
     def forget(self, request_id: str) -> None:
         """Stop refreshing a lease; the caller deletes it with `RELEASE_LEASE_SCRIPT` (the stream
