@@ -13,9 +13,8 @@ next batch opens a new one.
 from __future__ import annotations
 
 import asyncio
-import ssl
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 import hiredis
 import redis
@@ -28,20 +27,24 @@ class RedisPipe:
     """Pipelined commands over one connection; replies in order, errors as `ReplyError`s."""
 
     def __init__(self, url: str, timeout_s: float = 10.0) -> None:
-        scheme = urlsplit(url).scheme
-        if scheme not in ("redis", "rediss"):
-            raise ValueError(f"RedisPipe supports redis:// and rediss:// URLs, not {scheme}://")
+        if not self.supports(url):
+            raise ValueError(f"RedisPipe supports plain redis:// URLs, not {urlsplit(url).scheme}://")
         options = parse_url(url)
         self.host = str(options.get("host") or "localhost")
         self.port = int(options.get("port") or 6379)
         self.db = int(options.get("db") or 0)
         self.username = options.get("username")
         self.password = options.get("password")
-        self.ssl = ssl.create_default_context() if scheme == "rediss" else None
         self.timeout_s = timeout_s
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._parser = hiredis.Reader()
+
+    @staticmethod
+    def supports(url: str) -> bool:
+        """Plain TCP only: TLS and unix sockets carry options (certificates, paths) that
+        redis-py reads from the URL, so callers use redis-py for those."""
+        return urlsplit(url).scheme == "redis"
 
     async def execute(self, commands: list[tuple[Any, ...]], timeout_s: float | None = None
                       ) -> list[Any]:
@@ -90,8 +93,7 @@ class RedisPipe:
 
     async def _connect(self) -> None:
         self._parser = hiredis.Reader()
-        self._reader, self._writer = await asyncio.open_connection(self.host, self.port,
-                                                                   ssl=self.ssl)
+        self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
         setup: list[tuple[Any, ...]] = []
         if self.password is not None:
             setup.append(("AUTH", self.username, self.password) if self.username
@@ -131,19 +133,3 @@ class PipePool:
         else:
             pipe.close()
 
-    def close(self) -> None:
-        for pipe in self._idle:
-            pipe.close()
-        self._idle.clear()
-
-
-def url_of(client: Any) -> str | None:
-    """The ``redis://`` URL of a redis-py client's pool (None for a unix socket or TLS)."""
-    kwargs = client.connection_pool.connection_kwargs
-    if "path" in kwargs or kwargs.get("ssl") or client.connection_pool.connection_class.__name__ \
-            not in ("Connection",):
-        return None
-    user = kwargs.get("username") or ""
-    password = kwargs.get("password")
-    auth = f"{quote(user)}:{quote(password)}@" if password is not None else ""
-    return f"redis://{auth}{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"

@@ -37,7 +37,7 @@ import redis.asyncio as aioredis
 
 from router.events import FINAL_EVENT_TYPES, parse_event, seq_of_stream_id, stream_id_after
 from router.keys import Keys
-from router.redis_pipe import PipePool, url_of
+from router.redis_pipe import PipePool, RedisPipe
 from settings import Settings
 
 TERMINAL_STATUSES = (b"completed", b"failed", b"cancelled")
@@ -175,7 +175,7 @@ async def tail_log(
     last_id = stream_id_after(after_seq)
     block_ms = max(1, int(idle_s * 1000))
     first = True
-    pool = _pipe_pool(client)
+    pool = _pipe_pool(settings.redis_url)
     pipe = pool.acquire() if pool is not None else None
     try:
         while True:
@@ -216,18 +216,15 @@ async def tail_log(
 
 
 # One pool of raw connections per Redis server this process follows logs on (see
-# router.redis_pipe: an XREAD per relayed token through redis-py was a fifth of the API's CPU).
-_pipe_pools: dict[str, PipePool] = {}
+# router.redis_pipe: an XREAD per relayed token through redis-py was a fifth of the API's CPU);
+# None for a URL a raw connection cannot serve (a unix socket): the client's redis-py then.
+_pipe_pools: dict[str, PipePool | None] = {}
 
 
-def _pipe_pool(client: aioredis.Redis) -> PipePool | None:
-    url = url_of(client)
-    if url is None:
-        return None
-    pool = _pipe_pools.get(url)
-    if pool is None:
-        pool = _pipe_pools[url] = PipePool(url)
-    return pool
+def _pipe_pool(redis_url: str) -> PipePool | None:
+    if redis_url not in _pipe_pools:
+        _pipe_pools[redis_url] = PipePool(redis_url) if RedisPipe.supports(redis_url) else None
+    return _pipe_pools[redis_url]
 
 
 def _field_d(fields: Any) -> Any:

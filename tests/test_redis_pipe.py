@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 
 from router import events as ev
 from router import subscribe
-from router.redis_pipe import RedisPipe, url_of
+from router.redis_pipe import PipePool, RedisPipe
 from router.store import RequestStore
 from settings import Settings
 from tests.support import start_redis_server
@@ -64,17 +64,16 @@ def test_password_and_a_lost_server(tmp_path: Path) -> None:
         proc.stop()
 
 
-def test_only_tcp_urls() -> None:
-    with pytest.raises(ValueError):
-        RedisPipe("unix:///tmp/redis.sock")
+def test_only_plain_tcp_urls() -> None:
+    for url in ("unix:///tmp/redis.sock", "rediss://example.com:6380/0"):
+        with pytest.raises(ValueError):
+            RedisPipe(url)
 
 
-def test_url_of_a_client() -> None:
-    client = aioredis.Redis(host="10.0.0.5", port=6380, db=2, username="u", password="p@ss")
-    assert url_of(client) == "redis://u:p%40ss@10.0.0.5:6380/2"
-    assert url_of(aioredis.Redis.from_url("redis://127.0.0.1:6379/0")) == "redis://127.0.0.1:6379/0"
-    assert url_of(aioredis.Redis(unix_socket_path="/tmp/redis.sock")) is None
-    assert url_of(aioredis.Redis.from_url("rediss://example.com:6380/0")) is None
+def test_followers_use_raw_connections_where_the_url_allows() -> None:
+    assert isinstance(subscribe._pipe_pool("redis://127.0.0.1:6379/0"), PipePool)
+    assert subscribe._pipe_pool("rediss://example.com:6380/0") is None
+    assert subscribe._pipe_pool("unix:///tmp/redis.sock?db=0") is None
 
 
 @pytest.mark.parametrize("raw_pipe", [True, False], ids=["hiredis-pipe", "redis-py"])
@@ -85,7 +84,7 @@ def test_tail_log_reads_every_event_after_a_seq(make_settings: Callable[..., Set
     no raw connection can be made (unix sockets, TLS): the same events either way."""
     settings = make_settings()
     if not raw_pipe:
-        monkeypatch.setattr(subscribe, "_pipe_pool", lambda _client: None)
+        monkeypatch.setattr(subscribe, "_pipe_pool", lambda _url: None)
     sync = redis.Redis.from_url(settings.redis_url)
     store = RequestStore(sync, settings)
     request_id = uuid.uuid4().hex

@@ -46,10 +46,8 @@ class StreamRuntime:
                                                         timeout=30, health_check_interval=30)
         client = aioredis.Redis(connection_pool=pool)
         store = AsyncRequestStore(client, settings)
-        try:
-            pipe: RedisPipe | None = RedisPipe(settings.redis_url)
-        except ValueError:  # e.g. a unix socket URL: the publisher uses redis-py's pipeline
-            pipe = None
+        # Where a raw connection cannot serve the URL, the publisher uses redis-py's pipeline.
+        pipe = RedisPipe(settings.redis_url) if RedisPipe.supports(settings.redis_url) else None
         return cls(ctx=ctx, redis=client, store=store,
                    publisher=StreamPublisher(client, store.ops, pipe),
                    upstream=UpstreamStreamer(settings, max_connections=max_streams))
