@@ -110,7 +110,8 @@ class StreamEngine:
         self._rt: StreamRuntime | None = None
         self._consumer: asyncio.Task[None] | None = None
         self._consuming = False
-        self._running: set[asyncio.Task[Any]] = set()
+        self._running: set[asyncio.Task[Any]] = set()  # strong references, waited for at stop
+        self._publisher_task: asyncio.Task[None] | None = None
         self._events: TaskEvents | None = None
 
     # --- from any thread ----------------------------------------------------------------------------
@@ -131,9 +132,6 @@ class StreamEngine:
         stream task is pushed to `forward_key` (a queue that Celery itself consumes)."""
         self._events = TaskEvents(sink) if sink is not None else None
         self._call(self._start_consumer(list_key, forward_key)).result(10)
-
-    def running(self) -> int:
-        return len(self._running)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop consuming, let running streams end (up to `timeout`), close the loop."""
@@ -171,11 +169,12 @@ class StreamEngine:
     async def _tracked(self, coro: Coroutine[Any, Any, RunOutcome]) -> RunOutcome:
         task = asyncio.current_task()
         assert task is not None
+        self._track(task)
+        return await coro
+
+    def _track(self, task: asyncio.Task[Any]) -> None:
         self._running.add(task)
-        try:
-            return await coro
-        finally:
-            self._running.discard(task)
+        task.add_done_callback(self._running.discard)
 
     async def _start_consumer(self, list_key: str, forward_key: str) -> None:
         self._consuming = True
@@ -201,6 +200,7 @@ class StreamEngine:
                 slots.release()
                 continue
             task = asyncio.create_task(self._handle(popped[1], forward_key))
+            self._track(task)
             task.add_done_callback(lambda _t: slots.release())
 
     async def _handle(self, raw: bytes, forward_key: str) -> None:
@@ -220,7 +220,7 @@ class StreamEngine:
                         retries=0, eta=None, expires=None, root_id=task_id, parent_id=None)
             events.send("task-started", uuid=task_id)
         try:
-            outcome = await self._tracked(stream_request(request_id, self._runtime()))
+            outcome = await stream_request(request_id, self._runtime())
         except Exception as exc:
             log.exception("stream task failed", request_id=request_id)
             if events is not None:
@@ -240,7 +240,8 @@ class StreamEngine:
             await asyncio.wait(pending, timeout=timeout)
         if self._rt is not None:
             await self._rt.aclose()
-        self._publisher_task.cancel()
+        if self._publisher_task is not None:
+            self._publisher_task.cancel()
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:

@@ -21,7 +21,7 @@ from workers.stream_sweep import sweep_streams
 from workers.streaming import run_stream
 
 
-def _context(app: Celery) -> StreamContext:
+def app_stream_context(app: Celery) -> StreamContext:
     """The process's stream context, with terminal callbacks sent through `app`."""
     ctx = context_for(settings_of(app))
     ctx.notify = lambda request_id: schedule_callback(app, request_id)
@@ -31,7 +31,7 @@ def _context(app: Celery) -> StreamContext:
 @shared_task(name=STREAM_TASK, bind=True, acks_late=True, ignore_result=True)
 def run(self: Any, request_id: str) -> str:
     """Stream one request (args: [request_id])."""
-    return run_stream(request_id, _context(self.app))
+    return run_stream(request_id, app_stream_context(self.app))
 
 
 @shared_task(name=STREAM_SWEEP_TASK, bind=True, ignore_result=True)
@@ -43,6 +43,6 @@ def sweep(self: Any) -> dict[str, int]:
     def redispatch(request_id: str) -> None:
         self.app.send_task(STREAM_TASK, args=[request_id], queue=queue, routing_key=queue)
 
-    report = sweep_streams(_context(self.app), redispatch)
+    report = sweep_streams(app_stream_context(self.app), redispatch)
     return {"worker_lost": report.worker_lost, "redispatched": report.redispatched,
             "cleaned": report.cleaned}

@@ -17,7 +17,7 @@ from router.keys import Keys
 from router.logs import get_logger
 from workers.celery_app import settings_of
 from workers.stream_engine import EventSink
-from workers.stream_tasks import _context
+from workers.stream_tasks import app_stream_context
 
 log = get_logger(__name__)
 
@@ -54,7 +54,7 @@ class StreamEngineStep(bootsteps.StartStopStep):
     def start(self, worker: Any) -> None:
         app: Celery = worker.app
         keys = Keys(settings_of(app).key_prefix)
-        engine = _context(app).engine
+        engine = app_stream_context(app).engine
         engine.consume(keys.celery_prefix() + keys.stream_queue(),
                        keys.celery_prefix() + keys.stream_control_queue(),
                        celery_event_sink(app, worker.hostname))
@@ -62,7 +62,7 @@ class StreamEngineStep(bootsteps.StartStopStep):
                  max_streams=engine.max_streams)
 
     def stop(self, worker: Any) -> None:
-        _context(worker.app).engine.stop(SHUTDOWN_GRACE_S)
+        app_stream_context(worker.app).engine.stop(SHUTDOWN_GRACE_S)
 
 
 def install(app: Celery) -> None:

@@ -55,11 +55,12 @@ class Connection(asyncio.Protocol):
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
         self.reused = False
         self._reset()
 
     def _reset(self) -> None:
+        """Ready for the next response (a new parser: one response per connection at a time)."""
+        self.parser = httptools.HttpResponseParser(self)
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.headers_done = False
@@ -250,7 +251,6 @@ class ConnectionPool:
             if conn.transport is not None and not conn.transport.is_closing():
                 conn.reused = True
                 conn._reset()
-                conn.parser = httptools.HttpResponseParser(conn)
                 return conn
         loop = asyncio.get_running_loop()
         try:
