@@ -61,9 +61,12 @@ class BodySizeLimit:
                     return
             elif name == b"transfer-encoding":
                 length_headers += 2  # a transfer coding next to a length: count the bytes
-        if length_headers == 1 and declared is not None and declared >= 0:
-            # The HTTP server hands the app exactly the declared length, so there is nothing
-            # left to count: skip the per-message wrappers below (the common, hot path).
+        if length_headers == 0 or (length_headers == 1 and declared is not None
+                                   and declared >= 0):
+            # No length and no transfer coding means no body (HTTP/1.1: a GET, say), and with
+            # one valid length the HTTP server hands the app exactly that many bytes: nothing
+            # to count, so skip the per-message wrappers below (the hot paths: every SSE chunk
+            # of a long GET would otherwise pass through them).
             await self.app(scope, receive, send)
             return
         seen = 0
