@@ -133,3 +133,8 @@ class PipePool:
         else:
             pipe.close()
 
+    def close(self) -> None:
+        """Close the idle connections (those in use close when their holder releases them)."""
+        idle, self._idle = self._idle, []
+        for pipe in idle:
+            pipe.close()

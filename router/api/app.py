@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from router.api.body_limit import BodySizeLimit
 from router.api.errors import install_error_handlers
 from router.api.routes import admin, chat, events, health, metrics, requests
+from router.event_hub import event_follower
 from router.intake import StreamDispatcher
 from router.logs import configure_logging, get_logger
 from router.store import AsyncRequestStore
@@ -30,6 +31,7 @@ def create_app(settings: Settings, dispatcher: StreamDispatcher | None = None) -
             settings.redis_url, max_connections=2048, health_check_interval=30
         )
         app.state.store = AsyncRequestStore(app.state.redis, settings)
+        app.state.events = event_follower(app.state.redis, settings)
         if dispatcher is None:
             from workers.celery_app import create_celery
             from workers.dispatch import CeleryStreamDispatcher
@@ -49,6 +51,7 @@ def create_app(settings: Settings, dispatcher: StreamDispatcher | None = None) -
         try:
             yield
         finally:
+            await app.state.events.aclose()
             await app.state.redis.aclose()
 
     app = FastAPI(

@@ -16,6 +16,7 @@ from typing import Annotated
 import redis.asyncio as aioredis
 from fastapi import Depends, Header, Request
 
+from router.event_hub import EventFollower
 from router.intake import IntakeError, StreamDispatcher
 from router.store import AsyncRequestStore
 from settings import Settings
@@ -44,6 +45,11 @@ async def get_redis(request: Request) -> aioredis.Redis:
 async def get_store(request: Request) -> AsyncRequestStore:
     store: AsyncRequestStore = request.app.state.store
     return store
+
+
+async def get_events(request: Request) -> EventFollower:
+    follower: EventFollower = request.app.state.events
+    return follower
 
 
 async def get_dispatcher(request: Request) -> StreamDispatcher:
@@ -92,3 +98,4 @@ StoreDep = Annotated[AsyncRequestStore, Depends(get_store)]
 RedisDep = Annotated[aioredis.Redis, Depends(get_redis)]
 DispatcherDep = Annotated[StreamDispatcher, Depends(get_dispatcher)]
 CallerDep = Annotated[Caller, Depends(get_caller)]
+EventsDep = Annotated[EventFollower, Depends(get_events)]

@@ -23,16 +23,16 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from router.api.deps import CallerDep, DispatcherDep, RedisDep, SettingsDep, StoreDep
+from router.api.deps import CallerDep, DispatcherDep, EventsDep, SettingsDep, StoreDep
 from router.api.errors import error_response
 from router.api.notify import cancel_and_notify
 from router.api.ratelimit import enforce_rate_limit
+from router.event_hub import EventFollower
 from router.intake import IntakeError, accept_async, prepare
 from router.records import Priority, RequestRecord
 from router.schemas import ErrorResponse, SubmitRequest
 from router.sse import SSEResponse, format_data
 from router.store import AsyncRequestStore
-from router.subscribe import tail_log
 
 router = APIRouter(prefix="/v1/chat", tags=["openai-compatible"])
 
@@ -108,11 +108,11 @@ def _usage_of(record: RequestRecord) -> dict[str, Any] | None:
     return record.usage.model_dump() if record.usage is not None else None
 
 
-async def _relay(record: RequestRecord, redis: Any, settings: Any, include_usage: bool,
+async def _relay(record: RequestRecord, events: EventFollower, settings: Any, include_usage: bool,
                  state: dict[str, bool]) -> AsyncIterator[bytes]:
     """The request's events as OpenAI ``chat.completion.chunk`` SSE."""
     yield format_data(_chunk(record, {"role": "assistant", "content": ""}))
-    async for event in tail_log(redis, settings, record.id, 0, settings.sse_keepalive_s):
+    async for event in events.follow(record.id, 0, settings.sse_keepalive_s):
         if event is None:
             yield b": keep-alive\n\n"
             continue
@@ -138,10 +138,10 @@ async def _relay(record: RequestRecord, redis: Any, settings: Any, include_usage
     state["final"] = True
 
 
-async def _wait_final(request: Request, store: AsyncRequestStore, redis: Any, settings: Any,
+async def _wait_final(request: Request, store: AsyncRequestStore, events: EventFollower,
                       record: RequestRecord) -> RequestRecord | None:
     """Wait for the request to end; None if the client went away first (it is cancelled)."""
-    async for event in tail_log(redis, settings, record.id, 0, WAIT_TICK_S):
+    async for event in events.follow(record.id, 0, WAIT_TICK_S):
         if event is None and await request.is_disconnected():
             await cancel_and_notify(request.app.state, record)
             return None
@@ -176,7 +176,7 @@ async def chat_completions(
     caller: CallerDep,
     settings: SettingsDep,
     store: StoreDep,
-    redis: RedisDep,
+    events: EventsDep,
     dispatcher: DispatcherDep,
     x_priority: Annotated[str | None, Header(alias="X-Priority")] = None,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
@@ -204,7 +204,7 @@ async def chat_completions(
         )
     record = (await accept_async(prepared, store, dispatcher, run_in_threadpool)).record
     if not stream:
-        final = await _wait_final(request, store, redis, settings, record)
+        final = await _wait_final(request, store, events, record)
         if final is None:
             return error_response(499, "client closed the request", code="client_closed")
         return _completion(final)
@@ -214,5 +214,5 @@ async def chat_completions(
         if not state["final"]:
             await cancel_and_notify(request.app.state, record)
 
-    return SSEResponse(_relay(record, redis, settings, include_usage, state),
+    return SSEResponse(_relay(record, events, settings, include_usage, state),
                        on_disconnect=cancel_if_unfinished, headers={"X-Request-Id": record.id})

@@ -3,9 +3,10 @@
 Wire format (docs/STREAMING.md, /work/notes/CONTRACTS.md): ``id: <seq>``, ``event: <type>``,
 ``data: <event JSON>`` per event; ``: keep-alive`` comments every ``Settings.sse_keepalive_s``;
 resumes after ``Last-Event-ID`` (or ``?after=<seq>``); closes after ``done``, ``error`` or
-``cancelled``. Events are read with ``XREAD BLOCK`` from the replay log, so a client that joins
-late or reconnects gets every event, and a slow client only delays its own reads: the producer
-writes to Redis and never waits for any subscriber.
+``cancelled``. Events are replayed from the request's log, then taken live from one pub/sub
+connection shared by the process (`router.event_hub`), so a client that joins late or
+reconnects gets every event, and a slow client only delays its own reads: the producer writes
+to Redis and never waits for any subscriber.
 """
 
 from __future__ import annotations
@@ -15,12 +16,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query
 
-from router.api.deps import CallerDep, RedisDep, SettingsDep, StoreDep
+from router.api.deps import CallerDep, EventsDep, SettingsDep, StoreDep
 from router.api.routes.requests import load_owned
 from router.intake import IntakeError
 from router.schemas import ErrorResponse
 from router.sse import KEEPALIVE, SSEResponse, format_event
-from router.subscribe import tail_log
 
 router = APIRouter(prefix="/v1/requests", tags=["requests"])
 
@@ -54,7 +54,7 @@ async def request_events(
     request_id: str,
     caller: CallerDep,
     store: StoreDep,
-    redis: RedisDep,
+    events: EventsDep,
     settings: SettingsDep,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
     after: Annotated[int | None, Query(ge=0, description="Resume after this seq.")] = None,
@@ -64,7 +64,7 @@ async def request_events(
     start = resume_point(last_event_id, after)
 
     async def body() -> AsyncIterator[bytes]:
-        async for event in tail_log(redis, settings, request_id, start, settings.sse_keepalive_s):
+        async for event in events.follow(request_id, start, settings.sse_keepalive_s):
             yield KEEPALIVE if event is None else format_event(event)
 
     return SSEResponse(body(), headers={"X-Request-Id": request_id})
