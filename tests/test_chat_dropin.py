@@ -4,6 +4,7 @@ unchanged, stream and non-stream, through a real API and stream worker and the s
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -172,3 +173,36 @@ def test_client_going_away_cancels_the_request(router_sdk: openai.OpenAI, lane: 
                         if httpx.get(record_url, headers=headers, timeout=5).json()["usage"]
                         else None, 10, message="paid tokens recorded")
     assert 3 <= record["usage"]["completion_tokens"] < 300
+
+
+def test_fast_and_general_paths_stream_alike(lane: Stack, sim_url: str) -> None:
+    """Plain ``application/json`` takes the route's fast path; with a charset parameter the
+    body goes through FastAPI's general handler. The SSE an SDK reads is the same."""
+    msgs = messages("[[sim:tps=200,tokens=9]]")
+    body = json.dumps({"model": MODEL, "messages": msgs, "stream": True, "priority": "high"})
+
+    def read(content_type: str) -> list[dict[str, Any]]:
+        headers = {"Authorization": f"Bearer {KEY}", "Content-Type": content_type}
+        with httpx.stream("POST", f"{lane.api_url}/v1/chat/completions", content=body,
+                          headers=headers, timeout=30) as response:
+            assert response.status_code == 200
+            lines = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "[DONE]"
+        chunks = [json.loads(line) for line in lines[:-1]]
+        for chunk in chunks:  # ids and times differ per request, nothing else may
+            chunk.pop("id"), chunk.pop("created")
+        return chunks
+
+    def text(chunks: list[dict[str, Any]]) -> str:
+        return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+
+    def framing(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        # tokens close together may share a chunk (the publisher coalesces), so compare the
+        # text as a whole and every chunk that carries no text one by one
+        return [c for c in chunks if not c["choices"][0]["delta"].get("content")]
+
+    fast, general = read("application/json"), read("application/json; charset=utf-8")
+    assert text(fast) == text(general) == direct_answer(sim_url, msgs)
+    assert framing(fast) == framing(general)
+    assert framing(fast)[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert framing(fast)[-1]["choices"][0]["finish_reason"] == "stop"

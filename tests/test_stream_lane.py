@@ -290,3 +290,22 @@ def test_flower_sees_each_stream_as_a_celery_task(lane: Stack, http: httpx.Clien
     assert kinds == ["task-received", "task-started", "task-succeeded"]
     done = next(e for e in tasks if e["uuid"] == task_id and e["type"] == "task-succeeded")
     assert done["hostname"].startswith("stream") and "completed" in done["result"]
+
+
+def test_events_answer_alike_on_the_fast_and_the_general_path(http: httpx.Client,
+                                                              sim_url: str) -> None:
+    """A plain follow takes the route's fast path, one with ``?after=`` FastAPI's general
+    handler: the same events, and the same errors for a wrong key or another tenant."""
+    msgs = messages("[[sim:tps=200,tokens=12]]")
+    request_id = submit(http, msgs)
+    fast, _ = sse(http, request_id)
+    general, _ = sse(http, request_id, params={"after": 0})
+    assert_complete(fast, direct_answer(sim_url, msgs))
+    assert general == fast
+    for params in (None, {"after": 0}):
+        url = f"/v1/requests/{request_id}/events"
+        wrong_key = http.get(url, params=params, headers={"Authorization": "Bearer sk-nope"})
+        other_tenant = http.get(url, params=params, headers={"Authorization": f"Bearer {KEY_B}"})
+        assert wrong_key.status_code == 401 and wrong_key.json()["error"]["code"] == \
+            "invalid_api_key"
+        assert other_tenant.status_code == 404

@@ -18,13 +18,21 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, get_args
 
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from router.api.deps import CallerDep, DispatcherDep, EventsDep, SettingsDep, StoreDep
+from router.api.deps import (
+    CallerDep,
+    DispatcherDep,
+    EventsDep,
+    SettingsDep,
+    StoreDep,
+    get_caller,
+)
 from router.api.errors import error_response
+from router.api.fast_path import json_model, with_fast_path
 from router.api.notify import cancel_and_notify
 from router.api.ratelimit import enforce_rate_limit
 from router.event_hub import EventFollower
@@ -168,8 +176,6 @@ def _completion(record: RequestRecord) -> JSONResponse:
     }, headers={"X-Request-Id": record.id})
 
 
-@router.post("/completions", responses=_ERRORS, response_model=None,
-             dependencies=[Depends(enforce_rate_limit)])
 async def chat_completions(
     body: SubmitRequest,
     request: Request,
@@ -216,3 +222,29 @@ async def chat_completions(
 
     return SSEResponse(_relay(record, events, settings, include_usage, state),
                        on_disconnect=cancel_if_unfinished, headers={"X-Request-Id": record.id})
+
+
+async def chat_completions_fast(request: Request) -> Response | None:
+    """`chat_completions` without FastAPI's per-request parameter solving (an eighth of the
+    API's CPU at 50 streams, benchmark 1), for a well-formed request with a known key; None
+    hands anything else to the general path (see router.api.fast_path)."""
+    body = await json_model(request, SubmitRequest)
+    if body is None:
+        return None
+    try:
+        caller = await get_caller(request, request.headers.get("authorization"))
+    except IntakeError:
+        return None
+    state = request.app.state
+    await enforce_rate_limit(request, caller, state.settings, state.redis)
+    headers = request.headers
+    return await chat_completions(body, request, caller, state.settings, state.store,
+                                  state.events, state.dispatcher, headers.get("x-priority"),
+                                  headers.get("idempotency-key"))
+
+
+router.add_api_route(
+    "/completions", chat_completions, methods=["POST"], responses=_ERRORS, response_model=None,
+    dependencies=[Depends(enforce_rate_limit)],
+    route_class_override=with_fast_path(chat_completions_fast),
+)

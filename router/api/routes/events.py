@@ -14,9 +14,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Header, Query, Request, Response
 
-from router.api.deps import CallerDep, EventsDep, SettingsDep, StoreDep
+from router.api.deps import CallerDep, EventsDep, SettingsDep, StoreDep, get_caller
+from router.api.fast_path import with_fast_path
 from router.api.routes.requests import load_owned
 from router.intake import IntakeError
 from router.schemas import ErrorResponse
@@ -43,13 +44,6 @@ def resume_point(last_event_id: str | None, after: int | None) -> int:
     return after or 0
 
 
-@router.get(
-    "/{request_id}/events",
-    responses={**_ERRORS, 200: {"content": {"text/event-stream": {}},
-                                "description": "Server-Sent Events, one per request event."}},
-    response_class=SSEResponse,
-    status_code=200,  # SSEResponse has no default status: without this /openapi.json is a 500
-)
 async def request_events(
     request_id: str,
     caller: CallerDep,
@@ -68,3 +62,29 @@ async def request_events(
             yield KEEPALIVE if event is None else format_event(event)
 
     return SSEResponse(body(), headers={"X-Request-Id": request_id})
+
+
+async def request_events_fast(request: Request) -> Response | None:
+    """`request_events` without FastAPI's per-request parameter solving (an eighth of the API's
+    CPU at 50 streams, benchmark 1), for a plain follow with a known key; None hands anything
+    else (``?after=``, a missing or wrong key) to the general path (see router.api.fast_path)."""
+    if request.query_params:
+        return None
+    try:
+        caller = await get_caller(request, request.headers.get("authorization"))
+    except IntakeError:
+        return None
+    state = request.app.state
+    return await request_events(request.path_params["request_id"], caller, state.store,
+                                state.events, state.settings,
+                                request.headers.get("last-event-id"))
+
+
+router.add_api_route(
+    "/{request_id}/events", request_events, methods=["GET"],
+    responses={**_ERRORS, 200: {"content": {"text/event-stream": {}},
+                                "description": "Server-Sent Events, one per request event."}},
+    response_class=SSEResponse,
+    status_code=200,  # SSEResponse has no default status: without this /openapi.json is a 500
+    route_class_override=with_fast_path(request_events_fast),
+)
