@@ -10,6 +10,10 @@ The first call of an iteration leads: it yields to the loop once, so that the ca
 same iteration can join it, then sends them all in one non-transactional pipeline (each script
 is atomic on its own, exactly as when sent alone). A call nobody joined goes out as the plain
 EVALSHA it always was, so a lightly loaded API pays only that one yield.
+
+Given a `PipePool` (a plain ``redis://`` URL), the calls go over its raw hiredis connections
+instead of redis-py's (`router.lua.run_scripts_raw`): redis-py's per-command machinery was a
+third of the stream worker's Python time (benchmark 1, issue 7).
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
-from router.lua import LuaScript
+from router.lua import LuaScript, run_scripts_raw
+from router.redis_pipe import PipePool
 
 _Call = tuple[LuaScript, list[str], list[Any], "asyncio.Future[Any]"]
 
@@ -28,8 +33,9 @@ _Call = tuple[LuaScript, list[str], list[Any], "asyncio.Future[Any]"]
 class ScriptCoalescer:
     """Runs `LuaScript`s on an async client, coalescing the calls of one loop iteration."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis, pool: PipePool | None = None) -> None:
         self.client = client
+        self.pool = pool
         self._gathering: list[_Call] | None = None  # the followers of the current leader
         self._tasks: set[asyncio.Task[None]] = set()  # pipelines in flight (strong references)
 
@@ -50,6 +56,11 @@ class ScriptCoalescer:
             raise
         self._gathering = None
         if not followers:
+            if self.pool is not None:
+                result = (await run_scripts_raw(self.pool, [(script, keys, args)]))[0]
+                if isinstance(result, Exception):
+                    raise result
+                return result
             return await script.run_async(self.client, keys, args)
         own: asyncio.Future[Any] = loop.create_future()
         # In a task of its own, so that a cancelled leader cannot leave its followers waiting.
@@ -63,10 +74,13 @@ class ScriptCoalescer:
 
     async def _execute(self, calls: list[_Call]) -> None:
         try:
-            pipe = self.client.pipeline(transaction=False)
-            for script, keys, args, _ in calls:
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
-            results = await pipe.execute(raise_on_error=False)
+            if self.pool is not None:
+                results = await run_scripts_raw(self.pool, [call[:3] for call in calls])
+            else:
+                pipe = self.client.pipeline(transaction=False)
+                for script, keys, args, _ in calls:
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                results = await pipe.execute(raise_on_error=False)
         except asyncio.CancelledError:
             for *_, future in calls:
                 future.cancel()

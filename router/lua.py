@@ -14,8 +14,11 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
+import hiredis
 import redis
 import redis.asyncio as aioredis
+
+from router.redis_pipe import PipePool, reply_error
 
 TERMINAL_STATES = ("completed", "failed", "cancelled")
 
@@ -209,6 +212,27 @@ class LuaScript:
             return await client.evalsha(self.sha, len(keys), *keys, *args)
         except redis.exceptions.NoScriptError:
             return await client.eval(self.source, len(keys), *keys, *args)
+
+
+ScriptCall = tuple[LuaScript, list[str], list[Any]]
+
+
+async def run_scripts_raw(pool: PipePool, calls: list[ScriptCall]) -> list[Any]:
+    """Run `calls` in one round trip on a raw connection (`router.redis_pipe`); each result in
+    place, an error as the exception redis-py would raise (as ``raise_on_error=False``). A call
+    whose script Redis does not know (a restart emptied its cache) is loaded and run again.
+    Raises `redis.ConnectionError` / `redis.TimeoutError` when Redis cannot be reached."""
+    results = await pool.execute([("EVALSHA", s.sha, len(k), *k, *a) for s, k, a in calls])
+    unknown = [i for i, r in enumerate(results)
+               if isinstance(r, hiredis.ReplyError) and str(r).startswith("NOSCRIPT")]
+    if unknown:
+        scripts = {calls[i][0].sha: calls[i][0] for i in unknown}
+        again = await pool.execute([("SCRIPT", "LOAD", s.source) for s in scripts.values()]
+                                   + [("EVALSHA", calls[i][0].sha, len(calls[i][1]),
+                                       *calls[i][1], *calls[i][2]) for i in unknown])
+        for i, result in zip(unknown, again[len(scripts):], strict=True):
+            results[i] = result
+    return [reply_error(r) if isinstance(r, hiredis.ReplyError) else r for r in results]
 
 
 CREATE_SCRIPT = LuaScript(CREATE)

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import hiredis
 import redis
+from redis._parsers.base import BaseParser
 from redis.connection import parse_url
 
 READ_SIZE = 65536
@@ -115,9 +116,33 @@ class RedisPipe:
         self._reader = self._writer = None
 
 
+class CommandBatch:
+    """Commands queued with the names of redis-py's pipeline methods, for a `RedisPipe`: lets
+    code that fills a pipeline (the ledger's and the timings' increments) fill a raw batch."""
+
+    def __init__(self) -> None:
+        self.commands: list[tuple[Any, ...]] = []
+
+    def hincrby(self, name: str, key: str, amount: int = 1) -> None:
+        self.commands.append(("HINCRBY", name, key, amount))
+
+    def zrem(self, name: str, *values: str) -> None:
+        self.commands.append(("ZREM", name, *values))
+
+    def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> None:
+        self.commands.append(("EVALSHA", sha, numkeys, *keys_and_args))
+
+
+def reply_error(reply: hiredis.ReplyError) -> redis.RedisError:
+    """The exception redis-py raises for this error reply (`NoScriptError`, `ReadOnlyError`,
+    `ResponseError`, ...), so callers catch the same classes whichever client ran the command."""
+    error: redis.RedisError = BaseParser.parse_error(str(reply))
+    return error
+
+
 class PipePool:
-    """Idle `RedisPipe` connections to one server, for callers that hold one for a while (an
-    SSE follower's blocking XREADs) and give it back; a broken pipe is dropped, not reused."""
+    """Idle `RedisPipe` connections to one server: callers take one for a batch (or hold one
+    for a while) and give it back; a broken pipe is dropped, not reused."""
 
     def __init__(self, url: str, max_idle: int = 256) -> None:
         self.url = url
@@ -132,6 +157,23 @@ class PipePool:
             self._idle.append(pipe)
         else:
             pipe.close()
+
+    async def execute(self, commands: list[tuple[Any, ...]], timeout_s: float | None = None
+                      ) -> list[Any]:
+        """`RedisPipe.execute` on a pooled connection. A pooled connection found dead (Redis
+        restarted since it was last used: nothing sent on it reached the new server) is
+        replaced and the batch sent once more, as redis-py retries a dead connection."""
+        reused = bool(self._idle)
+        pipe = self.acquire()
+        try:
+            return await pipe.execute(commands, timeout_s)
+        except redis.ConnectionError:
+            if not reused:
+                raise
+            pipe = RedisPipe(self.url)
+            return await pipe.execute(commands, timeout_s)
+        finally:
+            self.release(pipe)
 
     def close(self) -> None:
         """Close the idle connections (those in use close when their holder releases them)."""

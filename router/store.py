@@ -29,6 +29,7 @@ from router.lua import (
     LuaScript,
 )
 from router.records import TERMINAL, RequestRecord, dumps, now
+from router.redis_pipe import PipePool, RedisPipe
 from settings import Settings
 
 T = TypeVar("T")
@@ -291,10 +292,17 @@ class AsyncRequestStore:
         self.settings = settings
         self.ops = StoreOps(settings)
         self.keys = self.ops.keys
-        self.scripts = ScriptCoalescer(client)
+        # Raw hiredis connections for the scripts where the URL allows (see router.coalesce).
+        self.pool = PipePool(settings.redis_url) if RedisPipe.supports(settings.redis_url) else None
+        self.scripts = ScriptCoalescer(client, self.pool)
 
     async def run(self, op: StoreOp[T]) -> T:
         return op.parse(await self.scripts.run(op.script, op.keys, op.args))
+
+    def close(self) -> None:
+        """Close the idle raw connections (the redis-py client is its owner's to close)."""
+        if self.pool is not None:
+            self.pool.close()
 
     async def create(
         self, record: RequestRecord, events: Sequence[str], fingerprint: str | None = None,

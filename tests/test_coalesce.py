@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 
 from router.coalesce import ScriptCoalescer
 from router.lua import LuaScript
+from router.redis_pipe import PipePool
 
 # KEYS[1]: a counter; ARGV[1]: 'fail' to raise -> the counter after INCR
 INCR = LuaScript("""
@@ -99,10 +100,48 @@ def test_a_flushed_script_cache_is_reloaded(url: str) -> None:
     assert sorted(run(scenario, url)) == [1, 2, 3, 4, 5]
 
 
-def test_redis_away_reaches_every_caller() -> None:
+class CountingPool(PipePool):
+    """Counts the batches a coalescer sends over raw connections."""
+
+    batches = 0
+
+    async def execute(self, commands: list[tuple[Any, ...]], timeout_s: float | None = None
+                      ) -> list[Any]:
+        self.batches += 1
+        return await super().execute(commands, timeout_s)
+
+
+def test_over_raw_connections_the_same_answers(url: str) -> None:
+    """With a `PipePool` the calls of one iteration are one raw batch, errors are redis-py's
+    exception classes, and a flushed script cache is reloaded."""
+    key = f"t{uuid.uuid4().hex}:n"
+
+    async def scenario(client: aioredis.Redis) -> tuple[list[Any], list[Any], int]:
+        await client.script_flush()
+        pool = CountingPool(url)
+        coalescer = ScriptCoalescer(client, pool)
+        try:
+            calls = [coalescer.run(INCR, [key], ["fail" if i == 3 else "ok"]) for i in range(8)]
+            together = await asyncio.gather(*calls, return_exceptions=True)
+            batches = pool.batches
+            alone = [await coalescer.run(INCR, [key], ["ok"]) for _ in range(2)]
+            return list(together), alone, batches
+        finally:
+            pool.close()
+
+    together, alone, batches = run(scenario, url)
+    assert isinstance(together[3], redis.exceptions.ResponseError)
+    assert "asked to fail" in str(together[3])
+    assert sorted(r for i, r in enumerate(together) if i != 3) == [1, 2, 3, 4, 5, 6, 7]
+    assert batches == 2  # the batch, then the script load with the batch again
+    assert alone == [8, 9]
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["redis-py", "raw"])
+def test_redis_away_reaches_every_caller(raw: bool) -> None:
     async def scenario() -> list[Any]:
         client = aioredis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.5)
-        coalescer = ScriptCoalescer(client)
+        coalescer = ScriptCoalescer(client, PipePool("redis://127.0.0.1:1/0") if raw else None)
         try:
             return list(await asyncio.gather(
                 *(coalescer.run(INCR, ["k"], ["ok"]) for _ in range(4)), return_exceptions=True))

@@ -123,3 +123,56 @@ def test_a_server_that_never_answers_is_a_timeout() -> None:
             server.close()
 
     asyncio.run(run())
+
+
+def test_a_pooled_connection_dead_since_a_restart_is_replaced(tmp_path: Path) -> None:
+    """Redis restarts between two batches: the idle pooled connection is dead, the batch goes
+    once more on a new one; with Redis down, the caller gets a connection error."""
+    proc, url = start_redis_server(tmp_path)
+    port = int(url.rsplit(":", 1)[1])
+
+    async def run() -> tuple[list[Any], list[Any]]:
+        pool = PipePool(f"{url}/0")
+        try:
+            before = await pool.execute([("SET", "k", "1"), ("INCR", "k")])
+            proc.stop()
+            restarted.append(start_redis_server(tmp_path, port=port)[0])
+            after = await pool.execute([("SET", "k", "5"), ("INCR", "k")])
+            restarted[0].stop()
+            return before, after
+        finally:
+            pool.close()
+
+    restarted: list[Any] = []
+    try:
+        before, after = asyncio.run(run())
+    finally:
+        for server in [proc, *restarted]:
+            server.stop()
+    assert before == [b"OK", 2] and after == [b"OK", 6]
+
+    async def down() -> None:
+        with pytest.raises(redis.ConnectionError):
+            await PipePool(f"{url}/0").execute([("PING",)])
+
+    asyncio.run(down())
+
+
+def test_reply_errors_are_redis_py_exceptions(redis_base_url: str) -> None:
+    from router.lua import LuaScript, run_scripts_raw
+
+    key = f"pipe-test-{uuid.uuid4().hex}"
+    script = LuaScript("return redis.call('INCR', KEYS[1])")
+
+    async def run() -> list[Any]:
+        pool = PipePool(f"{redis_base_url}/0")
+        try:
+            await pool.execute([("SET", key, "text")])
+            return await run_scripts_raw(pool, [(script, [key], []), (script, [key + "n"], [])])
+        finally:
+            await pool.execute([("DEL", key, key + "n")])
+            pool.close()
+
+    failed, counted = asyncio.run(run())
+    assert isinstance(failed, redis.ResponseError) and "not an integer" in str(failed)
+    assert counted == 1

@@ -19,12 +19,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Literal
 
-import redis.asyncio as aioredis
-
 from router import events as ev
 from router.logs import get_logger
 from router.lua import CLAIM_STREAM_SCRIPT
 from router.records import RequestRecord, now
+from router.store import AsyncRequestStore
 from workers.stream_context import StreamContext
 
 log = get_logger(__name__)
@@ -43,13 +42,13 @@ def claim(request_id: str, ctx: StreamContext) -> ClaimOutcome:
     return outcome
 
 
-async def aclaim(request_id: str, ctx: StreamContext, client: aioredis.Redis
+async def aclaim(request_id: str, ctx: StreamContext, store: AsyncRequestStore
                  ) -> tuple[ClaimOutcome, RequestRecord | None]:
     """`claim` on the stream engine's loop, returning the claimed record too: steps 1 and 2 (and
     the running index and the `started` event) are one script, so starting a stream costs one
     Redis round trip. The rare `worker_lost` ending runs in a thread (sync store)."""
     keys, args = _claim_call(request_id, ctx)
-    raw = await CLAIM_STREAM_SCRIPT.run_async(client, keys, args)
+    raw = await store.scripts.run(CLAIM_STREAM_SCRIPT, keys, args)
     outcome, record = _claim_result(request_id, ctx, raw)
     if outcome == "worker_lost":
         await asyncio.get_running_loop().run_in_executor(None, _end_lost, request_id, ctx)

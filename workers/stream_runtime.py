@@ -57,4 +57,5 @@ class StreamRuntime:
         if self.publisher.pipe is not None:
             self.publisher.pipe.close()
         await self.upstream.aclose()
+        self.store.close()
         await self.redis.aclose()

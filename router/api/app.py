@@ -52,6 +52,7 @@ def create_app(settings: Settings, dispatcher: StreamDispatcher | None = None) -
             yield
         finally:
             await app.state.events.aclose()
+            app.state.store.close()
             await app.state.redis.aclose()
 
     app = FastAPI(
