@@ -309,3 +309,21 @@ def test_events_answer_alike_on_the_fast_and_the_general_path(http: httpx.Client
         assert wrong_key.status_code == 401 and wrong_key.json()["error"]["code"] == \
             "invalid_api_key"
         assert other_tenant.status_code == 404
+
+
+def test_a_client_leaving_the_events_stream_leaves_no_subscription(lane: Stack,
+                                                                   http: httpx.Client) -> None:
+    """The API notices a client going away while no event is due (the upstream's first token
+    is seconds away) at once, not at its next write; it stops following and its shared pub/sub
+    connection drops the request's channel. The request itself goes on (only the drop-in
+    cancels on a disconnect)."""
+    request_id = submit(http, messages("[[sim:ttft=6,tps=200,tokens=5]]"))
+    events, _ = sse(http, request_id, stop_after=2)  # accepted, started: then leaves
+    assert [e["type"] for e in events] == ["accepted", "started"]
+    client = redis.Redis.from_url(lane.settings.redis_url)
+    channel = Keys(lane.settings.key_prefix).channel(request_id)
+    wait_until(lambda: client.pubsub_numsub(channel)[0][1] == 0, 3,
+               message="the API to unsubscribe from the request's channel")
+    assert http.get(f"/v1/requests/{request_id}").json()["status"] == "streaming"
+    wait_until(lambda: http.get(f"/v1/requests/{request_id}").json()["status"] == "completed",
+               15, 0.1, message="the request to complete")
