@@ -53,6 +53,11 @@ class Keys:
         """Sorted set: request id -> time handed to the stream queue (for recovery sweeps)."""
         return f"{self.prefix}:stream:dispatched"
 
+    def accounted(self, request_id: str, run_id: str) -> str:
+        """String with TTL: set when one stream run's cost went into the ledger, so that an
+        end repeated after an error (or a retried write) cannot count it twice."""
+        return f"{self.prefix}:accounted:{{{request_id}}}:{run_id}"
+
     def streaming(self) -> str:
         """Sorted set: request id -> time its stream started (for dead-worker sweeps)."""
         return f"{self.prefix}:stream:running"

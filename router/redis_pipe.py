@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 import hiredis
 import redis
 from redis._parsers.base import BaseParser
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.connection import parse_url
 
 READ_SIZE = 65536
@@ -116,23 +118,6 @@ class RedisPipe:
         self._reader = self._writer = None
 
 
-class CommandBatch:
-    """Commands queued with the names of redis-py's pipeline methods, for a `RedisPipe`: lets
-    code that fills a pipeline (the ledger's and the timings' increments) fill a raw batch."""
-
-    def __init__(self) -> None:
-        self.commands: list[tuple[Any, ...]] = []
-
-    def hincrby(self, name: str, key: str, amount: int = 1) -> None:
-        self.commands.append(("HINCRBY", name, key, amount))
-
-    def zrem(self, name: str, *values: str) -> None:
-        self.commands.append(("ZREM", name, *values))
-
-    def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> None:
-        self.commands.append(("EVALSHA", sha, numkeys, *keys_and_args))
-
-
 def reply_error(reply: hiredis.ReplyError) -> redis.RedisError:
     """The exception redis-py raises for this error reply (`NoScriptError`, `ReadOnlyError`,
     `ResponseError`, ...), so callers catch the same classes whichever client ran the command."""
@@ -140,13 +125,22 @@ def reply_error(reply: hiredis.ReplyError) -> redis.RedisError:
     return error
 
 
+def client_retry() -> Retry:
+    """redis-py 8's default retry of its clients (10 retries, 10 ms doubling with jitter up to
+    1 s apart, on connection errors and timeouts): raw batches that stand in for a redis-py
+    client's commands ride out a Redis restart exactly as those commands did."""
+    return Retry(ExponentialWithJitterBackoff(base=0.01, cap=1.0), 10)
+
+
 class PipePool:
     """Idle `RedisPipe` connections to one server: callers take one for a batch (or hold one
-    for a while) and give it back; a broken pipe is dropped, not reused."""
+    for a while) and give it back; a broken pipe is dropped, not reused. With `retry`,
+    `execute` retries a batch that met a connection error or a timeout, as redis-py does."""
 
-    def __init__(self, url: str, max_idle: int = 256) -> None:
+    def __init__(self, url: str, max_idle: int = 256, retry: Retry | None = None) -> None:
         self.url = url
         self.max_idle = max_idle
+        self.retry = retry
         self._idle: list[RedisPipe] = []
 
     def acquire(self) -> RedisPipe:
@@ -160,9 +154,16 @@ class PipePool:
 
     async def execute(self, commands: list[tuple[Any, ...]], timeout_s: float | None = None
                       ) -> list[Any]:
-        """`RedisPipe.execute` on a pooled connection. A pooled connection found dead (Redis
-        restarted since it was last used: nothing sent on it reached the new server) is
-        replaced and the batch sent once more, as redis-py retries a dead connection."""
+        """`RedisPipe.execute` on a pooled connection (retried per `retry`). A pooled
+        connection found dead (Redis restarted since it was last used: nothing sent on it
+        reached the new server) is replaced and the batch sent once more in any case."""
+        if self.retry is None:
+            return await self._execute(commands, timeout_s)
+        return await self.retry.call_with_retry(lambda: self._execute(commands, timeout_s),
+                                                _no_cleanup)
+
+    async def _execute(self, commands: list[tuple[Any, ...]], timeout_s: float | None
+                       ) -> list[Any]:
         reused = bool(self._idle)
         pipe = self.acquire()
         try:
@@ -180,3 +181,7 @@ class PipePool:
         idle, self._idle = self._idle, []
         for pipe in idle:
             pipe.close()
+
+
+async def _no_cleanup(_error: Exception) -> None:
+    """A failed pipe closes itself; nothing else to undo before a retry."""

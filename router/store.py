@@ -29,7 +29,7 @@ from router.lua import (
     LuaScript,
 )
 from router.records import TERMINAL, RequestRecord, dumps, now
-from router.redis_pipe import PipePool, RedisPipe
+from router.redis_pipe import PipePool, RedisPipe, client_retry
 from settings import Settings
 
 T = TypeVar("T")
@@ -293,7 +293,8 @@ class AsyncRequestStore:
         self.ops = StoreOps(settings)
         self.keys = self.ops.keys
         # Raw hiredis connections for the scripts where the URL allows (see router.coalesce).
-        self.pool = PipePool(settings.redis_url) if RedisPipe.supports(settings.redis_url) else None
+        self.pool = (PipePool(settings.redis_url, retry=client_retry())
+                     if RedisPipe.supports(settings.redis_url) else None)
         self.scripts = ScriptCoalescer(client, self.pool)
 
     async def run(self, op: StoreOp[T]) -> T:

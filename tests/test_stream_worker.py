@@ -308,3 +308,35 @@ def test_idle_and_total_timeouts_are_enforced_in_the_task(
         assert record.result is not None and 0 < len(record.result.content.split()) < 40
     finally:
         ctx.close()
+
+
+def test_a_stream_runs_end_counts_its_cost_once(ctx: StreamContext) -> None:
+    """`END_STREAM_RUN_SCRIPT`: the lease goes back only if still ours, the running index is
+    left, and a run's increments count once however often its end is written (a retry after a
+    lost reply, or an end repeated after a later error: the chaos test's double count)."""
+    from workers.stream_lease import END_STREAM_RUN_SCRIPT
+
+    keys = ctx.keys
+    mine, theirs, run = uuid.uuid4().hex, uuid.uuid4().hex, uuid.uuid4().hex
+    for request_id in (mine, theirs):
+        ctx.redis.zadd(keys.streaming(), {request_id: 1.0})
+    ctx.redis.set(keys.lease(mine), ctx.leases.owner)
+    ctx.redis.set(keys.lease(theirs), "another-worker")
+
+    def end(request_id: str, run_id: str, tokens: int) -> Any:
+        return END_STREAM_RUN_SCRIPT(
+            ctx.redis, [keys.accounted(request_id, run_id), keys.lease(request_id),
+                        keys.streaming(), keys.ledger(), keys.timings("stream")],
+            [ctx.leases.owner, request_id, 60, 4, "stream|m|completion_tokens", tokens,
+             5, "ttft|n", 1])
+
+    assert [end(mine, run, 7), end(mine, run, 7)] == [1, 0]
+    assert end(mine, uuid.uuid4().hex, 3) == 1  # another run of the same request counts
+    assert end(theirs, run, 5) == 1
+    ledger = ctx.redis.hgetall(keys.ledger())
+    assert int(ledger[b"stream|m|completion_tokens"]) == 7 + 3 + 5
+    assert int(ctx.redis.hget(keys.timings("stream"), "ttft|n") or 0) == 3
+    assert ctx.redis.exists(keys.lease(mine)) == 0
+    assert ctx.redis.get(keys.lease(theirs)) == b"another-worker"
+    assert ctx.redis.zcard(keys.streaming()) == 0
+    assert 0 < ctx.redis.ttl(keys.accounted(mine, run)) <= 60

@@ -27,12 +27,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+import uuid
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Literal
 
-import hiredis
 import httpx
 import openai
 
@@ -42,11 +41,10 @@ from router.logs import get_logger
 from router.metrics import queue_timing
 from router.pricing import estimate_prompt_tokens
 from router.records import RequestRecord, Status, now
-from router.redis_pipe import CommandBatch
 from workers.retry import is_retryable, retry_after_seconds
 from workers.stream_claim import aclaim
 from workers.stream_context import StreamContext
-from workers.stream_lease import RELEASE_LEASE_SCRIPT
+from workers.stream_lease import END_STREAM_RUN_SCRIPT
 from workers.stream_publisher import PublishError, StreamHandle
 from workers.stream_runtime import StreamRuntime
 from workers.upstream_sse import TIMEOUT_ERRORS, TRANSPORT_ERRORS
@@ -57,6 +55,8 @@ RunOutcome = Literal[
     "completed", "failed", "cancelled", "duplicate", "terminal", "missing", "worker_lost"
 ]
 FLUSH_TIMEOUT_S = 10.0
+# How long a run's ledger marker outlives it: far beyond any retry or repeated end of the run.
+ACCOUNTED_TTL_S = 24 * 3600
 
 
 class StreamDropped(Exception):
@@ -106,6 +106,8 @@ class StreamState:
     first_token_at: float | None = None
     usage: UsageTally = field(default_factory=UsageTally)
     released: bool = False  # the lease went back with the ledger write
+    # Names this run in its ledger write's marker (`Keys.accounted`): its cost counts once.
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
     def content(self) -> str:
@@ -144,30 +146,35 @@ async def stream_request(request_id: str, rt: StreamRuntime) -> RunOutcome:
     finally:
         rt.publisher.close(handle)
         if state is None or not state.released:
-            await _release(request_id, rt)
+            await _end_run(request_id, rt, state.run_id if state is not None else "-")
 
 
-async def _release(request_id: str, rt: StreamRuntime, also: Callable[[Any], None] | None = None
-                   ) -> None:
-    """Give the lease back and leave the running index (the stream is over), with whatever
-    `also` queues on the same pipeline, in one round trip: on a raw connection where the URL
-    allows (redis-py's per-command cost, for the twenty-odd ledger and timing increments of
-    every stream, was a tenth of the worker's CPU), else on a redis-py pipeline."""
+class _Increments:
+    """Collects the HINCRBYs that `add_to_ledger` and `queue_timing` would queue on a pipeline."""
+
+    def __init__(self) -> None:
+        self.hashes: list[str] = []
+        self.triples: list[Any] = []  # (index of the hash in `hashes`, field, amount) ...
+
+    def hincrby(self, name: str, key: str, amount: int = 1) -> None:
+        if name not in self.hashes:
+            self.hashes.append(name)
+        self.triples += [self.hashes.index(name), key, amount]
+
+
+async def _end_run(request_id: str, rt: StreamRuntime, run_id: str,
+                   increments: _Increments | None = None) -> None:
+    """Give the lease back and leave the running index (the stream is over), and add this
+    run's `increments` unless they were already added: one script (`END_STREAM_RUN_SCRIPT`),
+    one round trip, safe to repeat."""
     rt.ctx.leases.forget(request_id)
-    release = ([rt.keys.lease(request_id)], [rt.ctx.leases.owner])
-    pipe: Any = CommandBatch() if rt.store.pool is not None else rt.redis.pipeline(
-        transaction=False)
-    pipe.evalsha(RELEASE_LEASE_SCRIPT.sha, 1, *release[0], *release[1])
-    pipe.zrem(rt.keys.streaming(), request_id)
-    if also is not None:
-        also(pipe)
-    if rt.store.pool is not None:
-        first = (await rt.store.pool.execute(pipe.commands))[0]
-        released = not isinstance(first, hiredis.ReplyError)
-    else:
-        released = not isinstance((await pipe.execute(raise_on_error=False))[0], Exception)
-    if not released:  # the release script was not loaded yet
-        await RELEASE_LEASE_SCRIPT.run_async(rt.redis, *release)
+    incs = increments or _Increments()
+    keys = [rt.keys.accounted(request_id, run_id), rt.keys.lease(request_id),
+            rt.keys.streaming(), *incs.hashes]
+    first_key = 4  # Lua's index of incs.hashes[0] in KEYS
+    args = [rt.ctx.leases.owner, request_id, ACCOUNTED_TTL_S,
+            *(value + first_key if i % 3 == 0 else value for i, value in enumerate(incs.triples))]
+    await rt.store.scripts.run(END_STREAM_RUN_SCRIPT, keys, args)
 
 
 def _upstream_request(state: StreamState) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -305,12 +312,11 @@ async def _add_to_ledger(rt: StreamRuntime, state: StreamState, increments: dict
                          finished: RequestRecord | None = None) -> None:
     """Add the cost to the ledger and, for a request this worker ended, its latencies; the
     stream is over, so its lease goes back in the same round trip."""
-    def ledger_and_timing(pipe: Any) -> None:
-        add_to_ledger(pipe, rt.keys, increments)
-        if finished is not None:
-            queue_timing(pipe, rt.keys, finished)
-
-    await _release(state.record.id, rt, ledger_and_timing)
+    incs = _Increments()
+    add_to_ledger(incs, rt.keys, increments)
+    if finished is not None:
+        queue_timing(incs, rt.keys, finished)
+    await _end_run(state.record.id, rt, state.run_id, incs)
     state.released = True
 
 
