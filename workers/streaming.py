@@ -55,8 +55,10 @@ RunOutcome = Literal[
     "completed", "failed", "cancelled", "duplicate", "terminal", "missing", "worker_lost"
 ]
 FLUSH_TIMEOUT_S = 10.0
-# How long a run's ledger marker outlives it: far beyond any retry or repeated end of the run.
-ACCOUNTED_TTL_S = 24 * 3600
+# How long a run's ledger marker lives. A run's end is repeated only by the same run, within
+# seconds (a write retried for ~5 s, an end written again after a later error); ten minutes
+# is far beyond that and keeps the markers few (one per stream for ten minutes).
+ACCOUNTED_TTL_S = 600
 
 
 class StreamDropped(Exception):
