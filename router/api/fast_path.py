@@ -22,6 +22,10 @@ from fastapi import Request, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
+from router.api.deps import Caller, get_caller
+from router.api.ratelimit import enforce_rate_limit
+from router.intake import IntakeError
+
 M = TypeVar("M", bound=BaseModel)
 FastHandler = Callable[[Request], Awaitable[Response | None]]
 JSON_CONTENT_TYPE = "application/json"
@@ -64,3 +68,27 @@ async def json_model(request: Request, model: type[M]) -> M | None:
         return model.model_validate(json.loads(body), from_attributes=True)
     except Exception:
         return None
+
+
+async def known_caller(request: Request) -> Caller | None:
+    """The caller when the request carries a valid key, else None: the general path then
+    answers the 401 with its own message."""
+    try:
+        return await get_caller(request, request.headers.get("authorization"))
+    except IntakeError:
+        return None
+
+
+async def admitted(request: Request, model: type[M]) -> tuple[M, Caller] | None:
+    """A plain, valid body (`json_model`) from a caller with a valid key, counted against the
+    key's rate limits (over them: the 429 is raised, as by the route's dependency); None hands
+    the request to the general path, before anything was counted."""
+    body = await json_model(request, model)
+    if body is None:
+        return None
+    caller = await known_caller(request)
+    if caller is None:
+        return None
+    state = request.app.state
+    await enforce_rate_limit(request, caller, state.settings, state.redis)
+    return body, caller

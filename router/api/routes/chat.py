@@ -23,16 +23,9 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from router.api.deps import (
-    CallerDep,
-    DispatcherDep,
-    EventsDep,
-    SettingsDep,
-    StoreDep,
-    get_caller,
-)
+from router.api.deps import CallerDep, DispatcherDep, EventsDep, SettingsDep, StoreDep
 from router.api.errors import error_response
-from router.api.fast_path import json_model, with_fast_path
+from router.api.fast_path import admitted, with_fast_path
 from router.api.notify import cancel_and_notify
 from router.api.ratelimit import enforce_rate_limit
 from router.event_hub import EventFollower
@@ -228,15 +221,11 @@ async def chat_completions_fast(request: Request) -> Response | None:
     """`chat_completions` without FastAPI's per-request parameter solving (an eighth of the
     API's CPU at 50 streams, benchmark 1), for a well-formed request with a known key; None
     hands anything else to the general path (see router.api.fast_path)."""
-    body = await json_model(request, SubmitRequest)
-    if body is None:
+    admission = await admitted(request, SubmitRequest)
+    if admission is None:
         return None
-    try:
-        caller = await get_caller(request, request.headers.get("authorization"))
-    except IntakeError:
-        return None
+    body, caller = admission
     state = request.app.state
-    await enforce_rate_limit(request, caller, state.settings, state.redis)
     headers = request.headers
     return await chat_completions(body, request, caller, state.settings, state.store,
                                   state.events, state.dispatcher, headers.get("x-priority"),

@@ -8,8 +8,8 @@ import orjson
 from fastapi import APIRouter, Depends, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from router.api.deps import CallerDep, StoreDep, get_caller
-from router.api.fast_path import json_model, with_fast_path
+from router.api.deps import CallerDep, StoreDep
+from router.api.fast_path import admitted, with_fast_path
 from router.api.notify import cancel_and_notify
 from router.api.ratelimit import enforce_rate_limit
 from router.classify import deadline_depends_on_flush
@@ -113,15 +113,10 @@ async def submit(body: SubmitRequest, request: Request, caller: CallerDep) -> Re
 async def submit_fast(request: Request) -> Response | None:
     """`submit` without FastAPI's per-request parameter solving, for a well-formed request with
     a known key; None hands anything else to the general path (see router.api.fast_path)."""
-    body = await json_model(request, SubmitRequest)
-    if body is None:
+    admission = await admitted(request, SubmitRequest)
+    if admission is None:
         return None
-    try:
-        caller = await get_caller(request, request.headers.get("authorization"))
-    except IntakeError:
-        return None
-    state = request.app.state
-    await enforce_rate_limit(request, caller, state.settings, state.redis)
+    body, caller = admission
     return await submit(body, request, caller)
 
 
