@@ -38,8 +38,8 @@ from redis.connection import parse_url
 from router.events import FINAL_EVENT_TYPES, parse_event, stream_id_after
 from router.keys import Keys
 from router.logs import get_logger
-from router.redis_pipe import PipePool, RedisPipe
-from router.subscribe import TERMINAL_STATUSES, tail_log
+from router.redis_pipe import PipePool, RedisPipe, reply_error
+from router.subscribe import event_data, finished, tail_log
 from settings import Settings
 
 log = get_logger(__name__)
@@ -106,9 +106,8 @@ class _Inbox:
         self._wake()
 
     def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if self._waiter is not None:
+            _resolve(self._waiter)
 
     async def take(self, timeout_s: float) -> list[bytes] | None:
         """What arrived (at once if something is waiting); None after `timeout_s` of nothing.
@@ -302,19 +301,14 @@ class EventHub:
 
     async def _log_after(self, request_id: str, last: int) -> tuple[list[dict[str, Any]], bool]:
         """The log's events after seq `last`, and whether the request is over (or gone)."""
-        pipe = self.pool.acquire()
-        try:
-            entries, status = await pipe.execute([
-                ("XRANGE", self.keys.events(request_id), f"({stream_id_after(last)}", "+"),
-                ("HGET", self.keys.record(request_id), "status"),
-            ])
-        finally:
-            self.pool.release(pipe)
+        entries, status = await self.pool.execute([
+            ("XRANGE", self.keys.events(request_id), f"({stream_id_after(last)}", "+"),
+            ("HGET", self.keys.record(request_id), "status"),
+        ])
         if isinstance(entries, hiredis.ReplyError):
-            raise redis.ResponseError(str(entries))
-        events = [parse_event(dict(zip(fields[::2], fields[1::2], strict=False))[b"d"])
-                  for _entry_id, fields in entries]
-        return events, status is None or status in TERMINAL_STATUSES
+            raise reply_error(entries)
+        events = [parse_event(event_data(fields)) for _entry_id, fields in entries]
+        return events, finished(status)
 
     async def follow(self, request_id: str, after_seq: int, idle_s: float
                      ) -> AsyncIterator[dict[str, Any] | None]:

@@ -22,8 +22,9 @@ Redis buffers pub/sub output per subscriber (``client-output-buffer-limit pubsub
 subscriber that falls too far behind is disconnected by Redis — not the producer — and simply
 resumes from the log with its last seq.
 
-`tail_log` is the other way to follow, used by the HTTP API: ``XREAD BLOCK`` on the log alone
-(no pub/sub), race-free because the log is the source of truth.
+`tail_log` is the other way to follow: ``XREAD BLOCK`` on the log alone (no pub/sub), race-free
+because the log is the source of truth. The HTTP API uses it where its shared pub/sub follower
+(`router.event_hub`) cannot serve the Redis URL (TLS, unix sockets).
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ import redis.asyncio as aioredis
 
 from router.events import FINAL_EVENT_TYPES, parse_event, seq_of_stream_id, stream_id_after
 from router.keys import Keys
-from router.redis_pipe import PipePool, RedisPipe
 from settings import Settings
 
 TERMINAL_STATUSES = (b"completed", b"failed", b"cancelled")
@@ -45,14 +45,17 @@ _POLL_S = 1.0
 
 
 def _log_events(entries: list[Any] | None) -> list[dict[str, Any]]:
-    out = []
-    for _entry_id, fields in entries or []:
-        data = fields.get(b"d") if b"d" in fields else fields.get("d")
-        out.append(parse_event(data))
-    return out
+    return [parse_event(event_data(fields)) for _entry_id, fields in entries or []]
 
 
-def _finished(status: Any) -> bool:
+def event_data(fields: Any) -> Any:
+    """The ``d`` field of a log entry: a dict from redis-py, a flat list from hiredis."""
+    if isinstance(fields, dict):
+        return fields.get(b"d") if b"d" in fields else fields.get("d")
+    return dict(zip(fields[::2], fields[1::2], strict=False)).get(b"d")
+
+
+def finished(status: Any) -> bool:
     """Whether a record status (raw from Redis) means no event will follow."""
     return status is None or status in TERMINAL_STATUSES
 
@@ -93,7 +96,7 @@ def follow_events(
                                              min=f"({stream_id_after(last)}", max="+"))
 
         pending = backlog()
-        if not pending and _finished(client.hget(keys.record(request_id), "status")):
+        if not pending and finished(client.hget(keys.record(request_id), "status")):
             return  # terminal, and nothing after `after_seq`: nothing more will come
         while True:
             for event in pending:
@@ -137,7 +140,7 @@ async def afollow_events(
                                                    min=f"({stream_id_after(last)}", max="+"))
 
         pending = await backlog()
-        if not pending and _finished(await client.hget(keys.record(request_id), "status")):
+        if not pending and finished(await client.hget(keys.record(request_id), "status")):
             return
         while True:
             for event in pending:
@@ -175,60 +178,26 @@ async def tail_log(
     last_id = stream_id_after(after_seq)
     block_ms = max(1, int(idle_s * 1000))
     first = True
-    pool = _pipe_pool(settings.redis_url)
-    pipe = pool.acquire() if pool is not None else None
-    try:
-        while True:
-            # The first read does not block: a request that is over and has nothing after
-            # `after_seq` ends at once instead of after one idle period.
-            if pipe is not None:
-                command: tuple[Any, ...] = ("XREAD", "COUNT", 500, "STREAMS", stream_key, last_id)
-                if not first:
-                    command = ("XREAD", "COUNT", 500, "BLOCK", block_ms, "STREAMS", stream_key,
-                               last_id)
-                reply: Any = (await pipe.execute([command], idle_s + 10))[0]
-                if isinstance(reply, Exception):
-                    raise redis.ResponseError(str(reply))
-            else:
-                reply = await client.xread({stream_key: last_id}, count=500,
-                                           block=None if first else block_ms)
-            if not reply:
-                if _finished(await client.hget(keys.record(request_id), "status")):
-                    tail = await client.xrange(stream_key, min=f"({last_id}", max="+")
-                    if not tail:
-                        return
-                    continue
-                if not first:
-                    yield None
-                first = False
+    while True:
+        # The first read does not block: a request that is over and has nothing after
+        # `after_seq` ends at once instead of after one idle period.
+        reply: Any = await client.xread({stream_key: last_id}, count=500,
+                                        block=None if first else block_ms)
+        if not reply:
+            if finished(await client.hget(keys.record(request_id), "status")):
+                tail = await client.xrange(stream_key, min=f"({last_id}", max="+")
+                if not tail:
+                    return
                 continue
+            if not first:
+                yield None
             first = False
-            for _key, entries in reply:
-                for entry_id, fields in entries:
-                    last_id = f"0-{seq_of_stream_id(entry_id)}"
-                    event = parse_event(_field_d(fields))
-                    yield event
-                    if event["type"] in FINAL_EVENT_TYPES:
-                        return
-    finally:
-        if pool is not None and pipe is not None:
-            pool.release(pipe)
-
-
-# One pool of raw connections per Redis server this process follows logs on (see
-# router.redis_pipe: an XREAD per relayed token through redis-py was a fifth of the API's CPU);
-# None for a URL a raw connection cannot serve (a unix socket): the client's redis-py then.
-_pipe_pools: dict[str, PipePool | None] = {}
-
-
-def _pipe_pool(redis_url: str) -> PipePool | None:
-    if redis_url not in _pipe_pools:
-        _pipe_pools[redis_url] = PipePool(redis_url) if RedisPipe.supports(redis_url) else None
-    return _pipe_pools[redis_url]
-
-
-def _field_d(fields: Any) -> Any:
-    """The ``d`` field of a log entry: a dict from redis-py, a flat list from hiredis."""
-    if isinstance(fields, dict):
-        return fields.get(b"d") if b"d" in fields else fields.get("d")
-    return dict(zip(fields[::2], fields[1::2], strict=False)).get(b"d")
+            continue
+        first = False
+        for _key, entries in reply:
+            for entry_id, fields in entries:
+                last_id = f"0-{seq_of_stream_id(entry_id)}"
+                event = parse_event(event_data(fields))
+                yield event
+                if event["type"] in FINAL_EVENT_TYPES:
+                    return

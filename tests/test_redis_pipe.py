@@ -1,6 +1,6 @@
-"""`router.redis_pipe.RedisPipe` (the publisher's and the SSE followers' raw connection)
-against real Redis servers: replies in order, errors as values, AUTH and SELECT, a lost server,
-and `tail_log` over it."""
+"""`router.redis_pipe.RedisPipe` and `PipePool` (the raw connections of the publisher, the
+API's event hub and the scripts) against real Redis servers: replies in order, errors as values,
+AUTH and SELECT, a lost server; and `tail_log`, the follower for URLs they cannot serve."""
 
 from __future__ import annotations
 
@@ -70,21 +70,10 @@ def test_only_plain_tcp_urls() -> None:
             RedisPipe(url)
 
 
-def test_followers_use_raw_connections_where_the_url_allows() -> None:
-    assert isinstance(subscribe._pipe_pool("redis://127.0.0.1:6379/0"), PipePool)
-    assert subscribe._pipe_pool("rediss://example.com:6380/0") is None
-    assert subscribe._pipe_pool("unix:///tmp/redis.sock?db=0") is None
-
-
-@pytest.mark.parametrize("raw_pipe", [True, False], ids=["hiredis-pipe", "redis-py"])
-def test_tail_log_reads_every_event_after_a_seq(make_settings: Callable[..., Settings],
-                                                monkeypatch: pytest.MonkeyPatch,
-                                                raw_pipe: bool) -> None:
-    """`tail_log` (the API's SSE source) over a pooled raw connection, and over redis-py where
-    no raw connection can be made (unix sockets, TLS): the same events either way."""
+def test_tail_log_reads_every_event_after_a_seq(make_settings: Callable[..., Settings]) -> None:
+    """`tail_log` (the API's SSE source where the event hub cannot serve the URL: unix
+    sockets, TLS) replays after a seq, keeps alive when idle, and ends at the final event."""
     settings = make_settings()
-    if not raw_pipe:
-        monkeypatch.setattr(subscribe, "_pipe_pool", lambda _url: None)
     sync = redis.Redis.from_url(settings.redis_url)
     store = RequestStore(sync, settings)
     request_id = uuid.uuid4().hex
