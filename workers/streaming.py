@@ -152,16 +152,20 @@ async def stream_request(request_id: str, rt: StreamRuntime) -> RunOutcome:
 
 
 class _Increments:
-    """Collects the HINCRBYs that `add_to_ledger` and `queue_timing` would queue on a pipeline."""
+    """Collects the HINCRBYs that `add_to_ledger` and `queue_timing` would queue on a pipeline,
+    as `END_STREAM_RUN_SCRIPT` takes them: the hashes (its KEYS from the fourth on) and, per
+    increment, the hash's Lua index into KEYS, the field and the amount."""
+
+    FIRST_KEY = 4  # KEYS[1..3] are the marker, the lease and the running index
 
     def __init__(self) -> None:
         self.hashes: list[str] = []
-        self.triples: list[Any] = []  # (index of the hash in `hashes`, field, amount) ...
+        self.triples: list[Any] = []
 
     def hincrby(self, name: str, key: str, amount: int = 1) -> None:
         if name not in self.hashes:
             self.hashes.append(name)
-        self.triples += [self.hashes.index(name), key, amount]
+        self.triples += [self.FIRST_KEY + self.hashes.index(name), key, amount]
 
 
 async def _end_run(request_id: str, rt: StreamRuntime, run_id: str,
@@ -173,9 +177,7 @@ async def _end_run(request_id: str, rt: StreamRuntime, run_id: str,
     incs = increments or _Increments()
     keys = [rt.keys.accounted(request_id, run_id), rt.keys.lease(request_id),
             rt.keys.streaming(), *incs.hashes]
-    first_key = 4  # Lua's index of incs.hashes[0] in KEYS
-    args = [rt.ctx.leases.owner, request_id, ACCOUNTED_TTL_S,
-            *(value + first_key if i % 3 == 0 else value for i, value in enumerate(incs.triples))]
+    args = [rt.ctx.leases.owner, request_id, ACCOUNTED_TTL_S, *incs.triples]
     await rt.store.scripts.run(END_STREAM_RUN_SCRIPT, keys, args)
 
 
