@@ -125,7 +125,9 @@ def validate_input(
                            f"The batch input file is larger than the {config.batch_max_bytes} "
                            "byte maximum for the 'batch' purpose."))
         return lines, errors, batch_d
-    raw_lines = [ln for ln in data.split(b"\n")]
+    raw_lines = data.split(b"\n")
+    # Most files carry no directive: one shared empty (never mutated) Directives serves them.
+    no_directives = Directives() if b"[[sim:" not in data else None
     seen: set[str] = set()
     model: str | None = None
     count = 0
@@ -182,7 +184,7 @@ def validate_input(
                                f"'{model}' of other requests in this batch. All requests in a "
                                "batch must use the same model.", number, "body.model"))
             continue
-        d = parse_messages(body["messages"])
+        d = no_directives or parse_messages(body["messages"])
         if d.batch is not None:
             batch_d.batch = d.batch
         if d.turnaround is not None:
