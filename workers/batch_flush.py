@@ -31,7 +31,13 @@ from workers import batch_claim
 from workers.batch_claim import Claim, ClaimedRow
 from workers.batch_jsonl import JsonlPart, line_size, write_parts
 from workers.batch_lock import RedisLock, held
-from workers.batch_lua import FINISH_SCRIPT, SUBMIT_MANY_SCRIPT, run_pipelined
+from workers.batch_lua import (
+    FINISH_SCRIPT,
+    SUBMIT_MANY_SCRIPT,
+    ScriptCall,
+    run_overlapped,
+    run_pipelined,
+)
 from workers.batch_mode import ResolvedMode, resolve_batch_mode
 from workers.batch_writeback import Notify, no_notify
 from workers.deadlines import StreamDispatch, escalate
@@ -242,18 +248,23 @@ def record_batch(client: redis.Redis, settings: Settings, batch_id: str, model: 
 
 def mark_submitted(client: redis.Redis, settings: Settings, batch_id: str,
                    ids: list[str], chunk: int = SUBMIT_CHUNK) -> int:
-    """Every still-`queued` id becomes `submitted` in `batch_id` (emitting `submitted`)."""
+    """Every still-`queued` id becomes `submitted` in `batch_id` (emitting `submitted`).
+
+    Chunks are built while Redis runs the one before (`run_overlapped`).
+    """
     keys = Keys(settings.key_prefix)
     event = ev.submitted(batch_id)
     at = repr(now())
-    calls: list[tuple[list[str], list[Any]]] = []
-    for start in range(0, len(ids), chunk):
-        part = ids[start:start + chunk]
-        call_keys = [keys.batch_requests(batch_id)]
-        call_args: list[Any] = [batch_id, at, settings.replay_maxlen, settings.replay_ttl_s,
-                                event]
-        for request_id in part:
-            call_keys += [keys.record(request_id), keys.seq(request_id), keys.events(request_id)]
-            call_args += [request_id, keys.channel(request_id)]
-        calls.append((call_keys, call_args))
-    return sum(int(x) for x in run_pipelined(client, SUBMIT_MANY_SCRIPT, calls))
+
+    def calls() -> Iterator[tuple[int, ScriptCall]]:
+        for start in range(0, len(ids), chunk):
+            call_keys = [keys.batch_requests(batch_id)]
+            call_args: list[Any] = [batch_id, at, settings.replay_maxlen, settings.replay_ttl_s,
+                                    event]
+            for request_id in ids[start:start + chunk]:
+                call_keys += [keys.record(request_id), keys.seq(request_id),
+                              keys.events(request_id)]
+                call_args += [request_id, keys.channel(request_id)]
+            yield start, (call_keys, call_args)
+
+    return sum(int(moved) for _start, moved in run_overlapped(client, SUBMIT_MANY_SCRIPT, calls()))
