@@ -39,6 +39,11 @@ def dumps(value: Any) -> str:
     return orjson.dumps(value, default=_default).decode()
 
 
+def dumps_bytes(value: Any) -> bytes:
+    """`dumps` as UTF-8 bytes, for a value that goes straight to Redis (no decode, re-encode)."""
+    return orjson.dumps(value, default=_default)
+
+
 def _default(value: Any) -> Any:
     if isinstance(value, Decimal):
         return str(value)
