@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from router.api.body_limit import BodySizeLimit
 from router.api.errors import install_error_handlers
+from router.api.fast_path import FastPaths
 from router.api.routes import admin, chat, events, health, metrics, requests
 from router.event_hub import event_follower
 from router.intake import StreamDispatcher
@@ -67,7 +68,10 @@ def create_app(settings: Settings, dispatcher: StreamDispatcher | None = None) -
     )
     app.state.settings = settings
     install_error_handlers(app)
-    for module in (requests, events, chat, admin, metrics, health):
-        app.include_router(module.router)
+    modules = (requests, events, chat, admin, metrics, health)
+    for module in modules:
+        app.include_router(module.router)  # at the root: their routes' paths are the app's
+    # Added first, so it runs inside the body size limit (the last one added runs outermost).
+    app.add_middleware(FastPaths, routes=[r for m in modules for r in m.router.routes])
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app

@@ -1,26 +1,39 @@
-"""A route class that tries a hand-written fast path before FastAPI's general request handler.
+"""Hand-written fast paths for the hot routes, offered each request before FastAPI's routing.
 
 Why: FastAPI solves a route's parameters and dependencies generically on every request
 (content-type parsing through `email.message`, header extraction, per-dependency cache keys,
-nested dependency resolution): about a quarter of the CPU of a ``POST /v1/requests``
-(benchmark 3, issue 7). The fast path handles only the common, well-formed request and returns
-None for anything else, so every unusual request (no or another content type, bad JSON, invalid
-fields, a wrong key) goes through FastAPI's general handler and gets exactly its answer. The
-route's declared signature still makes the OpenAPI document and serves as that general path.
+nested dependency resolution), and since 0.165 finds the route by walking every included router
+(seven matches per request) through three more middlewares: together more than a third of the
+CPU of a ``POST /v1/requests`` (benchmark 3, issue 7). A route declares its fast path with
+``route_class_override=with_fast_path(fast)``; the `FastPaths` middleware (installed by
+`create_app`, inside the body size limit) matches those routes' paths itself and calls `fast`.
+The fast path handles only the common, well-formed request and returns None for anything else,
+so every unusual request (no or another content type, bad JSON, invalid fields, a wrong key)
+goes on through FastAPI to the route's general handler and gets exactly its answer (the body
+the fast path read is handed on). An exception a fast path raises is answered by the app's own
+exception handlers, as FastAPI would answer it; the route's declared signature still makes the
+OpenAPI document and serves as that general path.
 
 A fast path must have no side effect before it decides to return None: the general handler
-then runs the whole request again (the body itself is cached on the `Request`).
+then runs the whole request again.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Coroutine
+import re
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
+from starlette._utils import get_route_path
+from starlette.applications import Starlette
+from starlette.convertors import Convertor
+from starlette.routing import BaseRoute
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from router.api.deps import Caller, get_caller
 from router.api.ratelimit import enforce_rate_limit
@@ -28,28 +41,111 @@ from router.intake import IntakeError
 
 M = TypeVar("M", bound=BaseModel)
 FastHandler = Callable[[Request], Awaitable[Response | None]]
+ExceptionHandler = Callable[[Request, Exception], Awaitable[Response]]
 JSON_CONTENT_TYPE = "application/json"
 
 
 class FastPathRoute(APIRoute):
-    """An `APIRoute` that first offers each request to `fast` (set by `with_fast_path`)."""
+    """An `APIRoute` whose requests `FastPaths` first offers to `fast` (set by `with_fast_path`)."""
 
     fast: FastHandler
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        general = super().get_route_handler()
-        fast = type(self).fast
-
-        async def handler(request: Request) -> Response:
-            response = await fast(request)
-            return response if response is not None else await general(request)
-
-        return handler
 
 
 def with_fast_path(fast: FastHandler) -> type[APIRoute]:
     """A route class (for ``route_class_override``) whose requests try `fast` first."""
     return type("FastPathRoute", (FastPathRoute,), {"fast": staticmethod(fast)})
+
+
+@dataclass(frozen=True)
+class _Entry:
+    regex: re.Pattern[str]
+    convertors: dict[str, Convertor[Any]]
+    fast: FastHandler
+
+
+class FastPaths:
+    """ASGI middleware: a request for a `FastPathRoute` (method and path) goes to its fast path.
+
+    `routes` are those of the routers the app includes at its root (their paths are then the
+    app's). They are matched in order, on the same compiled path patterns FastAPI uses; put a
+    fast path only on a route whose method and path no earlier route can also match.
+    """
+
+    def __init__(self, app: ASGIApp, routes: Iterable[BaseRoute]) -> None:
+        self.app = app
+        self.table: dict[str, list[_Entry]] = {}
+        for route in routes:
+            if isinstance(route, FastPathRoute):
+                for method in route.methods or ():
+                    self.table.setdefault(method, []).append(
+                        _Entry(route.path_regex, route.param_convertors, type(route).fast))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            entries = self.table.get(scope["method"])
+            if entries:
+                path = get_route_path(scope)
+                for entry in entries:
+                    match = entry.regex.match(path)
+                    if match is not None:
+                        await self._offer(entry, match, scope, receive, send)
+                        return
+        await self.app(scope, receive, send)
+
+    async def _offer(self, entry: _Entry, match: re.Match[str], scope: Scope, receive: Receive,
+                     send: Send) -> None:
+        scope["path_params"] = {name: entry.convertors[name].convert(value)
+                                for name, value in match.groupdict().items()}
+        request = Request(scope, receive)
+        started = False
+
+        async def sender(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            response = await entry.fast(request)
+            if response is not None:
+                await response(scope, receive, sender)
+                return
+        except Exception as exc:
+            handler = _handler_for(scope["app"], exc)
+            if handler is None or started:
+                raise  # unexpected: ServerErrorMiddleware answers 500, as for any route
+            await (await handler(request, exc))(scope, receive, sender)
+            return
+        await self.app(scope, _replaying(request, receive), send)
+
+
+def _handler_for(app: Starlette, exc: Exception) -> ExceptionHandler | None:
+    """The app's handler for `exc` as FastAPI's `ExceptionMiddleware` picks it (by the
+    exception's class hierarchy); None for what only the catch-all `Exception` handler takes."""
+    handlers = app.exception_handlers
+    for cls in type(exc).__mro__:
+        if cls is Exception:
+            return None
+        handler = handlers.get(cls)
+        if handler is not None:
+            return handler
+    return None
+
+
+def _replaying(request: Request, receive: Receive) -> Receive:
+    """`receive` for the general path: first the body the fast path already read, if any."""
+    body: bytes | None = getattr(request, "_body", None)
+    if body is None:
+        return receive
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 async def json_model(request: Request, model: type[M]) -> M | None:
