@@ -127,3 +127,79 @@ def test_stop_lets_running_streams_end(ctx: StreamContext) -> None:
     assert record is not None and record.status == "completed"
     client = redis.Redis.from_url(settings.redis_url)
     assert not client.exists(Keys(settings.key_prefix).lease(request_id))
+
+
+def test_a_backlog_is_taken_in_queue_order_within_the_slots(ctx: StreamContext) -> None:
+    """Messages queued before the engine looks are popped several at a time (RPOP with a count),
+    in queue order, never more than its slots (4) at once, and every one runs."""
+    settings = ctx.settings
+    stream_list, control_list = queues(settings)
+    dispatcher = CeleryStreamDispatcher(create_celery(settings))
+    ids = []
+    for i in range(10):
+        req = SubmitRequest.model_validate({
+            "model": MODEL, "priority": "high",
+            "messages": [{"role": "user", "content": f"backlog {i} {uuid.uuid4().hex}"}]})
+        ids.append(accept_sync(prepare(req, "default", settings), ctx.store, dispatcher).record.id)
+    assert ctx.redis.llen(stream_list) == 10
+    events: list[tuple[str, dict[str, Any]]] = []
+    lock = threading.Lock()
+
+    def sink(batch: list[tuple[str, dict[str, Any]]]) -> None:
+        with lock:
+            events.extend(batch)
+
+    ctx.redis.config_resetstat()  # a private test server: only its counters are reset
+    ctx.engine.consume(stream_list, control_list, sink)
+    wait_until(lambda: all((rec := ctx.store.get(i)) is not None and rec.status == "completed"
+                           for i in ids), 20, message="every queued stream completed")
+    assert ctx.redis.llen(stream_list) == 0
+    assert ctx.redis.info("commandstats")["cmdstat_rpop"]["calls"] >= 1  # several per pop
+
+    def received() -> list[str]:
+        with lock:
+            return [f["args"] for t, f in events if t == "task-received"]
+
+    wait_until(lambda: len(received()) == 10, 5, message="every stream reported")
+    assert received() == [repr([i]) for i in ids]  # started in the order they were queued
+    running = peak = 0
+    with lock:
+        for event_type, _fields in events:
+            running += {"task-started": 1, "task-succeeded": -1, "task-failed": -1}.get(
+                event_type, 0)
+            peak = max(peak, running)
+    assert 1 <= peak <= 4
+
+
+class _PipeWithoutPopCount:
+    """A raw pipe to a Redis older than 6.2: ``RPOP`` with a count is refused."""
+
+    def __init__(self, url: str) -> None:
+        from router.redis_pipe import RedisPipe
+
+        self.real = RedisPipe(url, timeout_s=5)
+        self.refused = 0
+
+    async def execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        import hiredis
+
+        if commands[0][0] == "RPOP" and len(commands[0]) == 3:
+            self.refused += 1
+            return [hiredis.ReplyError("ERR wrong number of arguments for 'rpop' command")]
+        return await self.real.execute(commands)
+
+
+def test_a_redis_without_pop_counts_gets_one_pop_at_a_time(ctx: StreamContext) -> None:
+    import asyncio
+
+    stream_list, _ = queues(ctx.settings)
+    ctx.redis.lpush(stream_list, b"first", b"second", b"third")
+    pipe = _PipeWithoutPopCount(ctx.settings.redis_url)
+
+    async def pops() -> list[list[bytes]]:
+        return [await ctx.engine._pop(pipe, stream_list, 8) for _ in range(3)]  # type: ignore[arg-type]
+
+    got = asyncio.run_coroutine_threadsafe(pops(), ctx.engine.loop).result(10)
+    assert got == [[b"first"], [b"second"], [b"third"]]
+    assert pipe.refused == 1  # asked once, then never again
+    pipe.real.close()
