@@ -38,6 +38,7 @@ from typing import Any
 import hiredis
 import orjson
 import redis
+import redis.asyncio as aioredis
 
 from router.logs import get_logger
 from router.redis_pipe import RedisPipe, reply_error
@@ -228,27 +229,17 @@ class StreamEngine:
         on a loop busy relaying tokens (time to first token of 116 ms at 300 streams, benchmark
         2). A Redis older than 6.2, which has no count, gets ``BRPOP`` alone.
         """
-        rt = self._runtime()
+        client = self._runtime().redis
         if count > 1 and self._batch_pop:
             try:
-                if pipe is not None:
-                    queued: Any = (await pipe.execute([("RPOP", list_key, count)]))[0]
-                    if isinstance(queued, hiredis.ReplyError):
-                        raise reply_error(queued)
-                else:
-                    queued = await rt.redis.rpop(list_key, count)
+                queued = await _command(pipe, client, "RPOP", list_key, count)
             except redis.ResponseError as exc:
                 self._batch_pop = False
                 log.warning("this Redis pops one stream task at a time", error=str(exc))
             else:
                 if queued:
                     return list(queued)
-        if pipe is not None:
-            popped: Any = (await pipe.execute([("BRPOP", list_key, POP_TIMEOUT_S)]))[0]
-            if isinstance(popped, hiredis.ReplyError):
-                raise reply_error(popped)
-        else:
-            popped = await rt.redis.brpop([list_key], timeout=POP_TIMEOUT_S)
+        popped = await _command(pipe, client, "BRPOP", list_key, POP_TIMEOUT_S)
         return [] if popped is None else [popped[1]]
 
     async def _handle(self, raw: bytes, forward_key: str) -> None:
@@ -290,6 +281,17 @@ class StreamEngine:
             await self._rt.aclose()
         if self._publisher_task is not None:
             self._publisher_task.cancel()
+
+
+async def _command(pipe: RedisPipe | None, client: aioredis.Redis, *command: Any) -> Any:
+    """One command on the consumer's raw pipe when it has one, else through redis-py (TLS and
+    unix socket URLs); an error reply raises what redis-py raises for it."""
+    if pipe is None:
+        return await client.execute_command(*command)
+    reply = (await pipe.execute([command]))[0]
+    if isinstance(reply, hiredis.ReplyError):
+        raise reply_error(reply)
+    return reply
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
