@@ -116,11 +116,6 @@ def parse_line(obj: dict[str, Any]) -> LineOutcome | None:
     if not isinstance(custom_id, str) or not custom_id:
         return None
     response = obj.get("response") or None
-    if type(response) is dict and response.get("status_code") == 200:  # the common line, first
-        body = response.get("body")
-        if type(body) is dict:
-            result, usage = result_from_completion(body)
-            return LineOutcome(custom_id, True, result, usage)
     error = obj.get("error") or None
     status = int(response.get("status_code") or 0) if isinstance(response, dict) else 0
     if status == 200 and isinstance(response, dict) and isinstance(response.get("body"), dict):
