@@ -75,6 +75,10 @@ class Keys:
         """List: ids claimed by one flush, kept until they are submitted or put back."""
         return f"{self.prefix}:batch:claimed:{flush_id}"
 
+    def claim_uploads(self, claim_id: str) -> str:
+        """Set: upstream file ids uploaded for one claim, noted before a batch is made of them."""
+        return f"{self.prefix}:batch:claim-uploads:{claim_id}"
+
     def claims(self) -> str:
         """Sorted set: flush id -> claim time, so a recovery step finds orphaned claims."""
         return f"{self.prefix}:batch:claims"

@@ -267,8 +267,8 @@ def test_members_without_a_line_are_requeued_once(
 
 def test_poll_requeues_a_batch_the_upstream_lost(
         make_settings: Callable[..., Settings], redis_client: redis.Redis, sim_url: str) -> None:
-    from workers.batch_flush import mark_submitted, record_batch
     from workers.batch_poll import poll
+    from workers.batch_record import mark_submitted, record_batch
 
     settings = make_settings(upstream_base_url=sim_url, batch_mode="native")
     keys = Keys(settings.key_prefix)

@@ -10,7 +10,7 @@ finds. Ids that are no longer `queued` (cancelled, escalated, submitted) are nev
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -117,7 +117,7 @@ def release(client: redis.Redis, keys: Keys, claim_id: str, ids: Sequence[str] |
         RELEASE_SCRIPT(
             client,
             [keys.pending(model or "-"), keys.pending_models(), keys.claimed(claim_id),
-             keys.claims()],
+             keys.claims(), keys.claim_uploads(claim_id)],
             [model, claim_id, "1" if last else "0", *part],
         )
     returned = sum(len(part) for _m, part in calls)
@@ -129,16 +129,27 @@ def release(client: redis.Redis, keys: Keys, claim_id: str, ids: Sequence[str] |
 def drop(client: redis.Redis, keys: Keys, claim_id: str) -> None:
     """Forget a claim whose ids are all submitted (or otherwise accounted for)."""
     pipe = client.pipeline(transaction=True)
-    pipe.delete(keys.claimed(claim_id))
+    pipe.delete(keys.claimed(claim_id), keys.claim_uploads(claim_id))
     pipe.zrem(keys.claims(), claim_id)
     pipe.execute()
 
 
-def recover_orphaned_claims(client: redis.Redis, keys: Keys) -> int:
-    """Release every claim left by a flush that died. Call only while holding the flush lock."""
+SettleClaim = Callable[[str], bool]
+
+
+def recover_orphaned_claims(client: redis.Redis, keys: Keys,
+                            settle: SettleClaim | None = None) -> int:
+    """Release every claim left by a flush that died. Call only while holding the flush lock.
+
+    `settle(claim_id)` runs first and may keep a claim for the next flush by returning False
+    (the flush's check for batches made from the claim's uploads could not reach the upstream).
+    """
     total = 0
     for raw in client.zrange(keys.claims(), 0, -1):
         claim_id = _text(raw if isinstance(raw, (bytes, str)) else str(raw)) or ""
+        if settle is not None and not settle(claim_id):
+            log.warning("orphaned claim kept for the next flush", claim_id=claim_id)
+            continue
         total += release(client, keys, claim_id)
         log.warning("orphaned claim recovered", claim_id=claim_id)
     return total

@@ -1,13 +1,16 @@
 """The flush: send every model's pending low requests upstream as one batch per model.
 
-    lock → release orphaned claims → for each model: claim → read records → JSONL parts
-    → per part: upload, create batch, record it in flight, mark requests `submitted`
-    → drop the claim → note the flush in `Keys.last_flush()`
+    lock → settle and release orphaned claims → for each model: claim → read records
+    → JSONL parts → per part: upload, note the upload on the claim, create batch, record it in
+    flight, mark requests `submitted` → drop the claim → note the flush in `Keys.last_flush()`
 
 The order makes a crash harmless at every step: a batch is recorded in flight *before* any of
 its requests says `submitted` (so a submitted request always has a batch to poll), and a claim
-is dropped only after each of its ids is submitted or back in the queue. An upload or create
-failure puts the claim's unsubmitted requests back at the front of their queue, untouched.
+is dropped only after each of its ids is submitted or back in the queue. A batch the upstream
+made but Redis never heard of (the flush died, or the create's answer was lost) is found from
+the claim's noted uploads and adopted before the claim is released (`workers.batch_adopt`), so
+no request is ever in two batches. An upload or create failure puts the claim's unsubmitted
+requests back at the front of their queue, untouched.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import openai
 import redis
 
@@ -28,26 +30,26 @@ from router.logs import get_logger
 from router.records import dumps, now
 from settings import Settings
 from workers import batch_claim
+from workers.batch_adopt import CLOCK_SKEW_S, batches_made_from, note_upload, settle_uploads
 from workers.batch_claim import Claim, ClaimedRow
 from workers.batch_jsonl import JsonlPart, line_size, write_parts
 from workers.batch_lock import RedisLock, held
-from workers.batch_lua import (
-    FINISH_SCRIPT,
-    SUBMIT_MANY_SCRIPT,
-    ScriptCall,
-    run_overlapped,
-    run_pipelined,
-)
+from workers.batch_lua import FINISH_SCRIPT, run_pipelined
 from workers.batch_mode import ResolvedMode, resolve_batch_mode
+from workers.batch_record import mark_submitted, record_batch
 from workers.batch_writeback import Notify, no_notify
 from workers.deadlines import StreamDispatch, escalate
+from workers.retry import RetryPolicy, is_retryable, retry_after_seconds
+from workers.upstream import UPSTREAM_ERRORS
 
 log = get_logger(__name__)
 
-SUBMIT_CHUNK = 500
-UPSTREAM_ERRORS: tuple[type[BaseException], ...] = (openai.OpenAIError, httpx.HTTPError, OSError)
+# Tries at creating one batch. Each failed try is checked against the upstream's batch list
+# before the next: the SDK's own retry could make a second batch of the same requests.
+CREATE_ATTEMPTS = 3
 
 AfterClaim = Callable[[Claim], None]
+AfterCreate = Callable[[str], None]
 SendEmulated = Callable[[str], None]
 
 
@@ -57,6 +59,7 @@ class FlushReport:
     ran: bool = True  # False when another flush held the lock
     mode: str = ""
     recovered: int = 0
+    adopted: int = 0  # batches made upstream by a flush that died before recording them
     submitted: int = 0
     skipped: int = 0
     escalated: int = 0
@@ -78,6 +81,7 @@ class FlushContext:
     dispatch_stream: StreamDispatch | None = None
     send_emulated: SendEmulated | None = None
     after_claim: AfterClaim | None = None  # test hook: runs right after each claim
+    after_create: AfterCreate | None = None  # test hook: a batch was made, not yet recorded
 
     @property
     def keys(self) -> Keys:
@@ -97,7 +101,8 @@ def flush(ctx: FlushContext, *, models: list[str] | None = None) -> FlushReport:
         if lock is None:
             report.ran = False
             return report
-        report.recovered = batch_claim.recover_orphaned_claims(ctx.client, keys)
+        report.recovered = batch_claim.recover_orphaned_claims(
+            ctx.client, keys, settle=lambda claim_id: _settle(ctx, report, claim_id))
         names = models if models is not None else sorted(
             m.decode() if isinstance(m, bytes) else str(m)
             for m in ctx.client.smembers(keys.pending_models())
@@ -114,9 +119,20 @@ def flush(ctx: FlushContext, *, models: list[str] | None = None) -> FlushReport:
         _note_flush(ctx, report, started)
     log.info("flush done", flush_id=report.flush_id, mode=report.mode,
              submitted=report.submitted, batches=len(report.batches),
-             escalated=report.escalated, recovered=report.recovered, error=report.error,
+             escalated=report.escalated, recovered=report.recovered, adopted=report.adopted,
+             error=report.error,
              seconds=round(report.seconds, 3))
     return report
+
+
+def _settle(ctx: FlushContext, report: FlushReport, claim_id: str) -> bool:
+    """Adopt any batch made from the claim's uploads; False keeps the claim for later."""
+    settlement = settle_uploads(ctx.client, ctx.settings, ctx.upstream, claim_id)
+    if settlement is None:
+        return False
+    report.adopted += len(settlement.adopted)
+    report.submitted += settlement.submitted
+    return True
 
 
 def _note_flush(ctx: FlushContext, report: FlushReport, started: float) -> None:
@@ -184,18 +200,23 @@ def _flush_claim(ctx: FlushContext, report: FlushReport, claim: Claim,
     try:
         for part in parts:
             try:
-                batch_id = (_submit_native(ctx, report, claim, part) if mode == "native"
-                            else _submit_emulated(ctx, claim, part))
+                batch_id, file_id = (_submit_native(ctx, report, claim, part)
+                                     if mode == "native" else _submit_emulated(ctx, claim, part))
             finally:
                 part.remove()
             moved = mark_submitted(ctx.client, ctx.settings, batch_id, part.ids)
+            if file_id:  # every request of this upload is accounted for
+                ctx.client.srem(ctx.keys.claim_uploads(claim.claim_id), file_id)
             report.submitted += moved
             report.batches.append({"batch_id": batch_id, "model": claim.model,
                                    "requests": len(part.ids), "bytes": part.size})
             if mode == "emulated" and ctx.send_emulated is not None:
                 ctx.send_emulated(batch_id)
     except UpstreamSubmitError:
-        report.requeued_on_error += batch_claim.release(ctx.client, ctx.keys, claim.claim_id)
+        # Put back only what no batch holds; if that cannot be told, the next flush settles it.
+        if _settle(ctx, report, claim.claim_id):
+            report.requeued_on_error += batch_claim.release(ctx.client, ctx.keys,
+                                                            claim.claim_id)
         raise
     finally:
         parts.close()  # a part being written when we stop is removed by write_parts
@@ -203,68 +224,60 @@ def _flush_claim(ctx: FlushContext, report: FlushReport, claim: Claim,
 
 
 def _submit_native(ctx: FlushContext, report: FlushReport, claim: Claim,
-                   part: JsonlPart) -> str:
+                   part: JsonlPart) -> tuple[str, str]:
+    """Upload the part and make a batch of it, once; returns (batch id, input file id)."""
     s = ctx.settings
     try:
         with part.path.open("rb") as fh:
             uploaded = ctx.upstream.files.create(file=(part.path.name, fh), purpose="batch")
-        batch = ctx.upstream.batches.create(
-            input_file_id=uploaded.id,
-            endpoint="/v1/chat/completions",
-            completion_window=s.batch_completion_window,
-            metadata={"flush_id": report.flush_id, "claim_id": claim.claim_id,
-                      "model": claim.model[:256], "source": "hybrid-router"},
-        )
+        note_upload(ctx.client, ctx.keys, claim.claim_id, uploaded.id)
+        batch_id = _create_batch_once(ctx, report, claim, uploaded.id)
     except UPSTREAM_ERRORS as exc:
         log.error("batch submit failed; claim put back", model=claim.model,
                   requests=len(part.ids), error=str(exc)[:500])
         raise UpstreamSubmitError(f"submitting a batch of {claim.model} failed: {exc}") from exc
-    record_batch(ctx.client, s, batch.id, claim.model, "native", len(part.ids),
+    if ctx.after_create is not None:
+        ctx.after_create(batch_id)
+    record_batch(ctx.client, s, batch_id, claim.model, "native", len(part.ids),
                  input_file_id=uploaded.id, flush_id=report.flush_id)
-    return str(batch.id)
+    return batch_id, uploaded.id
 
 
-def _submit_emulated(ctx: FlushContext, claim: Claim, part: JsonlPart) -> str:
+def _create_batch_once(ctx: FlushContext, report: FlushReport, claim: Claim,
+                       file_id: str) -> str:
+    """Create the batch of `file_id`, retrying a failure only once the upstream's list shows
+    that the failed try made no batch (a lost answer is not a batch not made)."""
+    s = ctx.settings
+    policy = RetryPolicy(CREATE_ATTEMPTS - 1, s.retry_backoff_base_s, s.retry_backoff_max_s)
+    attempt = 0
+    while True:
+        attempt += 1
+        asked_at = now()
+        try:
+            batch = ctx.upstream.with_options(max_retries=0).batches.create(
+                input_file_id=file_id,
+                endpoint="/v1/chat/completions",
+                completion_window=s.batch_completion_window,
+                metadata={"flush_id": report.flush_id, "claim_id": claim.claim_id,
+                          "model": claim.model[:256], "source": "hybrid-router"},
+            )
+            return str(batch.id)
+        except UPSTREAM_ERRORS as exc:
+            made = batches_made_from(ctx.upstream, {file_id}, asked_at - CLOCK_SKEW_S)
+            if made:
+                log.warning("batch create failed but the batch was made", model=claim.model,
+                            batch_id=made[file_id][0].id, error=str(exc)[:300])
+                return str(made[file_id][0].id)
+            if not (is_retryable(exc) and policy.allows(attempt)):
+                raise
+            delay = policy.backoff(attempt, retry_after_seconds(exc))
+            log.warning("batch create failed; trying again", model=claim.model,
+                        attempt=attempt, delay_s=round(delay, 2), error=str(exc)[:300])
+            time.sleep(delay)
+
+
+def _submit_emulated(ctx: FlushContext, claim: Claim, part: JsonlPart) -> tuple[str, str]:
     batch_id = f"emu_{uuid.uuid4().hex}"
     record_batch(ctx.client, ctx.settings, batch_id, claim.model, "emulated", len(part.ids),
                  flush_id=claim.claim_id)
-    return batch_id
-
-
-def record_batch(client: redis.Redis, settings: Settings, batch_id: str, model: str, mode: str,
-                 count: int, *, input_file_id: str = "", flush_id: str = "") -> None:
-    """Remember an upstream batch and put it in flight (before its requests are submitted)."""
-    keys = Keys(settings.key_prefix)
-    at = now()
-    pipe = client.pipeline(transaction=True)
-    pipe.hset(keys.batch(batch_id), mapping={
-        "id": batch_id, "model": model, "mode": mode, "status": "submitted",
-        "requests": count, "input_file_id": input_file_id, "flush_id": flush_id,
-        "created_at": repr(at), "heartbeat_at": repr(at),
-    })
-    pipe.zadd(keys.batches_in_flight(), {batch_id: at})
-    pipe.execute()
-
-
-def mark_submitted(client: redis.Redis, settings: Settings, batch_id: str,
-                   ids: list[str], chunk: int = SUBMIT_CHUNK) -> int:
-    """Every still-`queued` id becomes `submitted` in `batch_id` (emitting `submitted`).
-
-    Chunks are built while Redis runs the one before (`run_overlapped`).
-    """
-    keys = Keys(settings.key_prefix)
-    event = ev.submitted(batch_id)
-    at = repr(now())
-
-    def calls() -> Iterator[tuple[int, ScriptCall]]:
-        for start in range(0, len(ids), chunk):
-            call_keys = [keys.batch_requests(batch_id)]
-            call_args: list[Any] = [batch_id, at, settings.replay_maxlen, settings.replay_ttl_s,
-                                    event]
-            for request_id in ids[start:start + chunk]:
-                call_keys += [keys.record(request_id), keys.seq(request_id),
-                              keys.events(request_id)]
-                call_args += [request_id, keys.channel(request_id)]
-            yield start, (call_keys, call_args)
-
-    return sum(int(moved) for _start, moved in run_overlapped(client, SUBMIT_MANY_SCRIPT, calls()))
+    return batch_id, ""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import secrets
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -20,6 +21,8 @@ from router.logs import get_logger
 from workers.batch_lua import LOCK_SCRIPT
 
 log = get_logger(__name__)
+
+LOCK_WAIT_STEP_S = 0.05
 
 
 class RedisLock:
@@ -52,12 +55,17 @@ def _renew(lock: RedisLock, stop: threading.Event) -> None:
 
 
 @contextmanager
-def held(client: redis.Redis, key: str, ttl_s: float) -> Iterator[RedisLock | None]:
-    """Yield the lock when acquired (None when somebody else holds it); release it after."""
+def held(client: redis.Redis, key: str, ttl_s: float,
+         wait_s: float = 0.0) -> Iterator[RedisLock | None]:
+    """Yield the lock when acquired (None when somebody else holds it for longer than
+    `wait_s`); release it after."""
     lock = RedisLock(client, key, ttl_s)
-    if not lock.acquire():
-        yield None
-        return
+    deadline = time.monotonic() + wait_s
+    while not lock.acquire():
+        if time.monotonic() >= deadline:
+            yield None
+            return
+        time.sleep(LOCK_WAIT_STEP_S)
     stop = threading.Event()
     renewer = threading.Thread(target=_renew, args=(lock, stop), daemon=True,
                                name=f"lock-renew:{key}")

@@ -39,13 +39,13 @@ return ids
 """
 
 # Put ids back at the FRONT of a pending list (keeping their order) and optionally drop a claim.
-# KEYS: pending, models-set, claimed, claims
+# KEYS: pending, models-set, claimed, claims, claim-uploads
 # ARGV: model, claim_id, drop_claim ('1'|'0'), ids...
 RELEASE = """
 for i = #ARGV, 4, -1 do redis.call('LPUSH', KEYS[1], ARGV[i]) end
 if #ARGV >= 4 then redis.call('SADD', KEYS[2], ARGV[1]) end
 if ARGV[3] == '1' then
-  redis.call('DEL', KEYS[3])
+  redis.call('DEL', KEYS[3], KEYS[5])
   redis.call('ZREM', KEYS[4], ARGV[2])
 end
 return #ARGV - 3

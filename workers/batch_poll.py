@@ -161,7 +161,7 @@ def _members(client: redis.Redis, keys: Keys, batch_id: str) -> Iterator[str]:
 FILE_READ_CHUNK = 1 << 16
 
 
-def _split_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+def split_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
     """Lines of a byte stream, without decoding it to text first (orjson reads bytes)."""
     rest = b""
     for chunk in chunks:
@@ -176,7 +176,7 @@ def _file_lines(upstream: openai.OpenAI, file_id: str) -> Iterator[LineOutcome]:
     """Parsed lines of an output or error file, streamed (a missing file yields nothing)."""
     try:
         with upstream.files.with_streaming_response.content(file_id) as response:
-            for line in _split_lines(response.iter_bytes(FILE_READ_CHUNK)):
+            for line in split_lines(response.iter_bytes(FILE_READ_CHUNK)):
                 if not line or line.isspace():
                     continue
                 try:

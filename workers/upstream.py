@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import httpx
 import openai
 
 from settings import Settings
+
+# What a call to the upstream raises when it fails (an HTTP status, the connection, a timeout).
+UPSTREAM_ERRORS: tuple[type[BaseException], ...] = (openai.OpenAIError, httpx.HTTPError, OSError)
 
 
 def _api_key(settings: Settings) -> str:
