@@ -38,6 +38,27 @@ local function emit(seq_key, stream_key, channel, maxlen, ttl, body)
 end
 """
 
+# A stream run's end (`end_run(k, a)`): give the lease back if still ours, leave the running
+# index and, the first time only for this run, add its ledger and timing increments. The marker
+# makes the increments idempotent: a write retried after a lost reply, or an end repeated after
+# a later error, counts once. KEYS[k..]: marker (Keys.accounted), lease, running zset, then the
+# hashes incremented; ARGV[a..]: lease owner, request id, marker TTL s, then (hash position
+# counted from the marker, field, amount) triples. Written in the same script as the record's
+# last write (TRANSITION, ANNOTATE), so the record's cost and the ledger never disagree, whatever
+# dies when.
+_END_RUN = """
+local function end_run(k, a)
+  if redis.call('GET', KEYS[k + 1]) == ARGV[a] then redis.call('DEL', KEYS[k + 1]) end
+  redis.call('ZREM', KEYS[k + 2], ARGV[a + 1])
+  if #ARGV < a + 3 then return 0 end
+  if not redis.call('SET', KEYS[k], '1', 'NX', 'EX', tonumber(ARGV[a + 2])) then return 0 end
+  for i = a + 3, #ARGV, 3 do
+    redis.call('HINCRBY', KEYS[k - 1 + tonumber(ARGV[i])], ARGV[i + 1], ARGV[i + 2])
+  end
+  return 1
+end
+"""
+
 # KEYS: record, idempotency, seq, events, queue, models-set, task-list, batch-deadlines
 # ARGV: id, idem_value ('' = none), idem_ttl, queue_kind ('list'|'zset'|''), now, model,
 #       channel, maxlen, ev_ttl, n_events, events..., task message ('' = none),
@@ -76,12 +97,15 @@ return {1, ARGV[1]}
 """
 )
 
-# KEYS: record, seq, events
+# KEYS: record, seq, events[, then a stream run's end: marker, lease, running zset, hashes...]
 # ARGV: allowed ('*' = any non-terminal, else comma list), to_status, channel, maxlen, ev_ttl,
-#       record_ttl (0 = none), incr_attempts (0|1), event ('' = none), field, value...
+#       record_ttl (0 = none), incr_attempts (0|1), event ('' = none), n (field arguments),
+#       field, value... [, then the run's end arguments (see _END_RUN)]
+# The run ends only when the record moved: a refused move leaves the caller to end it.
 # Returns {code, previous_status}: 1 moved, 0 refused, -1 no such record.
 TRANSITION = (
     _COMMON
+    + _END_RUN
     + """
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return {-1, ''} end
@@ -92,14 +116,12 @@ if ARGV[1] ~= '*' then
   if not ok then return {0, cur} end
 end
 redis.call('HSET', KEYS[1], 'status', ARGV[2])
-if #ARGV > 8 then
-  local fields = {}
-  for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
-  redis.call('HSET', KEYS[1], unpack(fields))
-end
+local n_fields = tonumber(ARGV[9])
+if n_fields > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 10, 9 + n_fields)) end
 if ARGV[7] == '1' then redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
 if tonumber(ARGV[6]) > 0 then redis.call('EXPIRE', KEYS[1], tonumber(ARGV[6])) end
 if ARGV[8] ~= '' then emit(KEYS[2], KEYS[3], ARGV[3], ARGV[4], ARGV[5], ARGV[8]) end
+if #KEYS > 3 then end_run(4, 10 + n_fields) end
 return {1, cur}
 """
 )
@@ -141,15 +163,26 @@ return {'cancelled', cur}
 """
 )
 
-# KEYS: record
-# ARGV: field, value...
+# KEYS: record[, then a stream run's end: marker, lease, running zset, hashes...]
+# ARGV: n (field arguments), field, value... [, then the run's end arguments (see _END_RUN)]
 # Sets fields on an existing record whatever its status (never creates one, never moves it):
 # e.g. the tokens a cancelled stream paid for. Returns 1, or 0 when the record does not exist.
-ANNOTATE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV))
-return 1
+# A run's end is written either way (its tokens were paid for).
+ANNOTATE = (
+    _END_RUN
+    + """
+local n_fields = tonumber(ARGV[1])
+local exists = redis.call('EXISTS', KEYS[1]) == 1
+if exists and n_fields > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 2, 1 + n_fields)) end
+if #KEYS > 1 then end_run(2, 2 + n_fields) end
+if exists then return 1 end
+return 0
 """
+)
+
+# KEYS: marker, lease, running zset, hashes...   ARGV: the run's end arguments (see _END_RUN)
+# A stream run's end on its own: a run that wrote no record (it crashed, or lost its claim).
+END_STREAM_RUN = _END_RUN + "return end_run(1, 1)"
 
 # KEYS: record, lease, seq, events, dispatched-zset, streaming-zset
 # ARGV: request id, lease owner, lease ms, now, channel, maxlen, ev_ttl, started event
@@ -241,3 +274,4 @@ EMIT_SCRIPT = LuaScript(EMIT)
 CANCEL_SCRIPT = LuaScript(CANCEL)
 CLAIM_STREAM_SCRIPT = LuaScript(CLAIM_STREAM)
 ANNOTATE_SCRIPT = LuaScript(ANNOTATE)
+END_STREAM_RUN_SCRIPT = LuaScript(END_STREAM_RUN)

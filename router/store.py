@@ -62,6 +62,29 @@ class TransitionOutcome:
 
 
 @dataclass(frozen=True)
+class RunEnd:
+    """A stream run's end, written by the same script as the record's last write (see
+    `_END_RUN` in router.lua): the lease back, out of the running index, the run's ledger and
+    timing increments once.
+
+    `keys`: marker, lease, running zset, then the hashes incremented. `args`: lease owner,
+    request id, marker TTL, then (hash position counted from the marker, field, amount) triples.
+    """
+
+    keys: list[str]
+    args: list[Any]
+
+
+def _flat_fields(fields: dict[str, Any]) -> list[str]:
+    """A record's fields as HSET arguments: strings as they are, the rest as JSON; None skipped."""
+    flat: list[str] = []
+    for name, value in fields.items():
+        if value is not None:
+            flat += [name, value if isinstance(value, str) else dumps(value)]
+    return flat
+
+
+@dataclass(frozen=True)
 class StoreOp(Generic[T]):
     script: LuaScript
     keys: list[str]
@@ -151,18 +174,16 @@ class StoreOps:
         fields: dict[str, Any] | None = None,
         event: str | None = None,
         incr_attempts: bool = False,
+        run_end: RunEnd | None = None,
     ) -> StoreOp[TransitionOutcome]:
-        """Move a request to `to_status` unless it is terminal (or not in `allowed_from`)."""
+        """Move a request to `to_status` unless it is terminal (or not in `allowed_from`);
+        with `run_end`, a move also ends that stream run, in the same script."""
         k = self.keys
         terminal = to_status in TERMINAL
-        flat: list[str] = []
         values = dict(fields or {})
         if terminal and "finished_at" not in values:
             values["finished_at"] = now()
-        for name, value in values.items():
-            if value is None:
-                continue
-            flat += [name, value if isinstance(value, str) else dumps(value)]
+        flat = _flat_fields(values)
         args: list[Any] = [
             ",".join(allowed_from) if allowed_from else "*",
             to_status,
@@ -170,7 +191,9 @@ class StoreOps:
             self.settings.result_ttl_s if terminal else 0,
             "1" if incr_attempts else "0",
             event or "",
+            len(flat),
             *flat,
+            *(run_end.args if run_end else ()),
         ]
 
         def parse(raw: Any) -> TransitionOutcome:
@@ -179,7 +202,8 @@ class StoreOps:
 
         return StoreOp(
             TRANSITION_SCRIPT,
-            [k.record(request_id), k.seq(request_id), k.events(request_id)],
+            [k.record(request_id), k.seq(request_id), k.events(request_id),
+             *(run_end.keys if run_end else ())],
             args,
             parse,
         )
@@ -216,19 +240,20 @@ class StoreOps:
             lambda raw: (_s(raw[0]), _s(raw[1])),
         )
 
-    def annotate(self, request_id: str, fields: dict[str, Any]) -> StoreOp[bool]:
-        """Set fields on an existing record without touching its status (False if it is gone).
+    def annotate(self, request_id: str, fields: dict[str, Any],
+                 run_end: RunEnd | None = None) -> StoreOp[bool]:
+        """Set fields on an existing record without touching its status (False if it is gone);
+        with `run_end`, also end that stream run in the same script (whether or not it is).
 
         For facts learnt after a request became terminal, e.g. the tokens a cancelled stream
         had already paid for.
         """
-        flat: list[str] = []
-        for name, value in fields.items():
-            if value is None:
-                continue
-            flat += [name, value if isinstance(value, str) else dumps(value)]
+        flat = _flat_fields(fields)
         return StoreOp(
-            ANNOTATE_SCRIPT, [self.keys.record(request_id)], flat, lambda raw: int(raw) == 1
+            ANNOTATE_SCRIPT,
+            [self.keys.record(request_id), *(run_end.keys if run_end else ())],
+            [len(flat), *flat, *(run_end.args if run_end else ())],
+            lambda raw: int(raw) == 1,
         )
 
 
@@ -274,8 +299,9 @@ class RequestStore:
     def cancel(self, request_id: str, model: str) -> tuple[str, str]:
         return self.run(self.ops.cancel(request_id, model))
 
-    def annotate(self, request_id: str, fields: dict[str, Any]) -> bool:
-        return self.run(self.ops.annotate(request_id, fields))
+    def annotate(self, request_id: str, fields: dict[str, Any],
+                 run_end: RunEnd | None = None) -> bool:
+        return self.run(self.ops.annotate(request_id, fields, run_end))
 
     def events_after(self, request_id: str, seq: int = 0, count: int | None = None) -> list[dict[str, Any]]:
         entries = self.redis.xrange(
@@ -323,8 +349,9 @@ class AsyncRequestStore:
     async def cancel(self, request_id: str, model: str) -> tuple[str, str]:
         return await self.run(self.ops.cancel(request_id, model))
 
-    async def annotate(self, request_id: str, fields: dict[str, Any]) -> bool:
-        return await self.run(self.ops.annotate(request_id, fields))
+    async def annotate(self, request_id: str, fields: dict[str, Any],
+                       run_end: RunEnd | None = None) -> bool:
+        return await self.run(self.ops.annotate(request_id, fields, run_end))
 
     async def events_after(
         self, request_id: str, seq: int = 0, count: int | None = None

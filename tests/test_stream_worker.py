@@ -314,7 +314,7 @@ def test_a_stream_runs_end_counts_its_cost_once(ctx: StreamContext) -> None:
     """`END_STREAM_RUN_SCRIPT`: the lease goes back only if still ours, the running index is
     left, and a run's increments count once however often its end is written (a retry after a
     lost reply, or an end repeated after a later error: the chaos test's double count)."""
-    from workers.stream_lease import END_STREAM_RUN_SCRIPT
+    from router.lua import END_STREAM_RUN_SCRIPT
 
     keys = ctx.keys
     mine, theirs, run = uuid.uuid4().hex, uuid.uuid4().hex, uuid.uuid4().hex
@@ -340,3 +340,52 @@ def test_a_stream_runs_end_counts_its_cost_once(ctx: StreamContext) -> None:
     assert ctx.redis.get(keys.lease(theirs)) == b"another-worker"
     assert ctx.redis.zcard(keys.streaming()) == 0
     assert 0 < ctx.redis.ttl(keys.accounted(mine, run)) <= 60
+
+
+def test_a_stream_runs_end_is_written_with_the_records_last_write(ctx: StreamContext) -> None:
+    """The record's cost and the ledger move in one script (`RunEnd` on TRANSITION/ANNOTATE):
+    a worker killed right after the record became `completed` cannot leave the ledger without
+    that run. A refused move writes nothing; an annotation ends the run either way."""
+    from router.store import RunEnd
+
+    keys = ctx.keys
+
+    def run_end(request_id: str, run_id: str, tokens: int) -> RunEnd:
+        return RunEnd([keys.accounted(request_id, run_id), keys.lease(request_id),
+                       keys.streaming(), keys.ledger()],
+                      [ctx.leases.owner, request_id, 60, 4, "stream|m|completion_tokens",
+                       tokens])
+
+    def ledger_tokens() -> int:
+        return int(ctx.redis.hget(keys.ledger(), "stream|m|completion_tokens") or 0)
+
+    request_id = submit(ctx, messages())
+    ctx.store.transition(request_id, "streaming", allowed_from=["dispatched"])
+    ctx.redis.set(keys.lease(request_id), ctx.leases.owner)
+    ctx.redis.zadd(keys.streaming(), {request_id: 1.0})
+    moved = ctx.store.transition(request_id, "completed", allowed_from=["streaming"],
+                                 fields={"usage": {"completion_tokens": 9}},
+                                 run_end=run_end(request_id, "run-1", 9))
+    record = ctx.store.get(request_id)
+    assert moved.moved and record is not None and record.status == "completed"
+    assert record.usage is not None and record.usage.completion_tokens == 9
+    assert ledger_tokens() == 9
+    assert not ctx.redis.exists(keys.lease(request_id))
+    assert ctx.redis.zscore(keys.streaming(), request_id) is None
+
+    # A move refused (the request is already terminal) ends nothing and counts nothing.
+    ctx.redis.set(keys.lease(request_id), ctx.leases.owner)
+    refused = ctx.store.transition(request_id, "failed", allowed_from=["streaming"],
+                                   run_end=run_end(request_id, "run-2", 5))
+    assert not refused.moved and ledger_tokens() == 9
+    assert ctx.redis.get(keys.lease(request_id)) == ctx.leases.owner.encode()
+
+    # The tokens a stopped run paid for go to the record and the ledger together, once.
+    for _ in range(2):
+        assert ctx.store.annotate(request_id, {"usage": {"completion_tokens": 5}},
+                                  run_end(request_id, "run-2", 5))
+    assert ledger_tokens() == 14 and not ctx.redis.exists(keys.lease(request_id))
+    # A record that is gone still has its paid run counted.
+    assert not ctx.store.annotate("gone" + request_id, {"usage": {"completion_tokens": 1}},
+                                  run_end("gone" + request_id, "run-3", 1))
+    assert ledger_tokens() == 15

@@ -26,23 +26,6 @@ RELEASE_LEASE_SCRIPT = LuaScript(
     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 )
 
-# A stream run's end, in one atomic step: give the lease back (if still ours), leave the running
-# index and, the first time only for this run, add its ledger and timing increments. The marker
-# makes the increments idempotent: a write retried after a lost reply, or an end repeated after
-# a later error, counts once.
-# KEYS: marker (Keys.accounted), lease, running zset, then the hashes incremented
-# ARGV: lease owner, request id, marker TTL s, then (hash index into KEYS, field, amount) triples
-END_STREAM_RUN_SCRIPT = LuaScript("""
-if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
-redis.call('ZREM', KEYS[3], ARGV[2])
-if #ARGV < 4 then return 0 end
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', tonumber(ARGV[3])) then return 0 end
-for i = 4, #ARGV, 3 do
-  redis.call('HINCRBY', KEYS[tonumber(ARGV[i])], ARGV[i + 1], ARGV[i + 2])
-end
-return 1
-""")
-
 
 class LeaseKeeper:
     """Takes, refreshes and releases the leases of one worker process."""

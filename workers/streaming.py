@@ -19,7 +19,9 @@ directly against the simulator.
   timeout is the httpx read timeout between chunks, the total timeout is checked at every chunk.
 - **End**: `completed` with the result, usage and cost (and the ``done`` event) in one
   transition; or `failed` with an ``error`` event and the partial content; or, when cancelled,
-  the tokens already paid for are written to the cancelled record and the ledger.
+  the tokens already paid for are written to the cancelled record. The run's ledger and timing
+  increments and its lease go in the same script as that record write (`RunEnd`), so the
+  record's cost and the ledger agree whatever dies when.
 """
 
 from __future__ import annotations
@@ -38,13 +40,14 @@ import openai
 from router import events as ev
 from router.ledger import add_to_ledger, ledger_increments
 from router.logs import get_logger
+from router.lua import END_STREAM_RUN_SCRIPT
 from router.metrics import queue_timing
 from router.pricing import estimate_prompt_tokens
 from router.records import RequestRecord, Status, now
+from router.store import RunEnd
 from workers.retry import is_retryable, retry_after_seconds
 from workers.stream_claim import aclaim
 from workers.stream_context import StreamContext
-from workers.stream_lease import END_STREAM_RUN_SCRIPT
 from workers.stream_publisher import PublishError, StreamHandle
 from workers.stream_runtime import StreamRuntime
 from workers.upstream_sse import TIMEOUT_ERRORS, TRANSPORT_ERRORS
@@ -153,10 +156,10 @@ async def stream_request(request_id: str, rt: StreamRuntime) -> RunOutcome:
 
 class _Increments:
     """Collects the HINCRBYs that `add_to_ledger` and `queue_timing` would queue on a pipeline,
-    as `END_STREAM_RUN_SCRIPT` takes them: the hashes (its KEYS from the fourth on) and, per
-    increment, the hash's Lua index into KEYS, the field and the amount."""
+    as a run's end (`RunEnd`) takes them: the hashes (its keys from the fourth on) and, per
+    increment, the hash's position among those keys, the field and the amount."""
 
-    FIRST_KEY = 4  # KEYS[1..3] are the marker, the lease and the running index
+    FIRST_KEY = 4  # positions 1..3 are the marker, the lease and the running index
 
     def __init__(self) -> None:
         self.hashes: list[str] = []
@@ -168,17 +171,21 @@ class _Increments:
         self.triples += [self.FIRST_KEY + self.hashes.index(name), key, amount]
 
 
-async def _end_run(request_id: str, rt: StreamRuntime, run_id: str,
-                   increments: _Increments | None = None) -> None:
-    """Give the lease back and leave the running index (the stream is over), and add this
-    run's `increments` unless they were already added: one script (`END_STREAM_RUN_SCRIPT`),
+def _run_end(request_id: str, rt: StreamRuntime, run_id: str,
+             increments: _Increments | None = None) -> RunEnd:
+    """This run's end: the lease back, out of the running index, `increments` added once."""
+    incs = increments or _Increments()
+    return RunEnd([rt.keys.accounted(request_id, run_id), rt.keys.lease(request_id),
+                   rt.keys.streaming(), *incs.hashes],
+                  [rt.ctx.leases.owner, request_id, ACCOUNTED_TTL_S, *incs.triples])
+
+
+async def _end_run(request_id: str, rt: StreamRuntime, run_id: str) -> None:
+    """End a run that wrote no end of its own (it crashed, or lost its claim): one script,
     one round trip, safe to repeat."""
     rt.ctx.leases.forget(request_id)
-    incs = increments or _Increments()
-    keys = [rt.keys.accounted(request_id, run_id), rt.keys.lease(request_id),
-            rt.keys.streaming(), *incs.hashes]
-    args = [rt.ctx.leases.owner, request_id, ACCOUNTED_TTL_S, *incs.triples]
-    await rt.store.scripts.run(END_STREAM_RUN_SCRIPT, keys, args)
+    end = _run_end(request_id, rt, run_id)
+    await rt.store.scripts.run(END_STREAM_RUN_SCRIPT, end.keys, end.args)
 
 
 def _upstream_request(state: StreamState) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -312,15 +319,21 @@ def _cost_fields(state: StreamState, rt: StreamRuntime) -> tuple[Decimal, dict[s
     return cost, increments, fields
 
 
-async def _add_to_ledger(rt: StreamRuntime, state: StreamState, increments: dict[str, int],
-                         finished: RequestRecord | None = None) -> None:
-    """Add the cost to the ledger and, for a request this worker ended, its latencies; the
-    stream is over, so its lease goes back in the same round trip."""
+def _ending(rt: StreamRuntime, state: StreamState, increments: dict[str, int],
+            finished: RequestRecord | None = None) -> RunEnd:
+    """The run's end that goes with the record's last write: the cost into the ledger and,
+    for a request this worker ended, its latencies, in the same script as the record's usage
+    and cost, so the two never disagree whatever dies when."""
     incs = _Increments()
     add_to_ledger(incs, rt.keys, increments)
     if finished is not None:
         queue_timing(incs, rt.keys, finished)
-    await _end_run(state.record.id, rt, state.run_id, incs)
+    return _run_end(state.record.id, rt, state.run_id, incs)
+
+
+def _ended(rt: StreamRuntime, state: StreamState) -> None:
+    """The run's end was written with the record: its lease is no longer this worker's."""
+    rt.ctx.leases.forget(state.record.id)
     state.released = True
 
 
@@ -355,10 +368,12 @@ async def _end_completed(state: StreamState, rt: StreamRuntime) -> RunOutcome:
     outcome = await rt.store.transition(
         state.record.id, "completed", allowed_from=["streaming"], fields=fields,
         event=ev.done(state.finish_reason, fields["usage"], cost, len(content)),
+        run_end=_ending(rt, state, increments,
+                        _finished_record(state, "completed", finished_at)),
     )
     if not outcome.moved:  # cancelled (or swept) between the last token and now
         return await _end_stopped(state, rt)
-    await _add_to_ledger(rt, state, increments, _finished_record(state, "completed", finished_at))
+    _ended(rt, state)
     await _notify(state, rt)
     log.info("stream completed", request_id=state.record.id, chars=len(content),
              events=state.handle.events_published, cost_usd=str(cost))
@@ -374,15 +389,16 @@ async def _end_failed(state: StreamState, rt: StreamRuntime, failure: Failure) -
     if state.pieces:
         fields["result"] = {"content": state.content, "finish_reason": None}
     fields["finished_at"] = finished_at = now()
+    paid = bool(state.usage.prompt_tokens or state.usage.completion_tokens)
     outcome = await rt.store.transition(
         state.record.id, "failed", allowed_from=["streaming"], fields=fields,
         event=ev.error(failure.code, failure.message, failure.retryable),
+        run_end=_ending(rt, state, increments if paid else {},
+                        _finished_record(state, "failed", finished_at)),
     )
     if not outcome.moved:
         return await _end_stopped(state, rt)
-    paid = bool(state.usage.prompt_tokens or state.usage.completion_tokens)
-    await _add_to_ledger(rt, state, increments if paid else {},
-                         _finished_record(state, "failed", finished_at))
+    _ended(rt, state)
     await _notify(state, rt)
     log.warning("stream failed", request_id=state.record.id, code=failure.code,
                 error=failure.message)
@@ -394,8 +410,8 @@ async def _end_stopped(state: StreamState, rt: StreamRuntime) -> RunOutcome:
     _cost, increments, fields = _cost_fields(state, rt)
     paid = bool(state.usage.prompt_tokens or state.usage.completion_tokens)
     if paid:
-        await rt.store.annotate(state.record.id, fields)
-        await _add_to_ledger(rt, state, increments)
+        await rt.store.annotate(state.record.id, fields, _ending(rt, state, increments))
+        _ended(rt, state)
     log.info("stream stopped: request is terminal", request_id=state.record.id,
              tokens_paid=state.usage.completion_tokens)
     return "cancelled"
