@@ -26,7 +26,7 @@ is marked `submitted` in that batch half-way through.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Collection, Iterator
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +39,7 @@ from router.logs import get_logger
 from router.records import now
 from settings import Settings
 from workers.batch_lock import held
-from workers.batch_poll import FILE_READ_CHUNK, split_lines
+from workers.batch_poll import file_lines, text
 from workers.batch_record import mark_submitted, record_batch
 from workers.retry import is_retryable
 from workers.upstream import UPSTREAM_ERRORS
@@ -67,16 +67,12 @@ def note_upload(client: redis.Redis, keys: Keys, claim_id: str, file_id: str) ->
     client.sadd(keys.claim_uploads(claim_id), file_id)
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def settle_uploads(client: redis.Redis, settings: Settings, upstream: openai.OpenAI,
                    claim_id: str) -> Settlement | None:
     """Adopt every batch made from the claim's uploads; None when that could not be checked
     (the upstream or the poll lock was not available), so the claim must be kept."""
     keys = Keys(settings.key_prefix)
-    files = {_text(f) for f in client.smembers(keys.claim_uploads(claim_id))}
+    files = {text(f) for f in client.smembers(keys.claim_uploads(claim_id))}
     settlement = Settlement()
     if not files:
         return settlement
@@ -173,16 +169,9 @@ def read_input(upstream: openai.OpenAI, file_id: str) -> tuple[list[str], str]:
     """The custom ids of a batch input file, in order, and the model of its first line."""
     ids: list[str] = []
     model = ""
-    for line in _lines(upstream, file_id):
+    for line in file_lines(upstream, file_id):
         row = orjson.loads(line)
         ids.append(str(row["custom_id"]))
         if not model:
             model = str((row.get("body") or {}).get("model") or "")
     return ids, model
-
-
-def _lines(upstream: openai.OpenAI, file_id: str) -> Iterator[bytes]:
-    with upstream.files.with_streaming_response.content(file_id) as response:
-        for line in split_lines(response.iter_bytes(FILE_READ_CHUNK)):
-            if line.strip():
-                yield line

@@ -60,12 +60,13 @@ class PollContext:
         return Keys(self.settings.key_prefix)
 
 
-def _text(value: Any) -> str:
+def text(value: Any) -> str:
+    """A value as Redis returned it (bytes, or already str), as str."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def batch_meta(client: redis.Redis, keys: Keys, batch_id: str) -> dict[str, str]:
-    return {_text(k): _text(v) for k, v in client.hgetall(keys.batch(batch_id)).items()}
+    return {text(k): text(v) for k, v in client.hgetall(keys.batch(batch_id)).items()}
 
 
 def poll(ctx: PollContext) -> PollReport:
@@ -77,7 +78,7 @@ def poll(ctx: PollContext) -> PollReport:
             return report
         report.escalated = escalate_due(ctx.client, ctx.settings, ctx.dispatch_stream)
         for raw in ctx.client.zrange(ctx.keys.batches_in_flight(), 0, -1):
-            batch_id = _text(raw)
+            batch_id = text(raw)
             report.checked += 1
             try:
                 if check_batch(ctx, batch_id, report.writeback):
@@ -155,13 +156,13 @@ def write_back_batch(ctx: PollContext, batch_id: str, model: str, batch: Any) ->
 
 def _members(client: redis.Redis, keys: Keys, batch_id: str) -> Iterator[str]:
     for raw in client.sscan_iter(keys.batch_requests(batch_id), count=5000):
-        yield _text(raw)
+        yield text(raw)
 
 
 FILE_READ_CHUNK = 1 << 16
 
 
-def split_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+def _split_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
     """Lines of a byte stream, without decoding it to text first (orjson reads bytes)."""
     rest = b""
     for chunk in chunks:
@@ -172,22 +173,27 @@ def split_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
         yield rest
 
 
+def file_lines(upstream: openai.OpenAI, file_id: str) -> Iterator[bytes]:
+    """The non-blank lines of an upstream file, streamed as bytes (orjson reads bytes)."""
+    with upstream.files.with_streaming_response.content(file_id) as response:
+        for line in _split_lines(response.iter_bytes(FILE_READ_CHUNK)):
+            if line and not line.isspace():
+                yield line
+
+
 def _file_lines(upstream: openai.OpenAI, file_id: str) -> Iterator[LineOutcome]:
     """Parsed lines of an output or error file, streamed (a missing file yields nothing)."""
     try:
-        with upstream.files.with_streaming_response.content(file_id) as response:
-            for line in split_lines(response.iter_bytes(FILE_READ_CHUNK)):
-                if not line or line.isspace():
-                    continue
-                try:
-                    obj = orjson.loads(line)
-                except orjson.JSONDecodeError:
-                    log.warning("unreadable batch line skipped", file_id=file_id)
-                    continue
-                if isinstance(obj, dict):
-                    outcome = parse_line(obj)
-                    if outcome is not None:
-                        yield outcome
+        for line in file_lines(upstream, file_id):
+            try:
+                obj = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                log.warning("unreadable batch line skipped", file_id=file_id)
+                continue
+            if isinstance(obj, dict):
+                outcome = parse_line(obj)
+                if outcome is not None:
+                    yield outcome
     except openai.NotFoundError:
         log.warning("batch file missing", file_id=file_id)
 
