@@ -95,6 +95,11 @@ class UsageTally:
             self.completion_tokens += tokens_received
             self.estimated = True
 
+    @property
+    def paid(self) -> bool:
+        """Whether any attempt of this run was charged for (so it has a cost to record)."""
+        return bool(self.prompt_tokens or self.completion_tokens)
+
     def as_dict(self) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
@@ -389,11 +394,10 @@ async def _end_failed(state: StreamState, rt: StreamRuntime, failure: Failure) -
     if state.pieces:
         fields["result"] = {"content": state.content, "finish_reason": None}
     fields["finished_at"] = finished_at = now()
-    paid = bool(state.usage.prompt_tokens or state.usage.completion_tokens)
     outcome = await rt.store.transition(
         state.record.id, "failed", allowed_from=["streaming"], fields=fields,
         event=ev.error(failure.code, failure.message, failure.retryable),
-        run_end=_ending(rt, state, increments if paid else {},
+        run_end=_ending(rt, state, increments if state.usage.paid else {},
                         _finished_record(state, "failed", finished_at)),
     )
     if not outcome.moved:
@@ -408,8 +412,7 @@ async def _end_failed(state: StreamState, rt: StreamRuntime, failure: Failure) -
 async def _end_stopped(state: StreamState, rt: StreamRuntime) -> RunOutcome:
     """The request became terminal under us (cancelled): record what was paid for."""
     _cost, increments, fields = _cost_fields(state, rt)
-    paid = bool(state.usage.prompt_tokens or state.usage.completion_tokens)
-    if paid:
+    if state.usage.paid:
         await rt.store.annotate(state.record.id, fields, _ending(rt, state, increments))
         _ended(rt, state)
     log.info("stream stopped: request is terminal", request_id=state.record.id,
