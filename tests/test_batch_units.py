@@ -15,6 +15,7 @@ import redis
 from router.callback_policy import callback_refusal
 from router.keys import Keys
 from router.ledger import Ledger
+from router.pricing import cost_usd
 from router.store import RequestStore
 from settings import Settings
 from tests.batch_helpers import event_types, record, submit_low
@@ -136,6 +137,70 @@ def test_flush_upload_failure_puts_requests_back_untouched(
         assert event_types(redis_client, settings, request_id) == ["accepted", "queued"]
     assert redis_client.zcard(keys.claims()) == 0
     assert redis_client.zcard(keys.batches_in_flight()) == 0
+
+
+def test_cancelled_after_submit_its_billed_line_is_recorded_once(
+        make_settings: Callable[..., Settings], redis_client: redis.Redis, sim_url: str) -> None:
+    """The Batch API cannot cancel one line: a request cancelled while `submitted` still runs
+    and is billed. Its usage and cost go on the cancelled record and into the ledger, once, so
+    the ledger matches what the upstream charged; it stays `cancelled`, with one final event."""
+    settings = make_settings(upstream_base_url=sim_url, batch_mode="native")
+    keys = Keys(settings.key_prefix)
+    ids = [submit_low(redis_client, settings, f"cancel after submit {i}") for i in range(3)]
+    report = flush(_ctx(settings, redis_client))
+    batch_id = report.batches[0]["batch_id"]
+    cancelled = ids[1]
+    assert record(redis_client, settings, cancelled).status == "submitted"
+    assert RequestStore(redis_client, settings).cancel(cancelled, "gpt-4o-mini") == (
+        "cancelled", "submitted")
+    upstream = make_openai_client(settings)
+    ctx = PollContext(settings, redis_client, upstream)
+    wait_until(lambda: check_batch(ctx, batch_id), 15, 0.1, message="batch completed")
+
+    batch = upstream.batches.retrieve(batch_id)
+    assert batch.output_file_id is not None
+    billed = {line["custom_id"]: line["response"]["body"]["usage"] for line in
+              map(orjson.loads, upstream.files.content(batch.output_file_id).text.splitlines())}
+    assert set(billed) == set(ids)  # the cancelled request's line ran too
+    rec = record(redis_client, settings, cancelled)
+    assert rec.status == "cancelled" and rec.result is None
+    assert rec.usage is not None
+    assert rec.usage.completion_tokens == billed[cancelled]["completion_tokens"] > 0
+    assert rec.usage.prompt_tokens == billed[cancelled]["prompt_tokens"]
+    assert rec.cost_usd == cost_usd(settings, "gpt-4o-mini", billed[cancelled], "batch") > 0
+    assert event_types(redis_client, settings, cancelled) == [
+        "accepted", "queued", "submitted", "cancelled"]
+    for other in (ids[0], ids[2]):
+        assert record(redis_client, settings, other).status == "completed"
+    ledger_before = redis_client.hgetall(keys.ledger())
+    line = Ledger.from_hash(ledger_before).total("batch")
+    records = [record(redis_client, settings, i) for i in ids]
+    assert line.requests == 3
+    assert line.cost_usd == sum((r.cost_usd or Decimal(0) for r in records), Decimal(0))
+    assert line.completion_tokens == sum(u["completion_tokens"] for u in billed.values())
+
+    again = write_back_batch(ctx, batch_id, "gpt-4o-mini", batch)
+    assert (again.completed, again.paid_after_cancel, again.unchanged) == (0, 0, 3)
+    assert redis_client.hgetall(keys.ledger()) == ledger_before
+    assert event_types(redis_client, settings, cancelled)[-1] == "cancelled"
+
+
+def test_cancelled_while_queued_is_never_charged(
+        make_settings: Callable[..., Settings], redis_client: redis.Redis, sim_url: str) -> None:
+    """A request cancelled before any flush leaves the queue: no batch line, no cost."""
+    settings = make_settings(upstream_base_url=sim_url, batch_mode="native")
+    keys = Keys(settings.key_prefix)
+    ids = [submit_low(redis_client, settings, f"cancel queued {i}") for i in range(2)]
+    RequestStore(redis_client, settings).cancel(ids[0], "gpt-4o-mini")
+    report = flush(_ctx(settings, redis_client))
+    batch_id = report.batches[0]["batch_id"]
+    upstream = make_openai_client(settings)
+    ctx = PollContext(settings, redis_client, upstream)
+    wait_until(lambda: check_batch(ctx, batch_id), 15, 0.1, message="batch completed")
+    rec = record(redis_client, settings, ids[0])
+    assert rec.status == "cancelled" and rec.cost_usd is None and rec.batch_id is None
+    assert record(redis_client, settings, ids[1]).status == "completed"
+    assert Ledger.from_hash(redis_client.hgetall(keys.ledger())).total("batch").requests == 1
 
 
 def test_write_back_twice_changes_nothing(

@@ -122,42 +122,59 @@ return {1, cur, redis.call('HGET', KEYS[1], 'callback_url') or ''}
 # the same script, so a result written twice changes nothing and is counted once. Amounts are
 # summed in Lua doubles while that stays exact (< 2^52, each at most 15 digits), else added
 # on their own.
+# A request cancelled after it was submitted in this batch still had its line run and billed
+# (the Batch API cannot cancel one line): its usage and cost_usd are written to the cancelled
+# record and its amounts to the ledger, once (a record that has a cost_usd is left alone); its
+# status and events stay as the cancel left them.
 # KEYS: ledger, then per request: record, seq, events
-# ARGV: allowed (comma list), maxlen, ev_ttl, record_ttl, finished_at, n_ledger,
+# ARGV: allowed (comma list), maxlen, ev_ttl, record_ttl, finished_at, batch_id, n_ledger,
 #       ledger field names..., then per request:
 #         'completed', channel, event, n_ledger amounts, result_json, cost_usd, usage_json|''
 #      or 'failed', channel, event, error_json
-# Returns a flat list, per request: moved (1|0|-1), callback_url or '', created_at or ''.
+# Returns a flat list, per request: moved (1 moved | 2 paid after its cancel | 0 | -1 missing),
+# callback_url or '', created_at or ''.
 FINISH_MANY = (
     _COMMON
     + """
 local allowed = {}
 for s in string.gmatch(ARGV[1], '[^,]+') do allowed[s] = true end
 local maxlen, ev_ttl, rec_ttl, finished = ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
-local n_ledger = tonumber(ARGV[6])
+local batch_id = ARGV[6]
+local n_ledger = tonumber(ARGV[7])
 local sums = {}
 for j = 1, n_ledger do sums[j] = 0 end
 local function add(j, amount)
   if #amount > 15 then
-    redis.call('HINCRBY', KEYS[1], ARGV[6 + j], amount)
+    redis.call('HINCRBY', KEYS[1], ARGV[7 + j], amount)
     return
   end
   sums[j] = sums[j] + tonumber(amount)
   if sums[j] >= 4503599627370496 or sums[j] <= -4503599627370496 then
-    redis.call('HINCRBY', KEYS[1], ARGV[6 + j], string.format('%.0f', sums[j]))
+    redis.call('HINCRBY', KEYS[1], ARGV[7 + j], string.format('%.0f', sums[j]))
     sums[j] = 0
   end
 end
 local out = {}
-local a = 7 + n_ledger
+local a = 8 + n_ledger
 for k = 2, #KEYS, 3 do
   local rec = KEYS[k]
   local to_status, channel, event = ARGV[a], ARGV[a + 1], ARGV[a + 2]
   local at = a + 3
   if to_status == 'completed' then a = at + n_ledger + 3 else a = at + 1 end
-  local cur = redis.call('HMGET', rec, 'status', 'callback_url', 'created_at')
+  local cur = redis.call('HMGET', rec, 'status', 'callback_url', 'created_at', 'batch_id',
+                         'cost_usd')
   if not cur[1] then
     out[#out + 1] = -1; out[#out + 1] = ''; out[#out + 1] = ''
+  elseif cur[1] == 'cancelled' and to_status == 'completed' and cur[4] == batch_id
+      and not cur[5] then
+    for j = 1, n_ledger do add(j, ARGV[at + j - 1]) end
+    local v = at + n_ledger
+    if ARGV[v + 2] ~= '' then
+      redis.call('HSET', rec, 'cost_usd', ARGV[v + 1], 'usage', ARGV[v + 2])
+    else
+      redis.call('HSET', rec, 'cost_usd', ARGV[v + 1])
+    end
+    out[#out + 1] = 2; out[#out + 1] = ''; out[#out + 1] = ''
   elseif is_terminal(cur[1]) or not allowed[cur[1]] then
     out[#out + 1] = 0; out[#out + 1] = ''; out[#out + 1] = ''
   else
@@ -181,7 +198,7 @@ for k = 2, #KEYS, 3 do
 end
 for j = 1, n_ledger do
   if sums[j] ~= 0 then
-    redis.call('HINCRBY', KEYS[1], ARGV[6 + j], string.format('%.0f', sums[j]))
+    redis.call('HINCRBY', KEYS[1], ARGV[7 + j], string.format('%.0f', sums[j]))
   end
 end
 return out

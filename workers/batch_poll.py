@@ -116,7 +116,7 @@ def check_batch(ctx: PollContext, batch_id: str, into: WritebackReport | None = 
     finish_batch(ctx.client, ctx.settings, batch_id, status)
     log.info("batch written back", batch_id=batch_id, status=status,
              completed=report.completed, failed=report.failed, requeued=report.requeued,
-             unchanged=report.unchanged)
+             unchanged=report.unchanged, paid_after_cancel=report.paid_after_cancel)
     return True
 
 

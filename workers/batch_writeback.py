@@ -55,6 +55,9 @@ WRITE_DEPTH = 3
 # Latencies of moved requests are written every this many chunks (and at the end of a write):
 # each write waits behind the chunks queued in Redis, so not often.
 LATENCY_WRITE_EVERY = 40
+# FINISH_MANY's answer for a request cancelled after it was submitted whose line ran anyway: its
+# cost is on the cancelled record and in the ledger (see `workers.batch_lua.FINISH_MANY`).
+PAID_AFTER_CANCEL = 2
 # Per-line error codes the Batch API uses for lines it never ran: always worth another batch.
 SKIPPED_LINE_CODES = frozenset({"batch_expired", "batch_cancelled", "batch_failed"})
 
@@ -85,6 +88,8 @@ class WritebackReport:
     failed: int = 0
     requeued: int = 0
     unchanged: int = 0
+    # Cancelled after they were submitted, yet their lines ran and were billed: cost recorded.
+    paid_after_cancel: int = 0
     seen: set[str] = field(default_factory=set)
 
     def add(self, other: WritebackReport) -> None:
@@ -92,6 +97,7 @@ class WritebackReport:
         self.failed += other.failed
         self.requeued += other.requeued
         self.unchanged += other.unchanged
+        self.paid_after_cancel += other.paid_after_cancel
         self.seen |= other.seen
 
 
@@ -327,7 +333,8 @@ class BatchWriter:
         k, s = self.keys, self.settings
         keys = [k.ledger()]
         args: list[Any] = ["submitted", s.replay_maxlen, s.replay_ttl_s, s.result_ttl_s,
-                           repr(finished), len(self.pricer.names), *self.pricer.names]
+                           repr(finished), self.batch_id, len(self.pricer.names),
+                           *self.pricer.names]
         for out in finals:
             rid = out.request_id
             keys += [k.record(rid), k.seq(rid), k.events(rid)]
@@ -398,6 +405,9 @@ class BatchWriter:
         answers = flat or []
         for i, out in enumerate(part.finals):
             moved, callback_url, created = answers[3 * i:3 * i + 3]
+            if int(moved) == PAID_AFTER_CANCEL:
+                report.paid_after_cancel += 1
+                continue
             if int(moved) != 1:
                 report.unchanged += 1
                 continue

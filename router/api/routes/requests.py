@@ -140,7 +140,9 @@ async def get_request(
 async def cancel_request(
     request_id: str, request: Request, caller: CallerDep, store: StoreDep
 ) -> CancelResponse:
-    """Cancel: a queued request leaves its queue; a streaming one stops its upstream call."""
+    """Cancel: a queued request leaves its queue; a streaming one stops its upstream call. A
+    request already `submitted` in a batch is cancelled too, but the Batch API cannot cancel
+    one line: when its line runs, its usage and cost are recorded on the cancelled record."""
     record = await load_owned(store, request_id, caller.tenant)
     outcome, previous = await cancel_and_notify(request.app.state, record)
     if outcome == "terminal":
