@@ -4,9 +4,10 @@ write-back idempotency, line parsing, callback policy. Real Redis, real simulato
 from __future__ import annotations
 
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 
+import httpx
 import openai
 import orjson
 import pytest
@@ -24,6 +25,7 @@ from workers import batch_claim
 from workers.batch_flush import FlushContext, flush
 from workers.batch_jsonl import write_parts
 from workers.batch_poll import PollContext, batch_meta, check_batch, write_back_batch
+from workers.batch_refusal import is_refusal
 from workers.batch_writeback import parse_line
 from workers.callbacks import sign
 from workers.upstream import make_openai_client
@@ -137,6 +139,66 @@ def test_flush_upload_failure_puts_requests_back_untouched(
         assert event_types(redis_client, settings, request_id) == ["accepted", "queued"]
     assert redis_client.zcard(keys.claims()) == 0
     assert redis_client.zcard(keys.batches_in_flight()) == 0
+
+
+@pytest.fixture(scope="module")
+def sim_without_batch_api() -> Iterator[str]:
+    """An upstream with no Batch API: /v1/files and /v1/batches answer 404, every time."""
+    from simulator.testing import running_simulator
+
+    with running_simulator(ttft_s=0.0, tokens_per_s=0.0, batch_api=False) as url:
+        yield url
+
+
+def test_a_submission_the_upstream_refuses_counts_as_an_attempt_and_ends_failed(
+        make_settings: Callable[..., Settings], redis_client: redis.Redis,
+        sim_without_batch_api: str) -> None:
+    """A 4xx that waiting will not cure (here: batch mode forced to native against an upstream
+    without a Batch API) must not send the same requests round every flush forever: each
+    refusal is one of their ROUTER_BATCH_MAX_ATTEMPTS submissions, then they fail, once,
+    with the upstream's answer."""
+    settings = make_settings(upstream_base_url=sim_without_batch_api, batch_mode="native",
+                             batch_max_attempts=3, callback_allowed_hosts=["127.0.0.1"])
+    keys = Keys(settings.key_prefix)
+    ids = [submit_low(redis_client, settings, f"refused {i}",
+                      **({"callback_url": "http://127.0.0.1:9/hook"} if i == 0 else {}))
+           for i in range(3)]
+    notified: list[str] = []
+    for attempt in (1, 2):
+        report = flush(_ctx(settings, redis_client, notify=notified.append))
+        assert report.error and report.submitted == 0 and report.failed == 0
+        assert report.requeued_on_error == 3
+        assert _ids(redis_client, keys.pending("gpt-4o-mini")) == ids  # queue order kept
+        for request_id in ids:
+            rec = record(redis_client, settings, request_id)
+            assert (rec.status, rec.attempts) == ("queued", attempt)
+    report = flush(_ctx(settings, redis_client, notify=notified.append))
+    assert report.failed == 3 and report.requeued_on_error == 0
+    assert _ids(redis_client, keys.pending("gpt-4o-mini")) == []
+    assert redis_client.zcard(keys.claims()) == 0
+    for request_id in ids:
+        rec = record(redis_client, settings, request_id)
+        assert rec.status == "failed" and rec.error is not None
+        assert rec.error.code == "batch_refused" and "404" in rec.error.message
+        assert "ROUTER_BATCH_MAX_ATTEMPTS" in rec.error.message
+        assert event_types(redis_client, settings, request_id) == [
+            "accepted", "queued", "error"]
+    assert notified == [ids[0]]  # the one with a callback_url
+    # Nothing is left to flush, and nothing more happens to a failed request.
+    again = flush(_ctx(settings, redis_client, notify=notified.append))
+    assert again.error is None and again.failed == 0 and again.requeued_on_error == 0
+    assert all(record(redis_client, settings, i).attempts == 3 for i in ids)
+
+
+@pytest.mark.parametrize(("status", "refused"), [
+    (400, True), (401, True), (403, True), (404, True), (413, True), (422, True),
+    (408, False), (409, False), (429, False), (500, False), (502, False), (503, False)])
+def test_only_a_4xx_that_waiting_will_not_cure_is_a_refusal(status: int, refused: bool) -> None:
+    request = httpx.Request("POST", "http://upstream.test/v1/batches")
+    exc = openai.APIStatusError("answer", response=httpx.Response(status, request=request),
+                                body=None)
+    assert is_refusal(exc) is refused
+    assert not is_refusal(openai.APIConnectionError(request=request))
 
 
 def test_cancelled_after_submit_its_billed_line_is_recorded_once(

@@ -37,6 +37,7 @@ from workers.batch_lock import RedisLock, held
 from workers.batch_lua import FINISH_SCRIPT, run_pipelined
 from workers.batch_mode import ResolvedMode, resolve_batch_mode
 from workers.batch_record import mark_submitted, record_batch
+from workers.batch_refusal import count_refusal, is_refusal
 from workers.batch_writeback import Notify, no_notify
 from workers.deadlines import StreamDispatch, escalate
 from workers.retry import RetryPolicy, is_retryable, retry_after_seconds
@@ -89,7 +90,16 @@ class FlushContext:
 
 
 class UpstreamSubmitError(Exception):
-    """Uploading the file or creating the batch failed; the claim was put back."""
+    """Uploading the file or creating the batch failed; the claim was put back.
+
+    `refused`: the upstream answered with a 4xx that waiting will not cure, so the failure
+    counts against the requests' attempts (`workers.batch_refusal`); `reason` says what it
+    answered."""
+
+    def __init__(self, message: str, *, refused: bool = False, reason: str = "") -> None:
+        super().__init__(message)
+        self.refused = refused
+        self.reason = reason or message
 
 
 def flush(ctx: FlushContext, *, models: list[str] | None = None) -> FlushReport:
@@ -212,9 +222,12 @@ def _flush_claim(ctx: FlushContext, report: FlushReport, claim: Claim,
                                    "requests": len(part.ids), "bytes": part.size})
             if mode == "emulated" and ctx.send_emulated is not None:
                 ctx.send_emulated(batch_id)
-    except UpstreamSubmitError:
+    except UpstreamSubmitError as exc:
         # Put back only what no batch holds; if that cannot be told, the next flush settles it.
         if _settle(ctx, report, claim.claim_id):
+            if exc.refused:  # counted first: the release puts back only what is still queued
+                report.failed += count_refusal(ctx.client, ctx.settings, claim.ids,
+                                               exc.reason, ctx.notify).failed
             report.requeued_on_error += batch_claim.release(ctx.client, ctx.keys,
                                                             claim.claim_id)
         raise
@@ -233,9 +246,13 @@ def _submit_native(ctx: FlushContext, report: FlushReport, claim: Claim,
         note_upload(ctx.client, ctx.keys, claim.claim_id, uploaded.id)
         batch_id = _create_batch_once(ctx, report, claim, uploaded.id)
     except UPSTREAM_ERRORS as exc:
+        refused = is_refusal(exc)
         log.error("batch submit failed; claim put back", model=claim.model,
-                  requests=len(part.ids), error=str(exc)[:500])
-        raise UpstreamSubmitError(f"submitting a batch of {claim.model} failed: {exc}") from exc
+                  requests=len(part.ids), refused=refused, error=str(exc)[:500])
+        reason = (f"upstream answered {exc.status_code}: {exc.message}"
+                  if isinstance(exc, openai.APIStatusError) else str(exc))
+        raise UpstreamSubmitError(f"submitting a batch of {claim.model} failed: {exc}",
+                                  refused=refused, reason=reason) from exc
     if ctx.after_create is not None:
         ctx.after_create(batch_id)
     record_batch(ctx.client, s, batch_id, claim.model, "native", len(part.ids),

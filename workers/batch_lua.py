@@ -235,6 +235,28 @@ return {1, ''}
 """
 )
 
+# A claimed request whose submission the upstream refused (a 4xx that waiting will not cure):
+# the refusal counts as one of its submissions (attempts + 1), and once it has used them it
+# fails with the reason. Otherwise it stays `queued` for the claim's release, which follows and
+# puts it back at the front of its queue. Only a request still `queued` counts, so a refusal is
+# counted at most once per request per claim (the claim is released right after).
+# KEYS: record, seq, events
+# ARGV: max_attempts, channel, maxlen, ev_ttl, record_ttl, now, failed_event, error_json
+# Returns {1 counted | 2 failed | 0 untouched, callback_url or '', created_at or ''}.
+COUNT_REFUSAL = (
+    _COMMON
+    + """
+if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return {0, '', ''} end
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+if attempts < tonumber(ARGV[1]) then return {1, '', ''} end
+redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[8], 'finished_at', ARGV[6])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
+emit(KEYS[2], KEYS[3], ARGV[2], ARGV[3], ARGV[4], ARGV[7])
+local tail = redis.call('HMGET', KEYS[1], 'callback_url', 'created_at')
+return {2, tail[1] or '', tail[2] or ''}
+"""
+)
+
 # Move a queued low request to the stream lane because a batch would miss its deadline.
 # KEYS: record, seq, events, pending, dispatched, deadlines
 # ARGV: id, channel, maxlen, ev_ttl, now, route_reason, event
@@ -267,6 +289,7 @@ SUBMIT_MANY_SCRIPT = LuaScript(SUBMIT_MANY)
 FINISH_SCRIPT = LuaScript(FINISH)
 FINISH_MANY_SCRIPT = LuaScript(FINISH_MANY)
 REQUEUE_SCRIPT = LuaScript(REQUEUE)
+COUNT_REFUSAL_SCRIPT = LuaScript(COUNT_REFUSAL)
 ESCALATE_SCRIPT = LuaScript(ESCALATE)
 LOCK_SCRIPT = LuaScript(LOCK)
 

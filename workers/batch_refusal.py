@@ -1,0 +1,80 @@
+"""A batch submission the upstream refuses counts against its requests' attempts.
+
+Why: a claim whose upload or batch create failed is put back for the next flush. That is right
+for what passes (no answer, 429, 5xx), but a 4xx that waiting does not cure (a model the Batch
+API does not take, a key without batch access, an upstream without a Batch API while
+``ROUTER_BATCH_MODE=native``) would send the same requests round every flush, forever, none of
+them ever terminal. So each refused submission counts as one of the request's
+``ROUTER_BATCH_MAX_ATTEMPTS`` submissions, as a failed or expired batch does, and a request that
+has used them fails with the upstream's answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import openai
+import redis
+
+from router import events as ev
+from router.keys import Keys
+from router.logs import get_logger
+from router.records import dumps, now
+from settings import Settings
+from workers.batch_lua import COUNT_REFUSAL_SCRIPT, run_pipelined
+from workers.batch_writeback import LatencyTally, Notify
+from workers.retry import is_retryable
+
+log = get_logger(__name__)
+
+REFUSED_CODE = "batch_refused"
+COUNT_CHUNK = 1000
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """Whether the upstream refused the submission itself: an HTTP answer that retrying later
+    will not change (a 4xx other than 408, 409 and 429)."""
+    return isinstance(exc, openai.APIStatusError) and not is_retryable(exc)
+
+
+@dataclass
+class RefusalCount:
+    counted: int = 0  # still queued, one attempt more
+    failed: int = 0  # had used their attempts: failed with the refusal
+
+
+def count_refusal(client: redis.Redis, settings: Settings, ids: Sequence[str], reason: str,
+                  notify: Notify) -> RefusalCount:
+    """Count one refused submission against each still-`queued` request of `ids`; fail those
+    that have used their attempts (event, callback, latency). The claim is released after."""
+    keys = Keys(settings.key_prefix)
+    message = (f"the upstream refused this request's batch {settings.batch_max_attempts} "
+               f"times (ROUTER_BATCH_MAX_ATTEMPTS); last answer: {reason}")[:1000]
+    error = dumps({"code": REFUSED_CODE, "message": message, "retryable": False})
+    event = ev.error(REFUSED_CODE, message, False)
+    result = RefusalCount()
+    tally = LatencyTally()
+    for start in range(0, len(ids), COUNT_CHUNK):
+        part = ids[start:start + COUNT_CHUNK]
+        finished = now()
+        answers = run_pipelined(client, COUNT_REFUSAL_SCRIPT, [(
+            [keys.record(rid), keys.seq(rid), keys.events(rid)],
+            [settings.batch_max_attempts, keys.channel(rid), settings.replay_maxlen,
+             settings.replay_ttl_s, settings.result_ttl_s, repr(finished), event, error],
+        ) for rid in part])
+        for rid, raw in zip(part, answers, strict=True):
+            code = int(raw[0])
+            if code == 1:
+                result.counted += 1
+            elif code == 2:
+                result.failed += 1
+                tally.observe_raw("failed", raw[2], finished)
+                if raw[1]:
+                    notify(rid)
+    tally.write(client, keys)
+    if result.failed:
+        log.error("requests failed: the upstream refused their batch every time",
+                  failed=result.failed, attempts=settings.batch_max_attempts,
+                  reason=reason[:300])
+    return result
