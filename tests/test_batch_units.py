@@ -121,6 +121,41 @@ def test_flush_killed_after_claim_loses_nothing(
     assert redis_client.scard(keys.batch_requests(batch_id)) == 6
 
 
+def test_flush_that_lost_its_lock_makes_no_batch_and_leaves_its_claim_to_the_holder(
+        make_settings: Callable[..., Settings], redis_client: redis.Redis, sim_url: str) -> None:
+    """A flush stalled longer than its lock's lease (here: the lock handed to another flush
+    during the upload) must not make a batch: the holder may already have settled its claim
+    and put the requests back, and they would be sent twice."""
+    settings = make_settings(upstream_base_url=sim_url, batch_mode="native")
+    keys = Keys(settings.key_prefix)
+    ids = [submit_low(redis_client, settings, f"lock lost {i}") for i in range(3)]
+    uploads: list[str] = []
+
+    def lock_taken_over(file_id: str) -> None:
+        uploads.append(file_id)
+        redis_client.set(keys.flush_lock(), "another flush's token")
+
+    report = flush(_ctx(settings, redis_client, before_create=lock_taken_over))
+    assert report.error is not None and "lock was lost" in report.error
+    assert report.submitted == 0 and report.batches == []
+    upstream = make_openai_client(settings)
+    [upload] = uploads
+    assert not [b for b in upstream.batches.list(limit=100) if b.input_file_id == upload]
+    assert redis_client.get(keys.flush_lock()) == b"another flush's token"  # not released
+    assert redis_client.zcard(keys.claims()) == 1  # left as it was, for the holder
+    assert all(record(redis_client, settings, i).status == "queued" for i in ids)
+
+    redis_client.delete(keys.flush_lock())  # the other flush is gone: the next one settles
+    report = flush(_ctx(settings, redis_client))
+    assert report.error is None
+    assert report.recovered == 3 and report.submitted == 3 and len(report.batches) == 1
+    batch_id = report.batches[0]["batch_id"]
+    assert all(record(redis_client, settings, i).batch_id == batch_id for i in ids)
+    assert redis_client.zcard(keys.claims()) == 0
+    with pytest.raises(openai.NotFoundError):
+        upstream.files.retrieve(upload)  # the orphaned upload was deleted
+
+
 def test_flush_upload_failure_puts_requests_back_untouched(
         make_settings: Callable[..., Settings], redis_client: redis.Redis) -> None:
     settings = make_settings(upstream_base_url=f"http://127.0.0.1:{free_port()}/v1",

@@ -51,6 +51,7 @@ CREATE_ATTEMPTS = 3
 
 AfterClaim = Callable[[Claim], None]
 AfterCreate = Callable[[str], None]
+BeforeCreate = Callable[[str], None]
 SendEmulated = Callable[[str], None]
 
 
@@ -83,6 +84,7 @@ class FlushContext:
     send_emulated: SendEmulated | None = None
     after_claim: AfterClaim | None = None  # test hook: runs right after each claim
     after_create: AfterCreate | None = None  # test hook: a batch was made, not yet recorded
+    before_create: BeforeCreate | None = None  # test hook: a file was uploaded, no batch yet
 
     @property
     def keys(self) -> Keys:
@@ -100,6 +102,11 @@ class UpstreamSubmitError(Exception):
         super().__init__(message)
         self.refused = refused
         self.reason = reason or message
+
+
+class FlushLockLost(Exception):
+    """The flush lock expired under a running flush (a stall longer than its lease): another
+    flush may hold it and settle this flush's claim, so this one stops touching it."""
 
 
 def flush(ctx: FlushContext, *, models: list[str] | None = None) -> FlushReport:
@@ -126,6 +133,9 @@ def flush(ctx: FlushContext, *, models: list[str] | None = None) -> FlushReport:
                 _flush_model(ctx, lock, report, model)
         except UpstreamSubmitError as exc:
             report.error = str(exc)
+        except FlushLockLost as exc:
+            report.error = str(exc)
+            log.error("flush stopped: its lock was lost", flush_id=report.flush_id)
         _note_flush(ctx, report, started)
     log.info("flush done", flush_id=report.flush_id, mode=report.mode,
              submitted=report.submitted, batches=len(report.batches),
@@ -161,7 +171,7 @@ def _flush_model(ctx: FlushContext, lock: RedisLock, report: FlushReport, model:
             return
         if ctx.after_claim is not None:
             ctx.after_claim(claim)
-        _flush_claim(ctx, report, claim, report.mode)  # type: ignore[arg-type]
+        _flush_claim(ctx, lock, report, claim, report.mode)  # type: ignore[arg-type]
         lock.extend()
         if len(claim.ids) < limit:
             return
@@ -203,14 +213,14 @@ def _fail_oversized(ctx: FlushContext, row: ClaimedRow) -> None:
         ctx.notify(row.id)
 
 
-def _flush_claim(ctx: FlushContext, report: FlushReport, claim: Claim,
+def _flush_claim(ctx: FlushContext, lock: RedisLock, report: FlushReport, claim: Claim,
                  mode: ResolvedMode) -> None:
     parts: Generator[JsonlPart, None, None] = write_parts(_lines(ctx, report, claim), ctx.settings.batch_max_requests,
                         ctx.settings.batch_max_bytes)
     try:
         for part in parts:
             try:
-                batch_id, file_id = (_submit_native(ctx, report, claim, part)
+                batch_id, file_id = (_submit_native(ctx, lock, report, claim, part)
                                      if mode == "native" else _submit_emulated(ctx, claim, part))
             finally:
                 part.remove()
@@ -224,6 +234,9 @@ def _flush_claim(ctx: FlushContext, report: FlushReport, claim: Claim,
                 ctx.send_emulated(batch_id)
     except UpstreamSubmitError as exc:
         # Put back only what no batch holds; if that cannot be told, the next flush settles it.
+        if not lock.still_held():
+            raise FlushLockLost(f"the flush lock was lost while {exc}; the claim is left to "
+                                "the flush that holds the lock") from exc
         if _settle(ctx, report, claim.claim_id):
             if exc.refused:  # counted first: the release puts back only what is still queued
                 report.failed += count_refusal(ctx.client, ctx.settings, claim.ids,
@@ -236,14 +249,24 @@ def _flush_claim(ctx: FlushContext, report: FlushReport, claim: Claim,
     batch_claim.drop(ctx.client, ctx.keys, claim.claim_id)
 
 
-def _submit_native(ctx: FlushContext, report: FlushReport, claim: Claim,
+def _submit_native(ctx: FlushContext, lock: RedisLock, report: FlushReport, claim: Claim,
                    part: JsonlPart) -> tuple[str, str]:
-    """Upload the part and make a batch of it, once; returns (batch id, input file id)."""
+    """Upload the part and make a batch of it, once; returns (batch id, input file id).
+
+    The lock is asked for right before the batch is made: a flush that lost it during a long
+    upload (a stall longer than the lease) may have had its claim settled by the flush that now
+    holds it, which deletes an upload no batch was made from and puts the requests back; making
+    a batch of them now would send them twice."""
     s = ctx.settings
     try:
         with part.path.open("rb") as fh:
             uploaded = ctx.upstream.files.create(file=(part.path.name, fh), purpose="batch")
         note_upload(ctx.client, ctx.keys, claim.claim_id, uploaded.id)
+        if ctx.before_create is not None:
+            ctx.before_create(uploaded.id)
+        if not lock.still_held():
+            raise FlushLockLost(f"the flush lock was lost before a batch of {claim.model} was "
+                                f"made; upload {uploaded.id} is left to the flush that holds it")
         batch_id = _create_batch_once(ctx, report, claim, uploaded.id)
     except UPSTREAM_ERRORS as exc:
         refused = is_refusal(exc)

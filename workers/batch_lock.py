@@ -43,6 +43,13 @@ class RedisLock:
     def release(self) -> bool:
         return bool(LOCK_SCRIPT(self.client, [self.key], [self.token, ""]))
 
+    def still_held(self) -> bool:
+        """Whether Redis still gives the lock to us, now (not only at the last renewal): asked
+        right before a step that another holder must never see half-done."""
+        held_by = self.client.get(self.key)
+        return held_by is not None and (
+            held_by.decode() if isinstance(held_by, bytes) else str(held_by)) == self.token
+
 
 def _renew(lock: RedisLock, stop: threading.Event) -> None:
     while not stop.wait(lock.ttl_ms / 3000):
