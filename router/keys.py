@@ -79,6 +79,12 @@ class Keys:
         """Set: upstream file ids uploaded for one claim, noted before a batch is made of them."""
         return f"{self.prefix}:batch:claim-uploads:{claim_id}"
 
+    def late_twin_watch(self) -> str:
+        """Sorted set: uploads whose batch create failed once ([file id, kept batch id, listed
+        since] as JSON), scored by when to stop watching; any other batch the upstream makes of
+        such a file is cancelled (`workers.batch_twins`)."""
+        return f"{self.prefix}:batch:late-twin-watch"
+
     def claims(self) -> str:
         """Sorted set: flush id -> claim time, so a recovery step finds orphaned claims."""
         return f"{self.prefix}:batch:claims"

@@ -165,19 +165,36 @@ def test_a_claim_is_kept_while_the_upstream_cannot_say_what_it_made(
 # --- a create whose answer is lost -----------------------------------------------------------
 
 
+class HeldCreate:
+    """A `POST /v1/batches` the proxy holds: forwarded only once `release` is set (long after
+    the client gave up on it), then `forwarded` is set."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.forwarded = threading.Event()
+
+
 @contextmanager
-def answer_losing_proxy(target: str, lose_creates: int = 0,
-                        refuse_lists: bool = False) -> Iterator[str]:
+def answer_losing_proxy(target: str, lose_creates: int = 0, refuse_lists: bool = False,
+                        hold: HeldCreate | None = None) -> Iterator[str]:
     """An HTTP proxy to `target` that forwards everything, but answers the first
-    `lose_creates` `POST /v1/batches` with a 502 after the upstream has made the batch, and
-    with `refuse_lists` answers `GET /v1/batches` with a 404 (an upstream without the list)."""
+    `lose_creates` `POST /v1/batches` with a 502 after the upstream has made the batch, with
+    `refuse_lists` answers `GET /v1/batches` with a 404 (an upstream without the list), and with
+    `hold` holds the first create until `hold.release` (a create that arrives late)."""
     lost = [0]
+    held_once = [False]
     origin = httpx.URL(target)
 
     class Handler(BaseHTTPRequestHandler):
         def _forward(self) -> None:
             body = self.rfile.read(int(self.headers.get("content-length") or 0))
             route = self.path.split("?")[0].rstrip("/")
+            creating = self.command == "POST" and route.endswith("/batches")
+            held = hold is not None and creating and not held_once[0]
+            if held:
+                held_once[0] = True
+                assert hold is not None
+                hold.release.wait(30)
             if refuse_lists and self.command == "GET" and route.endswith("/batches"):
                 self._answer(404, b'{"error": {"message": "no such route", "type": '
                                   b'"invalid_request_error"}}')
@@ -186,6 +203,9 @@ def answer_losing_proxy(target: str, lose_creates: int = 0,
                        if k.lower() not in ("host", "content-length", "connection")}
             url = origin.copy_with(raw_path=self.path.encode())
             answer = httpx.request(self.command, url, headers=headers, content=body, timeout=30)
+            if held:
+                assert hold is not None
+                hold.forwarded.set()
             if (self.command == "POST" and route.endswith("/batches")
                     and lost[0] < lose_creates):
                 lost[0] += 1
@@ -236,6 +256,47 @@ def test_a_lost_create_answer_makes_one_batch_not_two(
         made = _batches_of_claim(make_openai_client(settings), claims[0].claim_id)
         assert [b.id for b in made] == [report.batches[0]["batch_id"]]
         _poll_until_done(settings, redis_client, ids)
+
+
+def test_a_create_made_late_after_its_retry_is_cancelled_by_the_next_flush(
+        make_settings: Callable[..., Settings], redis_client: redis.Redis) -> None:
+    """The first create times out and the list shows nothing, so it is tried again; then the
+    first one reaches the upstream after all. The next flush cancels that late second batch:
+    the requests are paid for once, in the batch Redis follows."""
+    from simulator.testing import running_simulator
+
+    hold = HeldCreate()
+    with running_simulator(ttft_s=0.0, tokens_per_s=0.0, batch_turnaround_s=30.0) as sim, \
+            answer_losing_proxy(sim.removesuffix("/v1"), hold=hold) as proxied:
+        settings = make_settings(upstream_base_url=proxied, batch_mode="native",
+                                 upstream_timeout_s=1.0, retry_backoff_base_s=0.05)
+        keys = Keys(settings.key_prefix)
+        ids = [submit_low(redis_client, settings, f"late twin {i}") for i in range(4)]
+        claims, remember = _claim_recorder()
+        report = flush(_ctx(settings, redis_client, after_claim=remember))
+        assert report.error is None and report.submitted == 4 and len(report.batches) == 1
+        kept = report.batches[0]["batch_id"]
+        assert redis_client.zcard(keys.late_twin_watch()) == 1
+        hold.release.set()
+        assert hold.forwarded.wait(20), "the held create never reached the upstream"
+        upstream = make_openai_client(settings)
+        made = _batches_of_claim(upstream, claims[0].claim_id)
+        assert len(made) == 2 and kept in [b.id for b in made]  # the late twin exists
+        [late] = [b.id for b in made if b.id != kept]
+
+        again = flush(_ctx(settings, redis_client))
+        assert again.late_twins_cancelled == [late]
+        assert upstream.batches.retrieve(late).status in ("cancelling", "cancelled")
+        assert upstream.batches.retrieve(kept).status not in ("cancelling", "cancelled")
+        for request_id in ids:
+            rec = record(redis_client, settings, request_id)
+            assert rec.status == "submitted" and rec.batch_id == kept
+        assert flush(_ctx(settings, redis_client)).late_twins_cancelled == []  # once
+        # Past its watch, the file is forgotten.
+        [entry] = redis_client.zrange(keys.late_twin_watch(), 0, -1)
+        redis_client.zadd(keys.late_twin_watch(), {entry: 0})
+        flush(_ctx(settings, redis_client))
+        assert redis_client.zcard(keys.late_twin_watch()) == 0
 
 
 def test_an_upstream_that_cannot_list_batches_gets_the_claim_released(

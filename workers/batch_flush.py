@@ -38,6 +38,7 @@ from workers.batch_lua import FINISH_SCRIPT, run_pipelined
 from workers.batch_mode import ResolvedMode, resolve_batch_mode
 from workers.batch_record import mark_submitted, record_batch
 from workers.batch_refusal import count_refusal, is_refusal
+from workers.batch_twins import cancel_late_twins, watch_file
 from workers.batch_writeback import Notify, no_notify
 from workers.deadlines import StreamDispatch, escalate
 from workers.retry import RetryPolicy, is_retryable, retry_after_seconds
@@ -67,6 +68,8 @@ class FlushReport:
     escalated: int = 0
     failed: int = 0
     requeued_on_error: int = 0
+    # Batches the upstream made late from a create that was retried (see workers.batch_twins).
+    late_twins_cancelled: list[str] = field(default_factory=list)
     batches: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
     seconds: float = 0.0
@@ -120,6 +123,7 @@ def flush(ctx: FlushContext, *, models: list[str] | None = None) -> FlushReport:
             return report
         report.recovered = batch_claim.recover_orphaned_claims(
             ctx.client, keys, settle=lambda claim_id: _settle(ctx, report, claim_id))
+        report.late_twins_cancelled = cancel_late_twins(ctx.client, ctx.settings, ctx.upstream)
         names = models if models is not None else sorted(
             m.decode() if isinstance(m, bytes) else str(m)
             for m in ctx.client.smembers(keys.pending_models())
@@ -290,9 +294,9 @@ def _create_batch_once(ctx: FlushContext, report: FlushReport, claim: Claim,
     s = ctx.settings
     policy = RetryPolicy(CREATE_ATTEMPTS - 1, s.retry_backoff_base_s, s.retry_backoff_max_s)
     attempt = 0
+    first_asked = now() - CLOCK_SKEW_S
     while True:
         attempt += 1
-        asked_at = now()
         try:
             batch = ctx.upstream.with_options(max_retries=0).batches.create(
                 input_file_id=file_id,
@@ -301,13 +305,17 @@ def _create_batch_once(ctx: FlushContext, report: FlushReport, claim: Claim,
                 metadata={"flush_id": report.flush_id, "claim_id": claim.claim_id,
                           "model": claim.model[:256], "source": "hybrid-router"},
             )
+            if attempt > 1:  # a failed try may yet be made upstream: watch for it
+                watch_file(ctx.client, ctx.keys, file_id, str(batch.id), first_asked)
             return str(batch.id)
         except UPSTREAM_ERRORS as exc:
-            made = batches_made_from(ctx.upstream, {file_id}, asked_at - CLOCK_SKEW_S)
+            made = batches_made_from(ctx.upstream, {file_id}, first_asked)
             if made:
+                kept = str(made[file_id][0].id)
                 log.warning("batch create failed but the batch was made", model=claim.model,
-                            batch_id=made[file_id][0].id, error=str(exc)[:300])
-                return str(made[file_id][0].id)
+                            batch_id=kept, error=str(exc)[:300])
+                watch_file(ctx.client, ctx.keys, file_id, kept, first_asked)
+                return kept
             if not (is_retryable(exc) and policy.allows(attempt)):
                 raise
             delay = policy.backoff(attempt, retry_after_seconds(exc))
