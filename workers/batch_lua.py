@@ -161,12 +161,15 @@ for k = 2, #KEYS, 3 do
   local to_status, channel, event = ARGV[a], ARGV[a + 1], ARGV[a + 2]
   local at = a + 3
   if to_status == 'completed' then a = at + n_ledger + 3 else a = at + 1 end
-  local cur = redis.call('HMGET', rec, 'status', 'callback_url', 'created_at', 'batch_id',
-                         'cost_usd')
+  local cur = redis.call('HMGET', rec, 'status', 'callback_url', 'created_at')
+  local paid_after_cancel = false
+  if cur[1] == 'cancelled' and to_status == 'completed' then
+    local billed = redis.call('HMGET', rec, 'batch_id', 'cost_usd')
+    paid_after_cancel = billed[1] == batch_id and not billed[2]
+  end
   if not cur[1] then
     out[#out + 1] = -1; out[#out + 1] = ''; out[#out + 1] = ''
-  elseif cur[1] == 'cancelled' and to_status == 'completed' and cur[4] == batch_id
-      and not cur[5] then
+  elseif paid_after_cancel then
     for j = 1, n_ledger do add(j, ARGV[at + j - 1]) end
     local v = at + n_ledger
     if ARGV[v + 2] ~= '' then
