@@ -53,6 +53,7 @@ from router.keys import Keys
 from router.ledger import Ledger, ledger_increments
 from router.metrics import histograms_from_hash
 from router.records import RequestRecord, dumps, now
+from router.redis_text import text
 from router.store import StoreOps
 from settings import Settings
 from simulator.testing import running_simulator
@@ -91,10 +92,10 @@ def create_many(client: redis.Redis, settings: Settings, n: int, chunk: int = 20
 # --- measuring -------------------------------------------------------------------------------
 def _rss_kb(field_name: str) -> int | None:
     try:
-        text = Path("/proc/self/status").read_text()
+        status = Path("/proc/self/status").read_text()
     except OSError:
         return None
-    found = re.search(rf"^{field_name}:\s+(\d+) kB", text, re.MULTILINE)
+    found = re.search(rf"^{field_name}:\s+(\d+) kB", status, re.MULTILINE)
     return int(found.group(1)) if found else None
 
 
@@ -226,12 +227,12 @@ def check_results(client: redis.Redis, settings: Settings, upstream: openai.Open
                     expected[name] = expected.get(name, 0) + amount
             if len(samples) < sample_size:
                 samples.append((obj["custom_id"], usage))
-    ledger = {_text(k): int(v) for k, v in client.hgetall(keys.ledger()).items()}
+    ledger = {text(k): int(v) for k, v in client.hgetall(keys.ledger()).items()}
     assert ledger == expected, f"ledger differs from ledger_increments: {ledger} != {expected}"
     for request_id, usage in samples:
         raw = client.hmget(keys.record(request_id), "status", "cost_usd")
-        assert _text(raw[0]) == "completed", (request_id, raw)
-        assert _text(raw[1]) == str(cost_of(settings, MODEL, usage)), (request_id, raw, usage)
+        assert text(raw[0]) == "completed", (request_id, raw)
+        assert text(raw[1]) == str(cost_of(settings, MODEL, usage)), (request_id, raw, usage)
     hists = histograms_from_hash(client.hgetall(keys.timings("batch")))
     assert hists["e2e"].count == n, f"{hists['e2e'].count} latency observations for {n}"
     total = Ledger.from_hash(client.hgetall(keys.ledger())).total("batch")
@@ -297,8 +298,8 @@ def run(n: int, writeback: bool) -> tuple[list[Phase], dict[str, Any]]:
             assert second.unchanged == n, second
 
             sample = client.hgetall(keys.record(_first_member(client, keys, batch_id)))
-            fields = {_text(k): _text(v) for k, v in sample.items()
-                      if _text(k) in ("result", "cost_usd", "finished_at", "usage", "status")}
+            fields = {text(k): text(v) for k, v in sample.items()
+                      if text(k) in ("result", "cost_usd", "finished_at", "usage", "status")}
             with measured(Phase("floor: pipelined HSET of as many records", n),
                           client) as hset:
                 floor_hset(client, keys, n, fields)
@@ -318,12 +319,8 @@ def run(n: int, writeback: bool) -> tuple[list[Phase], dict[str, Any]]:
     return phases, info
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _first_member(client: redis.Redis, keys: Keys, batch_id: str) -> str:
-    return _text(client.srandmember(keys.batch_requests(batch_id)))
+    return text(client.srandmember(keys.batch_requests(batch_id)))
 
 
 def main(argv: list[str] | None = None) -> int:

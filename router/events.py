@@ -14,6 +14,7 @@ from typing import Any, Literal
 import orjson
 
 from router.records import dumps
+from router.redis_text import text
 
 EventType = Literal["accepted", "queued", "submitted", "token", "done", "error", "cancelled"]
 FINAL_EVENT_TYPES: frozenset[str] = frozenset({"done", "error", "cancelled"})
@@ -83,5 +84,4 @@ def stream_id_after(seq: int) -> str:
 
 
 def seq_of_stream_id(entry_id: bytes | str) -> int:
-    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    return int(text.split("-", 1)[1])
+    return int(text(entry_id).split("-", 1)[1])

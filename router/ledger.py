@@ -14,6 +14,7 @@ from typing import Any
 
 from router.keys import Keys
 from router.pricing import cost_usd
+from router.redis_text import text
 from settings import Settings
 
 PICO = Decimal(1_000_000_000_000)
@@ -70,7 +71,7 @@ class Ledger:
     def from_hash(cls, raw: dict[Any, Any]) -> Ledger:
         ledger = cls()
         for key, value in raw.items():
-            name = key.decode() if isinstance(key, bytes) else str(key)
+            name = text(key)
             route, model, measure = name.split("|", 2)
             line = ledger.lines.setdefault((route, model), LedgerLine())
             amount = int(value)

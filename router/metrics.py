@@ -31,6 +31,7 @@ from prometheus_client.registry import Collector
 
 from router.keys import Keys
 from router.records import RequestRecord
+from router.redis_text import text
 
 if TYPE_CHECKING:
     from router.stats import Snapshot
@@ -137,7 +138,7 @@ def histograms_from_hash(raw: dict[Any, Any]) -> dict[str, Histogram]:
     """Parse a `Keys.timings(lane)` hash into one `Histogram` per metric."""
     hists = {name: Histogram() for name in TIMING_METRICS}
     for key, value in raw.items():
-        name = key.decode() if isinstance(key, bytes) else str(key)
+        name = text(key)
         metric, _, rest = name.partition("|")
         hist = hists.get(metric)
         if hist is None:

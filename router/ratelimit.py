@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 from router.keys import Keys
 from router.lua import LuaScript
 from router.pricing import estimate_prompt_tokens
+from router.redis_text import text
 from settings import Settings
 
 WINDOW_S = 60
@@ -121,7 +122,7 @@ class RateLimiter:
     def _decide(self, raw: Any, retry_after: int) -> RateDecision:
         if int(raw[0]) == 1:
             return RateDecision(True)
-        kind_raw = raw[1].decode() if isinstance(raw[1], bytes) else str(raw[1])
+        kind_raw = text(raw[1])
         kind: Kind = "tokens" if kind_raw == "tokens" else "requests"
         limit = self.settings.rate_limit_tpm if kind == "tokens" else self.settings.rate_limit_rpm
         return RateDecision(False, kind, limit, retry_after)

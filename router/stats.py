@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from router.keys import Keys
 from router.ledger import Ledger
 from router.metrics import TIMING_METRICS, Histogram, histograms_from_hash
+from router.redis_text import text
 from router.runtime_config import FLUSH_INTERVAL, validate_flush_interval
 from settings import Settings
 
@@ -89,10 +90,6 @@ class Snapshot:
         }
 
 
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def celery_queue_keys(keys: Keys, queue: str) -> list[str]:
     """The Redis lists kombu keeps one Celery queue in (plain and per priority step)."""
     base = keys.celery_prefix() + queue
@@ -119,14 +116,14 @@ def snapshot_plan(settings: Settings) -> Plan:
     for queue in queue_names.values():
         round1 += [("llen", (name,)) for name in celery_queue_keys(keys, queue)]
     r1 = yield round1
-    models = sorted(_s(m) for m in r1[0])
-    batch_ids = [_s(b) for b in r1[1]]
-    dispatched = [(_s(i), float(score)) for i, score in r1[2]]
-    n_dispatched, streaming, n_streaming = int(r1[3]), [_s(i) for i in r1[4]], int(r1[5])
+    models = sorted(text(m) for m in r1[0])
+    batch_ids = [text(b) for b in r1[1]]
+    dispatched = [(text(i), float(score)) for i, score in r1[2]]
+    n_dispatched, streaming, n_streaming = int(r1[3]), [text(i) for i in r1[4]], int(r1[5])
     ledger = Ledger.from_hash(r1[6])
     timings = {lane: histograms_from_hash(r1[7 + i]) for i, lane in enumerate(LANES)}
     flush_interval = _flush_interval(r1[7 + len(LANES)], settings)
-    last_flush = {_s(k): _s(v) for k, v in r1[8 + len(LANES)].items()}
+    last_flush = {text(k): text(v) for k, v in r1[8 + len(LANES)].items()}
     lengths = r1[9 + len(LANES):]
     per_queue = len(_KOMBU_PRIORITY_STEPS) + 1
     celery_queues = {
@@ -146,13 +143,13 @@ def snapshot_plan(settings: Settings) -> Plan:
     offset = 2 * len(models)
     batch_status: dict[str, int] = {}
     for raw in r2[offset:offset + len(batch_ids)]:
-        status = _s(raw) if raw is not None else "unknown"
+        status = text(raw) if raw is not None else "unknown"
         batch_status[status] = batch_status.get(status, 0) + 1
     offset += len(batch_ids)
-    stream_models = [_s(m) if m is not None else "unknown" for m in r2[offset:]]
+    stream_models = [text(m) if m is not None else "unknown" for m in r2[offset:]]
 
     # Round 3: when the oldest queued request of each model was created.
-    heads = [(m, _s(head)) for m, (_n, head) in pending.items() if head is not None]
+    heads = [(m, text(head)) for m, (_n, head) in pending.items() if head is not None]
     r3 = yield [("hget", (keys.record(rid), "created_at")) for _m, rid in heads]
 
     now = time.time()
@@ -162,7 +159,7 @@ def snapshot_plan(settings: Settings) -> Plan:
     for model, (count, _head) in pending.items():
         if count:
             snap.queues.append(QueueDepth("batch", model, "queued", count))
-    created = [float(_s(c)) for c in r3 if c is not None]
+    created = [float(text(c)) for c in r3 if c is not None]
     snap.oldest_age_s["batch"] = max((now - c for c in created), default=0.0)
     snap.oldest_age_s["stream"] = max(now - dispatched[0][1], 0.0) if dispatched else 0.0
     for state, ids_models, total in (
@@ -183,7 +180,7 @@ def _flush_interval(raw: Any, settings: Settings) -> float:
     if raw is None:
         return settings.flush_interval_s
     try:
-        return validate_flush_interval(float(_s(raw)))
+        return validate_flush_interval(float(text(raw)))
     except ValueError:
         return settings.flush_interval_s
 

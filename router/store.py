@@ -30,6 +30,7 @@ from router.lua import (
 )
 from router.records import TERMINAL, RequestRecord, dumps, now
 from router.redis_pipe import PipePool, RedisPipe, client_retry
+from router.redis_text import text
 from settings import Settings
 
 T = TypeVar("T")
@@ -92,10 +93,6 @@ class StoreOp(Generic[T]):
     parse: Callable[[Any], T]
 
 
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 class StoreOps:
     """Builds every store operation from `Settings` (shared by the sync and async stores)."""
 
@@ -155,7 +152,7 @@ class StoreOps:
                 task[0] if task else k.dispatched(), k.batch_deadlines()]
 
         def parse(raw: Any) -> CreateOutcome:
-            code, value = int(raw[0]), _s(raw[1])
+            code, value = int(raw[0]), text(raw[1])
             if code == 1:
                 return CreateOutcome(True, value)
             if not value:
@@ -197,7 +194,7 @@ class StoreOps:
         ]
 
         def parse(raw: Any) -> TransitionOutcome:
-            code, prev = int(raw[0]), _s(raw[1])
+            code, prev = int(raw[0]), text(raw[1])
             return TransitionOutcome(code == 1, prev or None if code != -1 else None)
 
         return StoreOp(
@@ -237,7 +234,7 @@ class StoreOps:
                 ev.cancelled(),
                 max(60, int(self.settings.stream_total_timeout_s)),
             ],
-            lambda raw: (_s(raw[0]), _s(raw[1])),
+            lambda raw: (text(raw[0]), text(raw[1])),
         )
 
     def annotate(self, request_id: str, fields: dict[str, Any],

@@ -25,9 +25,9 @@ from workers import batch_claim
 from workers.batch_flush import FlushContext, flush
 from workers.batch_jsonl import write_parts
 from workers.batch_poll import PollContext, batch_meta, check_batch, write_back_batch
-from workers.batch_refusal import is_refusal
 from workers.batch_writeback import parse_line
 from workers.callbacks import sign
+from workers.retry import is_refusal
 from workers.upstream import make_openai_client
 
 

@@ -37,11 +37,12 @@ import redis
 from router.keys import Keys
 from router.logs import get_logger
 from router.records import now
+from router.redis_text import text
 from settings import Settings
 from workers.batch_lock import held
-from workers.batch_poll import file_lines, text
+from workers.batch_poll import file_lines
 from workers.batch_record import mark_submitted, record_batch
-from workers.retry import is_retryable
+from workers.retry import is_refusal
 from workers.upstream import UPSTREAM_ERRORS
 
 log = get_logger(__name__)
@@ -88,7 +89,7 @@ def settle_uploads(client: redis.Redis, settings: Settings, upstream: openai.Ope
                 _settle_file(client, settings, upstream, file_id, made.get(file_id, []),
                              settlement)
         except UPSTREAM_ERRORS as exc:
-            if _transient(exc):
+            if not is_refusal(exc):  # worth asking again later
                 log.warning("claim not settled: the upstream could not be checked",
                             claim_id=claim_id, error=str(exc)[:300])
                 return None
@@ -101,11 +102,6 @@ def settle_uploads(client: redis.Redis, settings: Settings, upstream: openai.Ope
              adopted=settlement.adopted, submitted=settlement.submitted,
              cancelled=settlement.cancelled, files_deleted=settlement.files_deleted)
     return settlement
-
-
-def _transient(exc: BaseException) -> bool:
-    """Worth asking again later: no answer at all, a timeout, a 429 or a 5xx."""
-    return not isinstance(exc, openai.APIStatusError) or is_retryable(exc)
 
 
 def batches_made_from(upstream: openai.OpenAI, file_ids: Collection[str],

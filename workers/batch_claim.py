@@ -19,6 +19,7 @@ import redis
 from router.keys import Keys
 from router.logs import get_logger
 from router.records import now
+from router.redis_text import text_or_none
 from workers.batch_lua import CLAIM_SCRIPT, FETCH_SCRIPT, RELEASE_SCRIPT, run_overlapped
 
 log = get_logger(__name__)
@@ -44,12 +45,6 @@ class ClaimedRow(NamedTuple):
     deadline_at: float | None
 
 
-def _text(value: bytes | str | None) -> str | None:
-    if value is None:
-        return None
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def new_claim_id() -> str:
     return uuid.uuid4().hex
 
@@ -62,7 +57,7 @@ def claim(client: redis.Redis, keys: Keys, model: str, limit: int) -> Claim | No
         [keys.pending(model), keys.claimed(claim_id), keys.claims(), keys.pending_models()],
         [limit, claim_id, now(), model],
     )
-    ids = [_text(x) or "" for x in raw]
+    ids = [text_or_none(x) or "" for x in raw]
     if not ids:
         return None
     return Claim(claim_id, model, ids)
@@ -82,8 +77,8 @@ def fetch_rows(client: redis.Redis, keys: Keys, ids: Sequence[str],
                 part, flat[0::4], flat[1::4], flat[2::4], flat[3::4], strict=True):
             yield ClaimedRow(
                 request_id,
-                _text(status),
-                _text(model),
+                text_or_none(status),
+                text_or_none(model),
                 body if isinstance(body, bytes) or body is None else str(body).encode(),
                 float(deadline) if deadline else None,
             )
@@ -97,7 +92,7 @@ def release(client: redis.Redis, keys: Keys, claim_id: str, ids: Sequence[str] |
     half-way may be run again). Returns how many ids went back.
     """
     if ids is None:
-        ids = [_text(x) or "" for x in client.lrange(keys.claimed(claim_id), 0, -1)]
+        ids = [text_or_none(x) or "" for x in client.lrange(keys.claimed(claim_id), 0, -1)]
     seen: set[str] = set()
     unique = [i for i in ids if not (i in seen or seen.add(i))]  # type: ignore[func-returns-value]
     by_model: dict[str, list[str]] = {}
@@ -146,7 +141,7 @@ def recover_orphaned_claims(client: redis.Redis, keys: Keys,
     """
     total = 0
     for raw in client.zrange(keys.claims(), 0, -1):
-        claim_id = _text(raw if isinstance(raw, (bytes, str)) else str(raw)) or ""
+        claim_id = text_or_none(raw if isinstance(raw, (bytes, str)) else str(raw)) or ""
         if settle is not None and not settle(claim_id):
             log.warning("orphaned claim kept for the next flush", claim_id=claim_id)
             continue

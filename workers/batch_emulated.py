@@ -16,6 +16,7 @@ import redis
 from router.keys import Keys
 from router.logs import get_logger
 from router.records import now
+from router.redis_text import text
 from settings import Settings
 from workers import batch_claim
 from workers.batch_poll import batch_meta, finish_batch
@@ -61,8 +62,7 @@ def _bodies(client: redis.Redis, keys: Keys, batch_id: str
             ) -> Iterator[tuple[str, dict[str, Any]]]:
     import orjson
 
-    ids = [m.decode() if isinstance(m, bytes) else str(m)
-           for m in client.smembers(keys.batch_requests(batch_id))]
+    ids = [text(m) for m in client.smembers(keys.batch_requests(batch_id))]
     for row in batch_claim.fetch_rows(client, keys, ids):
         if row.status == "submitted" and row.body_json is not None:
             yield row.id, orjson.loads(row.body_json)

@@ -28,6 +28,7 @@ from router import events as ev
 from router.keys import Keys
 from router.logs import get_logger
 from router.records import dumps, now
+from router.redis_text import text
 from settings import Settings
 from workers import batch_claim
 from workers.batch_adopt import CLOCK_SKEW_S, batches_made_from, note_upload, settle_uploads
@@ -37,11 +38,11 @@ from workers.batch_lock import RedisLock, held
 from workers.batch_lua import FINISH_SCRIPT, run_pipelined
 from workers.batch_mode import ResolvedMode, resolve_batch_mode
 from workers.batch_record import mark_submitted, record_batch
-from workers.batch_refusal import count_refusal, is_refusal
+from workers.batch_refusal import count_refusal
 from workers.batch_twins import cancel_late_twins, watch_file
 from workers.batch_writeback import Notify, no_notify
 from workers.deadlines import StreamDispatch, escalate
-from workers.retry import RetryPolicy, is_retryable, retry_after_seconds
+from workers.retry import RetryPolicy, is_refusal, is_retryable, retry_after_seconds
 from workers.upstream import UPSTREAM_ERRORS
 
 log = get_logger(__name__)
@@ -125,8 +126,7 @@ def flush(ctx: FlushContext, *, models: list[str] | None = None) -> FlushReport:
             ctx.client, keys, settle=lambda claim_id: _settle(ctx, report, claim_id))
         report.late_twins_cancelled = cancel_late_twins(ctx.client, ctx.settings, ctx.upstream)
         names = models if models is not None else sorted(
-            m.decode() if isinstance(m, bytes) else str(m)
-            for m in ctx.client.smembers(keys.pending_models())
+            text(m) for m in ctx.client.smembers(keys.pending_models())
         )
         if not names:
             _note_flush(ctx, report, started)

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 import redis
 
 from router.logs import get_logger
+from router.redis_text import text_or_none
 from workers.batch_lua import LOCK_SCRIPT
 
 log = get_logger(__name__)
@@ -46,9 +47,7 @@ class RedisLock:
     def still_held(self) -> bool:
         """Whether Redis still gives the lock to us, now (not only at the last renewal): asked
         right before a step that another holder must never see half-done."""
-        held_by = self.client.get(self.key)
-        return held_by is not None and (
-            held_by.decode() if isinstance(held_by, bytes) else str(held_by)) == self.token
+        return text_or_none(self.client.get(self.key)) == self.token
 
 
 def _renew(lock: RedisLock, stop: threading.Event) -> None:

@@ -23,6 +23,7 @@ import redis
 from router.keys import Keys
 from router.logs import get_logger
 from router.records import now
+from router.redis_text import text
 from settings import Settings
 from workers.batch_lock import held
 from workers.batch_lua import FETCH_SCRIPT
@@ -58,11 +59,6 @@ class PollContext:
     @property
     def keys(self) -> Keys:
         return Keys(self.settings.key_prefix)
-
-
-def text(value: Any) -> str:
-    """A value as Redis returned it (bytes, or already str), as str."""
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def batch_meta(client: redis.Redis, keys: Keys, batch_id: str) -> dict[str, str]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import openai
 import redis
 
 from router import events as ev
@@ -24,18 +23,11 @@ from router.records import dumps, now
 from settings import Settings
 from workers.batch_lua import COUNT_REFUSAL_SCRIPT, run_pipelined
 from workers.batch_writeback import LatencyTally, Notify
-from workers.retry import is_retryable
 
 log = get_logger(__name__)
 
 REFUSED_CODE = "batch_refused"
 COUNT_CHUNK = 1000
-
-
-def is_refusal(exc: BaseException) -> bool:
-    """Whether the upstream refused the submission itself: an HTTP answer that retrying later
-    will not change (a 4xx other than 408, 409 and 429)."""
-    return isinstance(exc, openai.APIStatusError) and not is_retryable(exc)
 
 
 @dataclass

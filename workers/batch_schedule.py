@@ -19,6 +19,7 @@ from celery.schedules import schedstate, schedule
 
 from router.keys import Keys
 from router.logs import get_logger
+from router.redis_text import text
 from router.runtime_config import FLUSH_INTERVAL, validate_flush_interval
 
 log = get_logger(__name__)
@@ -74,7 +75,7 @@ class RuntimeFlushSchedule(schedule):
                 return False
             pipe = self.client.pipeline(transaction=False)
             for model in models:
-                pipe.llen(keys.pending(model.decode() if isinstance(model, bytes) else model))
+                pipe.llen(keys.pending(text(model)))
             return any(int(n) >= self.early_threshold for n in pipe.execute())
         except redis.RedisError:
             return False

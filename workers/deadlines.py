@@ -17,6 +17,7 @@ from router import events as ev
 from router.keys import Keys
 from router.logs import get_logger
 from router.records import now
+from router.redis_text import text
 from router.runtime_config import get_flush_interval
 from settings import Settings
 from workers.batch_lua import ESCALATE_SCRIPT
@@ -24,10 +25,6 @@ from workers.batch_lua import ESCALATE_SCRIPT
 log = get_logger(__name__)
 
 StreamDispatch = Callable[[str], None]
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def escalate(client: redis.Redis, settings: Settings, request_id: str, model: str, reason: str,
@@ -65,8 +62,7 @@ def escalate_due(client: redis.Redis, settings: Settings,
     """Escalate every queued request whose deadline falls before next flush + turnaround."""
     k = Keys(settings.key_prefix)
     cutoff = now() + seconds_to_next_flush(client, settings) + settings.expected_batch_turnaround_s
-    ids = [x.decode() if isinstance(x, bytes) else str(x)
-           for x in client.zrangebyscore(k.batch_deadlines(), "-inf", cutoff, start=0, num=1000)]
+    ids = [text(x) for x in client.zrangebyscore(k.batch_deadlines(), "-inf", cutoff, start=0, num=1000)]
     moved = 0
     for request_id in ids:
         model = client.hget(k.record(request_id), "model")
@@ -75,6 +71,6 @@ def escalate_due(client: redis.Redis, settings: Settings,
             continue
         reason = ("deadline would be missed waiting for the next flush plus the expected batch "
                   f"turnaround ({settings.expected_batch_turnaround_s:g}s), so it streams")
-        if escalate(client, settings, request_id, _text(model), reason, dispatch):
+        if escalate(client, settings, request_id, text(model), reason, dispatch):
             moved += 1
     return moved

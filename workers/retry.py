@@ -47,6 +47,13 @@ def is_retryable(exc: BaseException) -> bool:
     return False
 
 
+def is_refusal(exc: BaseException) -> bool:
+    """The upstream answered, and asking again later will not change its answer: an HTTP
+    status that is not retryable (a 4xx other than 408, 409 and 429). Anything else (no answer,
+    a timeout, a 429, a 5xx) may pass by waiting."""
+    return isinstance(exc, openai.APIStatusError) and not is_retryable(exc)
+
+
 def retry_after_seconds(exc: BaseException) -> float | None:
     """The upstream's ``retry-after`` (seconds or ``retry-after-ms``), if it sent one."""
     response = getattr(exc, "response", None)

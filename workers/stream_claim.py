@@ -23,6 +23,7 @@ from router import events as ev
 from router.logs import get_logger
 from router.lua import CLAIM_STREAM_SCRIPT
 from router.records import RequestRecord, now
+from router.redis_text import text
 from router.store import AsyncRequestStore
 from workers.stream_context import StreamContext
 
@@ -68,7 +69,7 @@ def _claim_call(request_id: str, ctx: StreamContext) -> tuple[list[str], list[An
 
 def _claim_result(request_id: str, ctx: StreamContext, raw: list[Any]
                   ) -> tuple[ClaimOutcome, RequestRecord | None]:
-    outcome = raw[0].decode() if isinstance(raw[0], bytes) else str(raw[0])
+    outcome = text(raw[0])
     if outcome == "claimed":
         ctx.leases.adopt(request_id)
         flat = raw[1:]
