@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
-import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -21,7 +18,8 @@ from router.keys import Keys
 from router.ledger import Ledger
 from settings import Settings
 from tests.batch_helpers import create_low_bulk, event_types, record, submit_low
-from tests.support import Stack, free_port, wait_until
+from tests.callback_receiver import CallbackReceiver, callback_receiver
+from tests.support import Stack, wait_until
 from workers import batch_claim
 
 FAST = {"flush_interval_s": 0.5, "poll_interval_s": 0.3, "batch_max_attempts": 2,
@@ -41,53 +39,16 @@ def all_terminal(client: redis.Redis, settings: Settings, ids: list[str]) -> boo
     return all(record(client, settings, i).terminal for i in ids)
 
 
-class Receiver:
-    """A real HTTP callback receiver: answers 500 to the first POST of each request, then 200."""
-
-    def __init__(self) -> None:
-        self.posts: list[tuple[dict[str, Any], bytes, str]] = []
-        self.failed_once: set[str] = set()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                data = json.loads(body)
-                if data["id"] not in receiver.failed_once:
-                    receiver.failed_once.add(data["id"])
-                    self.send_response(500)
-                else:
-                    receiver.posts.append((data, body, self.headers.get(
-                        "X-Hybrid-Router-Signature", "")))
-                    self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *_: Any) -> None:
-                pass
-
-        self.port = free_port()
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def url(self, request_tag: str) -> str:
-        return f"http://127.0.0.1:{self.port}/hook/{request_tag}"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    r = Receiver()
-    yield r
-    r.close()
+def receiver() -> Iterator[CallbackReceiver]:
+    """Answers 500 to the first POST of each request, then 200."""
+    with callback_receiver(fail_first=True) as r:
+        yield r
 
 
 def test_two_models_become_two_batches_with_own_results_and_callbacks(
         make_settings: Callable[..., Settings], stack_factory: Callable[[Settings], Stack],
-        redis_client: redis.Redis, sim_url: str, receiver: Receiver) -> None:
+        redis_client: redis.Redis, sim_url: str, receiver: CallbackReceiver) -> None:
     settings = make_settings(upstream_base_url=sim_url, callback_allowed_hosts=["127.0.0.1"],
                              callback_secret="s3cret", **FAST)
     prompts = {("gpt-4o-mini" if i % 2 else "gpt-4o", f"two models {i} {time.time()}")
@@ -119,11 +80,13 @@ def test_two_models_become_two_batches_with_own_results_and_callbacks(
     # Callbacks: one delivered POST each (after one 500), signed with the secret.
     wait_until(lambda: len(receiver.posts) == 3, 20, 0.1, message="3 callbacks delivered")
     time.sleep(0)  # the receiver thread appended; check what it got
-    for data, body, signature in receiver.posts:
+    for post in receiver.posts:
+        data = post.data
         assert data["status"] == "completed" and data["result"]["content"]
         assert "tenant" not in data and "body" not in data
-        assert signature == "sha256=" + hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()
-    assert len({d["id"] for d, _, _ in receiver.posts}) == 3
+        assert post.signature == "sha256=" + hmac.new(b"s3cret", post.body,
+                                                      hashlib.sha256).hexdigest()
+    assert len({post.data["id"] for post in receiver.posts}) == 3
 
 
 def test_line_errors_expired_and_failed_batches_end_in_the_right_state(

@@ -6,10 +6,7 @@ needs a name that no DNS knows."""
 from __future__ import annotations
 
 import socket
-import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 import httpx
 import pytest
@@ -19,44 +16,14 @@ from router.callback_policy import address_refusal
 from router.store import RequestStore
 from settings import Settings
 from tests.batch_helpers import submit_low
-from tests.support import free_port
+from tests.callback_receiver import CallbackReceiver, callback_receiver
 from workers.callbacks import CallbackTarget, callback_target, deliver_callback, sign
 
 
-class Receiver:
-    """Records every POST it gets: path, Host header, body, signature."""
-
-    def __init__(self) -> None:
-        self.posts: list[dict[str, Any]] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                receiver.posts.append({"path": self.path, "host": self.headers.get("Host"),
-                                       "body": body,
-                                       "signature": self.headers.get("X-Hybrid-Router-Signature")})
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *_: Any) -> None:
-                pass
-
-        self.port = free_port()
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    r = Receiver()
-    yield r
-    r.close()
+def receiver() -> Iterator[CallbackReceiver]:
+    with callback_receiver() as r:
+        yield r
 
 
 @pytest.fixture
@@ -83,7 +50,7 @@ def test_address_refusal_allows_only_global_or_listed_addresses() -> None:
 
 
 def test_a_wildcard_name_that_resolves_to_loopback_is_refused_and_nothing_is_sent(
-        make_settings: Callable[..., Settings], redis_client: redis.Redis, receiver: Receiver,
+        make_settings: Callable[..., Settings], redis_client: redis.Redis, receiver: CallbackReceiver,
         http: httpx.Client) -> None:
     settings = make_settings(callback_allowed_hosts=["*"])
     request_id = _terminal_request(redis_client, settings,
@@ -95,19 +62,19 @@ def test_a_wildcard_name_that_resolves_to_loopback_is_refused_and_nothing_is_sen
 
 
 def test_a_listed_name_is_called_as_given(
-        make_settings: Callable[..., Settings], redis_client: redis.Redis, receiver: Receiver,
+        make_settings: Callable[..., Settings], redis_client: redis.Redis, receiver: CallbackReceiver,
         http: httpx.Client) -> None:
     settings = make_settings(callback_allowed_hosts=["localhost"], callback_secret="s3cret")
     request_id = _terminal_request(redis_client, settings,
                                    f"http://localhost:{receiver.port}/hook/listed")
     assert deliver_callback(settings, redis_client, http, request_id).outcome == "sent"
     [post] = receiver.posts
-    assert post["path"] == "/hook/listed" and post["host"] == f"localhost:{receiver.port}"
-    assert post["signature"] == sign(post["body"], "s3cret")
+    assert post.path == "/hook/listed" and post.host == f"localhost:{receiver.port}"
+    assert post.signature == sign(post.body, "s3cret")
 
 
 def test_a_wildcard_name_is_called_at_the_address_that_was_checked(
-        make_settings: Callable[..., Settings], redis_client: redis.Redis, receiver: Receiver,
+        make_settings: Callable[..., Settings], redis_client: redis.Redis, receiver: CallbackReceiver,
         http: httpx.Client) -> None:
     """`hooks.pinned.test` exists in no DNS: the POST arrives only because it went to the
     address the check saw, with the name in the Host header."""
@@ -124,8 +91,8 @@ def test_a_wildcard_name_is_called_at_the_address_that_was_checked(
     assert result.outcome == "sent", result.detail
     assert asked == [("hooks.pinned.test", receiver.port)]
     [post] = receiver.posts
-    assert post["path"] == "/hook/pinned?x=1"
-    assert post["host"] == f"hooks.pinned.test:{receiver.port}"
+    assert post.path == "/hook/pinned?x=1"
+    assert post.host == f"hooks.pinned.test:{receiver.port}"
     # Delivered once: a second delivery of the same request sends nothing.
     assert deliver_callback(settings, redis_client, http, request_id,
                             resolve=resolve).outcome == "skipped"
