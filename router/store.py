@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+import hiredis
 import orjson
 import redis
 import redis.asyncio as aioredis
@@ -29,8 +30,8 @@ from router.lua import (
     LuaScript,
 )
 from router.records import TERMINAL, RequestRecord, dumps, now
-from router.redis_pipe import PipePool, RedisPipe, client_retry
-from router.redis_text import text
+from router.redis_pipe import PipePool, RedisPipe, client_retry, reply_error
+from router.redis_text import text, text_or_none
 from settings import Settings
 
 T = TypeVar("T")
@@ -336,6 +337,18 @@ class AsyncRequestStore:
 
     async def get(self, request_id: str) -> RequestRecord | None:
         return _record_or_none(await self.redis.hgetall(self.keys.record(request_id)))
+
+    async def tenant_of(self, request_id: str) -> str | None:
+        """The request's tenant, None when there is no such request: one field, for a route
+        that checks ownership and needs nothing else of the record (the whole record is read
+        and validated otherwise, on every follow of a stream, benchmark 1)."""
+        key = self.keys.record(request_id)
+        if self.pool is None:
+            return text_or_none(await self.redis.hget(key, "tenant"))
+        (raw,) = await self.pool.execute([("HGET", key, "tenant")])
+        if isinstance(raw, hiredis.ReplyError):
+            raise reply_error(raw)
+        return text_or_none(raw)
 
     async def transition(self, request_id: str, to_status: str, **kw: Any) -> TransitionOutcome:
         return await self.run(self.ops.transition(request_id, to_status, **kw))

@@ -18,7 +18,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 
 from router.api.deps import CallerDep, EventsDep, SettingsDep, StoreDep
 from router.api.fast_path import known_caller, with_fast_path
-from router.api.routes.requests import load_owned
+from router.api.routes.requests import check_owned
 from router.intake import IntakeError
 from router.schemas import ErrorResponse
 from router.sse import KEEPALIVE, SSEResponse, format_event
@@ -54,7 +54,7 @@ async def request_events(
     after: Annotated[int | None, Query(ge=0, description="Resume after this seq.")] = None,
 ) -> SSEResponse:
     """Stream the request's events (replay + live) until its final event."""
-    await load_owned(store, request_id, caller.tenant)
+    await check_owned(store, request_id, caller.tenant)
     start = resume_point(last_event_id, after)
 
     async def body() -> AsyncIterator[bytes]:
