@@ -156,6 +156,29 @@ def test_flush_that_lost_its_lock_makes_no_batch_and_leaves_its_claim_to_the_hol
         upstream.files.retrieve(upload)  # the orphaned upload was deleted
 
 
+def test_an_emulated_flush_that_lost_its_lock_records_no_batch(
+        make_settings: Callable[..., Settings], redis_client: redis.Redis, sim_url: str) -> None:
+    """The same fence on the emulated lane: no batch is recorded (so none is run and paid)
+    by a flush whose lock another flush now holds; the claim is left to that flush."""
+    settings = make_settings(upstream_base_url=sim_url, batch_mode="emulated")
+    keys = Keys(settings.key_prefix)
+    ids = [submit_low(redis_client, settings, f"emulated lock lost {i}") for i in range(3)]
+
+    def lock_taken_over(_claim: batch_claim.Claim) -> None:
+        redis_client.set(keys.flush_lock(), "another flush's token")
+
+    report = flush(_ctx(settings, redis_client, after_claim=lock_taken_over))
+    assert report.error is not None and "lock was lost" in report.error
+    assert report.submitted == 0 and report.batches == []
+    assert redis_client.zcard(keys.batches_in_flight()) == 0
+    assert redis_client.zcard(keys.claims()) == 1
+    assert all(record(redis_client, settings, i).status == "queued" for i in ids)
+    redis_client.delete(keys.flush_lock())
+    report = flush(_ctx(settings, redis_client))
+    assert report.recovered == 3 and report.submitted == 3 and len(report.batches) == 1
+    assert all(record(redis_client, settings, i).status == "submitted" for i in ids)
+
+
 def test_flush_upload_failure_puts_requests_back_untouched(
         make_settings: Callable[..., Settings], redis_client: redis.Redis) -> None:
     settings = make_settings(upstream_base_url=f"http://127.0.0.1:{free_port()}/v1",

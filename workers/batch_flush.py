@@ -225,7 +225,8 @@ def _flush_claim(ctx: FlushContext, lock: RedisLock, report: FlushReport, claim:
         for part in parts:
             try:
                 batch_id, file_id = (_submit_native(ctx, lock, report, claim, part)
-                                     if mode == "native" else _submit_emulated(ctx, claim, part))
+                                     if mode == "native" else _submit_emulated(ctx, lock, claim,
+                                                                               part))
             finally:
                 part.remove()
             moved = mark_submitted(ctx.client, ctx.settings, batch_id, part.ids)
@@ -324,7 +325,13 @@ def _create_batch_once(ctx: FlushContext, report: FlushReport, claim: Claim,
             time.sleep(delay)
 
 
-def _submit_emulated(ctx: FlushContext, claim: Claim, part: JsonlPart) -> tuple[str, str]:
+def _submit_emulated(ctx: FlushContext, lock: RedisLock, claim: Claim,
+                     part: JsonlPart) -> tuple[str, str]:
+    """Record an emulated batch of the part (the batch worker then runs its lines itself);
+    the lock is asked for first, as before a native batch is made (see `_submit_native`)."""
+    if not lock.still_held():
+        raise FlushLockLost(f"the flush lock was lost before an emulated batch of {claim.model} "
+                            "was recorded; the claim is left to the flush that holds it")
     batch_id = f"emu_{uuid.uuid4().hex}"
     record_batch(ctx.client, ctx.settings, batch_id, claim.model, "emulated", len(part.ids),
                  flush_id=claim.claim_id)
