@@ -154,6 +154,17 @@ local function add(j, amount)
     sums[j] = 0
   end
 end
+-- A completed line is billed: its amounts go to the ledger, its cost (and usage) on the record,
+-- with `...` (more field, value pairs) in the same HSET.
+local function bill(rec, at, ...)
+  for j = 1, n_ledger do add(j, ARGV[at + j - 1]) end
+  local v = at + n_ledger
+  if ARGV[v + 2] ~= '' then
+    redis.call('HSET', rec, 'cost_usd', ARGV[v + 1], 'usage', ARGV[v + 2], ...)
+  else
+    redis.call('HSET', rec, 'cost_usd', ARGV[v + 1], ...)
+  end
+end
 local out = {}
 local a = 8 + n_ledger
 for k = 2, #KEYS, 3 do
@@ -170,27 +181,13 @@ for k = 2, #KEYS, 3 do
   if not cur[1] then
     out[#out + 1] = -1; out[#out + 1] = ''; out[#out + 1] = ''
   elseif paid_after_cancel then
-    for j = 1, n_ledger do add(j, ARGV[at + j - 1]) end
-    local v = at + n_ledger
-    if ARGV[v + 2] ~= '' then
-      redis.call('HSET', rec, 'cost_usd', ARGV[v + 1], 'usage', ARGV[v + 2])
-    else
-      redis.call('HSET', rec, 'cost_usd', ARGV[v + 1])
-    end
+    bill(rec, at)
     out[#out + 1] = 2; out[#out + 1] = ''; out[#out + 1] = ''
   elseif is_terminal(cur[1]) or not allowed[cur[1]] then
     out[#out + 1] = 0; out[#out + 1] = ''; out[#out + 1] = ''
   else
     if to_status == 'completed' then
-      for j = 1, n_ledger do add(j, ARGV[at + j - 1]) end
-      local v = at + n_ledger
-      if ARGV[v + 2] ~= '' then
-        redis.call('HSET', rec, 'status', 'completed', 'result', ARGV[v], 'cost_usd', ARGV[v + 1],
-                   'finished_at', finished, 'usage', ARGV[v + 2])
-      else
-        redis.call('HSET', rec, 'status', 'completed', 'result', ARGV[v], 'cost_usd', ARGV[v + 1],
-                   'finished_at', finished)
-      end
+      bill(rec, at, 'status', 'completed', 'result', ARGV[at + n_ledger], 'finished_at', finished)
     else
       redis.call('HSET', rec, 'status', 'failed', 'error', ARGV[at], 'finished_at', finished)
     end
