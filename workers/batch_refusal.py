@@ -22,7 +22,7 @@ from router.logs import get_logger
 from router.records import dumps, now
 from settings import Settings
 from workers.batch_lua import COUNT_REFUSAL_SCRIPT, run_pipelined
-from workers.batch_writeback import LatencyTally, Notify
+from workers.batch_writeback import LatencyTally, Notify, settle_attempts
 
 log = get_logger(__name__)
 
@@ -55,15 +55,9 @@ def count_refusal(client: redis.Redis, settings: Settings, ids: Sequence[str], r
             [settings.batch_max_attempts, keys.channel(rid), settings.replay_maxlen,
              settings.replay_ttl_s, settings.result_ttl_s, repr(finished), event, error],
         ) for rid in part])
-        for rid, raw in zip(part, answers, strict=True):
-            code = int(raw[0])
-            if code == 1:
-                result.counted += 1
-            elif code == 2:
-                result.failed += 1
-                tally.observe_raw("failed", raw[2], finished)
-                if raw[1]:
-                    notify(rid)
+        counted, failed, _untouched = settle_attempts(part, answers, finished, tally, notify)
+        result.counted += counted
+        result.failed += failed
     tally.write(client, keys)
     if result.failed:
         log.error("requests failed: the upstream refused their batch every time",

@@ -441,19 +441,31 @@ class BatchWriter:
         finished = now()
         answers = run_pipelined(self.client, REQUEUE_SCRIPT,
                                 [self._requeue_call(*item, finished) for item in items])
-        requeued = failed = 0
-        for (request_id, _code, _msg), raw in zip(items, answers, strict=True):
-            code = int(raw[0])
-            if code == 1:
-                requeued += 1
-            elif code == 2:
-                failed += 1
-                tally.observe_raw("failed", raw[2], finished)
-                if raw[1]:
-                    self.notify(request_id)
-            else:
-                report.unchanged += 1
+        requeued, failed, untouched = settle_attempts(
+            [item[0] for item in items], answers, finished, tally, self.notify)
+        report.unchanged += untouched
         return requeued, failed
+
+
+def settle_attempts(ids: Sequence[str], answers: Sequence[Any], finished: float,
+                    tally: LatencyTally, notify: Notify) -> tuple[int, int, int]:
+    """Count the answers of a script that spends one of each request's attempts (REQUEUE,
+    COUNT_REFUSAL: ``{1 | 2 failed | 0 untouched, callback_url, created_at}``) as
+    `(kept going, failed, untouched)`; a request that failed has its latency tallied and its
+    callback scheduled."""
+    kept = failed = untouched = 0
+    for request_id, raw in zip(ids, answers, strict=True):
+        code = int(raw[0])
+        if code == 1:
+            kept += 1
+        elif code == 2:
+            failed += 1
+            tally.observe_raw("failed", raw[2], finished)
+            if raw[1]:
+                notify(request_id)
+        else:
+            untouched += 1
+    return kept, failed, untouched
 
 
 def cost_of(settings: Settings, model: str, usage: dict[str, Any] | None,
