@@ -43,7 +43,7 @@ from workers.batch_twins import cancel_late_twins, watch_file
 from workers.batch_writeback import Notify, no_notify
 from workers.deadlines import StreamDispatch, escalate
 from workers.retry import RetryPolicy, is_refusal, is_retryable, retry_after_seconds
-from workers.upstream import UPSTREAM_ERRORS
+from workers.upstream import UPSTREAM_ERRORS, upstream_answer
 
 log = get_logger(__name__)
 
@@ -111,6 +111,14 @@ class UpstreamSubmitError(Exception):
 class FlushLockLost(Exception):
     """The flush lock expired under a running flush (a stall longer than its lease): another
     flush may hold it and settle this flush's claim, so this one stops touching it."""
+
+
+def _require_lock(lock: RedisLock, when: str) -> None:
+    """Stop (`FlushLockLost`) unless Redis still gives the flush lock to this flush: asked right
+    before a step that the lock's next holder must never see half-done."""
+    if not lock.still_held():
+        raise FlushLockLost(f"the flush lock was lost {when}; the claim is left to the flush "
+                            "that holds it")
 
 
 def flush(ctx: FlushContext, *, models: list[str] | None = None) -> FlushReport:
@@ -239,9 +247,7 @@ def _flush_claim(ctx: FlushContext, lock: RedisLock, report: FlushReport, claim:
                 ctx.send_emulated(batch_id)
     except UpstreamSubmitError as exc:
         # Put back only what no batch holds; if that cannot be told, the next flush settles it.
-        if not lock.still_held():
-            raise FlushLockLost(f"the flush lock was lost while {exc}; the claim is left to "
-                                "the flush that holds the lock") from exc
+        _require_lock(lock, f"while {exc}")
         if _settle(ctx, report, claim.claim_id):
             if exc.refused:  # counted first: the release puts back only what is still queued
                 report.failed += count_refusal(ctx.client, ctx.settings, claim.ids,
@@ -269,16 +275,13 @@ def _submit_native(ctx: FlushContext, lock: RedisLock, report: FlushReport, clai
         note_upload(ctx.client, ctx.keys, claim.claim_id, uploaded.id)
         if ctx.before_create is not None:
             ctx.before_create(uploaded.id)
-        if not lock.still_held():
-            raise FlushLockLost(f"the flush lock was lost before a batch of {claim.model} was "
-                                f"made; upload {uploaded.id} is left to the flush that holds it")
+        _require_lock(lock, f"before a batch of {claim.model} was made of upload {uploaded.id}")
         batch_id = _create_batch_once(ctx, report, claim, uploaded.id)
     except UPSTREAM_ERRORS as exc:
         refused = is_refusal(exc)
         log.error("batch submit failed; claim put back", model=claim.model,
                   requests=len(part.ids), refused=refused, error=str(exc)[:500])
-        reason = (f"upstream answered {exc.status_code}: {exc.message}"
-                  if isinstance(exc, openai.APIStatusError) else str(exc))
+        reason = upstream_answer(exc) if isinstance(exc, openai.APIStatusError) else str(exc)
         raise UpstreamSubmitError(f"submitting a batch of {claim.model} failed: {exc}",
                                   refused=refused, reason=reason) from exc
     if ctx.after_create is not None:
@@ -329,9 +332,7 @@ def _submit_emulated(ctx: FlushContext, lock: RedisLock, claim: Claim,
                      part: JsonlPart) -> tuple[str, str]:
     """Record an emulated batch of the part (the batch worker then runs its lines itself);
     the lock is asked for first, as before a native batch is made (see `_submit_native`)."""
-    if not lock.still_held():
-        raise FlushLockLost(f"the flush lock was lost before an emulated batch of {claim.model} "
-                            "was recorded; the claim is left to the flush that holds it")
+    _require_lock(lock, f"before an emulated batch of {claim.model} was recorded")
     batch_id = f"emu_{uuid.uuid4().hex}"
     record_batch(ctx.client, ctx.settings, batch_id, claim.model, "emulated", len(part.ids),
                  flush_id=claim.claim_id)

@@ -50,6 +50,7 @@ from workers.stream_claim import aclaim
 from workers.stream_context import StreamContext
 from workers.stream_publisher import PublishError, StreamHandle
 from workers.stream_runtime import StreamRuntime
+from workers.upstream import upstream_answer
 from workers.upstream_sse import TIMEOUT_ERRORS, TRANSPORT_ERRORS
 
 log = get_logger(__name__)
@@ -277,9 +278,7 @@ async def _stream(state: StreamState, rt: StreamRuntime) -> RunOutcome:
 def _classify(exc: BaseException, mid_stream: bool) -> Failure:
     """Turn an upstream exception into an error code, message and whether to retry."""
     if isinstance(exc, openai.APIStatusError):
-        message = _upstream_message(exc)
-        return Failure(f"upstream_{exc.status_code}",
-                       f"upstream answered {exc.status_code}: {message}", is_retryable(exc))
+        return Failure(f"upstream_{exc.status_code}", upstream_answer(exc), is_retryable(exc))
     if isinstance(exc, (StreamDropped, *TRANSPORT_ERRORS)):
         where = "mid-stream" if mid_stream else "before the first token"
         if isinstance(exc, TIMEOUT_ERRORS):
@@ -291,15 +290,6 @@ def _classify(exc: BaseException, mid_stream: bool) -> Failure:
     if isinstance(exc, openai.APIError):  # an error object inside the stream
         return Failure("upstream_error", f"upstream error: {exc.message}", True)
     raise exc
-
-
-def _upstream_message(exc: openai.APIStatusError) -> str:
-    body = exc.body
-    if isinstance(body, dict):
-        inner = body.get("error", body)
-        if isinstance(inner, dict) and inner.get("message"):
-            return str(inner["message"])
-    return exc.message
 
 
 async def _is_terminal(request_id: str, rt: StreamRuntime) -> bool:

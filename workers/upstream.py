@@ -11,6 +11,18 @@ from settings import Settings
 UPSTREAM_ERRORS: tuple[type[BaseException], ...] = (openai.OpenAIError, httpx.HTTPError, OSError)
 
 
+def upstream_answer(exc: openai.APIStatusError) -> str:
+    """What the upstream answered, for an error message: its status and its own message (the
+    ``error.message`` of an OpenAI error body), not the SDK's wrapping of the whole body."""
+    message = exc.message
+    body = exc.body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            message = str(inner["message"])
+    return f"upstream answered {exc.status_code}: {message}"
+
+
 def _api_key(settings: Settings) -> str:
     # The SDK refuses to start without a key; the simulator accepts any.
     key = settings.upstream_api_key
