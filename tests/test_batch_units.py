@@ -95,6 +95,14 @@ def _ctx(settings: Settings, client: redis.Redis, **kw: object) -> FlushContext:
                         **kw)  # type: ignore[arg-type]
 
 
+def _written_back(settings: Settings, client: redis.Redis, batch_id: str) -> PollContext:
+    """Poll `batch_id` until the upstream has finished it and it is written back; the context
+    polled with (its `upstream` is the SDK client)."""
+    ctx = PollContext(settings, client, make_openai_client(settings))
+    wait_until(lambda: check_batch(ctx, batch_id), 15, 0.1, message="batch completed")
+    return ctx
+
+
 def test_flush_killed_after_claim_loses_nothing(
         make_settings: Callable[..., Settings], redis_client: redis.Redis, sim_url: str) -> None:
     settings = make_settings(upstream_base_url=sim_url, batch_mode="native")
@@ -273,9 +281,8 @@ def test_cancelled_after_submit_its_billed_line_is_recorded_once(
     assert record(redis_client, settings, cancelled).status == "submitted"
     assert RequestStore(redis_client, settings).cancel(cancelled, "gpt-4o-mini") == (
         "cancelled", "submitted")
-    upstream = make_openai_client(settings)
-    ctx = PollContext(settings, redis_client, upstream)
-    wait_until(lambda: check_batch(ctx, batch_id), 15, 0.1, message="batch completed")
+    ctx = _written_back(settings, redis_client, batch_id)
+    upstream = ctx.upstream
 
     batch = upstream.batches.retrieve(batch_id)
     assert batch.output_file_id is not None
@@ -314,9 +321,7 @@ def test_cancelled_while_queued_is_never_charged(
     RequestStore(redis_client, settings).cancel(ids[0], "gpt-4o-mini")
     report = flush(_ctx(settings, redis_client))
     batch_id = report.batches[0]["batch_id"]
-    upstream = make_openai_client(settings)
-    ctx = PollContext(settings, redis_client, upstream)
-    wait_until(lambda: check_batch(ctx, batch_id), 15, 0.1, message="batch completed")
+    _written_back(settings, redis_client, batch_id)
     rec = record(redis_client, settings, ids[0])
     assert rec.status == "cancelled" and rec.cost_usd is None and rec.batch_id is None
     assert record(redis_client, settings, ids[1]).status == "completed"
@@ -330,14 +335,13 @@ def test_write_back_twice_changes_nothing(
     ids = [submit_low(redis_client, settings, f"twice {i}") for i in range(5)]
     report = flush(_ctx(settings, redis_client))
     batch_id = report.batches[0]["batch_id"]
-    upstream = make_openai_client(settings)
-    ctx = PollContext(settings, redis_client, upstream)
-    wait_until(lambda: check_batch(ctx, batch_id), 15, 0.1, message="batch completed")
+    ctx = _written_back(settings, redis_client, batch_id)
     assert redis_client.zcard(keys.batches_in_flight()) == 0
     ledger_before = redis_client.hgetall(keys.ledger())
     events_before = {i: event_types(redis_client, settings, i) for i in ids}
     assert all(e[-1] == "done" for e in events_before.values())
-    again = write_back_batch(ctx, batch_id, "gpt-4o-mini", upstream.batches.retrieve(batch_id))
+    again = write_back_batch(ctx, batch_id, "gpt-4o-mini",
+                             ctx.upstream.batches.retrieve(batch_id))
     assert (again.completed, again.failed, again.requeued, again.unchanged) == (0, 0, 0, 5)
     assert redis_client.hgetall(keys.ledger()) == ledger_before
     assert {i: event_types(redis_client, settings, i) for i in ids} == events_before
