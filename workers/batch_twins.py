@@ -29,8 +29,8 @@ log = get_logger(__name__)
 # How long after the retried create a late batch is still looked for. A create that has not
 # reached the upstream by then is not coming.
 WATCH_S = 900.0
-# A batch in one of these states cannot be cancelled any more (or already is being).
-NOT_CANCELLABLE = frozenset({"completed", "failed", "expired", "cancelling", "cancelled"})
+# A batch in one of these states has nothing left to cancel (a completed one is too late).
+NOTHING_TO_CANCEL = frozenset({"failed", "expired", "cancelling", "cancelled"})
 
 
 def watch_file(client: redis.Redis, keys: Keys, file_id: str, kept_batch_id: str,
@@ -58,11 +58,13 @@ def cancel_late_twins(client: redis.Redis, settings: Settings,
     current = now()
     for raw, until, file_id, kept, _since in watched:
         for batch in made.get(file_id, []):
-            if batch.id == kept or str(batch.status) in NOT_CANCELLABLE:
-                if batch.id != kept and str(batch.status) == "completed":
-                    log.error("a late second batch of the same file completed before it could "
-                              "be cancelled; its results are not used", batch_id=batch.id,
-                              kept=kept, input_file_id=file_id)
+            status = str(batch.status)
+            if batch.id == kept or status in NOTHING_TO_CANCEL:
+                continue
+            if status == "completed":
+                log.error("a late second batch of the same file completed before it could be "
+                          "cancelled; its results are not used", batch_id=batch.id, kept=kept,
+                          input_file_id=file_id)
                 continue
             try:
                 upstream.batches.cancel(batch.id)
