@@ -246,11 +246,16 @@ def capacity_of(rows: list[dict[str, Any]]) -> int:
     return capacity
 
 
+def capacity_is_lower_bound(rows: list[dict[str, Any]]) -> bool:
+    """No level tried was missed: the worker may sustain more than the highest level tried."""
+    return bool(rows) and all(row["ok"] for row in rows)
+
+
 def capacity_text(rows: list[dict[str, Any]], option: str = "--levels") -> str:
-    """`capacity_of` as printed: a lower bound when no level tried was missed (the worker may
-    sustain more than the highest level tried), so the figure is never read as the limit."""
+    """`capacity_of` as printed: said to be a lower bound when it is one, so the figure is never
+    read as the limit."""
     capacity = capacity_of(rows)
-    if rows and all(row["ok"] for row in rows):
+    if capacity_is_lower_bound(rows):
         return f"{capacity} or more (no level tried was missed; {option} tries higher ones)"
     return str(capacity)
 
@@ -424,9 +429,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{TARGET_STREAMS}); burst: {capacity_text(burst, '--burst-levels')}; "
           f"throughput target >= {TARGET_TOKENS_PER_S:,} tokens/s")
     data.update(capacity_streams=capacity, capacity_mode="sustained",
-                capacity_is_lower_bound=all(r["ok"] for r in sustained),
+                capacity_is_lower_bound=capacity_is_lower_bound(sustained),
                 burst_capacity_streams=burst_capacity,
-                burst_capacity_is_lower_bound=all(r["ok"] for r in burst), sustained=sustained,
+                burst_capacity_is_lower_bound=capacity_is_lower_bound(burst), sustained=sustained,
                 sustained_not_run=skipped, burst=burst)
     path = write_result("relay_quick" if args.quick else "relay", {
         "quick": args.quick, "timings_s": timings, **data,
