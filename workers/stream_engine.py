@@ -19,8 +19,8 @@ its own thread, off the hot path.
 
 Delivery: a message is moved, not popped, off the queue: ``RPOPLPUSH`` onto the engine's own
 taken list (`Keys.stream_taken`), and the claim script removes it from there. Each engine keeps
-a heartbeat (`Keys.stream_engine_alive`, two thirds of ``Settings.stream_lease_s``, renewed
-every second); every engine looks once a second for engines whose heartbeat is gone and hands
+a heartbeat (`Keys.stream_engine_alive`, half of ``Settings.stream_lease_s``, renewed every
+second); every engine looks once a second for engines whose heartbeat is gone and hands
 their taken messages back to the queue (`RESTORE_TAKEN`), so a worker killed between taking a
 message and claiming it delays that request by less than the lease. After the claim, the lease
 covers it (see `workers.stream_claim`), and the sweep (`workers.stream_sweep`, run here too)
@@ -306,7 +306,7 @@ class StreamEngine:
     # --- housekeeping ----------------------------------------------------------------------------
     async def _heartbeat(self) -> None:
         rt = self._runtime()
-        alive_ms = max(1000, int(rt.settings.stream_lease_s * 2000 / 3))
+        alive_ms = max(1000, int(rt.settings.stream_lease_s * 500))
         async with rt.redis.pipeline(transaction=False) as pipe:
             pipe.set(self._alive_key, "1", px=alive_ms)
             pipe.sadd(self.keys.stream_engines(), self.engine_id)
