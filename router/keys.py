@@ -165,7 +165,8 @@ class Keys:
         return f"{self.prefix}.stream"
 
     def stream_control_queue(self) -> str:
-        """Celery queue of the stream lane's own Celery consumer (the sweep); the stream queue
+        """Celery queue of the stream lane's own Celery consumer (any other task sent to the
+        stream queue is forwarded there); the stream queue
         itself is consumed by the stream engine (`workers.stream_engine`)."""
         return f"{self.prefix}.stream.control"
 
