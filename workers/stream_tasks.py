@@ -41,7 +41,8 @@ def sweep(self: Any) -> dict[str, int]:
     queue = Keys(settings.key_prefix).stream_queue()
 
     def redispatch(request_id: str) -> None:
-        self.app.send_task(STREAM_TASK, args=[request_id], queue=queue, routing_key=queue)
+        self.app.send_task(STREAM_TASK, args=[request_id], task_id=request_id, queue=queue,
+                           routing_key=queue)
 
     report = sweep_streams(app_stream_context(self.app), redispatch)
     return {"worker_lost": report.worker_lost, "redispatched": report.redispatched,
