@@ -105,7 +105,7 @@ class StreamTaskView:
     def started(self, run: StreamRun) -> None:
         worker_state.task_accepted(run)
         self._received(run.id, run.name, run.args)
-        self._send("task-started", uuid=run.id, pid=os.getpid())
+        self._send("task-started", uuid=run.id)
 
     def ended(self, run: StreamRun, outcome: str, error: dict[str, Any] | None,
               still_running: bool) -> None:
