@@ -11,11 +11,11 @@ and a consumer task takes stream task messages off the stream queue's Redis list
 pop, one claim script and one upstream request.
 
 The messages are ordinary Celery task messages (``hr.stream.run``, args ``[request_id]``): the
-intake writes them atomically with the record, the sweep sends them with ``send_task``. A plain
-Celery worker on the stream queue would run them too (the task body calls `run_stream`, which
-runs the same coroutine here), only slower. For Flower, the engine sends the Celery task events
-a worker sends (``task-received``, ``task-started``, ``task-succeeded`` / ``task-failed``) from
-its own thread, off the hot path.
+intake writes them atomically with the record, the sweep sends them with ``send_task``, the
+task id being the request id. Any Celery worker consuming the stream queue runs this engine on it
+(`workers.stream_worker`). For Flower and Celery's ``inspect`` / ``revoke``, each stream is
+reported as the task Celery would have run (`workers.stream_task_view`: task events from their
+own thread, off the hot path; the worker state; ``revoke --terminate``).
 
 Delivery: a message is popped without an acknowledgement. A process that dies after the pop
 and before the claim (a sub-millisecond window; the claims of one pop go out in the same loop
