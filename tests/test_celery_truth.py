@@ -247,6 +247,7 @@ def test_a_plain_celery_worker_runs_the_stream_lane(
 
 
 @pytest.mark.long
+@pytest.mark.timeout(480)
 def test_streams_are_what_flower_shows_in_five_minutes(redis_base_url: str, sim_url: str) -> None:
     """Five minutes of normal use with the default intervals (flush 60 s, poll 30 s): 10
     streams, every process of the lane running; at least half the tasks Flower lists are
