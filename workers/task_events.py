@@ -11,6 +11,7 @@ wake-up, as one ``task.multi`` message.
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 import time
@@ -37,14 +38,16 @@ class TaskEvents:
         self._queue: queue.SimpleQueue[tuple[str, dict[str, Any]] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
+        atexit.register(self.close)  # a short script's last events still go out
 
     def send(self, event_type: str, **fields: Any) -> None:
         self._queue.put((event_type, fields))
 
     def close(self) -> None:
-        """Send what is queued, then stop the thread."""
-        self._queue.put(None)
-        self._thread.join(5)
+        """Send what is queued, then stop the thread (again: nothing)."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(5)
 
     def _loop(self) -> None:
         while True:
