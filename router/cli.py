@@ -68,8 +68,7 @@ def worker(
     """Run a Celery worker for one lane: for the stream lane, its stream engine runs every
     stream on one event loop; the batch lane uses Celery's threads pool (I/O-bound tasks)."""
     from router.keys import Keys
-    from workers.celery_app import app as celery_app
-    from workers.celery_app import settings_of
+    from workers.celery_app import create_celery
 
     settings = load_settings()
     keys = Keys(settings.key_prefix)
@@ -77,16 +76,14 @@ def worker(
         typer.echo("hybrid-router: --lane must be 'stream' or 'batch'", err=True)
         raise typer.Exit(2)
     if lane == "stream":
-        from workers import stream_worker
-
         if concurrency:
-            celery_app.conf.hr_settings = settings_of(celery_app).model_copy(
-                update={"stream_worker_concurrency": concurrency})
-        stream_worker.install(celery_app)
-        # Celery's own consumer takes only the control queue (other tasks): a few threads.
-        queue, threads = keys.stream_control_queue(), 4
+            settings = settings.model_copy(update={"stream_worker_concurrency": concurrency})
+        # The stream engine's bootstep takes the stream queue (workers.stream_worker) and
+        # leaves Celery's own consumer the control queue (other tasks): a few threads.
+        queue, threads = keys.stream_queue(), 4
     else:
         queue, threads = keys.batch_queue(), concurrency or settings.emulated_concurrency + 4
+    celery_app = create_celery(settings)
     argv = [
         "worker",
         "-Q", queue,
@@ -108,9 +105,10 @@ def beat(
     """Run Celery beat (exactly one per deployment): the batch flush and poll."""
     import tempfile
 
-    from workers.celery_app import app as celery_app
+    from workers.celery_app import create_celery
 
     settings = load_settings()
+    celery_app = create_celery(settings)
     path = schedule or f"{tempfile.gettempdir()}/hybrid-router-beat-{settings.key_prefix}"
     celery_app.start(argv=["beat", "--schedule", path, "--loglevel", settings.log_level])
 

@@ -511,6 +511,7 @@ class DirectEnqueuer:
         return accepted.record.id
 
     def close(self) -> None:
+        self.dispatcher.close()
         self.redis.close()
 
 

@@ -180,6 +180,14 @@ def _task_message(prepared: Prepared, dispatcher: StreamDispatcher) -> tuple[str
     return message
 
 
+def _announce(prepared: Prepared, dispatcher: StreamDispatcher) -> None:
+    """Tell the dispatcher its task message was written by the create (Celery's `task-sent`
+    event, sent off the hot path), when it wants to know."""
+    announce = getattr(dispatcher, "task_sent", None)
+    if announce is not None:
+        announce(prepared.record.id)
+
+
 def _dispatch_failure(exc: Exception) -> dict[str, Any]:
     """The `transition` arguments that end a request whose hand-over to its lane failed."""
     return {
@@ -212,7 +220,9 @@ async def accept_async(
     if not outcome.created:
         existing = await store.get(outcome.request_id)
         return _replay_or_conflict(prepared, existing, outcome.body_fingerprint)
-    if prepared.record.route == "stream" and task is None:
+    if task is not None:
+        _announce(prepared, dispatcher)
+    elif prepared.record.route == "stream":
         try:
             await dispatch_in_thread(dispatcher.dispatch, prepared.record.id)
         except Exception as exc:
@@ -230,7 +240,9 @@ def accept_sync(
     if not outcome.created:
         existing = store.get(outcome.request_id)
         return _replay_or_conflict(prepared, existing, outcome.body_fingerprint)
-    if prepared.record.route == "stream" and task is None:
+    if task is not None:
+        _announce(prepared, dispatcher)
+    elif prepared.record.route == "stream":
         try:
             dispatcher.dispatch(prepared.record.id)
         except Exception as exc:

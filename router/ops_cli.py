@@ -111,9 +111,10 @@ def flower(
     """Run Flower for both lanes (basic auth from ROUTER_FLOWER_BASIC_AUTH=user:pass)."""
     import os
 
-    from workers.celery_app import app as celery_app
+    from workers.celery_app import create_celery
 
     settings = load_settings()
+    celery_app = create_celery(settings)
     # Flower reads FLOWER_* from its environment; passing the secret there keeps it off `ps`.
     if settings.flower_basic_auth is not None:
         os.environ["FLOWER_BASIC_AUTH"] = settings.flower_basic_auth.get_secret_value()

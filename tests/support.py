@@ -130,6 +130,11 @@ def cli_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "router.cli", *args]
 
 
+def celery_argv(*args: str) -> list[str]:
+    """Celery's own command line on the router's app (``celery -A workers.celery_app ...``)."""
+    return [sys.executable, "-m", "celery", "-A", "workers.celery_app", *args]
+
+
 def start_redis_server(workdir: Path, appendonly: bool = False, port: int | None = None,
                        extra_args: tuple[str, ...] = ()) -> tuple[ManagedProcess, str]:
     """A private redis-server on a free port; returns the process and its base URL.
@@ -217,6 +222,30 @@ class Stack:
             return bool(app.control.ping(destination=[hostname], timeout=0.5))
         finally:
             app.close()
+
+    def start_celery_worker(self, *args: str, timeout: float = 30.0) -> tuple[ManagedProcess, str]:
+        """A worker started the way Celery users do (``celery -A workers.celery_app worker``
+        plus `args`, e.g. ``-Q <queue>``); returns it and its node name."""
+        hostname = f"celery-{len(self.processes)}@{socket.gethostname()}"
+        proc = self._spawn("celery-worker", celery_argv("worker", "-n", hostname, *args))
+        wait_until(lambda: self._worker_ready(proc, hostname), timeout, 0.1,
+                   message="celery worker ready")
+        return proc, hostname
+
+    def start_flower(self, timeout: float = 30.0) -> str:
+        """Flower on a free port with its HTTP API open (loopback only); returns its URL."""
+        port = free_port()
+        proc = self._spawn("flower", cli_argv("flower", "--host", "127.0.0.1", "--port", str(port),
+                                              "--unauthenticated-api"))
+        url = f"http://127.0.0.1:{port}"
+
+        def ready() -> bool:
+            if not proc.alive():
+                raise RuntimeError(f"flower exited:\n{proc.output()[-3000:]}")
+            return httpx.get(f"{url}/healthcheck", timeout=1).status_code == 200
+
+        wait_until(ready, timeout, 0.1, message=f"Flower at {url}")
+        return url
 
     def start_beat(self, timeout: float = 30.0) -> ManagedProcess:
         schedule = self.workdir / f"beat-{len(self.processes)}"

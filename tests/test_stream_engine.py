@@ -174,3 +174,134 @@ def test_a_backlog_is_taken_in_queue_order_within_the_slots(ctx: StreamContext) 
                 event_type, 0)
             peak = max(peak, running)
     assert 1 <= peak <= 4
+
+
+class _PipeWithoutPopCount:
+    """A raw pipe to a Redis older than 6.2: ``RPOP`` with a count is refused."""
+
+    def __init__(self, url: str) -> None:
+        from router.redis_pipe import RedisPipe
+
+        self.real = RedisPipe(url, timeout_s=5)
+        self.refused = 0
+
+    async def execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        import hiredis
+
+        if commands[0][0] == "RPOP" and len(commands[0]) == 3:
+            self.refused += 1
+            return [hiredis.ReplyError("ERR wrong number of arguments for 'rpop' command")]
+        return await self.real.execute(commands)
+
+
+def test_a_redis_without_pop_counts_gets_one_pop_at_a_time(ctx: StreamContext) -> None:
+    import asyncio
+
+    stream_list, _ = queues(ctx.settings)
+    ctx.redis.lpush(stream_list, b"first", b"second", b"third")
+    pipe = _PipeWithoutPopCount(ctx.settings.redis_url)
+
+    async def pops() -> list[list[bytes]]:
+        return [await ctx.engine._pop(pipe, stream_list, 8) for _ in range(3)]  # type: ignore[arg-type]
+
+    got = asyncio.run_coroutine_threadsafe(pops(), ctx.engine.loop).result(10)
+    assert got == [[b"first"], [b"second"], [b"third"]]
+    assert pipe.refused == 1  # asked once, then never again
+    pipe.real.close()
+
+
+class Recorder:
+    """An event sink that keeps every task event the engine sends."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
+        with self.lock:
+            self.events.extend(batch)
+
+    def of(self, task_id: str) -> list[tuple[str, dict[str, Any]]]:
+        with self.lock:
+            return [(kind, fields) for kind, fields in self.events if fields["uuid"] == task_id]
+
+    def last(self, task_id: str, kind: str) -> dict[str, Any] | None:
+        found = [fields for k, fields in self.of(task_id) if k == kind]
+        return found[-1] if found else None
+
+
+def submit_stream(ctx: StreamContext, content: str) -> str:
+    dispatcher = CeleryStreamDispatcher(create_celery(ctx.settings))
+    req = SubmitRequest.model_validate({"model": MODEL, "priority": "high",
+                                        "messages": [{"role": "user", "content": content}]})
+    return accept_sync(prepare(req, "default", ctx.settings), ctx.store, dispatcher).record.id
+
+
+def test_each_stream_reports_its_requests_outcome(ctx: StreamContext) -> None:
+    """task-succeeded for completed, task-failed with the error for failed, task-revoked for
+    cancelled; the task id is the request id."""
+    recorder = Recorder()
+    ctx.engine.consume(*queues(ctx.settings), recorder, "stream-test@host")
+    completed = submit_stream(ctx, f"ok {uuid.uuid4().hex}")
+    failed = submit_stream(ctx, f"[[sim:fail=400]] {uuid.uuid4().hex}")
+    cancelled = submit_stream(ctx, f"[[sim:tps=10,tokens=200]] {uuid.uuid4().hex}")
+    wait_until(lambda: (rec := ctx.store.get(cancelled)) is not None
+               and rec.status == "streaming", 10, message="streaming")
+    ctx.store.cancel(cancelled, MODEL)
+    assert wait_until(lambda: recorder.last(completed, "task-succeeded"), 10,
+                      message="succeeded")["result"] == "'completed'"
+    failure = wait_until(lambda: recorder.last(failed, "task-failed"), 10, message="failed")
+    assert "upstream_400" in failure["exception"] and "400" in failure["exception"]
+    revoked = wait_until(lambda: recorder.last(cancelled, "task-revoked"), 10, message="revoked")
+    assert revoked["terminated"] is False
+    for task_id in (completed, failed, cancelled):
+        kinds = [kind for kind, _ in recorder.of(task_id)]
+        assert kinds[:2] == ["task-received", "task-started"] and len(kinds) == 3
+
+
+def test_terminate_cancels_and_stops_the_upstream_at_once(ctx: StreamContext,
+                                                          sim_url: str) -> None:
+    from celery.worker import state as worker_state
+
+    from simulator import prompt_hash
+    from simulator.testing import sim_stats
+
+    recorder = Recorder()
+    ctx.engine.consume(*queues(ctx.settings), recorder)
+    content = f"[[sim:tps=0.4,tokens=100]] {uuid.uuid4().hex}"  # a token every 2.5 s
+    request_id = submit_stream(ctx, content)
+    wait_until(lambda: ctx.store.events_after(request_id)[-1]["type"] == "token", 10,
+               message="first token")
+    running = {run.id: run for run in worker_state.active_requests}
+    assert request_id in running and running[request_id].info()["args"] == [request_id]
+    running[request_id].terminate(None)
+    msgs = [{"role": "user", "content": content}]
+    wait_until(lambda: sim_stats(sim_url, prompt_hash(msgs))["streams_aborted"] == 1, 1.0,
+               message="the upstream call stopped within 1 s")
+    assert wait_until(lambda: recorder.last(request_id, "task-revoked"), 5,
+                      message="revoked")["terminated"] is True
+    record = ctx.store.get(request_id)
+    assert record is not None and record.status == "cancelled"
+    assert record.usage is not None and record.usage.completion_tokens >= 1  # paid for
+    assert [e["type"] for e in ctx.store.events_after(request_id)].count("cancelled") == 1
+    assert request_id not in {run.id for run in worker_state.active_requests}
+
+
+def test_a_revoked_message_is_cancelled_without_calling_the_upstream(
+        ctx: StreamContext, sim_url: str) -> None:
+    from celery.worker import state as worker_state
+
+    from simulator import prompt_hash
+    from simulator.testing import sim_stats
+
+    content = f"revoked {uuid.uuid4().hex}"
+    request_id = submit_stream(ctx, content)  # queued: no engine consumes yet
+    worker_state.revoked.add(request_id)
+    recorder = Recorder()
+    ctx.engine.consume(*queues(ctx.settings), recorder)
+    wait_until(lambda: recorder.last(request_id, "task-revoked"), 10, message="revoked")
+    record = ctx.store.get(request_id)
+    assert record is not None and record.status == "cancelled"
+    assert [e["type"] for e in ctx.store.events_after(request_id)] == ["accepted", "cancelled"]
+    assert sim_stats(sim_url, prompt_hash([{"role": "user", "content": content}]))[
+        "requests"] == 0

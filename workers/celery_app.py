@@ -1,19 +1,29 @@
 """The Celery application, configured from `Settings` (broker, queues, routes, events).
 
-`create_celery(settings)` builds an app for any settings (tests use private prefixes);
-the module-level `app` is what ``celery -A workers.celery_app`` and the CLI run.
+`create_celery(settings)` builds an app for any settings (tests use private prefixes; the CLI
+builds one from the settings it has checked). ``celery -A workers.celery_app`` finds the
+module's `app`, which is built on first access (module ``__getattr__``), not at import: a
+module that imports this one builds no app and reads no settings, and a bad setting stops
+``celery -A workers.celery_app ...`` with one line naming it (exit code 2), like the CLI.
+
+Every worker of an app gets the stream engine's bootstep (`workers.stream_worker`), which acts
+only in a worker asked to consume the stream queue; logging goes through structlog
+(`router.logs`) in any worker or beat started by Celery itself.
 """
 
 from __future__ import annotations
 
 import gc
+import sys
+from typing import Any
 
-from celery import Celery
-from celery.signals import worker_ready
+from celery import Celery, current_app
+from celery.signals import setup_logging, worker_ready
 from kombu import Queue
 
 from router.keys import Keys
 from settings import Settings, get_settings
+from settings.config import describe_settings_error
 
 # Task names: Flower shows these; the beat schedule and dispatchers refer to them.
 STREAM_TASK = "hr.stream.run"
@@ -28,6 +38,7 @@ def create_celery(settings: Settings) -> Celery:
         broker=settings.redis_url,
         include=["workers.stream_tasks", "workers.batch_tasks"],
     )
+    app.steps["worker"].add("workers.stream_worker:StreamEngineStep")
     stream_q, batch_q = keys.stream_queue(), keys.batch_queue()
     control_q = keys.stream_control_queue()
     app.conf.update(
@@ -57,16 +68,19 @@ def create_celery(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         timezone="UTC",
     )
-    # The flush entry may be replaced by a schedule that reads the runtime flush interval.
-    from workers.batch_schedule import RuntimeFlushSchedule
+    # Housekeeping is sent only when it has something to do (Flower lists what was sent).
+    from workers.batch_schedule import PollSchedule, RuntimeFlushSchedule
 
     flush_schedule = RuntimeFlushSchedule(settings.redis_url, settings.key_prefix,
                                           settings.flush_interval_s,
                                           settings.flush_early_threshold)
+    poll_schedule = PollSchedule(settings.redis_url, settings.key_prefix,
+                                 settings.poll_interval_s, settings.flush_interval_s,
+                                 settings.expected_batch_turnaround_s)
     app.conf.beat_schedule = {
         "batch-flush": {"task": FLUSH_TASK, "schedule": flush_schedule,
                         "options": {"queue": batch_q, "expires": settings.flush_interval_s}},
-        "batch-poll": {"task": POLL_TASK, "schedule": settings.poll_interval_s,
+        "batch-poll": {"task": POLL_TASK, "schedule": poll_schedule,
                        "options": {"queue": batch_q, "expires": settings.poll_interval_s}},
     }
     app.conf.hr_settings = settings
@@ -81,10 +95,39 @@ def _freeze_startup_objects(**_: object) -> None:
     gc.freeze()
 
 
+@setup_logging.connect
+def _structlog(**_: object) -> None:
+    """A worker or beat started by Celery itself (``celery -A workers.celery_app worker``) logs
+    through structlog like the CLI's (connecting here also keeps Celery's own logging setup
+    off); a no-op where the CLI configured it already."""
+    settings = getattr(current_app.conf, "hr_settings", None)
+    if isinstance(settings, Settings):
+        from router.logs import configure_logging
+
+        configure_logging(settings)
+
+
 def settings_of(app: Celery) -> Settings:
     """The `Settings` an app was built from (tasks read their configuration here)."""
     settings: Settings = app.conf.hr_settings
     return settings
 
 
-app = create_celery(get_settings())
+def checked_settings() -> Settings:
+    """`get_settings()`, or one line naming the bad setting and exit code 2."""
+    try:
+        return get_settings()
+    except Exception as exc:
+        print(f"hybrid-router: invalid configuration: {describe_settings_error(exc)}",
+              file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def __getattr__(name: str) -> Any:
+    """``app``: the application of the configured settings, built on first access."""
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    built = globals().get("_app")
+    if built is None:
+        built = globals()["_app"] = create_celery(checked_settings())
+    return built

@@ -35,8 +35,9 @@ class CeleryMessageBuilder:
         self.list_key = Keys(settings_of(app).key_prefix).celery_prefix() + queue
         self._templates: dict[str, _Template] = {}
 
-    def build(self, task_name: str, args: list[str]) -> tuple[str, str]:
-        task_id = str(uuid.uuid4())
+    def build(self, task_name: str, args: list[str], task_id: str | None = None
+              ) -> tuple[str, str]:
+        task_id = task_id or str(uuid.uuid4())
         template = self._templates.get(task_name) or self._template(task_name)
         body = [args, {}, template.embed]
         envelope = {

@@ -6,16 +6,17 @@ Why: with a thread per stream, each new stream paid Celery's consumer (one messa
 then competed for the GIL with every other stream's token relay; a burst of new streams delayed
 both their first tokens and the running streams' next ones. Here one loop (uvloop when
 installed) owns an async Redis pool, one upstream connection pool and the coalescing publisher,
-and a consumer task takes stream task messages off the stream queue's Redis list itself
-(``BRPOP``, or what is queued at once with ``RPOP`` and a count), so starting a stream is one
-pop, one claim script and one upstream request.
+and a consumer task takes stream task messages off the stream queue's Redis list itself (onto
+its taken list, see "Delivery"), so starting a stream is one move, one claim script and one
+upstream request.
 
-The messages are ordinary Celery task messages (``hr.stream.run``, args ``[request_id]``): the
-intake writes them atomically with the record, the sweep sends them with ``send_task``. A plain
-Celery worker on the stream queue would run them too (the task body calls `run_stream`, which
-runs the same coroutine here), only slower. For Flower, the engine sends the Celery task events
-a worker sends (``task-received``, ``task-started``, ``task-succeeded`` / ``task-failed``) from
-its own thread, off the hot path.
+The messages are ordinary Celery task messages (``hr.stream.run``, args ``[request_id]``, the
+task id being the request id): the intake writes them atomically with the record, the sweep
+sends a lost one again with ``send_task`` and runs a stream it takes over here. Any Celery
+worker consuming the stream queue runs this engine on it (`workers.stream_worker`). For Flower
+and Celery's ``inspect`` / ``revoke``, each stream is reported as the task Celery would have run
+(`workers.stream_task_view`: task events from their own thread, off the hot path; the worker
+state; ``revoke --terminate``).
 
 Delivery: a message is moved, not popped, off the queue: ``RPOPLPUSH`` onto the engine's own
 taken list (`Keys.stream_taken`), and the claim script removes it from there. Each engine keeps
@@ -32,11 +33,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
-import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import hiredis
@@ -49,21 +49,22 @@ from router.logs import get_logger
 from router.lua import RESTORE_TAKEN_SCRIPT
 from router.redis_pipe import RedisPipe, reply_error
 from workers.celery_app import STREAM_TASK
+from workers.stream_cancel import cancel_stream
 from workers.stream_context import StreamContext
 from workers.stream_runtime import StreamRuntime
 from workers.stream_sweep import sweep_streams
+from workers.stream_task_view import FAILED_OUTCOMES, StreamRun, StreamTaskView
 from workers.streaming import REDIS_DOWN, RunOutcome, stream_request
+from workers.task_events import EventSink, TaskEvents
 
 log = get_logger(__name__)
 T = TypeVar("T")
 
 POP_TIMEOUT_S = 1
 POP_BATCH = 32  # messages taken off the queue in one round trip when there is a backlog
-EVENT_BATCH_S = 0.05
 HOUSEKEEPING_S = 1.0  # heartbeat, dead engines' taken messages, the sweep
 SWEEP_HOLD_AFTER_OUTAGE_S = 3.0
-# Sends Celery task events, a batch at a time: [(event type, fields), ...].
-EventSink = Callable[[list[tuple[str, dict[str, Any]]]], None]
+__all__ = ["EventSink", "StreamEngine", "parse_task_message"]
 
 
 def parse_task_message(raw: bytes) -> tuple[str, str, list[Any]]:
@@ -76,42 +77,6 @@ def parse_task_message(raw: bytes) -> tuple[str, str, list[Any]]:
     decoded = orjson.loads(body)
     args = decoded[0] if isinstance(decoded, list) else decoded.get("args", [])
     return str(headers.get("task", "")), str(headers.get("id", "")), list(args)
-
-
-class TaskEvents:
-    """Forwards task events to Flower from a thread of its own (a Celery event is a
-    synchronous Redis publish; the loop never waits for one), a batch per wake-up."""
-
-    def __init__(self, sink: EventSink) -> None:
-        self._sink = sink
-        self._queue: queue.SimpleQueue[tuple[str, dict[str, Any]] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._loop, name="stream-task-events", daemon=True)
-        self._thread.start()
-
-    def send(self, event_type: str, **fields: Any) -> None:
-        self._queue.put((event_type, fields))
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(5)
-
-    def _loop(self) -> None:
-        while True:
-            first = self._queue.get()
-            # Gather what arrives within a short window, so this thread wakes (and takes the
-            # GIL from the loop) once per burst of stream starts rather than once per event.
-            time.sleep(EVENT_BATCH_S)
-            batch = [first]
-            while not self._queue.empty():
-                batch.append(self._queue.get())
-            events = [item for item in batch if item is not None]
-            if events:
-                try:
-                    self._sink(events)
-                except Exception as exc:  # Flower is a view; streams never wait or fail for it
-                    log.warning("sending task events failed", events=len(events), error=str(exc))
-            if len(events) < len(batch):
-                return
 
 
 class StreamEngine:
@@ -129,6 +94,8 @@ class StreamEngine:
         self._running: set[asyncio.Task[Any]] = set()  # strong references, waited for at stop
         self._publisher_task: asyncio.Task[None] | None = None
         self._events: TaskEvents | None = None
+        self._view: StreamTaskView | None = None
+        self._runs: dict[str, list[StreamRun]] = {}  # request id -> its runs taken off the queue
         self._housekeeper: asyncio.Task[None] | None = None
         self._list_key: str | None = None
         self.engine_id = uuid.uuid4().hex
@@ -149,10 +116,14 @@ class StreamEngine:
         """Run `request_id`'s stream and wait for its outcome (for Celery tasks and tests)."""
         return self.submit(request_id).result()
 
-    def consume(self, list_key: str, forward_key: str, sink: EventSink | None = None) -> None:
+    def consume(self, list_key: str, forward_key: str, sink: EventSink | None = None,
+                hostname: str | None = None) -> None:
         """Start taking task messages off `list_key`; a message for another task than the
-        stream task is pushed to `forward_key` (a queue that Celery itself consumes)."""
-        self._events = TaskEvents(sink) if sink is not None else None
+        stream task is pushed to `forward_key` (a queue that Celery itself consumes). Each
+        stream is reported to Celery (`workers.stream_task_view`), its task events through
+        `sink` as worker `hostname`."""
+        self._events = TaskEvents(sink, "stream-task-events") if sink is not None else None
+        self._view = StreamTaskView(self._events, hostname)
         self._call(self._start_consumer(list_key, forward_key)).result(10)
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -198,7 +169,7 @@ class StreamEngine:
     def _call(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future[Any]:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
-    async def _tracked(self, coro: Coroutine[Any, Any, RunOutcome]) -> RunOutcome:
+    async def _tracked(self, coro: Coroutine[Any, Any, T]) -> T:
         task = asyncio.current_task()
         assert task is not None
         self._track(task)
@@ -283,25 +254,72 @@ class StreamEngine:
                 await forward.execute()
             return
         request_id = str(args[0])
-        started = time.monotonic()
-        events = self._events
-        if events is not None:
-            events.send("task-received", uuid=task_id, name=name, args=repr(args), kwargs="{}",
-                        retries=0, eta=None, expires=None, root_id=task_id, parent_id=None)
-            events.send("task-started", uuid=task_id)
         stall = rt.settings.fault_stall_after_take_s
         if stall:  # fault injection (tests): a window between taking and claiming
             await asyncio.sleep(stall)
+        await self._run_task(task_id, request_id, name, args, raw)
+
+    async def _run_task(self, task_id: str, request_id: str, name: str, args: list[Any],
+                        taken: bytes | None) -> None:
+        """Run one stream task (`taken`: its message on this engine's taken list; None for a
+        stream taken over by the sweep), reported to Celery's worker state and Flower."""
+        rt = self._runtime()
+        view = self._view
+        if view is not None and view.revoked(task_id):
+            await asyncio.get_running_loop().run_in_executor(
+                None, cancel_stream, self.ctx, request_id, "its Celery task was revoked")
+            if taken is not None:
+                await rt.redis.execute_command("LREM", self.taken_key, 1, taken)
+            view.received_revoked(task_id, name, args)
+            return
+        run = StreamRun(task_id, request_id, name, args, view.hostname if view else None,
+                        self.terminate)
+        runs = self._runs.setdefault(request_id, [])
+        runs.append(run)
+        run.abort.enter()  # this task's upstream reads can be stopped by `terminate`
+        if view is not None:
+            view.started(run)
+        error: dict[str, str] | None = None
         try:
-            outcome = await stream_request(request_id, rt, (self.taken_key, raw))
+            outcome: str = await stream_request(
+                request_id, rt, None if taken is None else (self.taken_key, taken))
         except Exception as exc:
             log.exception("stream task failed", request_id=request_id)
-            if events is not None:
-                events.send("task-failed", uuid=task_id, exception=repr(exc), traceback="")
-            return
-        if events is not None:
-            events.send("task-succeeded", uuid=task_id, result=repr(outcome),
-                        runtime=time.monotonic() - started)
+            outcome, error = "failed", {"code": "internal_error", "message": str(exc)}
+        finally:
+            runs.remove(run)
+            if not runs:
+                del self._runs[request_id]
+        if view is not None:
+            if outcome in FAILED_OUTCOMES and error is None:
+                error = await self._error_of(request_id)
+            view.ended(run, outcome, error, still_running=request_id in self._runs)
+
+    def terminate(self, request_id: str) -> bool:
+        """Revoke with terminate (any thread): cancel the request as ``DELETE`` does, and stop
+        its streams running here at once (upstream connection closed, ended `cancelled` with
+        the tokens paid for recorded). True if this call cancelled the request."""
+        cancelled = cancel_stream(self.ctx, request_id, "its Celery task was revoked")
+        self.loop.call_soon_threadsafe(self._stop_runs, request_id)
+        return cancelled
+
+    def _stop_runs(self, request_id: str) -> None:
+        if self._rt is not None:
+            self._rt.publisher.stop(request_id)
+        for run in self._runs.get(request_id, ()):
+            run.abort.fire()
+
+    async def _error_of(self, request_id: str) -> dict[str, str]:
+        """The error a failed request was ended with (for its task's ``task-failed``)."""
+        try:
+            record = await self._runtime().store.get(request_id)
+        except Exception as exc:  # Flower is a view: say what is known
+            return {"code": "unknown", "message": f"the request's error is unreadable: {exc}"}
+        if record is None:
+            return {"code": "missing", "message": "the request record is gone"}
+        if record.error is None:
+            return {"code": record.status, "message": ""}
+        return {"code": record.error.code, "message": record.error.message}
 
     # --- housekeeping ----------------------------------------------------------------------------
     async def _heartbeat(self) -> None:
@@ -357,8 +375,10 @@ class StreamEngine:
                                    self.ctx.redispatch, capacity)
 
     def _resume(self, request_id: str) -> None:
-        """Take over a stream whose worker is gone (from the sweep's thread)."""
-        self.submit(request_id)
+        """Take over a stream whose worker is gone (from the sweep's thread), as the same
+        Celery task (its id is the request id), so Flower and ``inspect`` follow it here."""
+        self._call(self._tracked(self._run_task(request_id, request_id, STREAM_TASK,
+                                                [request_id], None)))
 
     async def _leave(self, list_key: str | None) -> None:
         """Stop the heartbeat and hand back anything still taken (a clean stop)."""

@@ -137,6 +137,15 @@ class StreamPublisher:
         if handle.error is not None:
             raise PublishError(f"publishing failed: {handle.error}") from handle.error
 
+    def stop(self, request_id: str) -> bool:
+        """Mark `request_id`'s running stream stopped (its request was made terminal
+        elsewhere, e.g. revoked): it ends at its next chunk. False if it does not run here."""
+        handle = self._handles.get(request_id)
+        if handle is None:
+            return False
+        handle.stopped = True
+        return True
+
     def close(self, handle: StreamHandle) -> None:
         self._handles.pop(handle.request_id, None)
         self._ready.pop(handle, None)

@@ -1,4 +1,4 @@
-"""Stream-lane Celery tasks: thin wrappers over `workers.streaming` and `workers.stream_sweep`.
+"""Stream-lane Celery tasks: a thin wrapper over `workers.streaming`.
 
 ``hr.stream.run`` messages are normally taken off the stream queue by the worker's stream
 engine (`workers.stream_engine`), not by Celery's consumer; this task exists so that any Celery

@@ -1,10 +1,14 @@
 """The stream lane's Celery worker: a Celery worker process whose stream engine takes the
 stream queue.
 
-``hybrid-router worker --lane stream`` runs a Celery worker (remote control, ``ping``, task
-events, Flower, warm shutdown) that consumes only the stream lane's control queue (the sweep);
-a worker bootstep starts the process's `workers.stream_engine.StreamEngine` on the stream queue
-and stops it on shutdown, after its running streams ended.
+Every worker of the app gets `StreamEngineStep` (`workers.celery_app.create_celery` adds it),
+and it acts in the workers that are asked to consume the stream queue: ``hybrid-router worker
+--lane stream`` and Celery's own ``celery -A workers.celery_app worker -Q <prefix>.stream``
+(or a worker with no ``-Q``, which consumes every queue) run the lane the same way. The step
+takes the stream queue away from Celery's consumer and gives it the lane's control queue
+instead (the sweep and other tasks forwarded there); the process's
+`workers.stream_engine.StreamEngine` takes the stream queue, starting with the worker and
+draining on shutdown, after its running streams ended.
 """
 
 from __future__ import annotations
@@ -16,40 +20,32 @@ from celery import Celery, bootsteps
 from router.keys import Keys
 from router.logs import get_logger
 from workers.celery_app import settings_of
-from workers.stream_engine import EventSink
 from workers.stream_tasks import app_stream_context
+from workers.task_events import celery_event_sink
 
 log = get_logger(__name__)
 
 SHUTDOWN_GRACE_S = 60.0
 
 
-def celery_event_sink(app: Celery, hostname: str) -> EventSink:
-    """Sends Celery task events as worker `hostname`: each batch is buffered by Celery's own
-    dispatcher and published as one ``task.multi`` message (one Redis round trip; Celery's
-    event receiver, hence Flower, reads such lists). One dispatcher, made on first use and
-    again after a failure."""
-    dispatcher: Any = None
-
-    def send(events: list[tuple[str, dict[str, Any]]]) -> None:
-        nonlocal dispatcher
-        if dispatcher is None:
-            dispatcher = app.events.Dispatcher(app.connection_for_write(), hostname=hostname,
-                                               enabled=True, buffer_group={"task"},
-                                               buffer_limit=1_000_000)
-        try:
-            for event_type, fields in events:
-                dispatcher.send(event_type, **fields)
-            dispatcher.flush(errors=False)
-        except Exception:
-            dispatcher = None
-            raise
-
-    return send
-
-
 class StreamEngineStep(bootsteps.StartStopStep):
-    """Starts the stream engine's consumer with the worker, drains it at shutdown."""
+    """Runs the stream engine in a worker that consumes the stream queue (see the module doc)."""
+
+    # After the pool: a prefork pool forks its children before the engine's thread exists.
+    requires = ("celery.worker.components:Pool",)
+
+    def include_if(self, worker: Any) -> bool:
+        app: Celery = worker.app
+        return Keys(settings_of(app).key_prefix).stream_queue() in app.amqp.queues.consume_from
+
+    def create(self, worker: Any) -> None:
+        """Celery's consumer takes the control queue instead of the stream queue (the queue
+        selection is read when the consumer starts, after the steps are created)."""
+        app: Celery = worker.app
+        keys = Keys(settings_of(app).key_prefix)
+        queues = app.amqp.queues
+        queues.deselect([keys.stream_queue()])
+        queues.select_add(keys.stream_control_queue())
 
     def start(self, worker: Any) -> None:
         app: Celery = worker.app
@@ -57,14 +53,9 @@ class StreamEngineStep(bootsteps.StartStopStep):
         engine = app_stream_context(app).engine
         engine.consume(keys.celery_prefix() + keys.stream_queue(),
                        keys.celery_prefix() + keys.stream_control_queue(),
-                       celery_event_sink(app, worker.hostname))
+                       celery_event_sink(app, worker.hostname), worker.hostname)
         log.info("stream engine consuming", queue=keys.stream_queue(),
                  max_streams=engine.max_streams)
 
     def stop(self, worker: Any) -> None:
         app_stream_context(worker.app).engine.stop(SHUTDOWN_GRACE_S)
-
-
-def install(app: Celery) -> None:
-    """Add the stream engine to the workers `app` starts (call before ``worker_main``)."""
-    app.steps["worker"].add(StreamEngineStep)

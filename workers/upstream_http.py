@@ -72,6 +72,7 @@ class Connection(asyncio.Protocol):
         self._partial = b""
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
+        self.aborted = False
 
     # --- protocol callbacks --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -126,6 +127,8 @@ class Connection(asyncio.Protocol):
 
     # --- the reader ---------------------------------------------------------------------------
     def _fail(self, exc: BaseException) -> None:
+        if self.aborted:  # closed on purpose: the reader just sees the body end
+            return
         if self.error is None:
             self.error = exc
         self._wake()
@@ -150,6 +153,14 @@ class Connection(asyncio.Protocol):
             self._waiter = None
         if self.error is not None:
             raise self.error
+
+    def abort(self) -> None:
+        """Stop this response now: the reader sees its body end (no error); the connection
+        is closed, so the upstream sees the client go away and stops generating."""
+        self.aborted = True
+        if self.transport is not None:
+            self.transport.close()
+        self._wake()
 
     def take_lines(self) -> list[bytes]:
         lines = list(self.lines)
@@ -190,7 +201,7 @@ class Response:
     async def lines(self) -> Any:
         """Body lines as they arrive (without the line end), until the body ends."""
         conn = self._conn
-        while True:
+        while not conn.aborted:
             if conn.lines:
                 for line in conn.take_lines():
                     yield line.rstrip(b"\r")
@@ -198,6 +209,14 @@ class Response:
             if conn.complete:
                 return
             await conn.wait(self._read_timeout, "data")
+
+    @property
+    def aborted(self) -> bool:
+        return self._conn.aborted
+
+    def abort(self) -> None:
+        """End the body now and close the connection (see `Connection.abort`)."""
+        self._conn.abort()
 
     def close(self) -> None:
         """Give the connection back if the body was read to its end, else close it."""

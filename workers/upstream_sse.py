@@ -16,7 +16,7 @@ to the pool (no new TCP/TLS handshake before the next stream's first token).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -26,6 +26,7 @@ import openai
 import orjson
 
 from settings import Settings
+from workers.stream_abort import current_abort
 from workers.upstream import make_async_openai_client
 from workers.upstream_http import ConnectionPool
 
@@ -109,12 +110,17 @@ class UpstreamStreamer:
     async def stream(self, body: dict[str, Any], timeout: httpx.Timeout
                      ) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
         """POST `body` with ``stream: true``; yields the chunks' iterator (HTTP errors raise
-        the SDK's `openai.APIStatusError` subclasses before anything is yielded)."""
+        the SDK's `openai.APIStatusError` subclasses before anything is yielded).
+
+        Inside a `workers.stream_abort.UpstreamAbort` scope the response is bound to it: firing
+        it closes the connection and ends the chunks with one empty chunk (the lean client;
+        through a proxy, httpx, the stream stops at its next chunk instead)."""
         content = orjson.dumps(body)
         if self.pool is None:
             async with self._stream_httpx(content, timeout) as chunks:
                 yield chunks
             return
+        abort = current_abort()
         response = await self.pool.post(content, self.headers, timeout.connect or 60.0,
                                         timeout.read or 60.0)
         try:
@@ -123,8 +129,12 @@ class UpstreamStreamer:
                 raise status_error(httpx.Response(response.status_code, headers=response.headers,
                                                   content=error_body, request=self._request),
                                    error_body)
-            yield sse_chunks(response.lines(), self._request)
+            if abort is not None:
+                abort.bind(response.abort)
+            yield sse_chunks(response.lines(), self._request, lambda: response.aborted)
         finally:
+            if abort is not None:
+                abort.unbind()
             response.close()
 
     @asynccontextmanager
@@ -172,9 +182,14 @@ async def _httpx_lines(response: httpx.Response) -> AsyncIterator[bytes]:
         yield buffer
 
 
-async def sse_chunks(lines: AsyncIterator[bytes], request: httpx.Request
+async def sse_chunks(lines: AsyncIterator[bytes], request: httpx.Request,
+                     aborted: Callable[[], bool] | None = None
                      ) -> AsyncIterator[dict[str, Any]]:
-    """The JSON chunks of an SSE chat-completion stream; reads the body to its end."""
+    """The JSON chunks of an SSE chat-completion stream; reads the body to its end.
+
+    A body ended by an abort (`aborted()` true at its end) ends with one empty chunk: the
+    reader looks at its stop flag after every chunk, so it stops there instead of taking the
+    end for a dropped connection."""
     done = False
     async for line in lines:
         if done or not line.startswith(b"data:"):
@@ -190,3 +205,5 @@ async def sse_chunks(lines: AsyncIterator[bytes], request: httpx.Request
             raise UpstreamStreamError(str(message or "error inside the stream"),
                                       cast(Any, request), body=error)
         yield chunk
+    if aborted is not None and aborted():
+        yield {}

@@ -52,6 +52,9 @@ def create_app(settings: Settings, dispatcher: StreamDispatcher | None = None) -
         try:
             yield
         finally:
+            close_dispatcher = getattr(app.state.dispatcher, "close", None)
+            if close_dispatcher is not None:
+                close_dispatcher()  # sends the Celery events it still holds
             await app.state.events.aclose()
             app.state.store.close()
             await app.state.redis.aclose()
