@@ -20,13 +20,12 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import redis
 
 from router.keys import Keys
 from router.ledger import Ledger
 from router.subscribe import follow_events
 from settings import Settings
-from tests.support import ManagedProcess, Stack, start_redis_server, wait_until
+from tests.support import Stack, start_redis_server, wait_until
 from tests.test_stream_lane import AUTH, KEY_A, MODEL, direct_answer, lane_settings, sse, token_text
 from workers.stream_context import StreamContext
 
@@ -177,93 +176,105 @@ def test_a_worker_killed_between_taking_and_claiming_delays_the_request_less_tha
 
 # --- Redis blips -------------------------------------------------------------------------------
 
-def blip_trial(tmp_path: Path, sim_url: str, streams: int, outage_s: float,
-               make_settings: Callable[..., Settings]) -> dict[str, int]:
-    """`streams` live streams with SSE subscribers; Redis (append-only) is stopped with SIGTERM
-    one second in and started again `outage_s` later. Checks every request's one terminal state
-    and what its subscriber saw; returns the statuses counted."""
-    redis_proc, url = start_redis_server(tmp_path, appendonly=True)
-    port = int(url.rsplit(":", 1)[1])
-    procs: dict[str, ManagedProcess] = {"redis": redis_proc}
-    settings = make_settings(redis_url=f"{url}/0", upstream_base_url=sim_url,
-                             api_keys={KEY_A: "tenant-a"}, stream_worker_concurrency=512,
-                             retry_backoff_base_s=0.05, retry_backoff_max_s=0.5,
-                             sse_keepalive_s=1.0)
-    try:
-        with Stack(settings) as stack, httpx.Client(headers=AUTH, timeout=120) as http:
-            http.base_url = httpx.URL(stack.start_api(timeout=60))
-            worker = stack.start_worker("stream", timeout=60)
-            prompts = [prompt("[[sim:tps=20,tokens=80]]") for _ in range(streams)]
-            ids = [submit(http, msgs) for msgs in prompts]
-            readers = [Collector(lambda rid=rid: sse(http, rid)[0]) for rid in ids]
-            for reader in readers:
-                reader.start()
-            client = redis.Redis.from_url(settings.redis_url)
-            store = StreamContext.build(settings)
-            try:
-                wait_until(lambda: all(token_text(store.store.events_after(rid))
-                                       for rid in ids), 20, message="streams under way")
-                time.sleep(1.0)  # let the streams run before the outage (part of the scenario)
-                procs["redis"].stop()
-                time.sleep(outage_s)  # the outage itself
-                procs["redis"], _ = start_redis_server(tmp_path, appendonly=True, port=port)
-                statuses: dict[str, int] = {}
+class BlipStack:
+    """A private append-only Redis that can be stopped and started again on the same port and
+    files, with an API and a stream worker on it that live through every restart."""
 
-                def all_terminal() -> bool:
-                    got = [store.store.get(rid) for rid in ids]
-                    return all(r is not None and r.status in TERMINAL for r in got)
+    def __init__(self, workdir: Path, sim_url: str, make_settings: Callable[..., Settings]) -> None:
+        self.workdir = workdir
+        self.redis, url = start_redis_server(workdir, appendonly=True)
+        self.port = int(url.rsplit(":", 1)[1])
+        self.settings = make_settings(
+            redis_url=f"{url}/0", upstream_base_url=sim_url, api_keys={KEY_A: "tenant-a"},
+            retry_backoff_base_s=0.05, retry_backoff_max_s=0.5, sse_keepalive_s=1.0)
+        self.stack = Stack(self.settings)
+        self.api = self.stack.start_api(timeout=60)
+        self.worker = self.stack.start_worker("stream", timeout=60)
+        self.ctx = StreamContext.build(self.settings)
 
-                back_at = time.monotonic()
-                wait_until(all_terminal, 60, message="every request terminal within 60 s")
-                print(f"outage {outage_s:g}s: all terminal {time.monotonic() - back_at:.1f}s "
-                      "after Redis was back")
-                expected = answers(sim_url, prompts)
-                for answer, request_id, reader in zip(expected, ids, readers, strict=True):
-                    record = store.store.get(request_id)
-                    assert record is not None
-                    statuses[record.status] = statuses.get(record.status, 0) + 1
-                    log = store.store.events_after(request_id)
-                    finals = [e for e in log if e["type"] in FINAL]
-                    assert len(finals) == 1, (request_id, finals)
-                    assert {"completed": "done", "failed": "error"}[record.status] == \
-                        finals[0]["type"]
-                    assert [e["seq"] for e in log] == list(range(1, len(log) + 1))
-                    seen = reader.value(30)
-                    assert seen == log  # the subscriber saw exactly the log, once, in order
-                    if record.status == "completed":
-                        assert record.result is not None
-                        assert record.result.content == answer
-                        assert token_text(log) == record.result.content
-                    else:
-                        assert record.error is not None, record
-                keys = Keys(settings.key_prefix)
-                assert client.zcard(keys.streaming()) == 0 and client.zcard(keys.dispatched()) == 0
-                assert worker.alive(), f"stream worker exited:\n{worker.output()[-3000:]}"
-                return statuses
-            finally:
-                store.close()
-                client.close()
-    finally:
-        procs["redis"].stop()
+    def restart_redis(self, outage_s: float) -> None:
+        """SIGTERM Redis (it writes its append-only file), and start it again `outage_s` later."""
+        self.redis.stop()
+        time.sleep(outage_s)  # the outage itself: what the test is about
+        self.redis, _ = start_redis_server(self.workdir, appendonly=True, port=self.port)
+
+    def close(self) -> None:
+        self.ctx.close()
+        self.stack.__exit__()
+        self.redis.stop()
+
+
+def blip_trial(blips: BlipStack, sim_url: str, streams: int, outage_s: float) -> dict[str, int]:
+    """`streams` live streams, each with an SSE subscriber; Redis is stopped about a second
+    into them and started again `outage_s` later. Checks every request's one terminal state and
+    what its subscriber saw; returns the statuses counted."""
+    store = blips.ctx.store
+    with httpx.Client(base_url=blips.api, headers=AUTH, timeout=120) as http:
+        prompts = [prompt("[[sim:tps=20,tokens=80]]") for _ in range(streams)]
+        ids = [submit(http, msgs) for msgs in prompts]
+        readers = [Collector(lambda rid=rid: sse(http, rid)[0]) for rid in ids]
+        for reader in readers:
+            reader.start()
+        wait_until(lambda: all(token_text(store.events_after(rid)) for rid in ids), 30,
+                   message="streams under way")
+        time.sleep(1.0)  # let the streams run before the outage (part of the scenario)
+        blips.restart_redis(outage_s)
+        back_at = time.monotonic()
+
+        def all_terminal() -> bool:
+            return all((r := store.get(rid)) is not None and r.status in TERMINAL for rid in ids)
+
+        wait_until(all_terminal, 60, message="every request terminal within 60 s")
+        print(f"outage {outage_s:.1f}s: all terminal {time.monotonic() - back_at:.1f}s after "
+              "Redis was back")
+        statuses: dict[str, int] = {}
+        expected = answers(sim_url, prompts)
+        for answer, request_id, reader in zip(expected, ids, readers, strict=True):
+            record = store.get(request_id)
+            assert record is not None
+            statuses[record.status] = statuses.get(record.status, 0) + 1
+            log = store.events_after(request_id)
+            finals = [e for e in log if e["type"] in FINAL]
+            assert len(finals) == 1, (request_id, finals)
+            assert {"completed": "done", "failed": "error"}[record.status] == finals[0]["type"]
+            assert [e["seq"] for e in log] == list(range(1, len(log) + 1))
+            assert reader.value(30) == log  # the subscriber saw exactly the log, once, in order
+            if record.status == "completed":
+                assert record.result is not None and record.result.content == answer
+                assert token_text(log) == answer
+            else:
+                assert record.error is not None, record
+    keys = Keys(blips.settings.key_prefix)
+    assert blips.ctx.redis.zcard(keys.streaming()) == 0
+    assert blips.ctx.redis.zcard(keys.dispatched()) == 0
+    assert blips.worker.alive(), f"stream worker exited:\n{blips.worker.output()[-3000:]}"
+    return statuses
 
 
 def test_a_redis_restart_during_live_streams_is_ridden_out(
         tmp_path: Path, sim_url: str, make_settings: Callable[..., Settings]) -> None:
-    statuses = blip_trial(tmp_path, sim_url, streams=20, outage_s=3.0,
-                          make_settings=make_settings)
+    blips = BlipStack(tmp_path, sim_url, make_settings)
+    try:
+        statuses = blip_trial(blips, sim_url, streams=20, outage_s=3.0)
+    finally:
+        blips.close()
     assert statuses.get("completed", 0) >= 18, statuses
 
 
 @pytest.mark.long
+@pytest.mark.timeout(1800)
 def test_twenty_redis_restarts_of_up_to_ten_seconds_under_fifty_streams(
-        tmp_path_factory: pytest.TempPathFactory, sim_url: str,
-        make_settings: Callable[..., Settings]) -> None:
+        tmp_path: Path, sim_url: str, make_settings: Callable[..., Settings]) -> None:
+    """20 consecutive trials on one deployment: Redis down 2 s to 10 s under 50 live streams."""
+    blips = BlipStack(tmp_path, sim_url, make_settings)
     totals: dict[str, int] = {}
-    for trial in range(20):
-        outage = 2.0 + 8.0 * trial / 19  # 2 s to 10 s
-        statuses = blip_trial(tmp_path_factory.mktemp(f"blip{trial}"), sim_url, streams=50,
-                              outage_s=outage, make_settings=make_settings)
-        assert statuses.get("completed", 0) >= 45, (trial, outage, statuses)
-        for status, n in statuses.items():
-            totals[status] = totals.get(status, 0) + n
+    try:
+        for trial in range(20):
+            outage = 2.0 + 8.0 * trial / 19
+            statuses = blip_trial(blips, sim_url, streams=50, outage_s=outage)
+            assert statuses.get("completed", 0) >= 45, (trial, outage, statuses)
+            for status, n in statuses.items():
+                totals[status] = totals.get(status, 0) + n
+    finally:
+        blips.close()
     print(f"20 Redis restarts (2-10 s) under 50 streams each: {totals}")
