@@ -176,40 +176,6 @@ def test_a_backlog_is_taken_in_queue_order_within_the_slots(ctx: StreamContext) 
     assert 1 <= peak <= 4
 
 
-class _PipeWithoutPopCount:
-    """A raw pipe to a Redis older than 6.2: ``RPOP`` with a count is refused."""
-
-    def __init__(self, url: str) -> None:
-        from router.redis_pipe import RedisPipe
-
-        self.real = RedisPipe(url, timeout_s=5)
-        self.refused = 0
-
-    async def execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        import hiredis
-
-        if commands[0][0] == "RPOP" and len(commands[0]) == 3:
-            self.refused += 1
-            return [hiredis.ReplyError("ERR wrong number of arguments for 'rpop' command")]
-        return await self.real.execute(commands)
-
-
-def test_a_redis_without_pop_counts_gets_one_pop_at_a_time(ctx: StreamContext) -> None:
-    import asyncio
-
-    stream_list, _ = queues(ctx.settings)
-    ctx.redis.lpush(stream_list, b"first", b"second", b"third")
-    pipe = _PipeWithoutPopCount(ctx.settings.redis_url)
-
-    async def pops() -> list[list[bytes]]:
-        return [await ctx.engine._pop(pipe, stream_list, 8) for _ in range(3)]  # type: ignore[arg-type]
-
-    got = asyncio.run_coroutine_threadsafe(pops(), ctx.engine.loop).result(10)
-    assert got == [[b"first"], [b"second"], [b"third"]]
-    assert pipe.refused == 1  # asked once, then never again
-    pipe.real.close()
-
-
 class Recorder:
     """An event sink that keeps every task event the engine sends."""
 
