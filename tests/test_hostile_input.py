@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,9 @@ import httpx
 import pytest
 import redis
 
+from router.keys import Keys
 from settings import Settings
-from tests.support import Stack, delete_prefix
+from tests.support import Stack, delete_prefix, wait_until
 
 KEY_A = "sk-hostile-alpha"
 KEY_B = "sk-hostile-beta"
@@ -504,3 +505,55 @@ def test_the_api_still_accepts_a_good_request_afterwards(api: HostileApi) -> Non
     assert pending == [response.json()["id"].encode()]
     assert httpx.get(f"{api.url}/v1/requests/{response.json()['id']}", headers=auth(KEY_B),
                      timeout=10).status_code == 404
+
+
+# --- issue 16: one tenant's input must not cost another tenant anything -----------------------
+
+def test_a_bad_batch_line_fails_alone_and_costs_other_tenants_no_attempt(
+        make_settings: Callable[..., Settings], stack_factory: Callable[[Settings], Stack],
+        sim_url: str, redis_client: redis.Redis) -> None:
+    """One tenant-b low request whose batch the upstream fails as a whole, flushed with 20 of
+    tenant-a's: the failed batch is split until the bad line is alone, so every tenant-a request
+    completes without using an attempt, and tenant-b's fails after its attempts, alone in its
+    batches, with the upstream's reason (once: 4 of tenant-a's failed, 16 used an attempt)."""
+    settings = make_settings(upstream_base_url=sim_url, api_keys={KEY_A: "alpha", KEY_B: "beta"},
+                             flush_interval_s=0.5, poll_interval_s=0.3, batch_mode="native",
+                             batch_max_attempts=3)
+    stack = stack_factory(settings)
+    url = stack.start_api()
+    tag = uuid.uuid4().hex
+
+    def submit(key: str, content: str) -> str:
+        response = httpx.post(f"{url}/v1/requests", headers=auth(key), timeout=10, json={
+            "priority": "low", "messages": [_msg(content)]})
+        assert response.status_code == 202, response.text
+        return str(response.json()["id"])
+
+    innocent = [submit(KEY_A, f"innocent {i} {tag}") for i in range(10)]
+    bad = submit(KEY_B, f"bad {tag} [[sim:batch=fail]]")
+    innocent += [submit(KEY_A, f"innocent {i} {tag}") for i in range(10, 20)]
+    stack.start_worker("batch")
+    stack.start_beat()
+
+    def get(key: str, request_id: str) -> dict[str, Any]:
+        return dict(httpx.get(f"{url}/v1/requests/{request_id}", headers=auth(key),
+                              timeout=10).json())
+
+    wait_until(lambda: all(get(KEY_A, i)["status"] in ("completed", "failed", "cancelled")
+                           for i in innocent) and get(KEY_B, bad)["status"] == "failed",
+               90, 0.2, message="every request terminal")
+    for request_id in innocent:
+        record = get(KEY_A, request_id)
+        assert record["status"] == "completed", record
+        assert record["attempts"] == 0, record
+    record = get(KEY_B, bad)
+    assert record["attempts"] == settings.batch_max_attempts, record
+    assert record["error"]["code"] == "simulated_validation_failure", record
+    # Its batches: the first held everyone; every one charged to it held it alone.
+    keys = Keys(settings.key_prefix)
+    attempts_alone = 0
+    for raw in redis_client.scan_iter(match=keys.batch_requests("*"), count=1000):
+        members = {m.decode() for m in redis_client.smembers(raw)}
+        if bad in members and len(members) == 1:
+            attempts_alone += 1
+    assert attempts_alone == settings.batch_max_attempts

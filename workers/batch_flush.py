@@ -189,8 +189,22 @@ def _flush_model(ctx: FlushContext, lock: RedisLock, report: FlushReport, model:
             return
 
 
-def _lines(ctx: FlushContext, report: FlushReport, claim: Claim) -> Iterator[tuple[str, bytes]]:
-    """The (id, body JSON) pairs worth sending; escalates and fails the others on the way."""
+def _parts(ctx: FlushContext, report: FlushReport, claim: Claim
+           ) -> Generator[JsonlPart, None, None]:
+    """The claim's input files: the requests of no group together, then each group of a split
+    batch (`workers.batch_split`) in files of its own, so a line at fault shares none."""
+    s = ctx.settings
+    groups: dict[str, list[tuple[str, bytes]]] = {}
+    yield from write_parts(_lines(ctx, report, claim, groups), s.batch_max_requests,
+                           s.batch_max_bytes)
+    for group in groups.values():
+        yield from write_parts(group, s.batch_max_requests, s.batch_max_bytes)
+
+
+def _lines(ctx: FlushContext, report: FlushReport, claim: Claim,
+           groups: dict[str, list[tuple[str, bytes]]]) -> Iterator[tuple[str, bytes]]:
+    """The (id, body JSON) pairs worth sending; escalates and fails the others on the way.
+    Requests that belong to a group are set aside in `groups` instead of being yielded."""
     s = ctx.settings
     cutoff = now() + s.expected_batch_turnaround_s
     for row in batch_claim.fetch_rows(ctx.client, ctx.keys, claim.ids):
@@ -206,6 +220,9 @@ def _lines(ctx: FlushContext, report: FlushReport, claim: Claim) -> Iterator[tup
         if line_size(row.id, row.body_json) > s.batch_max_bytes:
             _fail_oversized(ctx, row)
             report.failed += 1
+            continue
+        if row.group:
+            groups.setdefault(row.group, []).append((row.id, row.body_json))
             continue
         yield row.id, row.body_json
 
@@ -227,8 +244,7 @@ def _fail_oversized(ctx: FlushContext, row: ClaimedRow) -> None:
 
 def _flush_claim(ctx: FlushContext, lock: RedisLock, report: FlushReport, claim: Claim,
                  mode: ResolvedMode) -> None:
-    parts: Generator[JsonlPart, None, None] = write_parts(_lines(ctx, report, claim), ctx.settings.batch_max_requests,
-                        ctx.settings.batch_max_bytes)
+    parts = _parts(ctx, report, claim)
     try:
         for part in parts:
             try:

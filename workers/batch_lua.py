@@ -206,11 +206,14 @@ return out
 )
 
 # A request of a batch that produced no result for it goes back to the front of its queue
-# (attempts + 1), or fails once it has used its attempts. Only when it is still `submitted` in
-# this very batch, so a late or repeated poll cannot requeue a request twice.
+# (attempts + `charge`), or fails once it has used its attempts. Only when it is still
+# `submitted` in this very batch, so a late or repeated poll cannot requeue a request twice.
+# `charge` is 0 when the batch failed as a whole and is being split to find the line at fault
+# (`workers.batch_split`): the request did not use an attempt. A non-empty `group` is stored as
+# the record's `batch_group`: the flush puts the requests of one group in a batch of their own.
 # KEYS: record, seq, events, pending, models-set
 # ARGV: batch_id, max_attempts, channel, maxlen, ev_ttl, record_ttl, now, queued_event,
-#       failed_event, error_json, id, model
+#       failed_event, error_json, id, model, charge, group
 # Returns {1 requeued | 2 failed | 0 untouched, callback_url or '', created_at or ''}.
 REQUEUE = (
     _COMMON
@@ -218,8 +221,10 @@ REQUEUE = (
 local cur = redis.call('HGET', KEYS[1], 'status')
 if cur ~= 'submitted' then return {0, ''} end
 if redis.call('HGET', KEYS[1], 'batch_id') ~= ARGV[1] then return {0, ''} end
-local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-if attempts >= tonumber(ARGV[2]) then
+local charge = tonumber(ARGV[13])
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', charge)
+if ARGV[14] ~= '' then redis.call('HSET', KEYS[1], 'batch_group', ARGV[14]) end
+if charge > 0 and attempts >= tonumber(ARGV[2]) then
   redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[10], 'finished_at', ARGV[7])
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[6]))
   emit(KEYS[2], KEYS[3], ARGV[3], ARGV[4], ARGV[5], ARGV[9])
