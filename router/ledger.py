@@ -1,6 +1,7 @@
 """The cost ledger: tokens and cost per route and model, and what the batch lane saved.
 
-One Redis hash (`Keys.ledger()`); fields are ``<route>|<model>|<measure>``. Costs are kept in
+One Redis hash (`Keys.ledger()`); fields are ``<route>|<model>|<measure>``, where the model is
+one the operator named or ``other`` (`Settings.model_label`), so the hash is bounded. Costs are kept in
 integer pico-dollars (HINCRBY), so sums are exact: every price with up to six decimals per
 million tokens is a whole number of pico-dollars per token, and so is half of it, so the batch
 savings equal the batch share of the standard cost times the discount to the last digit.
@@ -29,11 +30,13 @@ def ledger_increments(
     settings: Settings, route: str, model: str, usage: dict[str, Any] | None, *,
     emulated: bool = False,
 ) -> tuple[Decimal, dict[str, int]]:
-    """The cost of one result and the ledger fields to add for it."""
+    """The cost of one result and the ledger fields to add for it. The cost is the model's
+    own; the fields are named after `Settings.model_label(model)`, so a tenant's made-up model
+    names add to the `other` line instead of adding fields."""
     paid = cost_usd(settings, model, usage, route, emulated=emulated)
     standard = cost_usd(settings, model, usage, "stream")
     usage = usage or {}
-    base = f"{route}|{model}|"
+    base = f"{route}|{settings.model_label(model)}|"
     return paid, {
         base + "requests": 1,
         base + "prompt_tokens": int(usage.get("prompt_tokens") or 0),

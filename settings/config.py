@@ -37,6 +37,8 @@ DEFAULT_PRICES: dict[str, ModelPrice] = {
 }
 
 OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
+# Metrics and ledger label of every model the operator did not name (`Settings.model_label`).
+OTHER_MODEL = "other"
 
 
 class Settings(BaseSettings):
@@ -134,6 +136,9 @@ class Settings(BaseSettings):
     flower_basic_auth: SecretStr | None = Field(
         None, description="Flower basic auth as 'user:password' (comma-separate several)."
     )
+    metrics_token: SecretStr | None = Field(
+        None, description="Bearer token GET /metrics requires (401 without it); unset = open."
+    )
 
     # --- logging -----------------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -192,10 +197,19 @@ class Settings(BaseSettings):
     def price_for(self, model: str) -> ModelPrice:
         return self.prices.get(model) or self.prices["*"]
 
+    def model_label(self, model: str) -> str:
+        """The name a model is counted under in metrics and the ledger: itself when the
+        operator named it (`allowed_models` or the price table), else `other`. Tenants choose
+        model names, so only this bounded set may become label values or ledger fields."""
+        if model != "*" and (model in self.prices or model in self.allowed_models):
+            return model
+        return OTHER_MODEL
+
     def safe_dump(self) -> dict[str, Any]:
         """The settings as a dict with every secret masked, for banners and `status`."""
         data = self.model_dump(mode="json")
-        for secret in ("upstream_api_key", "callback_secret", "flower_basic_auth"):
+        for secret in ("upstream_api_key", "callback_secret", "flower_basic_auth",
+                       "metrics_token"):
             if data.get(secret):
                 data[secret] = "***"
         data["api_keys"] = {f"***{i}": tenant for i, tenant in enumerate(self.api_keys.values())}
@@ -224,6 +238,8 @@ def settings_to_env(settings: Settings) -> dict[str, str]:
             value = settings.callback_secret.get_secret_value()
         elif name == "flower_basic_auth" and settings.flower_basic_auth is not None:
             value = settings.flower_basic_auth.get_secret_value()
+        elif name == "metrics_token" and settings.metrics_token is not None:
+            value = settings.metrics_token.get_secret_value()
         env[f"ROUTER_{name.upper()}"] = (
             json.dumps(value) if isinstance(value, (dict, list)) else str(value)
         )

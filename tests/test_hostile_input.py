@@ -557,3 +557,77 @@ def test_a_bad_batch_line_fails_alone_and_costs_other_tenants_no_attempt(
         if bad in members and len(members) == 1:
             attempts_alone += 1
     assert attempts_alone == settings.batch_max_attempts
+
+
+def _series(text: str) -> set[tuple[str, tuple[tuple[str, str], ...]]]:
+    """Every (name, labels) series of a Prometheus text exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(sample.name, tuple(sorted(sample.labels.items())))
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def test_metrics_never_name_a_tenants_model_and_stay_bounded(
+        make_settings: Callable[..., Settings], stack_factory: Callable[[Settings], Stack],
+        sim_url: str, redis_client: redis.Redis) -> None:
+    """Tenants pick model names: on /metrics and in the ledger they are counted as `other`, so
+    40 requests with made-up names add no series and no ledger field and name no model (once:
+    240 series and 200 ledger fields, `ft:acme-secret-...` readable without a key). The costs
+    stay exact, and /metrics answers 401 without ROUTER_METRICS_TOKEN when that is set."""
+    token = "scrape-" + uuid.uuid4().hex
+    settings = make_settings(upstream_base_url=sim_url, api_keys={KEY_A: "alpha", KEY_B: "beta"},
+                             metrics_token=token)
+    stack = stack_factory(settings)
+    url = stack.start_api()
+    stack.start_worker("stream", concurrency=8)
+    for headers in ({}, auth(KEY_A), {"Authorization": "Bearer wrong"}):
+        refused = httpx.get(f"{url}/metrics", headers=headers, timeout=10)
+        assert refused.status_code == 401, refused.text
+        assert refused.json()["error"]["code"] == "invalid_metrics_token"
+
+    def scrape() -> str:
+        response = httpx.get(f"{url}/metrics", timeout=10,
+                             headers={"Authorization": f"Bearer {token}"})
+        assert response.status_code == 200, response.text
+        return response.text
+
+    secret = f"ft:acme-secret-{uuid.uuid4().hex[:8]}"
+    streamed: list[str] = []
+
+    def submit(model: str, priority: str) -> None:
+        response = httpx.post(f"{url}/v1/requests", headers=auth(KEY_B), timeout=10, json={
+            "priority": priority, "model": model, "messages": [_msg(f"hi {model}")]})
+        assert response.status_code == 202, response.text
+        if priority == "high":
+            streamed.append(str(response.json()["id"]))
+
+    def all_completed() -> bool:
+        return all(httpx.get(f"{url}/v1/requests/{i}", headers=auth(KEY_B), timeout=10)
+                   .json()["status"] == "completed" for i in streamed)
+
+    for priority in ("high", "low"):  # one known and one unknown model on each lane
+        submit("gpt-4o-mini", priority)
+        submit(f"{secret}-0", priority)
+    wait_until(all_completed, 30, 0.1, message="first streams completed")
+    keys = Keys(settings.key_prefix)
+    before, fields_before = _series(scrape()), redis_client.hlen(keys.ledger())
+    for i in range(1, 21):
+        submit(f"{secret}-{i}", "high")
+        submit(f"{secret}-low-{i}", "low")
+    wait_until(all_completed, 60, 0.1, message="every stream completed")
+    text = scrape()
+    assert "acme" not in text
+    assert _series(text) == before
+    assert redis_client.hlen(keys.ledger()) == fields_before
+    assert ('hybrid_router_queue_depth{lane="batch",model="other",state="queued"} 21.0'
+            in text)
+    # Exact to the pico-dollar: the ledger's stream cost is the sum of the records' costs.
+    from decimal import Decimal
+
+    from router.ledger import Ledger
+
+    costs = [Decimal(str(httpx.get(f"{url}/v1/requests/{i}", headers=auth(KEY_B), timeout=10)
+                         .json()["cost_usd"])) for i in streamed]
+    ledger = Ledger.from_hash(redis_client.hgetall(keys.ledger()))
+    assert ledger.total("stream").cost_usd == sum(costs) > 0
+    assert ledger.total("stream").requests == len(streamed) == 22
