@@ -144,7 +144,7 @@ return seq
 """
 )
 
-# KEYS: record, seq, events, pending-list, dispatched-zset, cancel-flag
+# KEYS: record, seq, events, pending-list, dispatched-zset, cancel-flag, batch-deadlines
 # ARGV: channel, maxlen, ev_ttl, record_ttl, now, event, flag_ttl
 # Returns {outcome, status}: outcome 'cancelled', 'terminal' (already final) or 'missing'.
 CANCEL = (
@@ -153,7 +153,11 @@ CANCEL = (
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return {'missing', ''} end
 if is_terminal(cur) then return {'terminal', cur} end
-if cur == 'queued' then redis.call('LREM', KEYS[4], 0, redis.call('HGET', KEYS[1], 'id')) end
+if cur == 'queued' then
+  local id = redis.call('HGET', KEYS[1], 'id')
+  redis.call('LREM', KEYS[4], 0, id)
+  redis.call('ZREM', KEYS[7], id)
+end
 if cur == 'dispatched' then redis.call('ZREM', KEYS[5], redis.call('HGET', KEYS[1], 'id')) end
 if cur == 'streaming' then redis.call('SET', KEYS[6], '1', 'EX', tonumber(ARGV[7])) end
 redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[5])

@@ -227,6 +227,7 @@ class StoreOps:
                 k.pending(model),
                 k.dispatched(),
                 k.cancel_flag(request_id),
+                k.batch_deadlines(),
             ],
             [
                 *self._event_args(request_id),

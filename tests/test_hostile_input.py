@@ -631,3 +631,78 @@ def test_metrics_never_name_a_tenants_model_and_stay_bounded(
     ledger = Ledger.from_hash(redis_client.hgetall(keys.ledger()))
     assert ledger.total("stream").cost_usd == sum(costs) > 0
     assert ledger.total("stream").requests == len(streamed) == 22
+
+
+def test_after_a_mixed_run_every_key_expires_or_is_in_the_bounded_set(
+        make_settings: Callable[..., Settings], stack_factory: Callable[[Settings], Stack],
+        sim_url: str, redis_client: redis.Redis) -> None:
+    """Streams completed, failed and cancelled; low requests with far deadlines completed,
+    failed after their attempts and cancelled in the queue; a drop-in call; an idempotent
+    replay; a made-up model. Once every request is terminal, every key under the prefix has a
+    TTL or is one of `Keys.bounded()` (once: finished requests stayed in the deadlines index
+    until their deadline, `deadline_s=1e308` for ever)."""
+    settings = make_settings(upstream_base_url=sim_url, api_keys={KEY_A: "alpha"},
+                             flush_interval_s=0.5, poll_interval_s=0.3, batch_mode="native",
+                             batch_max_attempts=2, stream_max_retries=1,
+                             retry_backoff_base_s=0.05, retry_backoff_max_s=0.1)
+    stack = stack_factory(settings)
+    url = stack.start_api()
+    tag = uuid.uuid4().hex
+    ids: list[str] = []
+
+    def submit(content: str, priority: str, **extra: Any) -> str:
+        response = httpx.post(f"{url}/v1/requests", headers=auth(), timeout=10, json={
+            "priority": priority, "messages": [_msg(f"{content} {tag}")], **extra})
+        assert response.status_code in (200, 202), response.text
+        ids.append(str(response.json()["id"]))
+        return ids[-1]
+
+    far = {"deadline_s": 86_400.0}
+    for i in range(4):
+        submit(f"low {i}", "low", **far)
+    submit("low failing [[sim:line_error=1]]", "low", **far)
+    submit("low made-up model", "low", model=f"ft:nobody-{tag[:6]}", **far)
+    submit("low idempotent", "low", idempotency_key=f"idem-{tag}", **far)
+    submit("low idempotent", "low", idempotency_key=f"idem-{tag}", **far)  # the replay
+    cancelled = submit("low cancelled", "low", **far)
+    assert httpx.delete(f"{url}/v1/requests/{cancelled}", headers=auth(),
+                        timeout=10).status_code == 200
+    stack.start_worker("stream", concurrency=4)
+    stack.start_worker("batch")
+    stack.start_beat()
+    submit("high", "high")
+    submit("high failing [[sim:fail=400]]", "high")
+    slow = submit("high slow [[sim:tokens=400,tps=20]]", "high")
+    wait_until(lambda: httpx.get(f"{url}/v1/requests/{slow}", headers=auth(), timeout=10)
+               .json()["status"] == "streaming", 15, message="slow stream running")
+    assert httpx.delete(f"{url}/v1/requests/{slow}", headers=auth(),
+                        timeout=10).status_code == 200
+    dropin = httpx.post(f"{url}/v1/chat/completions", headers=auth(), timeout=30, json={
+        "model": "gpt-4o-mini", "messages": [_msg(f"drop-in {tag}")]})
+    assert dropin.status_code == 200, dropin.text
+
+    def statuses() -> list[str]:
+        return [httpx.get(f"{url}/v1/requests/{i}", headers=auth(), timeout=10).json()["status"]
+                for i in ids]
+
+    wait_until(lambda: all(s in ("completed", "failed", "cancelled") for s in statuses()),
+               60, 0.2, message="every request terminal")
+    assert set(statuses()) == {"completed", "failed", "cancelled"}
+    keys = Keys(settings.key_prefix)
+    bounded = set(keys.bounded())
+
+    def unexpired() -> list[str]:
+        found = []
+        for pattern in (f"{settings.key_prefix}:*", f"{settings.key_prefix}.*"):
+            for raw in redis_client.scan_iter(match=pattern, count=1000):
+                key = raw.decode()
+                if redis_client.ttl(raw) == -1 and key not in bounded and \
+                        not key.startswith(keys.celery_bindings_prefix()):
+                    found.append(key)
+        return found
+
+    # In-flight bookkeeping (the last poll, the stream lease) ends a moment after the results.
+    try:
+        wait_until(lambda: not unexpired(), 15, 0.2, message="only bounded keys without TTL")
+    except TimeoutError:
+        raise AssertionError(f"keys without a TTL outside Keys.bounded(): {unexpired()}") from None

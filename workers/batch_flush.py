@@ -233,7 +233,7 @@ def _fail_oversized(ctx: FlushContext, row: ClaimedRow) -> None:
                "send it with priority high")
     error = {"code": "request_too_large_for_batch", "message": message, "retryable": False}
     answers = run_pipelined(ctx.client, FINISH_SCRIPT, [(
-        [k.record(row.id), k.seq(row.id), k.events(row.id), k.ledger()],
+        [k.record(row.id), k.seq(row.id), k.events(row.id), k.ledger(), k.batch_deadlines()],
         ["queued", "failed", k.channel(row.id), s.replay_maxlen, s.replay_ttl_s, s.result_ttl_s,
          ev.error("request_too_large_for_batch", message, False), 0,
          "error", dumps(error), "finished_at", repr(now())],

@@ -350,7 +350,7 @@ class BatchWriter:
             "smaller batch to find the request at fault, no attempt used")
         return (
             [k.record(request_id), k.seq(request_id), k.events(request_id),
-             k.pending(self.model), k.pending_models()],
+             k.pending(self.model), k.pending_models(), k.batch_deadlines()],
             [self.batch_id, self.settings.batch_max_attempts, k.channel(request_id),
              self.settings.replay_maxlen, self.settings.replay_ttl_s,
              self.settings.result_ttl_s, repr(finished),
