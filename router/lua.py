@@ -227,6 +227,15 @@ return out
 """
 )
 
+# KEYS: record   ARGV: tenant
+# The record when it belongs to the tenant, else nil, in one command whatever the case: the
+# owner is read first and the record only for its owner, so another tenant's id costs what an
+# unknown one does (a large record read whole, then refused, took twice as long: issue 16).
+GET_OWNED = """
+if redis.call('HGET', KEYS[1], 'tenant') ~= ARGV[1] then return false end
+return redis.call('HGETALL', KEYS[1])
+"""
+
 
 @dataclass
 class LuaScript:
@@ -278,4 +287,5 @@ EMIT_SCRIPT = LuaScript(EMIT)
 CANCEL_SCRIPT = LuaScript(CANCEL)
 CLAIM_STREAM_SCRIPT = LuaScript(CLAIM_STREAM)
 ANNOTATE_SCRIPT = LuaScript(ANNOTATE)
+GET_OWNED_SCRIPT = LuaScript(GET_OWNED)
 END_STREAM_RUN_SCRIPT = LuaScript(END_STREAM_RUN)

@@ -26,6 +26,7 @@ from router.lua import (
     CANCEL_SCRIPT,
     CREATE_SCRIPT,
     EMIT_SCRIPT,
+    GET_OWNED_SCRIPT,
     TRANSITION_SCRIPT,
     LuaScript,
 )
@@ -216,6 +217,11 @@ class StoreOps:
             lambda raw: int(raw),
         )
 
+    def get_owned(self, request_id: str, tenant: str) -> StoreOp[RequestRecord | None]:
+        """The record if `tenant` owns it, else None (unknown and foreign ids alike)."""
+        return StoreOp(GET_OWNED_SCRIPT, [self.keys.record(request_id)], [tenant],
+                       _record_from_flat)
+
     def cancel(self, request_id: str, model: str) -> StoreOp[tuple[str, str]]:
         k = self.keys
         return StoreOp(
@@ -258,6 +264,13 @@ class StoreOps:
 
 def _record_or_none(raw: dict[Any, Any]) -> RequestRecord | None:
     return RequestRecord.from_hash(raw) if raw else None
+
+
+def _record_from_flat(raw: Any) -> RequestRecord | None:
+    """A record from a script's flat HGETALL reply (None for nil or empty)."""
+    if not raw:
+        return None
+    return RequestRecord.from_hash(dict(zip(raw[::2], raw[1::2], strict=True)))
 
 
 def _events_from_xrange(entries: list[Any]) -> list[dict[str, Any]]:
@@ -338,6 +351,11 @@ class AsyncRequestStore:
 
     async def get(self, request_id: str) -> RequestRecord | None:
         return _record_or_none(await self.redis.hgetall(self.keys.record(request_id)))
+
+    async def get_owned(self, request_id: str, tenant: str) -> RequestRecord | None:
+        """The record when `tenant` owns it, else None, in one script: the owner is read first
+        and the record only for its owner, so a foreign id costs what an unknown one does."""
+        return await self.run(self.ops.get_owned(request_id, tenant))
 
     async def tenant_of(self, request_id: str) -> str | None:
         """The request's tenant, None when there is no such request: one field, for a route

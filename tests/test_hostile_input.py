@@ -706,3 +706,62 @@ def test_after_a_mixed_run_every_key_expires_or_is_in_the_bounded_set(
         wait_until(lambda: not unexpired(), 15, 0.2, message="only bounded keys without TTL")
     except TimeoutError:
         raise AssertionError(f"keys without a TTL outside Keys.bounded(): {unexpired()}") from None
+
+
+def _commands_on_records(api: HostileApi, method: str, url: str, key: str,
+                         ids: tuple[str, ...]) -> tuple[int, list[str]]:
+    """The answer's status and the Redis commands it issued on request records (MONITOR), each
+    with the ids in `ids` written as `<id>`."""
+    prefix = api.settings.key_prefix
+    sentinel = f"{prefix}:monitor-sentinel:{uuid.uuid4().hex}"
+    watcher = redis.Redis.from_url(api.settings.redis_url, socket_timeout=10)
+    try:
+        with watcher.monitor() as monitor:
+            status = httpx.request(method, url, headers=auth(key), timeout=10).status_code
+            api.redis.exists(sentinel)
+            seen: list[str] = []
+            while True:
+                command = str(monitor.next_command()["command"])
+                if sentinel in command:
+                    break
+                if f"{prefix}:req:" in command:
+                    for request_id in ids:
+                        command = command.replace(request_id, "<id>")
+                    seen.append(command)
+    finally:
+        watcher.close()
+    return status, seen
+
+
+def test_foreign_unknown_and_malformed_ids_cost_the_same_redis_commands(api: HostileApi
+                                                                        ) -> None:
+    """Another tenant's id, an unknown id and a malformed one are answered after the very same
+    Redis commands on every id route (once: another tenant's record was read whole before the
+    tenant check, twice as slow for a large record, and a malformed id read nothing); the
+    owner gets the record. Timing figures: bench/bench_probe.py, docs/RELIABILITY.md."""
+    from router.api.routes.requests import NO_SUCH_ID
+
+    big = "x" * 200_000
+    created = httpx.post(f"{api.url}/v1/requests", headers=auth(KEY_B), timeout=10, json={
+        "priority": "low", "messages": [_msg(big)], "metadata": {"pad": big}})
+    assert created.status_code == 202, created.text
+    foreign, unknown, malformed = created.json()["id"], uuid.uuid4().hex, "Z" * 32
+    ids = (foreign, unknown, NO_SUCH_ID)
+    try:
+        for method, suffix in (("GET", ""), ("GET", "/events"), ("DELETE", "")):
+            # Warm: the first call of a script after a restart loads it (NOSCRIPT, then again).
+            httpx.request(method, f"{api.url}/v1/requests/{unknown}{suffix}",
+                          headers=auth(KEY_A), timeout=10)
+            answers = {
+                name: _commands_on_records(api, method, f"{api.url}/v1/requests/{request_id}"
+                                           f"{suffix}", KEY_A, ids)
+                for name, request_id in (("foreign", foreign), ("unknown", unknown),
+                                         ("malformed", malformed))}
+            assert answers["foreign"][0] == 404 and answers["foreign"][1], answers
+            assert answers["foreign"] == answers["unknown"] == answers["malformed"], (
+                method, suffix, answers)
+            assert not any("HGETALL" in c.upper() for c in answers["foreign"][1]), answers
+        owner = httpx.get(f"{api.url}/v1/requests/{foreign}", headers=auth(KEY_B), timeout=10)
+        assert owner.status_code == 200 and owner.json()["metadata"] == {"pad": big}
+    finally:
+        httpx.delete(f"{api.url}/v1/requests/{foreign}", headers=auth(KEY_B), timeout=10)
