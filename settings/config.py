@@ -122,6 +122,14 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=0, le=65535)
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    http_header_timeout_s: float = Field(
+        10.0, gt=0, description="A connection must send a request's headers within this long "
+        "(of opening, or of the previous response); else 408 and closed."
+    )
+    http_body_timeout_s: float = Field(
+        30.0, gt=0, description="A request's whole body must arrive within this long of its "
+        "headers; else 408 and closed."
+    )
     allowed_models: list[str] = Field(default_factory=list)
     default_model: str = "gpt-4o-mini"
     rate_limit_rpm: int = Field(0, ge=0, description="Requests per minute per key; 0 = off.")

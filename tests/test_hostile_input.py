@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -765,3 +766,83 @@ def test_foreign_unknown_and_malformed_ids_cost_the_same_redis_commands(api: Hos
         assert owner.status_code == 200 and owner.json()["metadata"] == {"pad": big}
     finally:
         httpx.delete(f"{api.url}/v1/requests/{foreign}", headers=auth(KEY_B), timeout=10)
+
+
+def _read_until_closed(socks: list[socket.socket], seconds: float) -> dict[socket.socket, bytes]:
+    """What each socket received until the server closed it; a socket still open after
+    `seconds` is missing from the answer."""
+    import selectors
+
+    received = {sock: b"" for sock in socks}
+    closed: dict[socket.socket, bytes] = {}
+    with selectors.DefaultSelector() as selector:
+        for sock in socks:
+            sock.setblocking(False)
+            selector.register(sock, selectors.EVENT_READ)
+        deadline = time.monotonic() + seconds
+        while len(closed) < len(socks) and time.monotonic() < deadline:
+            for key, _events in selector.select(timeout=max(0.0, deadline - time.monotonic())):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                try:
+                    data = sock.recv(65536)
+                except ConnectionResetError:
+                    data = b""
+                if data:
+                    received[sock] += data
+                else:
+                    closed[sock] = received[sock]
+                    selector.unregister(sock)
+    return closed
+
+
+def test_slow_clients_get_a_408_and_are_closed(
+        make_settings: Callable[..., Settings], stack_factory: Callable[[Settings], Stack]
+        ) -> None:
+    """Connections that never finish their headers (slowloris), a body shorter than its
+    Content-Length, a chunked body that stalls, and a connection that sends nothing are all
+    closed (with a 408 where a request began) once the header or body timeout passes (once:
+    held for ever); meanwhile other requests are served, and a long SSE response is not cut."""
+    settings = make_settings(upstream_base_url="http://127.0.0.1:9/v1",
+                             api_keys={KEY_A: "alpha"}, http_header_timeout_s=1.0,
+                             http_body_timeout_s=1.0, sse_keepalive_s=0.3)
+    stack = stack_factory(settings)
+    url = stack.start_api()
+    parsed = urlparse(url)
+    address = (parsed.hostname or "127.0.0.1", parsed.port or 80)
+    head = (b"POST /v1/requests HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY_A.encode()
+            + b"\r\nContent-Type: application/json\r\n")
+    sends = {
+        "silent": b"",
+        "body short of its length": head + b"Content-Length: 100\r\n\r\n" + b'{"messages"',
+        "chunked body that stalls": head + b"Transfer-Encoding: chunked\r\n\r\n5\r\n{\"mes\r\n",
+    }
+    sends.update({f"slowloris {i}": head + b"X-Slow: " for i in range(100)})
+    socks: dict[str, socket.socket] = {}
+    started = time.monotonic()
+    for name, data in sends.items():
+        socks[name] = socket.create_connection(address, timeout=5)
+        socks[name].sendall(data)
+    # A long response (SSE, keep-alives every 0.3 s) outlives both timeouts.
+    queued = httpx.post(f"{url}/v1/requests", headers=auth(), timeout=10, json={
+        "priority": "low", "messages": [_msg("waits")]})
+    assert queued.status_code == 202, queued.text
+    with httpx.stream("GET", f"{url}/v1/requests/{queued.json()['id']}/events", headers=auth(),
+                      timeout=10) as events:
+        assert events.status_code == 200
+        lines = events.iter_lines()
+        while time.monotonic() - started < 3.0:
+            next(lines)  # raises if the server closed the stream
+        # Meanwhile, ordinary requests are served.
+        assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+    closed = _read_until_closed(list(socks.values()), 10.0)
+    try:
+        for name, sock in socks.items():
+            assert sock in closed, f"{name}: still open {time.monotonic() - started:.1f} s after"
+            if name != "silent" and not name.startswith("slowloris"):
+                assert closed[sock].startswith(b"HTTP/1.1 408"), (name, closed[sock][:300])
+                assert b'"request_timeout"' in closed[sock], (name, closed[sock][:300])
+        assert closed[socks["slowloris 0"]].startswith(b"HTTP/1.1 408")
+    finally:
+        for sock in socks.values():
+            sock.close()
