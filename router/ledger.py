@@ -9,6 +9,7 @@ savings equal the batch share of the standard cost times the discount to the las
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -65,6 +66,13 @@ class LedgerLine:
     def savings_usd(self) -> Decimal:
         return self.standard_cost_usd - self.cost_usd
 
+    def add(self, other: LedgerLine) -> None:
+        self.requests += other.requests
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        self.cost_usd += other.cost_usd
+        self.standard_cost_usd += other.standard_cost_usd
+
 
 @dataclass
 class Ledger:
@@ -86,16 +94,20 @@ class Ledger:
                 setattr(line, measure, amount)
         return ledger
 
+    def relabelled(self, label: Callable[[str], str]) -> Ledger:
+        """The same ledger with each model counted under `label(model)` (lines merged), so
+        fields written before `Settings.model_label` existed are shown as the others are."""
+        out = Ledger()
+        for (route, model), line in self.lines.items():
+            out.lines.setdefault((route, label(model)), LedgerLine()).add(line)
+        return out
+
     def total(self, route: str | None = None) -> LedgerLine:
         out = LedgerLine()
         for (line_route, _model), line in self.lines.items():
             if route is not None and line_route != route:
                 continue
-            out.requests += line.requests
-            out.prompt_tokens += line.prompt_tokens
-            out.completion_tokens += line.completion_tokens
-            out.cost_usd += line.cost_usd
-            out.standard_cost_usd += line.standard_cost_usd
+            out.add(line)
         return out
 
     def as_dict(self) -> dict[str, Any]:

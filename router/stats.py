@@ -122,7 +122,7 @@ def snapshot_plan(settings: Settings) -> Plan:
     batch_ids = [text(b) for b in r1[1]]
     dispatched = [(text(i), float(score)) for i, score in r1[2]]
     n_dispatched, streaming, n_streaming = int(r1[3]), [text(i) for i in r1[4]], int(r1[5])
-    ledger = Ledger.from_hash(r1[6])
+    ledger = Ledger.from_hash(r1[6]).relabelled(settings.model_label)
     timings = {lane: histograms_from_hash(r1[7 + i]) for i, lane in enumerate(LANES)}
     flush_interval = _flush_interval(r1[7 + len(LANES)], settings)
     last_flush = {text(k): text(v) for k, v in r1[8 + len(LANES)].items()}
