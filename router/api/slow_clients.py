@@ -1,7 +1,9 @@
 """Slow clients: a request's head must arrive within `ROUTER_HTTP_HEADER_TIMEOUT_S` and its body
 within `ROUTER_HTTP_BODY_TIMEOUT_S`; a client that is slower gets a 408 and its connection closed.
 
-Why: uvicorn has a keep-alive timeout (armed once a response is sent) but no read timeout. A
+Why: uvicorn has a keep-alive timeout (armed once a response is sent, and cancelled by any byte
+received) but no read timeout (proposed as ``--timeout-request-start`` and
+``--timeout-request-complete`` in uvicorn issue #157, never built). A
 connection that never finishes its request head (slowloris) was held for ever (1,500 of them
 for 30 s: none closed), and so was a request whose body never arrives (`Content-Length: 100`,
 10 bytes sent: the app waits in `receive()` for ever). Each held connection costs a socket, a
