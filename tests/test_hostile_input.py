@@ -25,7 +25,7 @@ import httpx
 import pytest
 import redis
 
-from router.keys import Keys
+from router.keys import Keys, bounded_keys
 from settings import Settings
 from tests.support import Stack, delete_prefix, wait_until
 
@@ -642,7 +642,7 @@ def test_after_a_mixed_run_every_key_expires_or_is_in_the_bounded_set(
     """Streams completed, failed and cancelled; low requests with far deadlines completed,
     failed after their attempts and cancelled in the queue; a drop-in call; an idempotent
     replay; a made-up model. Once every request is terminal, every key under the prefix has a
-    TTL or is one of `Keys.bounded()` (once: finished requests stayed in the deadlines index
+    TTL or is one of `bounded_keys()` (once: finished requests stayed in the deadlines index
     until their deadline, `deadline_s=1e308` for ever)."""
     settings = make_settings(upstream_base_url=sim_url, api_keys={KEY_A: "alpha"},
                              flush_interval_s=0.5, poll_interval_s=0.3, batch_mode="native",
@@ -692,7 +692,7 @@ def test_after_a_mixed_run_every_key_expires_or_is_in_the_bounded_set(
                60, 0.2, message="every request terminal")
     assert set(statuses()) == {"completed", "failed", "cancelled"}
     keys = Keys(settings.key_prefix)
-    bounded = set(keys.bounded())
+    bounded = set(bounded_keys(keys))
 
     def unexpired() -> list[str]:
         found = []
@@ -708,7 +708,7 @@ def test_after_a_mixed_run_every_key_expires_or_is_in_the_bounded_set(
     try:
         wait_until(lambda: not unexpired(), 15, 0.2, message="only bounded keys without TTL")
     except TimeoutError:
-        raise AssertionError(f"keys without a TTL outside Keys.bounded(): {unexpired()}") from None
+        raise AssertionError(f"keys without a TTL outside bounded_keys(): {unexpired()}") from None
 
 
 def _commands_on_records(api: HostileApi, method: str, url: str, key: str,
