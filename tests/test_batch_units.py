@@ -523,3 +523,17 @@ def test_a_batch_failed_as_a_whole_is_split_and_only_a_lone_failure_uses_an_atte
         RequestStore(redis_client, settings).events_after(culprit)[-1])
     fresh = submit_low(redis_client, settings, "fresh")
     assert {frozenset(b) for b in flushed()} == {frozenset({culprit}), frozenset({fresh})}
+
+
+def test_an_id_queued_twice_is_sent_once_so_the_file_stays_valid(
+        make_settings: Callable[..., Settings], redis_client: redis.Redis, sim_url: str) -> None:
+    """A custom_id twice in one file fails the whole batch upstream (`duplicate_custom_id`):
+    the flush sends each id once, whatever its queue holds."""
+    settings = make_settings(upstream_base_url=sim_url, batch_mode="native")
+    keys = Keys(settings.key_prefix)
+    ids = [submit_low(redis_client, settings, f"twice {i}") for i in range(2)]
+    redis_client.rpush(keys.pending("gpt-4o-mini"), ids[0])
+    report = flush(_ctx(settings, redis_client))
+    assert len(report.batches) == 1 and report.batches[0]["requests"] == 2
+    _written_back(settings, redis_client, report.batches[0]["batch_id"])
+    assert [record(redis_client, settings, i).status for i in ids] == ["completed"] * 2

@@ -204,13 +204,21 @@ def _parts(ctx: FlushContext, report: FlushReport, claim: Claim
 def _lines(ctx: FlushContext, report: FlushReport, claim: Claim,
            groups: dict[str, list[tuple[str, bytes]]]) -> Iterator[tuple[str, bytes]]:
     """The (id, body JSON) pairs worth sending; escalates and fails the others on the way.
-    Requests that belong to a group are set aside in `groups` instead of being yielded."""
+    Requests that belong to a group are set aside in `groups` instead of being yielded.
+
+    What the Batch API would refuse the whole file for is checked here, line by line, so that
+    no line can fail the others: a custom_id twice (`duplicate_custom_id`: an id is sent once
+    per claim), a line over the file size limit (failed alone). One model per file and valid
+    bodies are ensured at intake; anything else fails the batch as a whole upstream, and the
+    batch is then split to find the line at fault (`workers.batch_split`)."""
     s = ctx.settings
     cutoff = now() + s.expected_batch_turnaround_s
+    seen: set[str] = set()
     for row in batch_claim.fetch_rows(ctx.client, ctx.keys, claim.ids):
-        if row.status != "queued" or row.body_json is None:
+        if row.status != "queued" or row.body_json is None or row.id in seen:
             report.skipped += 1
             continue
+        seen.add(row.id)
         if row.deadline_at is not None and row.deadline_at < cutoff:
             reason = (f"deadline would be missed by a batch (expected turnaround "
                       f"{s.expected_batch_turnaround_s:g}s), so it streams")
