@@ -88,7 +88,7 @@ def worker(
             celery_app.conf.hr_settings = settings_of(celery_app).model_copy(
                 update={"stream_worker_concurrency": concurrency})
         stream_worker.install(celery_app)
-        # Celery's own consumer takes only the control queue (the sweep): a few threads.
+        # Celery's own consumer takes only the control queue (other tasks): a few threads.
         queue, threads = keys.stream_control_queue(), 4
     else:
         queue, threads = keys.batch_queue(), concurrency or settings.emulated_concurrency + 4
@@ -110,7 +110,7 @@ def worker(
 def beat(
     schedule: Annotated[str | None, typer.Option(help="Beat schedule file.")] = None,
 ) -> None:
-    """Run Celery beat (exactly one per deployment): batch flush, poll and recovery sweeps."""
+    """Run Celery beat (exactly one per deployment): the batch flush and poll."""
     import tempfile
 
     from workers.celery_app import app as celery_app

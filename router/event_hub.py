@@ -77,10 +77,50 @@ class LogTailer:
 
 
 def event_follower(client: aioredis.Redis, settings: Settings) -> EventFollower:
-    """The hub where it can serve the URL, else the log tailer."""
-    if RedisPipe.supports(settings.redis_url):
-        return EventHub(settings)
-    return LogTailer(client, settings)
+    """The hub where it can serve the URL, else the log tailer; either rides out a Redis outage
+    of up to `Settings.stream_redis_grace_s`."""
+    inner: EventFollower = (EventHub(settings) if RedisPipe.supports(settings.redis_url)
+                            else LogTailer(client, settings))
+    return OutageTolerantFollower(inner, settings.stream_redis_grace_s)
+
+
+class OutageTolerantFollower:
+    """A follower whose followers outlive a Redis restart: while Redis cannot be reached it
+    yields keep-alive ticks (None) and tries again, then goes on from the last seq it gave out,
+    so an SSE client sees one unbroken sequence. After `grace_s` without Redis it gives up
+    (raises), and the client reconnects with ``Last-Event-ID`` as after any drop."""
+
+    RETRY_S = 0.5
+
+    def __init__(self, inner: EventFollower, grace_s: float) -> None:
+        self.inner = inner
+        self.grace_s = grace_s
+
+    async def follow(self, request_id: str, after_seq: int, idle_s: float
+                     ) -> AsyncIterator[dict[str, Any] | None]:
+        last = after_seq
+        outage_since: float | None = None
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                async for event in self.inner.follow(request_id, last, idle_s):
+                    if event is not None:
+                        outage_since = None
+                        last = int(event["seq"])
+                    yield event
+                return
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                now = loop.time()
+                outage_since = outage_since if outage_since is not None else now
+                if now - outage_since > self.grace_s:
+                    raise
+                log.warning("following events: Redis unreachable; trying again",
+                            request_id=request_id, error=str(exc))
+                yield None
+                await asyncio.sleep(self.RETRY_S)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
 
 class _Inbox:

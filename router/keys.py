@@ -62,6 +62,23 @@ class Keys:
         """Sorted set: request id -> time its stream started (for dead-worker sweeps)."""
         return f"{self.prefix}:stream:running"
 
+    def stream_engines(self) -> str:
+        """Set: ids of the stream engines that may hold taken messages (`stream_taken`)."""
+        return f"{self.prefix}:stream:engines"
+
+    def stream_engine_alive(self, engine_id: str) -> str:
+        """String with TTL: a stream engine's heartbeat; gone once the engine is dead."""
+        return f"{self.prefix}:stream:engine:{engine_id}"
+
+    def stream_taken(self, engine_id: str) -> str:
+        """List: task messages one stream engine took off the stream queue and has not yet
+        claimed; handed back to the queue when the engine's heartbeat is gone."""
+        return f"{self.prefix}:stream:taken:{engine_id}"
+
+    def stream_sweep_lock(self) -> str:
+        """String lock: the one stream engine sweeping for orphaned streams right now."""
+        return f"{self.prefix}:stream:sweep-lock"
+
     # --- batch lane ----------------------------------------------------------------------------
     def pending(self, model: str) -> str:
         """List: ids of low requests waiting for the next flush, one list per model."""
@@ -148,7 +165,8 @@ class Keys:
         return f"{self.prefix}.stream"
 
     def stream_control_queue(self) -> str:
-        """Celery queue of the stream lane's own Celery consumer (the sweep); the stream queue
+        """Celery queue of the stream lane's own Celery consumer (any other task sent to the
+        stream queue is forwarded there); the stream queue
         itself is consumed by the stream engine (`workers.stream_engine`)."""
         return f"{self.prefix}.stream.control"
 

@@ -39,17 +39,20 @@ end
 """
 
 # A stream run's end (`end_run(k, a)`): give the lease back if still ours, leave the running
-# index and, the first time only for this run, add its ledger and timing increments. The marker
-# makes the increments idempotent: a write retried after a lost reply, or an end repeated after
-# a later error, counts once. KEYS[k..]: marker (Keys.accounted), lease, running zset, then the
-# hashes incremented; ARGV[a..]: lease owner, request id, marker TTL s, then (hash position
-# counted from the marker, field, amount) triples. Written in the same script as the record's
-# last write (TRANSITION, ANNOTATE), so the record's cost and the ledger never disagree, whatever
-# dies when.
+# index once the request is terminal and, the first time only for this run, add its ledger and
+# timing increments. The marker makes the increments idempotent: a write retried after a lost
+# reply, or an end repeated after a later error, counts once. KEYS[1] is always the record;
+# KEYS[k..]: marker (Keys.accounted), lease, running zset, then the hashes incremented;
+# ARGV[a..]: lease owner, request id, marker TTL s, then (hash position counted from the
+# marker, field, amount) triples. Written in the same script as the record's last write
+# (TRANSITION, ANNOTATE), so the record's cost and the ledger never disagree, whatever dies
+# when. A request that is not terminal keeps its running-index entry whatever this run does:
+# the sweep finds it there (no lease) and resumes it, so no request is left `streaming` unseen.
 _END_RUN = """
 local function end_run(k, a)
   if redis.call('GET', KEYS[k + 1]) == ARGV[a] then redis.call('DEL', KEYS[k + 1]) end
-  redis.call('ZREM', KEYS[k + 2], ARGV[a + 1])
+  local status = redis.call('HGET', KEYS[1], 'status')
+  if (not status) or is_terminal(status) then redis.call('ZREM', KEYS[k + 2], ARGV[a + 1]) end
   if #ARGV < a + 3 then return 0 end
   if not redis.call('SET', KEYS[k], '1', 'NX', 'EX', tonumber(ARGV[a + 2])) then return 0 end
   for i = a + 3, #ARGV, 3 do
@@ -102,7 +105,8 @@ return {1, ARGV[1]}
 #       record_ttl (0 = none), incr_attempts (0|1), event ('' = none), n (field arguments),
 #       field, value... [, then the run's end arguments (see _END_RUN)]
 # The run ends only when the record moved: a refused move leaves the caller to end it.
-# Returns {code, previous_status}: 1 moved, 0 refused, -1 no such record.
+# Returns {code, previous_status}: 1 moved, 0 refused, -1 no such record; with a run's end,
+# {0, 'lease_lost'} when another worker holds the request's lease.
 TRANSITION = (
     _COMMON
     + _END_RUN
@@ -110,6 +114,12 @@ TRANSITION = (
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return {-1, ''} end
 if is_terminal(cur) then return {0, cur} end
+if #KEYS > 3 then
+  -- A stream run may end its request only while no other worker holds the lease (another
+  -- worker resumed it after this one was taken for dead): 'lease_lost' refuses the move.
+  local holder = redis.call('GET', KEYS[5])
+  if holder and holder ~= ARGV[10 + tonumber(ARGV[9])] then return {0, 'lease_lost'} end
+end
 if ARGV[1] ~= '*' then
   local ok = false
   for s in string.gmatch(ARGV[1], '[^,]+') do if s == cur then ok = true end end
@@ -173,7 +183,8 @@ return {'cancelled', cur}
 # e.g. the tokens a cancelled stream paid for. Returns 1, or 0 when the record does not exist.
 # A run's end is written either way (its tokens were paid for).
 ANNOTATE = (
-    _END_RUN
+    _COMMON
+    + _END_RUN
     + """
 local n_fields = tonumber(ARGV[1])
 local exists = redis.call('EXISTS', KEYS[1]) == 1
@@ -184,20 +195,34 @@ return 0
 """
 )
 
-# KEYS: marker, lease, running zset, hashes...   ARGV: the run's end arguments (see _END_RUN)
-# A stream run's end on its own: a run that wrote no record (it crashed, or lost its claim).
-END_STREAM_RUN = _END_RUN + "return end_run(1, 1)"
+# KEYS: record, marker, lease, running zset, hashes...   ARGV: the run's end arguments (see
+# _END_RUN). A stream run's end on its own: a run that wrote no record (it crashed, lost its
+# claim, or could not reach Redis for its last write). The running-index entry of a request
+# that is still not terminal stays, so the sweep resumes it.
+END_STREAM_RUN = _COMMON + _END_RUN + "return end_run(2, 1)"
 
-# KEYS: record, lease, seq, events, dispatched-zset, streaming-zset
+# KEYS: record, lease, seq, events, dispatched-zset, streaming-zset[, taken list]
 # ARGV: request id, lease owner, lease ms, now, channel, maxlen, ev_ttl, started event
-# The stream worker's claim in one round trip: take the lease, move dispatched -> streaming,
-# index the request as running and return its record. Returns {outcome, ...}:
-#   'claimed' + the record's HGETALL; 'missing'; 'terminal'; 'duplicate' (a live lease: another
-#   worker streams it); 'lost' (streaming and nobody held the lease: its worker died; the lease
-#   is now ours); 'other' + status (a state the stream lane does not own; lease released).
+#       [, the task message to remove from the taken list]
+# The stream worker's claim in one round trip: drop the message from the worker's taken list
+# (see workers.stream_engine), take the lease, move dispatched -> streaming, index the request
+# as running and return its record. Returns {outcome, ...}:
+#   'claimed' + the record's HGETALL; 'mine' + the record's HGETALL (the lease is already this
+#   worker's: a claim repeated after a lost reply, or a second delivery to the same worker,
+#   which the caller tells apart); 'missing'; 'terminal'; 'duplicate' (a live lease: another worker streams it);
+#   'lost' + the record's HGETALL (streaming and nobody held the lease: its worker died; the
+#   lease is now ours, the attempt counted, and the caller resumes it); 'other' + status (a
+#   state the stream lane does not own; lease released).
 CLAIM_STREAM = (
     _COMMON
     + """
+if KEYS[7] then redis.call('LREM', KEYS[7], 1, ARGV[9]) end
+local function with_record(outcome)
+  local out = {outcome}
+  local fields = redis.call('HGETALL', KEYS[1])
+  for i = 1, #fields do out[#out + 1] = fields[i] end
+  return out
+end
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then
   redis.call('ZREM', KEYS[5], ARGV[1])
@@ -208,9 +233,16 @@ if is_terminal(cur) then
   return {'terminal'}
 end
 if not redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', tonumber(ARGV[3])) then
+  if cur == 'streaming' and redis.call('GET', KEYS[2]) == ARGV[2] then
+    return with_record('mine')
+  end
   return {'duplicate'}
 end
-if cur == 'streaming' then return {'lost'} end
+if cur == 'streaming' then
+  redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+  redis.call('ZADD', KEYS[6], ARGV[4], ARGV[1])
+  return with_record('lost')
+end
 if cur ~= 'dispatched' then
   redis.call('DEL', KEYS[2])
   return {'other', cur}
@@ -220,12 +252,67 @@ redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('ZREM', KEYS[5], ARGV[1])
 redis.call('ZADD', KEYS[6], ARGV[4], ARGV[1])
 emit(KEYS[3], KEYS[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
-local out = {'claimed'}
-local fields = redis.call('HGETALL', KEYS[1])
-for i = 1, #fields do out[#out + 1] = fields[i] end
-return out
+return with_record('claimed')
 """
 )
+
+# KEYS: seq, events, record, lease
+# ARGV: channel, maxlen, ev_ttl, lease owner, tokens relayed before this event, tokens in it,
+#       the token event
+# A stream's token event, fenced and idempotent. The record counts the tokens relayed
+# (`content_tokens_relayed`); an event is appended only when that count is the one its sender
+# last saw, so a publish sent again after a lost reply (Redis restarted, connection cut) is not
+# relayed twice, and a run that another worker took over cannot interleave its tokens.
+# Returns the event's seq; 0 when it was already appended (a repeat); -1 once the request is
+# terminal (stop streaming); -2 when another worker owns the stream (stop, write nothing).
+EMIT_TOKENS = (
+    _COMMON
+    + """
+local cur = redis.call('HGET', KEYS[3], 'status')
+if (not cur) or is_terminal(cur) then return -1 end
+local holder = redis.call('GET', KEYS[4])
+if holder and holder ~= ARGV[4] then return -2 end
+local relayed = tonumber(redis.call('HGET', KEYS[3], 'content_tokens_relayed') or '0')
+local before, n = tonumber(ARGV[5]), tonumber(ARGV[6])
+if relayed == before + n then return 0 end
+if relayed ~= before then return -2 end
+redis.call('HSET', KEYS[3], 'content_tokens_relayed', before + n)
+return emit(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[7])
+"""
+)
+
+# KEYS: the leases of one worker.   ARGV: owner, lease ms
+# Renew each lease this worker holds; take back one that expired while Redis could not be
+# reached (nobody else took it). Returns, per lease, 1 (held) or 0 (another worker has it).
+RENEW_LEASES = """
+local out = {}
+for i = 1, #KEYS do
+  local holder = redis.call('GET', KEYS[i])
+  if holder == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[2]))
+    out[i] = 1
+  elseif not holder then
+    redis.call('SET', KEYS[i], ARGV[1], 'PX', tonumber(ARGV[2]))
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+end
+return out
+"""
+
+# KEYS: taken list of a dead engine, its heartbeat, the stream queue, the engines set
+# ARGV: the engine's id
+# Hand back what a dead stream engine had taken off the queue but not claimed: its messages go
+# back to the consuming end of the queue (oldest served first). Only while its heartbeat is
+# gone. Returns how many messages went back, or -1 when the engine is alive.
+RESTORE_TAKEN = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
+local n = 0
+while redis.call('LMOVE', KEYS[1], KEYS[3], 'LEFT', 'RIGHT') do n = n + 1 end
+redis.call('SREM', KEYS[4], ARGV[1])
+return n
+"""
 
 # KEYS: record   ARGV: tenant
 # The record when it belongs to the tenant, else nil, in one command whatever the case: the
@@ -289,3 +376,6 @@ CLAIM_STREAM_SCRIPT = LuaScript(CLAIM_STREAM)
 ANNOTATE_SCRIPT = LuaScript(ANNOTATE)
 GET_OWNED_SCRIPT = LuaScript(GET_OWNED)
 END_STREAM_RUN_SCRIPT = LuaScript(END_STREAM_RUN)
+EMIT_TOKENS_SCRIPT = LuaScript(EMIT_TOKENS)
+RENEW_LEASES_SCRIPT = LuaScript(RENEW_LEASES)
+RESTORE_TAKEN_SCRIPT = LuaScript(RESTORE_TAKEN)

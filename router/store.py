@@ -26,6 +26,7 @@ from router.lua import (
     CANCEL_SCRIPT,
     CREATE_SCRIPT,
     EMIT_SCRIPT,
+    EMIT_TOKENS_SCRIPT,
     GET_OWNED_SCRIPT,
     TRANSITION_SCRIPT,
     LuaScript,
@@ -214,6 +215,19 @@ class StoreOps:
             EMIT_SCRIPT,
             [k.seq(request_id), k.events(request_id), k.record(request_id)],
             [*self._event_args(request_id), "1" if guard else "0", *events],
+            lambda raw: int(raw),
+        )
+
+    def emit_tokens(self, request_id: str, owner: str, relayed_before: int, tokens: int,
+                    event: str) -> StoreOp[int]:
+        """Append and publish one stream's token event, fenced by its lease and idempotent by
+        its relayed-token count (see EMIT_TOKENS): the seq, 0 for a repeat, -1 once terminal,
+        -2 when another worker owns the stream."""
+        k = self.keys
+        return StoreOp(
+            EMIT_TOKENS_SCRIPT,
+            [k.seq(request_id), k.events(request_id), k.record(request_id), k.lease(request_id)],
+            [*self._event_args(request_id), owner, relayed_before, tokens, event],
             lambda raw: int(raw),
         )
 

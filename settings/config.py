@@ -100,6 +100,19 @@ class Settings(BaseSettings):
     stream_redispatch_after_s: float = Field(
         60.0, gt=0, description="A dispatched request not picked up this long is sent again."
     )
+    stream_resume: bool = Field(
+        True, description="Continue a stream whose worker died (or whose upstream connection "
+        "dropped) with the text so far as an assistant prefill; false where the upstream cannot "
+        "continue a message (the request then fails with the partial content)."
+    )
+    stream_redis_grace_s: float = Field(
+        30.0, gt=0, le=600, description="How long a running stream rides out a Redis outage "
+        "(tokens kept in memory, writes retried) before it gives up."
+    )
+    fault_stall_after_take_s: float = Field(
+        0.0, ge=0, description="Fault injection for tests: a stream engine waits this long between "
+        "taking a message and claiming it. Always 0 in production."
+    )
     sse_keepalive_s: float = Field(15.0, gt=0, description="Seconds between SSE keep-alives.")
 
     # --- storage -----------------------------------------------------------------------------

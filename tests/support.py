@@ -190,12 +190,13 @@ class Stack:
         return self.api_url
 
     def start_worker(self, lane: str, concurrency: int | None = None,
-                     timeout: float = 30.0) -> ManagedProcess:
+                     timeout: float = 30.0, extra_env: dict[str, str] | None = None
+                     ) -> ManagedProcess:
         node = f"{lane}-{len(self.processes)}"
         args = ["worker", "--lane", lane, "--name", f"{node}@%h"]
         if concurrency:
             args += ["--concurrency", str(concurrency)]
-        proc = self._spawn(f"worker-{lane}", cli_argv(*args))
+        proc = self._spawn(f"worker-{lane}", cli_argv(*args), extra_env)
         hostname = f"{node}@{socket.gethostname()}"
         wait_until(lambda: self._worker_ready(proc, hostname), timeout, 0.1,
                    message=f"{lane} worker ready")

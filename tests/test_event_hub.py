@@ -15,7 +15,7 @@ import redis
 
 from router import event_hub
 from router import events as ev
-from router.event_hub import EventHub, LogTailer, event_follower
+from router.event_hub import EventHub, LogTailer, OutageTolerantFollower, event_follower
 from router.store import RequestStore
 from settings import Settings
 from tests.support import start_redis_server
@@ -261,6 +261,9 @@ def test_a_cancelled_follower_unsubscribes(make_settings: Callable[..., Settings
 def test_urls_the_hub_cannot_serve_use_the_log_tailer(make_settings: Callable[..., Settings]
                                                      ) -> None:
     client = redis.asyncio.Redis.from_url("redis://127.0.0.1:6379/0")
-    assert isinstance(event_follower(client, make_settings()), EventHub)
+    follower = event_follower(client, make_settings())
+    assert isinstance(follower, OutageTolerantFollower) and isinstance(follower.inner, EventHub)
     for url in ("unix:///tmp/redis.sock?db=0", "rediss://example.com:6380/0"):
-        assert isinstance(event_follower(client, make_settings(redis_url=url)), LogTailer)
+        follower = event_follower(client, make_settings(redis_url=url))
+        assert isinstance(follower, OutageTolerantFollower)
+        assert isinstance(follower.inner, LogTailer)

@@ -17,7 +17,7 @@ from router.keys import Keys
 from router.schemas import SubmitRequest
 from settings import Settings
 from tests.support import wait_until
-from workers.celery_app import STREAM_SWEEP_TASK, STREAM_TASK, create_celery
+from workers.celery_app import FLUSH_TASK, STREAM_TASK, create_celery
 from workers.celery_message import CeleryMessageBuilder
 from workers.dispatch import CeleryStreamDispatcher
 from workers.stream_context import StreamContext
@@ -102,13 +102,15 @@ def test_other_tasks_on_the_stream_queue_go_to_the_control_queue(ctx: StreamCont
     ctx.engine.consume(stream_list, control_list)
     app = create_celery(settings)
     queue = Keys(settings.key_prefix).stream_queue()
-    sent = app.send_task(STREAM_SWEEP_TASK, queue=queue, routing_key=queue)
+    sent = app.send_task(FLUSH_TASK, queue=queue, routing_key=queue)
     forwarded = wait_until(lambda: ctx.redis.lrange(control_list, 0, -1), 5,
-                           message="sweep forwarded to the control queue")
-    assert [parse_task_message(m)[:2] for m in forwarded] == [(STREAM_SWEEP_TASK, sent.id)]
+                           message="other task forwarded to the control queue")
+    assert [parse_task_message(m)[:2] for m in forwarded] == [(FLUSH_TASK, sent.id)]
     ctx.redis.lpush(stream_list, b"not a celery message")
     wait_until(lambda: ctx.redis.llen(stream_list) == 0, 5, message="garbage taken off the queue")
     assert ctx.redis.llen(control_list) == 1
+    # Nothing stays on the engine's taken list: forwarded and dropped messages leave it too.
+    wait_until(lambda: ctx.redis.llen(ctx.engine.taken_key) == 0, 5, message="taken list empty")
 
 
 def test_stop_lets_running_streams_end(ctx: StreamContext) -> None:
@@ -130,8 +132,9 @@ def test_stop_lets_running_streams_end(ctx: StreamContext) -> None:
 
 
 def test_a_backlog_is_taken_in_queue_order_within_the_slots(ctx: StreamContext) -> None:
-    """Messages queued before the engine looks are popped several at a time (RPOP with a count),
-    in queue order, never more than its slots (4) at once, and every one runs."""
+    """Messages queued before the engine looks are taken several at a time (pipelined
+    RPOPLPUSH onto its taken list), in queue order, never more than its slots (4) at once, and
+    every one runs; none is left on the taken list."""
     settings = ctx.settings
     stream_list, control_list = queues(settings)
     dispatcher = CeleryStreamDispatcher(create_celery(settings))
@@ -154,7 +157,9 @@ def test_a_backlog_is_taken_in_queue_order_within_the_slots(ctx: StreamContext) 
     wait_until(lambda: all((rec := ctx.store.get(i)) is not None and rec.status == "completed"
                            for i in ids), 20, message="every queued stream completed")
     assert ctx.redis.llen(stream_list) == 0
-    assert ctx.redis.info("commandstats")["cmdstat_rpop"]["calls"] >= 1  # several per pop
+    stats = ctx.redis.info("commandstats")
+    assert stats["cmdstat_rpoplpush"]["calls"] >= 4  # several per round trip
+    assert ctx.redis.llen(ctx.engine.taken_key) == 0
 
     def received() -> list[str]:
         with lock:
@@ -169,37 +174,3 @@ def test_a_backlog_is_taken_in_queue_order_within_the_slots(ctx: StreamContext) 
                 event_type, 0)
             peak = max(peak, running)
     assert 1 <= peak <= 4
-
-
-class _PipeWithoutPopCount:
-    """A raw pipe to a Redis older than 6.2: ``RPOP`` with a count is refused."""
-
-    def __init__(self, url: str) -> None:
-        from router.redis_pipe import RedisPipe
-
-        self.real = RedisPipe(url, timeout_s=5)
-        self.refused = 0
-
-    async def execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        import hiredis
-
-        if commands[0][0] == "RPOP" and len(commands[0]) == 3:
-            self.refused += 1
-            return [hiredis.ReplyError("ERR wrong number of arguments for 'rpop' command")]
-        return await self.real.execute(commands)
-
-
-def test_a_redis_without_pop_counts_gets_one_pop_at_a_time(ctx: StreamContext) -> None:
-    import asyncio
-
-    stream_list, _ = queues(ctx.settings)
-    ctx.redis.lpush(stream_list, b"first", b"second", b"third")
-    pipe = _PipeWithoutPopCount(ctx.settings.redis_url)
-
-    async def pops() -> list[list[bytes]]:
-        return [await ctx.engine._pop(pipe, stream_list, 8) for _ in range(3)]  # type: ignore[arg-type]
-
-    got = asyncio.run_coroutine_threadsafe(pops(), ctx.engine.loop).result(10)
-    assert got == [[b"first"], [b"second"], [b"third"]]
-    assert pipe.refused == 1  # asked once, then never again
-    pipe.real.close()

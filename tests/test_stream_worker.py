@@ -1,4 +1,5 @@
-"""The plain streaming function (no Celery): claim, relay, retries, resume, cancel, worker loss.
+"""The plain streaming function (no Celery): claim, relay, retries, resume, cancel, taking over a
+stream whose worker was lost.
 
 Runs `workers.streaming.run_stream` in the test process against the real simulator over HTTP and
 the private Redis; each test uses its own prompt so simulator counters do not mix.
@@ -6,6 +7,7 @@ the private Redis; each test uses its own prompt so simulator counters do not mi
 
 from __future__ import annotations
 
+import re
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -22,7 +24,7 @@ from settings import Settings
 from simulator import prompt_hash
 from simulator.testing import sim_stats
 from tests.support import wait_until
-from workers.stream_claim import claim
+from workers.stream_claim import ClaimOutcome, aclaim
 from workers.stream_context import StreamContext
 from workers.stream_sweep import sweep_streams
 from workers.streaming import run_stream
@@ -61,6 +63,11 @@ def ctx(make_settings: Callable[..., Settings], sim_url: str) -> Iterator[Stream
     context = StreamContext.build(settings)
     yield context
     context.close()
+
+
+def claim(request_id: str, ctx: StreamContext) -> ClaimOutcome:
+    """One claim of `request_id`, as the process's stream engine makes it."""
+    return ctx.engine.call(aclaim(request_id, ctx, ctx.engine.runtime.store))[0]
 
 
 def submit(ctx: StreamContext, msgs: list[dict[str, Any]], **fields: Any) -> str:
@@ -206,21 +213,79 @@ def test_duplicate_while_streaming_is_dropped(ctx: StreamContext, sim_url: str) 
     assert sim_stats(sim_url, prompt_hash(msgs))["requests"] == 1
 
 
-def test_streaming_without_a_lease_is_worker_lost(ctx: StreamContext, sim_url: str) -> None:
-    """A redelivery finds the request streaming and nobody holding the lease: it is ended."""
-    msgs = messages()
+def _as_if_a_worker_died_after(ctx: StreamContext, request_id: str, tokens: list[str]) -> None:
+    """Leave `request_id` as a stream worker killed after relaying `tokens` leaves it:
+    ``streaming``, in the running index, its tokens in the replay log, and no lease."""
+    ctx.store.transition(request_id, "streaming", allowed_from=["dispatched"],
+                         incr_attempts=True)
+    ctx.redis.zadd(ctx.keys.streaming(), {request_id: 1.0})
+    for n, token in enumerate(tokens):
+        assert ctx.store.run(ctx.store.ops.emit_tokens(request_id, "dead-worker", n, 1,
+                                                       ev.token(token))) > 0
+
+
+def _split_tokens(text: str) -> list[str]:
+    """The simulator's deltas of an answer: each word with the space before it."""
+    return re.findall(r"\s*\S+", text)
+
+
+def test_a_stream_whose_worker_died_is_resumed_from_its_last_token(
+        ctx: StreamContext, sim_url: str) -> None:
+    """A live worker takes over a stream whose worker is gone: it continues from the replay
+    log with a prefill continuation, and the subscriber's sequence is gapless, duplicate-free
+    and exactly the upstream's one answer. The lost run's tokens are paid once."""
+    msgs = messages("[[sim:tokens=30]]")
+    answer = direct_answer(sim_url, msgs)
+    tokens = _split_tokens(answer)
+    assert "".join(tokens) == answer and len(tokens) == 30
     request_id = submit(ctx, msgs)
-    ctx.store.transition(request_id, "streaming", allowed_from=["dispatched"])
-    ctx.store.emit(request_id, [ev.token(" partial"), ev.token(" text")])
-    assert run_stream(request_id, ctx) == "worker_lost"
+    _as_if_a_worker_died_after(ctx, request_id, tokens[:12])
+    assert run_stream(request_id, ctx) == "completed"
     record = ctx.store.get(request_id)
-    assert record is not None and record.status == "failed"
-    assert record.error is not None and record.error.code == "worker_lost"
-    assert record.result is not None and record.result.content == " partial text"
-    assert sim_stats(sim_url, prompt_hash(msgs))["requests"] == 0
+    assert record is not None and record.status == "completed"
+    assert record.result is not None and record.result.content == answer
+    events = assert_contiguous(ctx, request_id)
+    assert "".join(e["content"] for e in events if e["type"] == "token") == answer
+    assert [e["type"] for e in events].count("done") == 1
+    stats = sim_stats(sim_url, prompt_hash(msgs))
+    assert stats["continuations"] == 1 and stats["requests"] == 2
+    assert record.usage is not None and record.usage.completion_tokens == 30
+    assert record.attempts == 2 and record.content_tokens_relayed == 30
+    ledger = Ledger.from_hash(ctx.redis.hgetall(ctx.keys.ledger()))
+    assert ledger.total("stream").completion_tokens == 30
+    assert ledger.total("stream").cost_usd == record.cost_usd
+    assert ctx.redis.zscore(ctx.keys.streaming(), request_id) is None
 
 
-def test_sweep_ends_orphans_and_redispatches_stale_requests(
+@pytest.mark.parametrize("overrides, reason", [
+    ({"stream_max_retries": 0}, "retry budget is spent"),
+    ({"stream_resume": False}, "cannot continue a message"),
+])
+def test_a_lost_stream_that_cannot_be_resumed_fails_saying_why(
+        make_settings: Callable[..., Settings], sim_url: str, overrides: dict[str, Any],
+        reason: str) -> None:
+    settings = make_settings(upstream_base_url=sim_url, **overrides)
+    ctx = StreamContext.build(settings)
+    try:
+        msgs = messages()
+        request_id = submit(ctx, msgs)
+        _as_if_a_worker_died_after(ctx, request_id, [" partial", " text"])
+        assert run_stream(request_id, ctx) == "failed"
+        record = ctx.store.get(request_id)
+        assert record is not None and record.status == "failed"
+        assert record.error is not None and record.error.code == "worker_lost"
+        assert reason in record.error.message and record.error.retryable
+        assert record.result is not None and record.result.content == " partial text"
+        assert record.usage is not None and record.usage.completion_tokens == 2  # paid for
+        assert sim_stats(sim_url, prompt_hash(msgs))["requests"] == 0
+        events = ctx.store.events_after(request_id)
+        assert [e["type"] for e in events][-1] == "error"
+        assert ctx.redis.zscore(ctx.keys.streaming(), request_id) is None
+    finally:
+        ctx.close()
+
+
+def test_sweep_resumes_orphans_and_redispatches_stale_requests(
         make_settings: Callable[..., Settings], sim_url: str) -> None:
     settings = make_settings(upstream_base_url=sim_url, stream_redispatch_after_s=0.2)
     ctx = StreamContext.build(settings)
@@ -228,15 +293,19 @@ def test_sweep_ends_orphans_and_redispatches_stale_requests(
         orphan = submit(ctx, messages())
         ctx.store.transition(orphan, "streaming", allowed_from=["dispatched"])
         ctx.redis.zadd(ctx.keys.streaming(), {orphan: 1})
+        leased = submit(ctx, messages())
+        ctx.store.transition(leased, "streaming", allowed_from=["dispatched"])
+        ctx.redis.zadd(ctx.keys.streaming(), {leased: 1})
+        ctx.redis.set(ctx.keys.lease(leased), "a-live-worker")
         stale = submit(ctx, messages())
+        resumed: list[str] = []
         sent: list[str] = []
-        wait_until(lambda: sweep_streams(ctx, sent.append).redispatched, 5,
+        wait_until(lambda: sweep_streams(ctx, resumed.append, sent.append, 10).redispatched, 5,
                    message="stale dispatched request sent again")
         assert sent == [stale]
-        record = ctx.store.get(orphan)
-        assert record is not None and record.status == "failed"
-        assert record.error is not None and record.error.code == "worker_lost"
-        assert not ctx.redis.zscore(ctx.keys.streaming(), orphan)
+        assert set(resumed) == {orphan}  # the leased one has a live worker
+        assert sweep_streams(ctx, resumed.append, sent.append, 0).resumed == 0  # no capacity
+        assert run_stream(orphan, ctx) == "completed"
         assert run_stream(stale, ctx) == "completed"
         assert not ctx.redis.zscore(ctx.keys.dispatched(), stale)
     finally:
@@ -325,7 +394,8 @@ def test_a_stream_runs_end_counts_its_cost_once(ctx: StreamContext) -> None:
 
     def end(request_id: str, run_id: str, tokens: int) -> Any:
         return END_STREAM_RUN_SCRIPT(
-            ctx.redis, [keys.accounted(request_id, run_id), keys.lease(request_id),
+            ctx.redis, [keys.record(request_id), keys.accounted(request_id, run_id),
+                        keys.lease(request_id),
                         keys.streaming(), keys.ledger(), keys.timings("stream")],
             [ctx.leases.owner, request_id, 60, 4, "stream|m|completion_tokens", tokens,
              5, "ttft|n", 1])
@@ -340,6 +410,15 @@ def test_a_stream_runs_end_counts_its_cost_once(ctx: StreamContext) -> None:
     assert ctx.redis.get(keys.lease(theirs)) == b"another-worker"
     assert ctx.redis.zcard(keys.streaming()) == 0
     assert 0 < ctx.redis.ttl(keys.accounted(mine, run)) <= 60
+    # A request still streaming keeps its running-index entry (the sweep resumes it): a run
+    # that could not write its end (Redis was away) never hides its request.
+    streaming = submit(ctx, messages())
+    ctx.store.transition(streaming, "streaming", allowed_from=["dispatched"])
+    ctx.redis.zadd(keys.streaming(), {streaming: 1.0})
+    ctx.redis.set(keys.lease(streaming), ctx.leases.owner)
+    end(streaming, run, 1)
+    assert ctx.redis.zscore(keys.streaming(), streaming) is not None
+    assert ctx.redis.exists(keys.lease(streaming)) == 0
 
 
 def test_a_stream_runs_end_is_written_with_the_records_last_write(ctx: StreamContext) -> None:

@@ -17,7 +17,6 @@ from settings import Settings, get_settings
 
 # Task names: Flower shows these; the beat schedule and dispatchers refer to them.
 STREAM_TASK = "hr.stream.run"
-STREAM_SWEEP_TASK = "hr.stream.sweep"
 FLUSH_TASK = "hr.batch.flush"
 POLL_TASK = "hr.batch.poll"
 
@@ -35,7 +34,7 @@ def create_celery(settings: Settings) -> Celery:
         task_queues=(Queue(stream_q, routing_key=stream_q), Queue(batch_q, routing_key=batch_q),
                      Queue(control_q, routing_key=control_q)),
         task_default_queue=stream_q,
-        task_routes={STREAM_SWEEP_TASK: {"queue": control_q}, "hr.stream.*": {"queue": stream_q},
+        task_routes={"hr.stream.*": {"queue": stream_q},
                      "hr.batch.*": {"queue": batch_q}},
         task_serializer="json",
         accept_content=["json"],
@@ -69,8 +68,6 @@ def create_celery(settings: Settings) -> Celery:
                         "options": {"queue": batch_q, "expires": settings.flush_interval_s}},
         "batch-poll": {"task": POLL_TASK, "schedule": settings.poll_interval_s,
                        "options": {"queue": batch_q, "expires": settings.poll_interval_s}},
-        "stream-sweep": {"task": STREAM_SWEEP_TASK, "schedule": 5.0,
-                         "options": {"queue": control_q, "expires": 5.0}},
     }
     app.conf.hr_settings = settings
     return app

@@ -36,6 +36,9 @@ class StreamContext:
     # Called with the id of every request this process moved to a terminal state that has a
     # callback_url (the Celery task wires `workers.callbacks.schedule_callback`).
     notify: Callable[[str], None] = field(default=lambda _request_id: None)
+    # Sends the stream task of a request again (the sweep, for a dispatched request whose
+    # message was lost; the Celery task wires ``send_task``). Without Celery: not sent.
+    redispatch: Callable[[str], None] = field(default=lambda _request_id: None)
     _engine: StreamEngine | None = field(default=None, repr=False)
     _engine_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

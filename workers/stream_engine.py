@@ -17,11 +17,14 @@ runs the same coroutine here), only slower. For Flower, the engine sends the Cel
 a worker sends (``task-received``, ``task-started``, ``task-succeeded`` / ``task-failed``) from
 its own thread, off the hot path.
 
-Delivery: a message is popped without an acknowledgement. A process that dies after the pop
-and before the claim (a sub-millisecond window; the claims of one pop go out in the same loop
-turn) leaves the request ``dispatched``; the sweep
-sends it again after ``Settings.stream_redispatch_after_s``. After the claim, the lease covers
-it (see `workers.stream_claim`). Exactly-once upstream calls come from the claim either way.
+Delivery: a message is moved, not popped, off the queue: ``RPOPLPUSH`` onto the engine's own
+taken list (`Keys.stream_taken`), and the claim script removes it from there. Each engine keeps
+a heartbeat (`Keys.stream_engine_alive`, half of ``Settings.stream_lease_s``, renewed every
+second); every engine looks once a second for engines whose heartbeat is gone and hands
+their taken messages back to the queue (`RESTORE_TAKEN`), so a worker killed between taking a
+message and claiming it delays that request by less than the lease. After the claim, the lease
+covers it (see `workers.stream_claim`), and the sweep (`workers.stream_sweep`, run here too)
+resumes a stream whose worker died. Exactly-once upstream calls come from the claim either way.
 """
 
 from __future__ import annotations
@@ -32,26 +35,33 @@ import concurrent.futures
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 import hiredis
 import orjson
 import redis
 import redis.asyncio as aioredis
 
+from router.keys import Keys
 from router.logs import get_logger
+from router.lua import RESTORE_TAKEN_SCRIPT
 from router.redis_pipe import RedisPipe, reply_error
 from workers.celery_app import STREAM_TASK
 from workers.stream_context import StreamContext
 from workers.stream_runtime import StreamRuntime
-from workers.streaming import RunOutcome, stream_request
+from workers.stream_sweep import sweep_streams
+from workers.streaming import REDIS_DOWN, RunOutcome, stream_request
 
 log = get_logger(__name__)
+T = TypeVar("T")
 
 POP_TIMEOUT_S = 1
 POP_BATCH = 32  # messages taken off the queue in one round trip when there is a backlog
 EVENT_BATCH_S = 0.05
+HOUSEKEEPING_S = 1.0  # heartbeat, dead engines' taken messages, the sweep
+SWEEP_HOLD_AFTER_OUTAGE_S = 3.0
 # Sends Celery task events, a batch at a time: [(event type, fields), ...].
 EventSink = Callable[[list[tuple[str, dict[str, Any]]]], None]
 
@@ -119,7 +129,12 @@ class StreamEngine:
         self._running: set[asyncio.Task[Any]] = set()  # strong references, waited for at stop
         self._publisher_task: asyncio.Task[None] | None = None
         self._events: TaskEvents | None = None
-        self._batch_pop = True  # False once Redis refused RPOP with a count (< 6.2)
+        self._housekeeper: asyncio.Task[None] | None = None
+        self._list_key: str | None = None
+        self.engine_id = uuid.uuid4().hex
+        keys = self.keys = Keys(ctx.settings.key_prefix)
+        self.taken_key = keys.stream_taken(self.engine_id)
+        self._alive_key = keys.stream_engine_alive(self.engine_id)
 
     # --- from any thread ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -170,6 +185,16 @@ class StreamEngine:
             raise RuntimeError("the stream engine is not started")
         return self._rt
 
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run `coro` on the engine's loop and wait for its result (any other thread)."""
+        result: T = self._call(coro).result()
+        return result
+
+    @property
+    def runtime(self) -> StreamRuntime:
+        """What the engine's streams share (use it on the engine's loop, e.g. with `call`)."""
+        return self._runtime()
+
     def _call(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future[Any]:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
@@ -184,16 +209,20 @@ class StreamEngine:
         task.add_done_callback(self._running.discard)
 
     async def _start_consumer(self, list_key: str, forward_key: str) -> None:
+        self._list_key = list_key
+        await self._heartbeat()
         self._consuming = True
         self._consumer = asyncio.create_task(self._consume(list_key, forward_key),
                                              name="stream-consumer")
+        self._housekeeper = asyncio.create_task(self._housekeeping(list_key),
+                                                name="stream-housekeeping")
 
     async def _consume(self, list_key: str, forward_key: str) -> None:
         rt = self._runtime()
         slots = asyncio.Semaphore(self.max_streams)
         failures = 0
         # A raw connection of its own where the URL allows: a pop through redis-py cost as
-        # much CPU as the claim that follows it (benchmark 1, issue 7).
+        # much CPU as the claim that follows it.
         url = rt.settings.redis_url
         pipe = RedisPipe(url, timeout_s=POP_TIMEOUT_S + 10) if RedisPipe.supports(url) else None
         try:
@@ -204,7 +233,7 @@ class StreamEngine:
                     await slots.acquire()  # free now: returns at once
                     count += 1
                 try:
-                    messages = await self._pop(pipe, list_key, count)
+                    messages = await self._take(pipe, list_key, count)
                     failures = 0
                 except (redis.RedisError, OSError) as exc:
                     messages = []
@@ -221,35 +250,37 @@ class StreamEngine:
             if pipe is not None:
                 pipe.close()
 
-    async def _pop(self, pipe: RedisPipe | None, list_key: str, count: int) -> list[bytes]:
-        """Up to `count` messages in queue order: what is queued now in one round trip (``RPOP``
-        with a count), else one, waiting for it up to `POP_TIMEOUT_S` (``BRPOP``).
+    async def _take(self, pipe: RedisPipe | None, list_key: str, count: int) -> list[bytes]:
+        """Up to `count` messages in queue order, each moved onto this engine's taken list:
+        what is queued now in one round trip (pipelined ``RPOPLPUSH``), else one, waiting for
+        it up to `POP_TIMEOUT_S` (``BRPOPLPUSH``).
 
-        Why: one ``BRPOP`` per message made a backlog of new streams wait one loop turn each,
-        on a loop busy relaying tokens (time to first token of 116 ms at 300 streams, benchmark
-        2). A Redis older than 6.2, which has no count, gets ``BRPOP`` alone.
+        Why batches: one blocking move per message made a backlog of new streams wait one loop
+        turn each, on a loop busy relaying tokens.
         """
         client = self._runtime().redis
-        if count > 1 and self._batch_pop:
-            try:
-                queued = await _command(pipe, client, "RPOP", list_key, count)
-            except redis.ResponseError as exc:
-                self._batch_pop = False
-                log.warning("this Redis pops one stream task at a time", error=str(exc))
-            else:
-                if queued:
-                    return list(queued)
-        popped = await _command(pipe, client, "BRPOP", list_key, POP_TIMEOUT_S)
-        return [] if popped is None else [popped[1]]
+        if count > 1:
+            moved = await _commands(pipe, client, [("RPOPLPUSH", list_key, self.taken_key)] * count)
+            queued = [m for m in moved if m is not None]
+            if queued:
+                return queued
+        moved_one = await _commands(pipe, client, [("BRPOPLPUSH", list_key, self.taken_key,
+                                                     POP_TIMEOUT_S)])
+        return [] if moved_one[0] is None else [moved_one[0]]
 
     async def _handle(self, raw: bytes, forward_key: str) -> None:
+        rt = self._runtime()
         try:
             name, task_id, args = parse_task_message(raw)
         except (ValueError, KeyError, TypeError, IndexError) as exc:
             log.error("dropped a message that is not a Celery task message", error=str(exc))
+            await rt.redis.execute_command("LREM", self.taken_key, 1, raw)
             return
         if name != STREAM_TASK or not args:
-            await self._runtime().redis.lpush(forward_key, raw)
+            async with rt.redis.pipeline(transaction=True) as forward:
+                forward.lpush(forward_key, raw)
+                forward.execute_command("LREM", self.taken_key, 1, raw)
+                await forward.execute()
             return
         request_id = str(args[0])
         started = time.monotonic()
@@ -258,8 +289,11 @@ class StreamEngine:
             events.send("task-received", uuid=task_id, name=name, args=repr(args), kwargs="{}",
                         retries=0, eta=None, expires=None, root_id=task_id, parent_id=None)
             events.send("task-started", uuid=task_id)
+        stall = rt.settings.fault_stall_after_take_s
+        if stall:  # fault injection (tests): a window between taking and claiming
+            await asyncio.sleep(stall)
         try:
-            outcome = await stream_request(request_id, self._runtime())
+            outcome = await stream_request(request_id, rt, (self.taken_key, raw))
         except Exception as exc:
             log.exception("stream task failed", request_id=request_id)
             if events is not None:
@@ -269,10 +303,83 @@ class StreamEngine:
             events.send("task-succeeded", uuid=task_id, result=repr(outcome),
                         runtime=time.monotonic() - started)
 
+    # --- housekeeping ----------------------------------------------------------------------------
+    async def _heartbeat(self) -> None:
+        rt = self._runtime()
+        alive_ms = max(1000, int(rt.settings.stream_lease_s * 500))
+        async with rt.redis.pipeline(transaction=False) as pipe:
+            pipe.set(self._alive_key, "1", px=alive_ms)
+            pipe.sadd(self.keys.stream_engines(), self.engine_id)
+            await pipe.execute()
+
+    async def _housekeeping(self, list_key: str) -> None:
+        """Once a second: the heartbeat, hand back what dead engines took, and (one engine at a
+        time) the sweep. Redis being out of reach only delays it."""
+        sweep_after = 0.0
+        while self._consuming:
+            try:
+                await self._heartbeat()
+                await self._restore_dead_engines(list_key)
+                if time.monotonic() >= sweep_after:
+                    await self._sweep()
+            except REDIS_DOWN as exc:
+                # Leases may have expired while Redis was away: give every worker's lease
+                # keeper time to take its own back before a sweep would take them over.
+                sweep_after = time.monotonic() + SWEEP_HOLD_AFTER_OUTAGE_S
+                log.warning("stream housekeeping: Redis unreachable", error=str(exc))
+            except Exception:
+                log.exception("stream housekeeping failed")
+            await asyncio.sleep(HOUSEKEEPING_S)
+
+    async def _restore_dead_engines(self, list_key: str) -> None:
+        rt = self._runtime()
+        engines = [e.decode() if isinstance(e, bytes) else str(e)
+                   for e in await rt.redis.smembers(self.keys.stream_engines())]
+        for engine_id in engines:
+            if engine_id == self.engine_id:
+                continue
+            moved = await rt.store.scripts.run(RESTORE_TAKEN_SCRIPT, [
+                self.keys.stream_taken(engine_id), self.keys.stream_engine_alive(engine_id),
+                list_key, self.keys.stream_engines()], [engine_id])
+            if int(moved) > 0:
+                log.warning("handed back the stream tasks of a dead stream engine",
+                            engine=engine_id, messages=int(moved))
+
+    async def _sweep(self) -> None:
+        rt = self._runtime()
+        lock_ms = int(HOUSEKEEPING_S * 900)
+        if not await rt.redis.set(self.keys.stream_sweep_lock(), self.engine_id, nx=True,
+                                  px=lock_ms):
+            return
+        capacity = self.max_streams - len(self._running)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, sweep_streams, self.ctx, self._resume,
+                                   self.ctx.redispatch, capacity)
+
+    def _resume(self, request_id: str) -> None:
+        """Take over a stream whose worker is gone (from the sweep's thread)."""
+        self.submit(request_id)
+
+    async def _leave(self, list_key: str | None) -> None:
+        """Stop the heartbeat and hand back anything still taken (a clean stop)."""
+        if list_key is None:
+            return
+        rt = self._runtime()
+        try:
+            await rt.redis.delete(self._alive_key)
+            await rt.store.scripts.run(RESTORE_TAKEN_SCRIPT, [
+                self.taken_key, self._alive_key, list_key, self.keys.stream_engines()],
+                [self.engine_id])
+        except REDIS_DOWN as exc:
+            log.warning("stream engine could not sign off", error=str(exc))
+
     async def _drain(self, timeout: float) -> None:
         self._consuming = False
         if self._consumer is not None:
             await asyncio.wait([self._consumer], timeout=POP_TIMEOUT_S + 1)
+        if self._housekeeper is not None:
+            self._housekeeper.cancel()
+        await self._leave(self._list_key)
         pending = set(self._running)
         if pending:
             log.info("waiting for running streams to end", streams=len(pending))
@@ -283,15 +390,20 @@ class StreamEngine:
             self._publisher_task.cancel()
 
 
-async def _command(pipe: RedisPipe | None, client: aioredis.Redis, *command: Any) -> Any:
-    """One command on the consumer's raw pipe when it has one, else through redis-py (TLS and
-    unix socket URLs); an error reply raises what redis-py raises for it."""
+async def _commands(pipe: RedisPipe | None, client: aioredis.Redis,
+                    commands: list[tuple[Any, ...]]) -> list[Any]:
+    """Commands in one round trip on the consumer's raw pipe when it has one, else through a
+    redis-py pipeline (TLS and unix socket URLs); an error reply raises what redis-py raises."""
     if pipe is None:
-        return await client.execute_command(*command)
-    reply = (await pipe.execute([command]))[0]
-    if isinstance(reply, hiredis.ReplyError):
-        raise reply_error(reply)
-    return reply
+        async with client.pipeline(transaction=False) as p:
+            for command in commands:
+                p.execute_command(*command)
+            return list(await p.execute())
+    replies = await pipe.execute(commands)
+    for reply in replies:
+        if isinstance(reply, hiredis.ReplyError):
+            raise reply_error(reply)
+    return replies
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:

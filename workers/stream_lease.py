@@ -2,10 +2,13 @@
 
 A worker takes the lease (``SET NX PX``, key `Keys.lease`) *before* it moves the request from
 ``dispatched`` to ``streaming``, so every ``streaming`` request has had a lease. While the
-worker lives, the keeper thread refreshes every lease it holds (one pipelined ``PEXPIRE`` per
-``lease_s / 3``). When the process dies (even by SIGKILL) the refreshes stop and the lease
-expires within ``Settings.stream_lease_s``: a request that is ``streaming`` without a lease has
-lost its worker, which is what the claim of a redelivered task and the sweep act on.
+worker lives, the keeper thread renews every lease it holds (one `RENEW_LEASES` script a
+second, or every ``lease_s / 3`` if that is shorter), and takes back one that expired while
+Redis was out of reach if nobody else took it. When the process dies (even by SIGKILL) the
+renewals stop and the lease expires within ``Settings.stream_lease_s``: a request that is
+``streaming`` without a lease has lost its worker, which is what the sweep acts on (it resumes
+the stream elsewhere). A lease that another worker holds is dropped here; the stream notices
+at its next publish (the publish is fenced by the lease) and stops.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import redis
 
 from router.keys import Keys
 from router.logs import get_logger
-from router.lua import LuaScript
+from router.lua import RENEW_LEASES_SCRIPT, LuaScript
 
 log = get_logger(__name__)
 
@@ -67,6 +70,11 @@ class LeaseKeeper:
         with self._lock:
             self._held.discard(request_id)
 
+    def holds(self, request_id: str) -> bool:
+        """Whether this process streams `request_id` (it holds and renews its lease)."""
+        with self._lock:
+            return request_id in self._held
+
     def alive(self, request_id: str) -> bool:
         """Whether anybody holds the request's lease."""
         return bool(self.redis.exists(self.keys.lease(request_id)))
@@ -75,17 +83,24 @@ class LeaseKeeper:
         self._stop.set()
         self._thread.join(5)
 
-    def _loop(self) -> None:
-        interval = self.lease_ms / 3000
-        while not self._stop.wait(interval):
+    def renew(self) -> None:
+        """Renew (or take back) every lease held; drop those another worker has taken."""
+        with self._lock:
+            held = list(self._held)
+        if not held:
+            return
+        results = RENEW_LEASES_SCRIPT(self.redis, [self.keys.lease(r) for r in held],
+                                      [self.owner, self.lease_ms])
+        lost = [r for r, ok in zip(held, results, strict=True) if not int(ok)]
+        if lost:
             with self._lock:
-                held = list(self._held)
-            if not held:
-                continue
+                self._held.difference_update(lost)
+            log.warning("stream leases taken over by another worker", leases=lost)
+
+    def _loop(self) -> None:
+        interval = min(1.0, self.lease_ms / 3000)
+        while not self._stop.wait(interval):
             try:
-                pipe = self.redis.pipeline(transaction=False)
-                for request_id in held:
-                    pipe.pexpire(self.keys.lease(request_id), self.lease_ms)
-                pipe.execute()
-            except redis.RedisError as exc:
-                log.warning("refreshing stream leases failed", error=str(exc), leases=len(held))
+                self.renew()
+            except (redis.RedisError, OSError) as exc:
+                log.warning("renewing stream leases failed", error=str(exc))

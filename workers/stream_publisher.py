@@ -11,14 +11,23 @@ are joined only when they arrived within one such window or while the previous p
 flight. Why: a stream that published each token itself would spend
 one Redis round trip per token, and hundreds of streams would each wait on their own.
 
-The EMIT script is guarded: it answers -1 once the request is terminal (cancelled by the API,
-or failed by a sweep). The handle is then marked `stopped` and the stream closes the upstream
+The EMIT_TOKENS script is guarded: it answers -1 once the request is terminal (cancelled by the
+API) and -2 when another worker owns the stream (it resumed it after this one was taken for
+dead). The handle is then marked `stopped` (and `lost`) and the stream closes the upstream
 response on its next chunk, so no further tokens are paid for.
+
+Redis outages are ridden out: a batch whose round trip failed (Redis restarting, a connection
+cut) is sent again, the same events first, with backoff, for up to
+`Settings.stream_redis_grace_s`; the streams keep reading their upstream meanwhile and their
+tokens wait here. Sending again is safe because each token event carries the count of tokens
+its stream had relayed before it, and the script appends it only if the record still says that
+count (a repeat of an event that did get in answers 0 and appends nothing).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +46,8 @@ log = get_logger(__name__)
 # trip (fewer Redis round trips and syscalls per token under load); a stream's first token and
 # a flush never wait.
 COALESCE_S = 0.002
+RETRY_FIRST_S = 0.05  # first pause before a failed batch is sent again (doubling, up to 1 s)
+RETRY_MAX_S = 1.0
 
 
 class PublishError(RuntimeError):
@@ -48,9 +59,13 @@ class StreamHandle:
     """What the publisher knows about one running stream."""
 
     request_id: str
+    owner: str = ""  # the lease owner: the worker process that streams the request
+    relayed: int = 0  # tokens the replay log holds for the request (confirmed by Redis)
     pending: list[str] = field(default_factory=list)
+    unconfirmed: list[str] | None = None  # a batch whose round trip failed: sent again first
     inflight: bool = False
     stopped: bool = False
+    lost: bool = False  # another worker owns the stream: write nothing more
     last_seq: int = 0
     events_published: int = 0
     error: BaseException | None = None
@@ -59,15 +74,18 @@ class StreamHandle:
 class StreamPublisher:
     """Drains every stream's pending tokens in one pipelined round trip per wake-up.
 
-    Create it inside the running loop; `run()` is the publisher task. One attempt per batch: a
-    pipeline cut by a connection error may have run in part, and sending it again could
-    duplicate tokens, so a stream whose events cannot be published fails instead.
+    Create it inside the running loop; `run()` is the publisher task. A batch cut by a
+    connection error may have run in part; it is sent again as it was (see the module doc).
     """
 
     def __init__(self, client: aioredis.Redis, ops: StoreOps, pipe: RedisPipe | None = None) -> None:
         self.redis = client
         self.ops = ops
         self.pipe = pipe
+        self.grace_s = ops.settings.stream_redis_grace_s
+        self._outage_since: float | None = None
+        self._retry_pause = RETRY_FIRST_S
+        self._retry_at = 0.0  # loop time before which a failed batch is not sent again
         self._handles: dict[str, StreamHandle] = {}
         # Handles with pending text, in arrival order (a dict as an ordered set): a wake-up
         # looks only at streams that have something to send, not at every running stream.
@@ -79,8 +97,10 @@ class StreamPublisher:
         self._hold: asyncio.Future[None] | None = None
 
     # --- streams ---------------------------------------------------------------------------------
-    def open(self, request_id: str) -> StreamHandle:
-        handle = StreamHandle(request_id)
+    def open(self, request_id: str, owner: str, relayed: int = 0) -> StreamHandle:
+        """A handle for a stream this worker owns (`owner`: its lease owner); `relayed`: the
+        tokens the replay log already holds (a resumed stream)."""
+        handle = StreamHandle(request_id, owner=owner, relayed=relayed)
         self._handles[request_id] = handle
         return handle
 
@@ -107,7 +127,8 @@ class StreamPublisher:
         async def drained() -> None:
             async with self._sent:
                 await self._sent.wait_for(
-                    lambda: handle.error is not None or not (handle.pending or handle.inflight))
+                    lambda: handle.error is not None or handle.stopped
+                    or not (handle.pending or handle.inflight or handle.unconfirmed))
 
         try:
             await asyncio.wait_for(drained(), timeout)
@@ -130,6 +151,8 @@ class StreamPublisher:
         loop = asyncio.get_running_loop()
         while not self._closed:
             await self._wake.wait()
+            if self._retry_at > loop.time():  # Redis is out of reach: wait out the pause
+                await asyncio.sleep(self._retry_at - loop.time())
             if self._urgent:
                 # One more turn of the loop: tokens of other streams that arrived in the same
                 # read of the sockets are appended meanwhile and go out in this batch.
@@ -145,40 +168,75 @@ class StreamPublisher:
             batch = {}
             for handle in list(self._ready):
                 if not handle.inflight:  # an in-flight one stays ready for the next batch
-                    del self._ready[handle]
-                    batch[handle] = handle.pending
-                    handle.pending = []
-                    handle.inflight = True
+                    batch[handle] = self._take(handle)
             if batch:
                 await self._publish(batch)
 
+    def _take(self, handle: StreamHandle) -> list[str]:
+        """What `handle` sends in this batch: a batch that failed, again and alone, else
+        everything pending."""
+        handle.inflight = True
+        del self._ready[handle]
+        if handle.unconfirmed is not None:
+            return handle.unconfirmed
+        parts, handle.pending = handle.pending, []
+        return parts
+
     async def _publish(self, batch: dict[StreamHandle, list[str]]) -> None:
-        results: list[Any] | None = None
-        error: BaseException | None = None
         try:
             results = await self._send(batch)
         except (redis.RedisError, OSError) as exc:
-            error = exc
-            log.warning("publishing tokens failed", error=str(exc), streams=len(batch))
-        for i, handle in enumerate(batch):
-            handle.inflight = False
-            if results is None:
-                handle.error = error
-                continue
-            seq = int(results[i])
-            if seq < 0:
-                handle.stopped = True
-            else:
-                handle.last_seq = seq
-                handle.events_published += 1
-            if handle.pending:  # arrived while this batch was in flight
-                self._wake.set()
+            self._failed(batch, exc)
+        else:
+            self._outage_since, self._retry_pause = None, RETRY_FIRST_S
+            for handle, result in zip(batch, results, strict=True):
+                self._settle(handle, batch[handle], int(result))
         async with self._sent:
             self._sent.notify_all()
 
+    def _settle(self, handle: StreamHandle, parts: list[str], seq: int) -> None:
+        handle.inflight = False
+        handle.unconfirmed = None
+        if seq == -2:
+            handle.lost = handle.stopped = True
+            log.warning("stream taken over by another worker; stopping", request_id=handle.request_id)
+        elif seq < 0:
+            handle.stopped = True
+        else:
+            handle.relayed += len(parts)
+            handle.events_published += 1
+            if seq > 0:
+                handle.last_seq = seq
+        if handle.pending:  # arrived while this batch was in flight
+            self._ready[handle] = None
+            self._wake.set()
+
+    def _failed(self, batch: dict[StreamHandle, list[str]], exc: BaseException) -> None:
+        """Keep a failed batch to send again after a pause, or give up once Redis has been
+        out of reach for longer than the grace period."""
+        now = time.monotonic()
+        if self._outage_since is None:
+            self._outage_since = now
+        give_up = now - self._outage_since > self.grace_s
+        log.warning("publishing tokens failed", error=str(exc), streams=len(batch),
+                    retry_in_s=None if give_up else self._retry_pause)
+        for handle, parts in batch.items():
+            handle.inflight = False
+            if give_up:
+                handle.error = exc
+            else:
+                handle.unconfirmed = parts
+                self._ready[handle] = None
+        if not give_up:
+            loop = asyncio.get_running_loop()
+            self._retry_at = loop.time() + self._retry_pause
+            loop.call_later(self._retry_pause, self._wake.set)
+            self._retry_pause = min(RETRY_MAX_S, self._retry_pause * 2)
+
     async def _send(self, batch: dict[StreamHandle, list[str]]) -> list[Any]:
         """One round trip: a guarded EMIT per stream (EVALSHA, loading the script if needed)."""
-        ops = [self.ops.emit(h.request_id, [ev.token("".join(parts))], guard=True)
+        ops = [self.ops.emit_tokens(h.request_id, h.owner, h.relayed, len(parts),
+                                    ev.token("".join(parts)))
                for h, parts in batch.items()]
         if self.pipe is not None:
             return await self._send_raw(self.pipe, ops)

@@ -1,11 +1,20 @@
-"""The stream sweep (beat, every 5 s): no request stays ``streaming`` or ``dispatched`` forever.
+"""The stream sweep: no request stays ``streaming`` or ``dispatched`` forever, and no stream is
+lost with its worker.
+
+Every stream engine runs it about once a second (`workers.stream_engine`); a short Redis lock
+lets one engine at a time do it, so it appears nowhere in Celery (no task per sweep):
 
 - ``streaming`` requests (`Keys.streaming()`) whose lease expired lost their worker (SIGKILL,
-  OOM, machine gone): they end ``failed`` with code ``worker_lost`` and their partial content.
+  OOM, machine gone, or Redis out of reach for longer than the lease): they are handed to this
+  engine, whose claim takes them over and resumes them from the last token in the replay log
+  (`workers.streaming`), as many as it has free slots for;
 - ``dispatched`` requests (`Keys.dispatched()`) not claimed within
-  ``Settings.stream_redispatch_after_s`` (a lost broker message, a queue purged) are sent to the
-  stream queue again; the claim makes an extra delivery harmless.
-- Entries of requests that are already terminal or gone are removed.
+  ``Settings.stream_redispatch_after_s`` (a broker message lost with Redis data, a queue
+  purged) are sent to the stream queue again; the claim makes an extra delivery harmless;
+- entries of requests that are already terminal or gone are removed.
+
+A task message a dead engine had taken off the queue but not claimed is not the sweep's: the
+engines hand those back within the lease (`workers.stream_engine`, `RESTORE_TAKEN`).
 """
 
 from __future__ import annotations
@@ -16,7 +25,6 @@ from typing import Any
 
 from router.logs import get_logger
 from router.records import now
-from workers.stream_claim import fail_worker_lost
 from workers.stream_context import StreamContext
 
 log = get_logger(__name__)
@@ -27,19 +35,21 @@ _TERMINAL = (b"completed", b"failed", b"cancelled")
 
 @dataclass
 class SweepReport:
-    worker_lost: int = 0
+    resumed: int = 0
     redispatched: int = 0
     cleaned: int = 0
 
 
-def sweep_streams(ctx: StreamContext, redispatch: Callable[[str], None]) -> SweepReport:
-    """One sweep; `redispatch(request_id)` sends the stream task again."""
+def sweep_streams(ctx: StreamContext, resume: Callable[[str], None],
+                  redispatch: Callable[[str], None], capacity: int) -> SweepReport:
+    """One sweep: `resume(request_id)` takes over a stream whose worker is gone (at most
+    `capacity` of them), `redispatch(request_id)` sends the stream task again."""
     report = SweepReport()
-    _sweep_streaming(ctx, report)
+    _sweep_streaming(ctx, resume, capacity, report)
     _sweep_dispatched(ctx, redispatch, report)
-    if report.worker_lost or report.redispatched:
-        log.info("stream sweep", worker_lost=report.worker_lost,
-                 redispatched=report.redispatched, cleaned=report.cleaned)
+    if report.resumed or report.redispatched:
+        log.info("stream sweep", resumed=report.resumed, redispatched=report.redispatched,
+                 cleaned=report.cleaned)
     return report
 
 
@@ -50,7 +60,8 @@ def _statuses(ctx: StreamContext, ids: list[str]) -> list[bytes | None]:
     return list(pipe.execute())
 
 
-def _sweep_streaming(ctx: StreamContext, report: SweepReport) -> None:
+def _sweep_streaming(ctx: StreamContext, resume: Callable[[str], None], capacity: int,
+                     report: SweepReport) -> None:
     keys = ctx.keys
     raw: Any = ctx.redis.zrange(keys.streaming(), 0, SWEEP_BATCH - 1)
     ids = [i.decode() for i in raw]
@@ -65,14 +76,9 @@ def _sweep_streaming(ctx: StreamContext, report: SweepReport) -> None:
         return
     for request_id, status in zip(orphans, _statuses(ctx, orphans), strict=True):
         if status == b"streaming":
-            # Take the lease so a late redelivery of the task cannot start the upstream now.
-            if not ctx.leases.acquire(request_id):
-                continue
-            try:
-                if fail_worker_lost(request_id, ctx):
-                    report.worker_lost += 1
-            finally:
-                ctx.leases.release(request_id)
+            if report.resumed < capacity:
+                resume(request_id)  # the claim takes the lease: only one engine gets it
+                report.resumed += 1
         elif status is None or status in _TERMINAL:
             ctx.redis.zrem(keys.streaming(), request_id)
             report.cleaned += 1

@@ -17,6 +17,12 @@ directly against the simulator.
   sequence. Resumes count against the same retry budget.
 - **Timeouts** are enforced here (Celery's time limits do not reach the engine): the idle
   timeout is the httpx read timeout between chunks, the total timeout is checked at every chunk.
+- **Worker lost**: a request whose worker died is claimed by a live engine (`stream_claim`),
+  which rebuilds the text so far from the replay log and resumes it the same way, so
+  subscribers see one unbroken sequence; the dead run's tokens are paid for as an estimate.
+- **Redis outages** are ridden out for `Settings.stream_redis_grace_s`: tokens wait in the
+  publisher, every store write is retried (each is safe to repeat); a stream that cannot write
+  its end leaves its request ``streaming`` in the running index, for the sweep to resume.
 - **End**: `completed` with the result, usage and cost (and the ``done`` event) in one
   transition; or `failed` with an ``error`` event and the partial content; or, when cancelled,
   the tokens already paid for are written to the cancelled record. The run's ledger and timing
@@ -30,12 +36,14 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import httpx
 import openai
+import redis
 
 from router import events as ev
 from router.ledger import add_to_ledger, ledger_increments
@@ -44,9 +52,9 @@ from router.lua import END_STREAM_RUN_SCRIPT
 from router.metrics import queue_timing
 from router.pricing import estimate_prompt_tokens
 from router.records import RequestRecord, Status, now
-from router.store import RunEnd
+from router.store import RunEnd, TransitionOutcome
 from workers.retry import is_retryable, retry_after_seconds
-from workers.stream_claim import aclaim
+from workers.stream_claim import WORKER_LOST, aclaim
 from workers.stream_context import StreamContext
 from workers.stream_publisher import PublishError, StreamHandle
 from workers.stream_runtime import StreamRuntime
@@ -54,11 +62,22 @@ from workers.upstream import upstream_answer
 from workers.upstream_sse import TIMEOUT_ERRORS, TRANSPORT_ERRORS
 
 log = get_logger(__name__)
+T = TypeVar("T")
 
 RunOutcome = Literal[
-    "completed", "failed", "cancelled", "duplicate", "terminal", "missing", "worker_lost"
+    "completed", "failed", "cancelled", "duplicate", "terminal", "missing", "taken_over",
+    "unfinished",
 ]
-FLUSH_TIMEOUT_S = 10.0
+"""How one run of a stream ended: ``completed``, ``failed`` or ``cancelled`` (the request's
+terminal state, written by this run); ``duplicate``, ``terminal``, ``missing`` (the claim found
+nothing to do); ``taken_over`` (another worker resumed the request: this run wrote nothing);
+``unfinished`` (Redis stayed out of reach: the request is left to the sweep, which resumes it)."""
+# Replies that mean Redis is out of reach for now (restarting, loading, connection cut): a
+# store write is retried on these for `Settings.stream_redis_grace_s`.
+REDIS_DOWN: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError,
+                                               redis.BusyLoadingError, OSError)
+FIRST_PAUSE_S = 0.05
+MAX_PAUSE_S = 1.0
 # How long a run's ledger marker lives. A run's end is repeated only by the same run, within
 # seconds (a write retried for ~5 s, an end written again after a later error); ten minutes
 # is far beyond that and keeps the markers few (one per stream for ten minutes).
@@ -77,6 +96,10 @@ class _TotalTimeout(Exception):
     """The stream ran longer than `Settings.stream_total_timeout_s`."""
 
 
+class _StoreUnreachable(Exception):
+    """Redis stayed out of reach for longer than `Settings.stream_redis_grace_s`."""
+
+
 @dataclass
 class UsageTally:
     """Tokens paid for across every upstream attempt of one request."""
@@ -84,6 +107,14 @@ class UsageTally:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     estimated: bool = False
+
+    def add_lost_runs(self, runs: int, messages: list[dict[str, Any]], tokens_relayed: int) -> None:
+        """Estimate what `runs` earlier runs, lost with their worker, were paid for: each sent
+        the prompt, and together they produced the `tokens_relayed` tokens in the replay log."""
+        if runs and tokens_relayed:
+            self.prompt_tokens += runs * estimate_prompt_tokens(messages)
+            self.completion_tokens += tokens_relayed
+            self.estimated = True
 
     def add(self, usage: dict[str, Any] | None, messages: list[dict[str, Any]],
             tokens_received: int) -> None:
@@ -112,6 +143,7 @@ class StreamState:
 
     record: RequestRecord
     handle: StreamHandle
+    relayed: int = 0  # tokens received so far, across runs and attempts
     pieces: list[str] = field(default_factory=list)
     finish_reason: str | None = None
     first_token_at: float | None = None
@@ -137,27 +169,81 @@ def run_stream(request_id: str, ctx: StreamContext) -> RunOutcome:
     return ctx.engine.run(request_id)
 
 
-async def stream_request(request_id: str, rt: StreamRuntime) -> RunOutcome:
-    """Stream `request_id` if this delivery wins the claim; always leaves it terminal."""
-    claimed, record = await aclaim(request_id, rt.ctx, rt.store)
-    if claimed != "claimed":
+async def stream_request(request_id: str, rt: StreamRuntime,
+                         taken: tuple[str, bytes] | None = None) -> RunOutcome:
+    """Stream `request_id` if this delivery wins the claim (or resume it if its worker was lost);
+    always leaves it terminal, or, when Redis stays out of reach, to the sweep. `taken`: the
+    engine's (taken list, message) this delivery came from."""
+    claimed, record = await _ride_out(rt, lambda: aclaim(request_id, rt.ctx, rt.store, taken))
+    if claimed == "duplicate" or claimed == "terminal" or claimed == "missing":
         return claimed
-    handle = rt.publisher.open(request_id)
     state: StreamState | None = None
     try:
         if record is None:
             return "missing"
-        state = StreamState(record, handle)
+        relayed = record.content_tokens_relayed if claimed == "worker_lost" else 0
+        state = StreamState(record, rt.publisher.open(request_id, rt.ctx.leases.owner, relayed),
+                            relayed=relayed)
         try:
+            if claimed == "worker_lost":
+                why_not = await _take_over(state, rt)
+                if why_not is not None:
+                    return await _end_failed(state, rt, Failure(WORKER_LOST, why_not, True))
             return await _stream(state, rt)
+        except _StoreUnreachable:
+            raise
         except Exception as exc:  # never leave a claimed request streaming
             log.exception("stream crashed", request_id=request_id)
             return await _end_failed(state, rt, Failure("internal_error",
                                                         f"stream worker error: {exc}", True))
+    except _StoreUnreachable:
+        log.error("Redis unreachable; the stream is left to the sweep", request_id=request_id)
+        return "unfinished"
     finally:
-        rt.publisher.close(handle)
+        if state is not None:
+            rt.publisher.close(state.handle)
         if state is None or not state.released:
             await _end_run(request_id, rt, state.run_id if state is not None else "-")
+
+
+async def _take_over(state: StreamState, rt: StreamRuntime) -> str | None:
+    """Rebuild the state of a stream whose worker was lost from its replay log; None when it
+    can be resumed, else why not (the request then fails with what it has)."""
+    record = state.record
+    events = await _ride_out(rt, lambda: rt.store.events_after(record.id, 0))
+    content = "".join(str(e.get("content", "")) for e in events if e.get("type") == "token")
+    if content:
+        state.pieces.append(content)
+    lost_runs = max(1, record.attempts - 1)
+    state.usage.add_lost_runs(lost_runs, list(record.body.get("messages") or []), state.relayed)
+    log.warning("stream worker lost; taking the stream over", request_id=record.id,
+                relayed_tokens=state.relayed, chars=len(content), resumes=lost_runs)
+    lost = (f"the stream worker handling this request stopped (crashed, was killed or lost "
+            f"Redis) after relaying {len(content)} characters")
+    if lost_runs > rt.settings.stream_max_retries:
+        return (f"{lost}, and its retry budget is spent ({lost_runs} workers lost, "
+                f"ROUTER_STREAM_MAX_RETRIES={rt.settings.stream_max_retries}); the partial "
+                "content is kept in result.content")
+    if content and not rt.settings.stream_resume:
+        return (f"{lost}, and the upstream cannot continue a message (ROUTER_STREAM_RESUME is "
+                "off); the partial content is kept in result.content")
+    return None
+
+
+async def _ride_out(rt: StreamRuntime, call: Callable[[], Awaitable[T]]) -> T:
+    """`call()`, tried again while Redis is out of reach (each store write here is safe to
+    repeat), for up to `Settings.stream_redis_grace_s`; then `_StoreUnreachable`."""
+    deadline = time.monotonic() + rt.settings.stream_redis_grace_s
+    pause = FIRST_PAUSE_S
+    while True:
+        try:
+            return await call()
+        except REDIS_DOWN as exc:
+            if time.monotonic() + pause > deadline:
+                raise _StoreUnreachable(str(exc)) from exc
+            log.warning("Redis unreachable; trying again", error=str(exc), retry_in_s=pause)
+            await asyncio.sleep(pause)
+            pause = min(MAX_PAUSE_S, pause * 2)
 
 
 class _Increments:
@@ -187,11 +273,16 @@ def _run_end(request_id: str, rt: StreamRuntime, run_id: str,
 
 
 async def _end_run(request_id: str, rt: StreamRuntime, run_id: str) -> None:
-    """End a run that wrote no end of its own (it crashed, or lost its claim): one script,
-    one round trip, safe to repeat."""
+    """End a run that wrote no end of its own (it crashed, lost its claim, or could not reach
+    Redis): one script, one round trip, safe to repeat. A request that is not terminal keeps
+    its running-index entry, for the sweep to resume."""
     rt.ctx.leases.forget(request_id)
     end = _run_end(request_id, rt, run_id)
-    await rt.store.scripts.run(END_STREAM_RUN_SCRIPT, end.keys, end.args)
+    keys = [rt.keys.record(request_id), *end.keys]
+    try:
+        await _ride_out(rt, lambda: rt.store.scripts.run(END_STREAM_RUN_SCRIPT, keys, end.args))
+    except _StoreUnreachable:
+        log.error("Redis unreachable; the run's lease expires on its own", request_id=request_id)
 
 
 def _upstream_request(state: StreamState) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -202,7 +293,7 @@ def _upstream_request(state: StreamState) -> tuple[dict[str, Any], list[dict[str
         messages.append({"role": "assistant", "content": state.content})
         for cap in ("max_tokens", "max_completion_tokens"):
             if isinstance(body.get(cap), int):
-                body[cap] = max(1, body[cap] - len(state.pieces))
+                body[cap] = max(1, body[cap] - state.relayed)
     return body, messages
 
 
@@ -235,6 +326,7 @@ async def _stream(state: StreamState, rt: StreamRuntime) -> RunOutcome:
                             if state.first_token_at is None:
                                 state.first_token_at = now()
                             state.pieces.append(text)
+                            state.relayed += 1
                             received += 1
                             rt.publisher.publish(state.handle, text)
                         if choice.get("finish_reason"):
@@ -261,7 +353,10 @@ async def _stream(state: StreamState, rt: StreamRuntime) -> RunOutcome:
         except Exception as exc:
             state.usage.add(usage, messages, received)
             failure = _classify(exc, bool(state.pieces))
-            if failure.retryable and policy.allows(retries + 1):
+            if failure.code == "stream_interrupted" and not settings.stream_resume:
+                failure = Failure(failure.code, f"{failure.message}; the upstream cannot continue "
+                                  "a message (ROUTER_STREAM_RESUME is off)", True)
+            elif failure.retryable and policy.allows(retries + 1):
                 retries += 1
                 delay = policy.backoff(retries, retry_after_seconds(exc))
                 log.warning("upstream attempt failed; retrying", request_id=request_id,
@@ -269,7 +364,7 @@ async def _stream(state: StreamState, rt: StreamRuntime) -> RunOutcome:
                             resume_from_chars=len(state.content))
                 await asyncio.sleep(delay)
                 continue
-            if failure.retryable:
+            elif failure.retryable:
                 failure = Failure(failure.code, f"{failure.message} (gave up after {retries} "
                                   f"retries)", True)
             return await _end_failed(state, rt, failure)
@@ -293,12 +388,27 @@ def _classify(exc: BaseException, mid_stream: bool) -> Failure:
 
 
 async def _is_terminal(request_id: str, rt: StreamRuntime) -> bool:
-    status: Any = await rt.redis.hget(rt.keys.record(request_id), "status")
+    status: Any = await _ride_out(rt, lambda: rt.redis.hget(rt.keys.record(request_id), "status"))
     return status is None or status in (b"completed", b"failed", b"cancelled")
 
 
 async def _flush(state: StreamState, rt: StreamRuntime) -> None:
-    await rt.publisher.flush(state.handle, FLUSH_TIMEOUT_S)
+    """Wait until every token is in the replay log (the publisher rides out an outage of up
+    to the grace period)."""
+    await rt.publisher.flush(state.handle, rt.settings.stream_redis_grace_s + 5)
+
+
+async def _write_end(rt: StreamRuntime, state: StreamState, to_status: str,
+                     **kw: Any) -> TransitionOutcome:
+    """The run's last record write (a guarded transition, safe to repeat): a repeat after a
+    lost reply that finds the request already in `to_status` counts as this run's move."""
+    outcome = await _ride_out(rt, lambda: rt.store.transition(
+        state.record.id, to_status, allowed_from=["streaming"], **kw))
+    if not outcome.moved and outcome.previous == to_status and to_status != "cancelled":
+        return TransitionOutcome(True, "streaming")
+    if outcome.previous == "lease_lost":
+        state.handle.lost = True
+    return outcome
 
 
 def _cost_fields(state: StreamState, rt: StreamRuntime) -> tuple[Decimal, dict[str, int],
@@ -309,7 +419,7 @@ def _cost_fields(state: StreamState, rt: StreamRuntime) -> tuple[Decimal, dict[s
         "usage": usage,
         "cost_usd": str(cost),
         "first_token_at": state.first_token_at,
-        "content_tokens_relayed": len(state.pieces),
+        "content_tokens_relayed": state.relayed,
     }
     return cost, increments, fields
 
@@ -360,8 +470,8 @@ async def _end_completed(state: StreamState, rt: StreamRuntime) -> RunOutcome:
         "message": {"role": "assistant", "content": content},
     }
     fields["finished_at"] = finished_at = now()
-    outcome = await rt.store.transition(
-        state.record.id, "completed", allowed_from=["streaming"], fields=fields,
+    outcome = await _write_end(
+        rt, state, "completed", fields=fields,
         event=ev.done(state.finish_reason, fields["usage"], cost, len(content)),
         run_end=_ending(rt, state, increments,
                         _finished_record(state, "completed", finished_at)),
@@ -384,8 +494,8 @@ async def _end_failed(state: StreamState, rt: StreamRuntime, failure: Failure) -
     if state.pieces:
         fields["result"] = {"content": state.content, "finish_reason": None}
     fields["finished_at"] = finished_at = now()
-    outcome = await rt.store.transition(
-        state.record.id, "failed", allowed_from=["streaming"], fields=fields,
+    outcome = await _write_end(
+        rt, state, "failed", fields=fields,
         event=ev.error(failure.code, failure.message, failure.retryable),
         run_end=_ending(rt, state, increments if state.usage.paid else {},
                         _finished_record(state, "failed", finished_at)),
@@ -400,10 +510,15 @@ async def _end_failed(state: StreamState, rt: StreamRuntime, failure: Failure) -
 
 
 async def _end_stopped(state: StreamState, rt: StreamRuntime) -> RunOutcome:
-    """The request became terminal under us (cancelled): record what was paid for."""
+    """The request became terminal under us (cancelled): record what was paid for. Or another
+    worker took the stream over: write nothing (it accounts for what the replay log holds)."""
+    if state.handle.lost:
+        log.warning("stream taken over by another worker", request_id=state.record.id)
+        return "taken_over"
     _cost, increments, fields = _cost_fields(state, rt)
     if state.usage.paid:
-        await rt.store.annotate(state.record.id, fields, _ending(rt, state, increments))
+        ending = _ending(rt, state, increments)
+        await _ride_out(rt, lambda: rt.store.annotate(state.record.id, fields, ending))
         _ended(rt, state)
     log.info("stream stopped: request is terminal", request_id=state.record.id,
              tokens_paid=state.usage.completion_tokens)
