@@ -188,8 +188,9 @@ def bounded_keys(keys: Keys) -> list[str]:
     """Every key that may exist without a TTL once no request is in flight (besides kombu's
     bindings, `Keys.celery_bindings_prefix`). Each is bounded by the operator's configuration,
     not by traffic: the ledger by route x operator-named models (`Settings.model_label`), the
-    timings by lane, the rest are single values or hold only models with queued requests
-    (emptied by each flush). Every other key either has a TTL or indexes requests in flight and
-    is empty (so gone) when none are."""
+    timings by lane, the stream engines by the stream worker processes running, the rest are
+    single values or hold only models with queued requests (emptied by each flush). Every other
+    key either has a TTL or indexes requests in flight and is empty (so gone) when none are."""
     return [keys.ledger(), keys.timings("stream"), keys.timings("batch"),
-            keys.runtime_config(), keys.last_flush(), keys.batch_mode(), keys.pending_models()]
+            keys.runtime_config(), keys.last_flush(), keys.batch_mode(), keys.pending_models(),
+            keys.stream_engines()]
