@@ -47,13 +47,18 @@ def api(
     settings = load_settings()
     host = host or settings.api_host
     port = port if port is not None else settings.api_port
-    if workers > 1:
+    from router.api import slow_clients
+
+    if workers > 1:  # each worker process configures the protocol in router.api.asgi
         uvicorn.run("router.api.asgi:app", host=host, port=port, workers=workers,
-                    log_level="warning", access_log=False, factory=False)
+                    log_level="warning", access_log=False, factory=False,
+                    http=slow_clients.PROTOCOL)
         return
     from router.api.app import create_app
 
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", access_log=False)
+    slow_clients.configure(settings)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", access_log=False,
+                http=slow_clients.PROTOCOL)
 
 
 @app.command()

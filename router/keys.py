@@ -177,3 +177,20 @@ class Keys:
     def celery_prefix(self) -> str:
         """Prefix Celery's own keys live under (unacked, beat, results)."""
         return f"{self.prefix}.celery."
+
+    def celery_bindings_prefix(self) -> str:
+        """Prefix of kombu's exchange bindings (one set per queue and exchange, no TTL):
+        bounded by the lanes' queues, like `bounded_keys()`."""
+        return f"{self.celery_prefix()}_kombu."
+
+
+def bounded_keys(keys: Keys) -> list[str]:
+    """Every key that may exist without a TTL once no request is in flight (besides kombu's
+    bindings, `Keys.celery_bindings_prefix`). Each is bounded by the operator's configuration,
+    not by traffic: the ledger by route x operator-named models (`Settings.model_label`), the
+    timings by lane, the stream engines by the stream worker processes running, the rest are
+    single values or hold only models with queued requests (emptied by each flush). Every other
+    key either has a TTL or indexes requests in flight and is empty (so gone) when none are."""
+    return [keys.ledger(), keys.timings("stream"), keys.timings("batch"),
+            keys.runtime_config(), keys.last_flush(), keys.batch_mode(), keys.pending_models(),
+            keys.stream_engines()]

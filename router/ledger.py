@@ -1,6 +1,7 @@
 """The cost ledger: tokens and cost per route and model, and what the batch lane saved.
 
-One Redis hash (`Keys.ledger()`); fields are ``<route>|<model>|<measure>``. Costs are kept in
+One Redis hash (`Keys.ledger()`); fields are ``<route>|<model>|<measure>``, where the model is
+one the operator named or ``other`` (`Settings.model_label`), so the hash is bounded. Costs are kept in
 integer pico-dollars (HINCRBY), so sums are exact: every price with up to six decimals per
 million tokens is a whole number of pico-dollars per token, and so is half of it, so the batch
 savings equal the batch share of the standard cost times the discount to the last digit.
@@ -8,6 +9,7 @@ savings equal the batch share of the standard cost times the discount to the las
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -29,11 +31,13 @@ def ledger_increments(
     settings: Settings, route: str, model: str, usage: dict[str, Any] | None, *,
     emulated: bool = False,
 ) -> tuple[Decimal, dict[str, int]]:
-    """The cost of one result and the ledger fields to add for it."""
+    """The cost of one result and the ledger fields to add for it. The cost is the model's
+    own; the fields are named after `Settings.model_label(model)`, so a tenant's made-up model
+    names add to the `other` line instead of adding fields."""
     paid = cost_usd(settings, model, usage, route, emulated=emulated)
     standard = cost_usd(settings, model, usage, "stream")
     usage = usage or {}
-    base = f"{route}|{model}|"
+    base = f"{route}|{settings.model_label(model)}|"
     return paid, {
         base + "requests": 1,
         base + "prompt_tokens": int(usage.get("prompt_tokens") or 0),
@@ -62,6 +66,13 @@ class LedgerLine:
     def savings_usd(self) -> Decimal:
         return self.standard_cost_usd - self.cost_usd
 
+    def add(self, other: LedgerLine) -> None:
+        self.requests += other.requests
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        self.cost_usd += other.cost_usd
+        self.standard_cost_usd += other.standard_cost_usd
+
 
 @dataclass
 class Ledger:
@@ -83,16 +94,20 @@ class Ledger:
                 setattr(line, measure, amount)
         return ledger
 
+    def relabelled(self, label: Callable[[str], str]) -> Ledger:
+        """The same ledger with each model counted under `label(model)` (lines merged), so
+        fields written before `Settings.model_label` existed are shown as the others are."""
+        out = Ledger()
+        for (route, model), line in self.lines.items():
+            out.lines.setdefault((route, label(model)), LedgerLine()).add(line)
+        return out
+
     def total(self, route: str | None = None) -> LedgerLine:
         out = LedgerLine()
         for (line_route, _model), line in self.lines.items():
             if route is not None and line_route != route:
                 continue
-            out.requests += line.requests
-            out.prompt_tokens += line.prompt_tokens
-            out.completion_tokens += line.completion_tokens
-            out.cost_usd += line.cost_usd
-            out.standard_cost_usd += line.standard_cost_usd
+            out.add(line)
         return out
 
     def as_dict(self) -> dict[str, Any]:

@@ -21,14 +21,16 @@ from router.ledger import Ledger
 from router.metrics import TIMING_METRICS, Histogram, histograms_from_hash
 from router.redis_text import text
 from router.runtime_config import FLUSH_INTERVAL, validate_flush_interval
-from settings import Settings
+from settings import OTHER_MODEL, Settings
 
 LANES = ("stream", "batch")
 # kombu's Redis transport keeps a queue's prioritised messages under `<queue>\x06\x16<step>`.
 _KOMBU_PRIORITY_SEP = "\x06\x16"
 _KOMBU_PRIORITY_STEPS = (3, 6, 9)
 # Looking up the model of each stream request is one HGET per id: bounded so a flood cannot
-# make a scrape slow. Ids beyond the bound are counted under model "other".
+# make a scrape slow. Ids beyond the bound are counted under model "other". Every model is
+# reported by `Settings.model_label` (the operator's models, else "other"): tenants pick model
+# names, so they must not become label values (unbounded series, and a leak on /metrics).
 STREAM_MODEL_LOOKUP_LIMIT = 1000
 
 Command = tuple[str, tuple[Any, ...]]
@@ -120,7 +122,7 @@ def snapshot_plan(settings: Settings) -> Plan:
     batch_ids = [text(b) for b in r1[1]]
     dispatched = [(text(i), float(score)) for i, score in r1[2]]
     n_dispatched, streaming, n_streaming = int(r1[3]), [text(i) for i in r1[4]], int(r1[5])
-    ledger = Ledger.from_hash(r1[6])
+    ledger = Ledger.from_hash(r1[6]).relabelled(settings.model_label)
     timings = {lane: histograms_from_hash(r1[7 + i]) for i, lane in enumerate(LANES)}
     flush_interval = _flush_interval(r1[7 + len(LANES)], settings)
     last_flush = {text(k): text(v) for k, v in r1[8 + len(LANES)].items()}
@@ -156,9 +158,12 @@ def snapshot_plan(settings: Settings) -> Plan:
     snap = Snapshot(taken_at=now, celery_queues=celery_queues, batches_in_flight=batch_status,
                     batch_ids_in_flight=batch_ids, ledger=ledger, timings=timings,
                     flush_interval_s=flush_interval, last_flush=last_flush)
+    queued: dict[str, int] = {}
     for model, (count, _head) in pending.items():
         if count:
-            snap.queues.append(QueueDepth("batch", model, "queued", count))
+            label = settings.model_label(model)
+            queued[label] = queued.get(label, 0) + count
+    snap.queues += [QueueDepth("batch", m, "queued", n) for m, n in sorted(queued.items())]
     created = [float(text(c)) for c in r3 if c is not None]
     snap.oldest_age_s["batch"] = max((now - c for c in created), default=0.0)
     snap.oldest_age_s["stream"] = max(now - dispatched[0][1], 0.0) if dispatched else 0.0
@@ -168,9 +173,10 @@ def snapshot_plan(settings: Settings) -> Plan:
     ):
         by_model: dict[str, int] = {}
         for model in ids_models:
-            by_model[model] = by_model.get(model, 0) + 1
+            label = settings.model_label(model)
+            by_model[label] = by_model.get(label, 0) + 1
         if total > len(ids_models):
-            by_model["other"] = by_model.get("other", 0) + total - len(ids_models)
+            by_model[OTHER_MODEL] = by_model.get(OTHER_MODEL, 0) + total - len(ids_models)
         snap.queues += [QueueDepth("stream", m, state, n) for m, n in sorted(by_model.items())]
     return snap
 

@@ -27,6 +27,7 @@ from router.lua import (
     CREATE_SCRIPT,
     EMIT_SCRIPT,
     EMIT_TOKENS_SCRIPT,
+    GET_OWNED_SCRIPT,
     TRANSITION_SCRIPT,
     LuaScript,
 )
@@ -230,6 +231,11 @@ class StoreOps:
             lambda raw: int(raw),
         )
 
+    def get_owned(self, request_id: str, tenant: str) -> StoreOp[RequestRecord | None]:
+        """The record if `tenant` owns it, else None (unknown and foreign ids alike)."""
+        return StoreOp(GET_OWNED_SCRIPT, [self.keys.record(request_id)], [tenant],
+                       _record_from_flat)
+
     def cancel(self, request_id: str, model: str) -> StoreOp[tuple[str, str]]:
         k = self.keys
         return StoreOp(
@@ -241,6 +247,7 @@ class StoreOps:
                 k.pending(model),
                 k.dispatched(),
                 k.cancel_flag(request_id),
+                k.batch_deadlines(),
             ],
             [
                 *self._event_args(request_id),
@@ -271,6 +278,13 @@ class StoreOps:
 
 def _record_or_none(raw: dict[Any, Any]) -> RequestRecord | None:
     return RequestRecord.from_hash(raw) if raw else None
+
+
+def _record_from_flat(raw: Any) -> RequestRecord | None:
+    """A record from a script's flat HGETALL reply (None for nil or empty)."""
+    if not raw:
+        return None
+    return RequestRecord.from_hash(dict(zip(raw[::2], raw[1::2], strict=True)))
 
 
 def _events_from_xrange(entries: list[Any]) -> list[dict[str, Any]]:
@@ -351,6 +365,11 @@ class AsyncRequestStore:
 
     async def get(self, request_id: str) -> RequestRecord | None:
         return _record_or_none(await self.redis.hgetall(self.keys.record(request_id)))
+
+    async def get_owned(self, request_id: str, tenant: str) -> RequestRecord | None:
+        """The record when `tenant` owns it, else None, in one script: the owner is read first
+        and the record only for its owner, so a foreign id costs what an unknown one does."""
+        return await self.run(self.ops.get_owned(request_id, tenant))
 
     async def tenant_of(self, request_id: str) -> str | None:
         """The request's tenant, None when there is no such request: one field, for a route

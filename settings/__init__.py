@@ -2,6 +2,7 @@
 
 from settings.config import (
     DEFAULT_PRICES,
+    OTHER_MODEL,
     BatchMode,
     ModelPrice,
     Route,
@@ -10,4 +11,5 @@ from settings.config import (
     settings_to_env,
 )
 
-__all__ = ["DEFAULT_PRICES", "BatchMode", "ModelPrice", "Route", "Settings", "get_settings", "settings_to_env"]
+__all__ = ["DEFAULT_PRICES", "OTHER_MODEL", "BatchMode", "ModelPrice", "Route", "Settings",
+           "get_settings", "settings_to_env"]

@@ -37,6 +37,8 @@ DEFAULT_PRICES: dict[str, ModelPrice] = {
 }
 
 OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
+# Metrics and ledger label of every model the operator did not name (`Settings.model_label`).
+OTHER_MODEL = "other"
 
 
 class Settings(BaseSettings):
@@ -133,6 +135,14 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=0, le=65535)
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    http_header_timeout_s: float = Field(
+        10.0, gt=0, description="A connection must send a request's headers within this long "
+        "(of opening, or of the previous response); else 408 and closed."
+    )
+    http_body_timeout_s: float = Field(
+        30.0, gt=0, description="A request's whole body must arrive within this long of its "
+        "headers; else 408 and closed."
+    )
     allowed_models: list[str] = Field(default_factory=list)
     default_model: str = "gpt-4o-mini"
     rate_limit_rpm: int = Field(0, ge=0, description="Requests per minute per key; 0 = off.")
@@ -146,6 +156,9 @@ class Settings(BaseSettings):
     # --- operations --------------------------------------------------------------------------
     flower_basic_auth: SecretStr | None = Field(
         None, description="Flower basic auth as 'user:password' (comma-separate several)."
+    )
+    metrics_token: SecretStr | None = Field(
+        None, description="Bearer token GET /metrics requires (401 without it); unset = open."
     )
 
     # --- logging -----------------------------------------------------------------------------
@@ -205,10 +218,19 @@ class Settings(BaseSettings):
     def price_for(self, model: str) -> ModelPrice:
         return self.prices.get(model) or self.prices["*"]
 
+    def model_label(self, model: str) -> str:
+        """The name a model is counted under in metrics and the ledger: itself when the
+        operator named it (`allowed_models` or the price table), else `other`. Tenants choose
+        model names, so only this bounded set may become label values or ledger fields."""
+        if model != "*" and (model in self.prices or model in self.allowed_models):
+            return model
+        return OTHER_MODEL
+
     def safe_dump(self) -> dict[str, Any]:
         """The settings as a dict with every secret masked, for banners and `status`."""
         data = self.model_dump(mode="json")
-        for secret in ("upstream_api_key", "callback_secret", "flower_basic_auth"):
+        for secret in ("upstream_api_key", "callback_secret", "flower_basic_auth",
+                       "metrics_token"):
             if data.get(secret):
                 data[secret] = "***"
         data["api_keys"] = {f"***{i}": tenant for i, tenant in enumerate(self.api_keys.values())}
@@ -237,6 +259,8 @@ def settings_to_env(settings: Settings) -> dict[str, str]:
             value = settings.callback_secret.get_secret_value()
         elif name == "flower_basic_auth" and settings.flower_basic_auth is not None:
             value = settings.flower_basic_auth.get_secret_value()
+        elif name == "metrics_token" and settings.metrics_token is not None:
+            value = settings.metrics_token.get_secret_value()
         env[f"ROUTER_{name.upper()}"] = (
             json.dumps(value) if isinstance(value, (dict, list)) else str(value)
         )

@@ -133,8 +133,13 @@ def test_line_errors_expired_and_failed_batches_end_in_the_right_state(
             requeued_then_failed(request_id, "batch_expired")
         else:
             assert rec.result is not None and rec.result.content
-    for request_id in fail:
-        requeued_then_failed(request_id, "simulated_validation_failure")
+    # Failed as a whole: split until the line at fault is alone; only it uses attempts.
+    rec = record(redis_client, settings, fail[0])
+    assert rec.status == "failed" and rec.attempts == 2, (rec.status, rec.attempts)
+    assert rec.error is not None and rec.error.code == "simulated_validation_failure"
+    for request_id in fail[1:]:
+        rec = record(redis_client, settings, request_id)
+        assert rec.status == "completed" and rec.attempts == 0, (rec.status, rec.attempts)
     keys = Keys(settings.key_prefix)
     assert redis_client.zcard(keys.batches_in_flight()) == 0
     completed = sum(record(redis_client, settings, i).status == "completed" for i in everyone)

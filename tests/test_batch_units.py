@@ -472,3 +472,68 @@ def test_poll_requeues_a_batch_the_upstream_lost(
     assert redis_client.zcard(keys.batches_in_flight()) == 0
     assert _ids(redis_client, keys.pending("gpt-4o-mini")) == ids
     assert all(record(redis_client, settings, i).status == "queued" for i in ids)
+
+
+def test_a_batch_failed_as_a_whole_is_split_and_only_a_lone_failure_uses_an_attempt(
+        make_settings: Callable[..., Settings], redis_client: redis.Redis, sim_url: str) -> None:
+    """Write-back of a batch that failed as a whole (no line ran): several requests go back
+    without using an attempt, in two halves the next flush sends apart; a failed batch of one
+    uses an attempt, and that request is then always sent alone. Queued requests with a
+    deadline are in the deadlines index, submitted ones are not."""
+    from types import SimpleNamespace
+
+    settings = make_settings(upstream_base_url=sim_url, batch_mode="native",
+                             batch_max_attempts=3)
+    keys = Keys(settings.key_prefix)
+    ids = [submit_low(redis_client, settings, f"split {i}", deadline_s=86_400.0)
+           for i in range(5)]
+    assert redis_client.zcard(keys.batch_deadlines()) == 5
+    ctx = PollContext(settings, redis_client, make_openai_client(settings))
+    failed = SimpleNamespace(status="failed", output_file_id=None, error_file_id=None,
+                             errors=SimpleNamespace(data=[SimpleNamespace(
+                                 code="invalid_request", message="line 3 is bad")]))
+
+    def flushed() -> list[set[str]]:
+        batches = flush(_ctx(settings, redis_client)).batches
+        return [{m.decode() for m in redis_client.smembers(keys.batch_requests(b["batch_id"]))}
+                for b in batches]
+
+    def fail(members: set[str]) -> None:
+        batch_id = record(redis_client, settings, next(iter(members))).batch_id
+        assert batch_id is not None
+        report = write_back_batch(ctx, batch_id, "gpt-4o-mini", failed)
+        assert report.requeued == len(members) and report.failed == 0
+
+    [everyone] = flushed()
+    assert everyone == set(ids) and redis_client.zcard(keys.batch_deadlines()) == 0
+    fail(everyone)
+    assert all(record(redis_client, settings, i).attempts == 0 for i in ids)
+    assert redis_client.zcard(keys.batch_deadlines()) == 5  # queued again: indexed again
+    halves = flushed()
+    assert sorted(len(h) for h in halves) == [2, 3] and set().union(*halves) == set(ids)
+    pair = min(halves, key=len)
+    fail(pair)
+    lone = flushed()
+    assert {frozenset(b) for b in lone} == {frozenset({i}) for i in pair}
+    culprit = next(iter(lone[0]))
+    fail({culprit})
+    rec = record(redis_client, settings, culprit)
+    assert (rec.status, rec.attempts) == ("queued", 1)
+    assert "invalid_request: line 3 is bad" in str(
+        RequestStore(redis_client, settings).events_after(culprit)[-1])
+    fresh = submit_low(redis_client, settings, "fresh")
+    assert {frozenset(b) for b in flushed()} == {frozenset({culprit}), frozenset({fresh})}
+
+
+def test_an_id_queued_twice_is_sent_once_so_the_file_stays_valid(
+        make_settings: Callable[..., Settings], redis_client: redis.Redis, sim_url: str) -> None:
+    """A custom_id twice in one file fails the whole batch upstream (`duplicate_custom_id`):
+    the flush sends each id once, whatever its queue holds."""
+    settings = make_settings(upstream_base_url=sim_url, batch_mode="native")
+    keys = Keys(settings.key_prefix)
+    ids = [submit_low(redis_client, settings, f"twice {i}") for i in range(2)]
+    redis_client.rpush(keys.pending("gpt-4o-mini"), ids[0])
+    report = flush(_ctx(settings, redis_client))
+    assert len(report.batches) == 1 and report.batches[0]["requests"] == 2
+    _written_back(settings, redis_client, report.batches[0]["batch_id"])
+    assert [record(redis_client, settings, i).status for i in ids] == ["completed"] * 2

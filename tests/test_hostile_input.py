@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,9 @@ import httpx
 import pytest
 import redis
 
+from router.keys import Keys, bounded_keys
 from settings import Settings
-from tests.support import Stack, delete_prefix
+from tests.support import Stack, delete_prefix, wait_until
 
 KEY_A = "sk-hostile-alpha"
 KEY_B = "sk-hostile-beta"
@@ -504,3 +506,345 @@ def test_the_api_still_accepts_a_good_request_afterwards(api: HostileApi) -> Non
     assert pending == [response.json()["id"].encode()]
     assert httpx.get(f"{api.url}/v1/requests/{response.json()['id']}", headers=auth(KEY_B),
                      timeout=10).status_code == 404
+
+
+# --- issue 16: one tenant's input must not cost another tenant anything -----------------------
+
+def test_a_bad_batch_line_fails_alone_and_costs_other_tenants_no_attempt(
+        make_settings: Callable[..., Settings], stack_factory: Callable[[Settings], Stack],
+        sim_url: str, redis_client: redis.Redis) -> None:
+    """One tenant-b low request whose batch the upstream fails as a whole, flushed with 20 of
+    tenant-a's: the failed batch is split until the bad line is alone, so every tenant-a request
+    completes without using an attempt, and tenant-b's fails after its attempts, alone in its
+    batches, with the upstream's reason (once: 4 of tenant-a's failed, 16 used an attempt)."""
+    settings = make_settings(upstream_base_url=sim_url, api_keys={KEY_A: "alpha", KEY_B: "beta"},
+                             flush_interval_s=0.5, poll_interval_s=0.3, batch_mode="native",
+                             batch_max_attempts=3)
+    stack = stack_factory(settings)
+    url = stack.start_api()
+    tag = uuid.uuid4().hex
+
+    def submit(key: str, content: str) -> str:
+        response = httpx.post(f"{url}/v1/requests", headers=auth(key), timeout=10, json={
+            "priority": "low", "messages": [_msg(content)]})
+        assert response.status_code == 202, response.text
+        return str(response.json()["id"])
+
+    innocent = [submit(KEY_A, f"innocent {i} {tag}") for i in range(10)]
+    bad = submit(KEY_B, f"bad {tag} [[sim:batch=fail]]")
+    innocent += [submit(KEY_A, f"innocent {i} {tag}") for i in range(10, 20)]
+    stack.start_worker("batch")
+    stack.start_beat()
+
+    def get(key: str, request_id: str) -> dict[str, Any]:
+        return dict(httpx.get(f"{url}/v1/requests/{request_id}", headers=auth(key),
+                              timeout=10).json())
+
+    wait_until(lambda: all(get(KEY_A, i)["status"] in ("completed", "failed", "cancelled")
+                           for i in innocent) and get(KEY_B, bad)["status"] == "failed",
+               90, 0.2, message="every request terminal")
+    for request_id in innocent:
+        record = get(KEY_A, request_id)
+        assert record["status"] == "completed", record
+        assert record["attempts"] == 0, record
+    record = get(KEY_B, bad)
+    assert record["attempts"] == settings.batch_max_attempts, record
+    assert record["error"]["code"] == "simulated_validation_failure", record
+    # Its batches: the first held everyone; every one charged to it held it alone.
+    keys = Keys(settings.key_prefix)
+    attempts_alone = 0
+    for raw in redis_client.scan_iter(match=keys.batch_requests("*"), count=1000):
+        members = {m.decode() for m in redis_client.smembers(raw)}
+        if bad in members and len(members) == 1:
+            attempts_alone += 1
+    assert attempts_alone == settings.batch_max_attempts
+
+
+def _series(text: str) -> set[tuple[str, tuple[tuple[str, str], ...]]]:
+    """Every (name, labels) series of a Prometheus text exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(sample.name, tuple(sorted(sample.labels.items())))
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def test_metrics_never_name_a_tenants_model_and_stay_bounded(
+        make_settings: Callable[..., Settings], stack_factory: Callable[[Settings], Stack],
+        sim_url: str, redis_client: redis.Redis) -> None:
+    """Tenants pick model names: on /metrics and in the ledger they are counted as `other`, so
+    40 requests with made-up names add no series and no ledger field and name no model (once:
+    240 series and 200 ledger fields, `ft:acme-secret-...` readable without a key). The costs
+    stay exact, and /metrics answers 401 without ROUTER_METRICS_TOKEN when that is set."""
+    token = "scrape-" + uuid.uuid4().hex
+    settings = make_settings(upstream_base_url=sim_url, api_keys={KEY_A: "alpha", KEY_B: "beta"},
+                             metrics_token=token)
+    stack = stack_factory(settings)
+    url = stack.start_api()
+    stack.start_worker("stream", concurrency=8)
+    for headers in ({}, auth(KEY_A), {"Authorization": "Bearer wrong"}):
+        refused = httpx.get(f"{url}/metrics", headers=headers, timeout=10)
+        assert refused.status_code == 401, refused.text
+        assert refused.json()["error"]["code"] == "invalid_metrics_token"
+
+    def scrape() -> str:
+        response = httpx.get(f"{url}/metrics", timeout=10,
+                             headers={"Authorization": f"Bearer {token}"})
+        assert response.status_code == 200, response.text
+        return response.text
+
+    secret = f"ft:acme-secret-{uuid.uuid4().hex[:8]}"
+    streamed: list[str] = []
+
+    def submit(model: str, priority: str) -> None:
+        response = httpx.post(f"{url}/v1/requests", headers=auth(KEY_B), timeout=10, json={
+            "priority": priority, "model": model, "messages": [_msg(f"hi {model}")]})
+        assert response.status_code == 202, response.text
+        if priority == "high":
+            streamed.append(str(response.json()["id"]))
+
+    def all_completed() -> bool:
+        return all(httpx.get(f"{url}/v1/requests/{i}", headers=auth(KEY_B), timeout=10)
+                   .json()["status"] == "completed" for i in streamed)
+
+    keys = Keys(settings.key_prefix)
+    # A field an older version wrote for a tenant's model is shown as `other` too.
+    redis_client.hincrby(keys.ledger(), f"stream|{secret}-legacy|prompt_tokens", 7)
+    for priority in ("high", "low"):  # one known and one unknown model on each lane
+        submit("gpt-4o-mini", priority)
+        submit(f"{secret}-0", priority)
+    wait_until(all_completed, 30, 0.1, message="first streams completed")
+    before, fields_before = _series(scrape()), redis_client.hlen(keys.ledger())
+    for i in range(1, 21):
+        submit(f"{secret}-{i}", "high")
+        submit(f"{secret}-low-{i}", "low")
+    wait_until(all_completed, 60, 0.1, message="every stream completed")
+    text = scrape()
+    assert "acme" not in text
+    assert _series(text) == before
+    assert redis_client.hlen(keys.ledger()) == fields_before
+    assert ('hybrid_router_queue_depth{lane="batch",model="other",state="queued"} 21.0'
+            in text)
+    # Exact to the pico-dollar: the ledger's stream cost is the sum of the records' costs.
+    from decimal import Decimal
+
+    from router.ledger import Ledger
+
+    costs = [Decimal(str(httpx.get(f"{url}/v1/requests/{i}", headers=auth(KEY_B), timeout=10)
+                         .json()["cost_usd"])) for i in streamed]
+    ledger = Ledger.from_hash(redis_client.hgetall(keys.ledger()))
+    assert ledger.total("stream").cost_usd == sum(costs) > 0
+    assert ledger.total("stream").requests == len(streamed) == 22
+
+
+def test_after_a_mixed_run_every_key_expires_or_is_in_the_bounded_set(
+        make_settings: Callable[..., Settings], stack_factory: Callable[[Settings], Stack],
+        sim_url: str, redis_client: redis.Redis) -> None:
+    """Streams completed, failed and cancelled; low requests with far deadlines completed,
+    failed after their attempts and cancelled in the queue; a drop-in call; an idempotent
+    replay; a made-up model. Once every request is terminal, every key under the prefix has a
+    TTL or is one of `bounded_keys()` (once: finished requests stayed in the deadlines index
+    until their deadline, `deadline_s=1e308` for ever)."""
+    settings = make_settings(upstream_base_url=sim_url, api_keys={KEY_A: "alpha"},
+                             flush_interval_s=0.5, poll_interval_s=0.3, batch_mode="native",
+                             batch_max_attempts=2, stream_max_retries=1,
+                             retry_backoff_base_s=0.05, retry_backoff_max_s=0.1)
+    stack = stack_factory(settings)
+    url = stack.start_api()
+    tag = uuid.uuid4().hex
+    ids: list[str] = []
+
+    def submit(content: str, priority: str, **extra: Any) -> str:
+        response = httpx.post(f"{url}/v1/requests", headers=auth(), timeout=10, json={
+            "priority": priority, "messages": [_msg(f"{content} {tag}")], **extra})
+        assert response.status_code in (200, 202), response.text
+        ids.append(str(response.json()["id"]))
+        return ids[-1]
+
+    far = {"deadline_s": 86_400.0}
+    for i in range(4):
+        submit(f"low {i}", "low", **far)
+    submit("low failing [[sim:line_error=1]]", "low", **far)
+    submit("low made-up model", "low", model=f"ft:nobody-{tag[:6]}", **far)
+    submit("low idempotent", "low", idempotency_key=f"idem-{tag}", **far)
+    submit("low idempotent", "low", idempotency_key=f"idem-{tag}", **far)  # the replay
+    cancelled = submit("low cancelled", "low", **far)
+    assert httpx.delete(f"{url}/v1/requests/{cancelled}", headers=auth(),
+                        timeout=10).status_code == 200
+    stack.start_worker("stream", concurrency=4)
+    stack.start_worker("batch")
+    stack.start_beat()
+    submit("high", "high")
+    submit("high failing [[sim:fail=400]]", "high")
+    slow = submit("high slow [[sim:tokens=400,tps=20]]", "high")
+    wait_until(lambda: httpx.get(f"{url}/v1/requests/{slow}", headers=auth(), timeout=10)
+               .json()["status"] == "streaming", 15, message="slow stream running")
+    assert httpx.delete(f"{url}/v1/requests/{slow}", headers=auth(),
+                        timeout=10).status_code == 200
+    dropin = httpx.post(f"{url}/v1/chat/completions", headers=auth(), timeout=30, json={
+        "model": "gpt-4o-mini", "messages": [_msg(f"drop-in {tag}")]})
+    assert dropin.status_code == 200, dropin.text
+
+    def statuses() -> list[str]:
+        return [httpx.get(f"{url}/v1/requests/{i}", headers=auth(), timeout=10).json()["status"]
+                for i in ids]
+
+    wait_until(lambda: all(s in ("completed", "failed", "cancelled") for s in statuses()),
+               60, 0.2, message="every request terminal")
+    assert set(statuses()) == {"completed", "failed", "cancelled"}
+    keys = Keys(settings.key_prefix)
+    bounded = set(bounded_keys(keys))
+
+    def unexpired() -> list[str]:
+        found = []
+        for pattern in (f"{settings.key_prefix}:*", f"{settings.key_prefix}.*"):
+            for raw in redis_client.scan_iter(match=pattern, count=1000):
+                key = raw.decode()
+                if redis_client.ttl(raw) == -1 and key not in bounded and \
+                        not key.startswith(keys.celery_bindings_prefix()):
+                    found.append(key)
+        return found
+
+    # In-flight bookkeeping (the last poll, the stream lease) ends a moment after the results.
+    try:
+        wait_until(lambda: not unexpired(), 15, 0.2, message="only bounded keys without TTL")
+    except TimeoutError:
+        raise AssertionError(f"keys without a TTL outside bounded_keys(): {unexpired()}") from None
+
+
+def _commands_on_records(api: HostileApi, method: str, url: str, key: str,
+                         ids: tuple[str, ...]) -> tuple[int, list[str]]:
+    """The answer's status and the Redis commands it issued on request records (MONITOR), each
+    with the ids in `ids` written as `<id>`."""
+    prefix = api.settings.key_prefix
+    sentinel = f"{prefix}:monitor-sentinel:{uuid.uuid4().hex}"
+    watcher = redis.Redis.from_url(api.settings.redis_url, socket_timeout=10)
+    try:
+        with watcher.monitor() as monitor:
+            status = httpx.request(method, url, headers=auth(key), timeout=10).status_code
+            api.redis.exists(sentinel)
+            seen: list[str] = []
+            while True:
+                command = str(monitor.next_command()["command"])
+                if sentinel in command:
+                    break
+                if f"{prefix}:req:" in command:
+                    for request_id in ids:
+                        command = command.replace(request_id, "<id>")
+                    seen.append(command)
+    finally:
+        watcher.close()
+    return status, seen
+
+
+def test_foreign_unknown_and_malformed_ids_cost_the_same_redis_commands(api: HostileApi
+                                                                        ) -> None:
+    """Another tenant's id, an unknown id and a malformed one are answered after the very same
+    Redis commands on every id route (once: another tenant's record was read whole before the
+    tenant check, twice as slow for a large record, and a malformed id read nothing); the
+    owner gets the record. Timing figures: bench/bench_probe.py, docs/RELIABILITY.md."""
+    from router.api.routes.requests import NO_SUCH_ID
+
+    big = "x" * 200_000
+    created = httpx.post(f"{api.url}/v1/requests", headers=auth(KEY_B), timeout=10, json={
+        "priority": "low", "messages": [_msg(big)], "metadata": {"pad": big}})
+    assert created.status_code == 202, created.text
+    foreign, unknown, malformed = created.json()["id"], uuid.uuid4().hex, "Z" * 32
+    ids = (foreign, unknown, NO_SUCH_ID)
+    try:
+        for method, suffix in (("GET", ""), ("GET", "/events"), ("DELETE", "")):
+            # Warm: the first call of a script after a restart loads it (NOSCRIPT, then again).
+            httpx.request(method, f"{api.url}/v1/requests/{unknown}{suffix}",
+                          headers=auth(KEY_A), timeout=10)
+            answers = {
+                name: _commands_on_records(api, method, f"{api.url}/v1/requests/{request_id}"
+                                           f"{suffix}", KEY_A, ids)
+                for name, request_id in (("foreign", foreign), ("unknown", unknown),
+                                         ("malformed", malformed))}
+            assert answers["foreign"][0] == 404 and answers["foreign"][1], answers
+            assert answers["foreign"] == answers["unknown"] == answers["malformed"], (
+                method, suffix, answers)
+            assert not any("HGETALL" in c.upper() for c in answers["foreign"][1]), answers
+        owner = httpx.get(f"{api.url}/v1/requests/{foreign}", headers=auth(KEY_B), timeout=10)
+        assert owner.status_code == 200 and owner.json()["metadata"] == {"pad": big}
+    finally:
+        httpx.delete(f"{api.url}/v1/requests/{foreign}", headers=auth(KEY_B), timeout=10)
+
+
+def _read_until_closed(socks: list[socket.socket], seconds: float) -> dict[socket.socket, bytes]:
+    """What each socket received until the server closed it; a socket still open after
+    `seconds` is missing from the answer."""
+    import selectors
+
+    received = {sock: b"" for sock in socks}
+    closed: dict[socket.socket, bytes] = {}
+    with selectors.DefaultSelector() as selector:
+        for sock in socks:
+            sock.setblocking(False)
+            selector.register(sock, selectors.EVENT_READ)
+        deadline = time.monotonic() + seconds
+        while len(closed) < len(socks) and time.monotonic() < deadline:
+            for key, _events in selector.select(timeout=max(0.0, deadline - time.monotonic())):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                try:
+                    data = sock.recv(65536)
+                except ConnectionResetError:
+                    data = b""
+                if data:
+                    received[sock] += data
+                else:
+                    closed[sock] = received[sock]
+                    selector.unregister(sock)
+    return closed
+
+
+def test_slow_clients_get_a_408_and_are_closed(
+        make_settings: Callable[..., Settings], stack_factory: Callable[[Settings], Stack]
+        ) -> None:
+    """Connections that never finish their headers (slowloris), a body shorter than its
+    Content-Length, a chunked body that stalls, and a connection that sends nothing are all
+    closed (with a 408 where a request began) once the header or body timeout passes (once:
+    held for ever); meanwhile other requests are served, and a long SSE response is not cut."""
+    settings = make_settings(upstream_base_url="http://127.0.0.1:9/v1",
+                             api_keys={KEY_A: "alpha"}, http_header_timeout_s=1.0,
+                             http_body_timeout_s=1.0, sse_keepalive_s=0.3)
+    stack = stack_factory(settings)
+    url = stack.start_api()
+    parsed = urlparse(url)
+    address = (parsed.hostname or "127.0.0.1", parsed.port or 80)
+    head = (b"POST /v1/requests HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY_A.encode()
+            + b"\r\nContent-Type: application/json\r\n")
+    sends = {
+        "silent": b"",
+        "body short of its length": head + b"Content-Length: 100\r\n\r\n" + b'{"messages"',
+        "chunked body that stalls": head + b"Transfer-Encoding: chunked\r\n\r\n5\r\n{\"mes\r\n",
+    }
+    sends.update({f"slowloris {i}": head + b"X-Slow: " for i in range(100)})
+    socks: dict[str, socket.socket] = {}
+    started = time.monotonic()
+    for name, data in sends.items():
+        socks[name] = socket.create_connection(address, timeout=5)
+        socks[name].sendall(data)
+    # A long response (SSE, keep-alives every 0.3 s) outlives both timeouts.
+    queued = httpx.post(f"{url}/v1/requests", headers=auth(), timeout=10, json={
+        "priority": "low", "messages": [_msg("waits")]})
+    assert queued.status_code == 202, queued.text
+    with httpx.stream("GET", f"{url}/v1/requests/{queued.json()['id']}/events", headers=auth(),
+                      timeout=10) as events:
+        assert events.status_code == 200
+        lines = events.iter_lines()
+        while time.monotonic() - started < 3.0:
+            next(lines)  # raises if the server closed the stream
+        # Meanwhile, ordinary requests are served.
+        assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+    closed = _read_until_closed(list(socks.values()), 10.0)
+    try:
+        for name, sock in socks.items():
+            assert sock in closed, f"{name}: still open {time.monotonic() - started:.1f} s after"
+            if name != "silent" and not name.startswith("slowloris"):
+                assert closed[sock].startswith(b"HTTP/1.1 408"), (name, closed[sock][:300])
+                assert b'"request_timeout"' in closed[sock], (name, closed[sock][:300])
+        assert closed[socks["slowloris 0"]].startswith(b"HTTP/1.1 408")
+    finally:
+        for sock in socks.values():
+            sock.close()

@@ -43,6 +43,7 @@ class ClaimedRow(NamedTuple):
     model: str | None
     body_json: bytes | None
     deadline_at: float | None
+    group: str | None  # set when a failed batch was split: the flush batches the group alone
 
 
 def new_claim_id() -> str:
@@ -65,22 +66,24 @@ def claim(client: redis.Redis, keys: Keys, model: str, limit: int) -> Claim | No
 
 def fetch_rows(client: redis.Redis, keys: Keys, ids: Sequence[str],
                chunk: int = FETCH_CHUNK) -> Iterator[ClaimedRow]:
-    """Status, model, body JSON and deadline of each id, read in chunks (memory stays flat).
+    """Status, model, body JSON, deadline and batch group of each id, read in chunks (memory
+    stays flat).
 
     The next chunk is read by Redis while this one is handed out (`run_overlapped`).
     """
-    fields = ["status", "model", "body", "deadline_at"]
+    fields = ["status", "model", "body", "deadline_at", "batch_group"]
     parts = (ids[start:start + chunk] for start in range(0, len(ids), chunk))
     calls = ((part, ([keys.record(i) for i in part], fields)) for part in parts)
     for part, flat in run_overlapped(client, FETCH_SCRIPT, calls):
-        for request_id, status, model, body, deadline in zip(
-                part, flat[0::4], flat[1::4], flat[2::4], flat[3::4], strict=True):
+        for request_id, status, model, body, deadline, group in zip(
+                part, flat[0::5], flat[1::5], flat[2::5], flat[3::5], flat[4::5], strict=True):
             yield ClaimedRow(
                 request_id,
                 text_or_none(status),
                 text_or_none(model),
                 body if isinstance(body, bytes) or body is None else str(body).encode(),
                 float(deadline) if deadline else None,
+                text_or_none(group),
             )
 
 

@@ -189,14 +189,36 @@ def _flush_model(ctx: FlushContext, lock: RedisLock, report: FlushReport, model:
             return
 
 
-def _lines(ctx: FlushContext, report: FlushReport, claim: Claim) -> Iterator[tuple[str, bytes]]:
-    """The (id, body JSON) pairs worth sending; escalates and fails the others on the way."""
+def _parts(ctx: FlushContext, report: FlushReport, claim: Claim
+           ) -> Generator[JsonlPart, None, None]:
+    """The claim's input files: the requests of no group together, then each group of a split
+    batch (`workers.batch_split`) in files of its own, so a line at fault shares none."""
+    s = ctx.settings
+    groups: dict[str, list[tuple[str, bytes]]] = {}
+    yield from write_parts(_lines(ctx, report, claim, groups), s.batch_max_requests,
+                           s.batch_max_bytes)
+    for group in groups.values():
+        yield from write_parts(group, s.batch_max_requests, s.batch_max_bytes)
+
+
+def _lines(ctx: FlushContext, report: FlushReport, claim: Claim,
+           groups: dict[str, list[tuple[str, bytes]]]) -> Iterator[tuple[str, bytes]]:
+    """The (id, body JSON) pairs worth sending; escalates and fails the others on the way.
+    Requests that belong to a group are set aside in `groups` instead of being yielded.
+
+    What the Batch API would refuse the whole file for is checked here, line by line, so that
+    no line can fail the others: a custom_id twice (`duplicate_custom_id`: an id is sent once
+    per claim), a line over the file size limit (failed alone). One model per file and valid
+    bodies are ensured at intake; anything else fails the batch as a whole upstream, and the
+    batch is then split to find the line at fault (`workers.batch_split`)."""
     s = ctx.settings
     cutoff = now() + s.expected_batch_turnaround_s
+    seen: set[str] = set()
     for row in batch_claim.fetch_rows(ctx.client, ctx.keys, claim.ids):
-        if row.status != "queued" or row.body_json is None:
+        if row.status != "queued" or row.body_json is None or row.id in seen:
             report.skipped += 1
             continue
+        seen.add(row.id)
         if row.deadline_at is not None and row.deadline_at < cutoff:
             reason = (f"deadline would be missed by a batch (expected turnaround "
                       f"{s.expected_batch_turnaround_s:g}s), so it streams")
@@ -207,6 +229,9 @@ def _lines(ctx: FlushContext, report: FlushReport, claim: Claim) -> Iterator[tup
             _fail_oversized(ctx, row)
             report.failed += 1
             continue
+        if row.group:
+            groups.setdefault(row.group, []).append((row.id, row.body_json))
+            continue
         yield row.id, row.body_json
 
 
@@ -216,7 +241,7 @@ def _fail_oversized(ctx: FlushContext, row: ClaimedRow) -> None:
                "send it with priority high")
     error = {"code": "request_too_large_for_batch", "message": message, "retryable": False}
     answers = run_pipelined(ctx.client, FINISH_SCRIPT, [(
-        [k.record(row.id), k.seq(row.id), k.events(row.id), k.ledger()],
+        [k.record(row.id), k.seq(row.id), k.events(row.id), k.ledger(), k.batch_deadlines()],
         ["queued", "failed", k.channel(row.id), s.replay_maxlen, s.replay_ttl_s, s.result_ttl_s,
          ev.error("request_too_large_for_batch", message, False), 0,
          "error", dumps(error), "finished_at", repr(now())],
@@ -227,8 +252,7 @@ def _fail_oversized(ctx: FlushContext, row: ClaimedRow) -> None:
 
 def _flush_claim(ctx: FlushContext, lock: RedisLock, report: FlushReport, claim: Claim,
                  mode: ResolvedMode) -> None:
-    parts: Generator[JsonlPart, None, None] = write_parts(_lines(ctx, report, claim), ctx.settings.batch_max_requests,
-                        ctx.settings.batch_max_bytes)
+    parts = _parts(ctx, report, claim)
     try:
         for part in parts:
             try:

@@ -64,33 +64,38 @@ return out
 """
 
 # Mark many requests `submitted` in one batch (only those still `queued`) and emit `submitted`.
-# KEYS: members-set, then per request: record, seq, events
+# They leave the deadlines index: it holds only `queued` requests (REQUEUE puts them back).
+# KEYS: members-set, deadlines, then per request: record, seq, events
 # ARGV: batch_id, now, maxlen, ev_ttl, event, then per request: id, channel
 # Returns the number moved.
 SUBMIT_MANY = (
     _COMMON
     + """
 local moved = 0
-local n = (#KEYS - 1) / 3
+local n = (#KEYS - 2) / 3
 local ids = {}
 for i = 0, n - 1 do ids[i + 1] = ARGV[6 + 2 * i] end
 if n > 0 then redis.call('SADD', KEYS[1], unpack(ids)) end
+local left = {}
 for i = 0, n - 1 do
-  local rec, seq, events = KEYS[2 + 3 * i], KEYS[3 + 3 * i], KEYS[4 + 3 * i]
+  local rec, seq, events = KEYS[3 + 3 * i], KEYS[4 + 3 * i], KEYS[5 + 3 * i]
   local channel = ARGV[7 + 2 * i]
   if redis.call('HGET', rec, 'status') == 'queued' then
     redis.call('HSET', rec, 'status', 'submitted', 'batch_id', ARGV[1], 'started_at', ARGV[2])
     emit(seq, events, channel, ARGV[3], ARGV[4], ARGV[5])
     moved = moved + 1
+    left[#left + 1] = ids[i + 1]
   end
 end
+if #left > 0 then redis.call('ZREM', KEYS[2], unpack(left)) end
 return moved
 """
 )
 
 # Move one request to a terminal state and add its cost to the ledger in the same step, so a
-# result written twice changes nothing and is counted once.
-# KEYS: record, seq, events, ledger
+# result written twice changes nothing and is counted once. With the deadlines index as a fifth
+# key, the request leaves it (it held the request while `queued`).
+# KEYS: record, seq, events, ledger[, deadlines]
 # ARGV: allowed (comma list), to_status, channel, maxlen, ev_ttl, record_ttl, event,
 #       n_ledger, ledger field, amount, ..., record field, value, ...
 # Returns {moved (1|0|-1), previous_status, callback_url or ''}.
@@ -111,6 +116,7 @@ local fields = {'status', ARGV[2]}
 for i = 9 + 2 * n_ledger, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[6]))
+if #KEYS >= 5 then redis.call('ZREM', KEYS[5], redis.call('HGET', KEYS[1], 'id')) end
 emit(KEYS[2], KEYS[3], ARGV[3], ARGV[4], ARGV[5], ARGV[7])
 return {1, cur, redis.call('HGET', KEYS[1], 'callback_url') or ''}
 """
@@ -206,11 +212,15 @@ return out
 )
 
 # A request of a batch that produced no result for it goes back to the front of its queue
-# (attempts + 1), or fails once it has used its attempts. Only when it is still `submitted` in
-# this very batch, so a late or repeated poll cannot requeue a request twice.
-# KEYS: record, seq, events, pending, models-set
+# (attempts + `charge`), or fails once it has used its attempts. Only when it is still
+# `submitted` in this very batch, so a late or repeated poll cannot requeue a request twice.
+# `charge` is 0 when the batch failed as a whole and is being split to find the line at fault
+# (`workers.batch_split`): the request did not use an attempt. A non-empty `group` is stored as
+# the record's `batch_group`: the flush puts the requests of one group in a batch of their own.
+# A request put back in its queue with a deadline goes back into the deadlines index.
+# KEYS: record, seq, events, pending, models-set, deadlines
 # ARGV: batch_id, max_attempts, channel, maxlen, ev_ttl, record_ttl, now, queued_event,
-#       failed_event, error_json, id, model
+#       failed_event, error_json, id, model, charge, group
 # Returns {1 requeued | 2 failed | 0 untouched, callback_url or '', created_at or ''}.
 REQUEUE = (
     _COMMON
@@ -218,8 +228,10 @@ REQUEUE = (
 local cur = redis.call('HGET', KEYS[1], 'status')
 if cur ~= 'submitted' then return {0, ''} end
 if redis.call('HGET', KEYS[1], 'batch_id') ~= ARGV[1] then return {0, ''} end
-local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-if attempts >= tonumber(ARGV[2]) then
+local charge = tonumber(ARGV[13])
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', charge)
+if ARGV[14] ~= '' then redis.call('HSET', KEYS[1], 'batch_group', ARGV[14]) end
+if charge > 0 and attempts >= tonumber(ARGV[2]) then
   redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[10], 'finished_at', ARGV[7])
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[6]))
   emit(KEYS[2], KEYS[3], ARGV[3], ARGV[4], ARGV[5], ARGV[9])
@@ -228,6 +240,8 @@ if attempts >= tonumber(ARGV[2]) then
 end
 redis.call('HSET', KEYS[1], 'status', 'queued')
 redis.call('HDEL', KEYS[1], 'batch_id')
+local deadline = redis.call('HGET', KEYS[1], 'deadline_at')
+if deadline then redis.call('ZADD', KEYS[6], deadline, ARGV[11]) end
 redis.call('LPUSH', KEYS[4], ARGV[11])
 redis.call('SADD', KEYS[5], ARGV[12])
 emit(KEYS[2], KEYS[3], ARGV[3], ARGV[4], ARGV[5], ARGV[8])
@@ -240,7 +254,8 @@ return {1, ''}
 # fails with the reason. Otherwise it stays `queued` for the claim's release, which follows and
 # puts it back at the front of its queue. Only a request still `queued` counts, so a refusal is
 # counted at most once per request per claim (the claim is released right after).
-# KEYS: record, seq, events
+# A request that fails leaves the deadlines index.
+# KEYS: record, seq, events, deadlines
 # ARGV: max_attempts, channel, maxlen, ev_ttl, record_ttl, now, failed_event, error_json
 # Returns {1 counted | 2 failed | 0 untouched, callback_url or '', created_at or ''}.
 COUNT_REFUSAL = (
@@ -249,6 +264,7 @@ COUNT_REFUSAL = (
 if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return {0, '', ''} end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 if attempts < tonumber(ARGV[1]) then return {1, '', ''} end
+redis.call('ZREM', KEYS[4], redis.call('HGET', KEYS[1], 'id'))
 redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[8], 'finished_at', ARGV[6])
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
 emit(KEYS[2], KEYS[3], ARGV[2], ARGV[3], ARGV[4], ARGV[7])

@@ -3,9 +3,10 @@
 `completed`: every output and error line goes to its request (`BatchWriter`), then any member
 that got no line is requeued. `failed` / `expired` / `cancelled`: the partial results are kept
 the same way and every member still `submitted` in this batch is requeued (or fails after
-`batch_max_attempts`) with the upstream's reason. The batch then leaves the in-flight set.
-All of it is idempotent, so a poll that runs twice (or dies half-way and runs again) changes
-nothing the second time.
+`batch_max_attempts`) with the upstream's reason; a `failed` batch of several requests is split
+instead, without using an attempt, to find the request at fault (`workers.batch_split`). The
+batch then leaves the in-flight set. All of it is idempotent, so a poll that runs twice (or
+dies half-way and runs again) changes nothing the second time.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from router.redis_text import text
 from settings import Settings
 from workers.batch_lock import held
 from workers.batch_lua import FETCH_SCRIPT
+from workers.batch_split import SPLIT_STATUS, alone, halves, splits
 from workers.batch_writeback import BatchWriter, LineOutcome, Notify, WritebackReport, no_notify, parse_line
 from workers.deadlines import StreamDispatch, escalate_due
 
@@ -146,7 +148,13 @@ def write_back_batch(ctx: PollContext, batch_id: str, model: str, batch: Any) ->
             values = FETCH_SCRIPT(ctx.client, [ctx.keys.record(m) for m in part], ["created_at"])
             created.update((rid, float(raw or 0)) for rid, raw in zip(part, values, strict=True))
         missing.sort(key=lambda rid: created[rid], reverse=True)
-        report.add(writer.requeue([(m, code, message) for m in missing]))
+        items = [(m, code, message) for m in missing]
+        status = str(batch.status)
+        if splits(status, missing):  # not every request's fault: find the one that is
+            report.add(writer.requeue(items, halves(batch_id, missing), charged=False))
+        else:
+            report.add(writer.requeue(items, alone(batch_id, missing)
+                                      if status == SPLIT_STATUS else None))
     return report
 
 

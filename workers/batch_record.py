@@ -49,7 +49,7 @@ def mark_submitted(client: redis.Redis, settings: Settings, batch_id: str,
 
     def calls() -> Iterator[tuple[int, ScriptCall]]:
         for start in range(0, len(ids), chunk):
-            call_keys = [keys.batch_requests(batch_id)]
+            call_keys = [keys.batch_requests(batch_id), keys.batch_deadlines()]
             call_args: list[Any] = [batch_id, at, settings.replay_maxlen, settings.replay_ttl_s,
                                     event]
             for request_id in ids[start:start + chunk]:

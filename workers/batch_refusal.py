@@ -51,7 +51,7 @@ def count_refusal(client: redis.Redis, settings: Settings, ids: Sequence[str], r
         part = ids[start:start + COUNT_CHUNK]
         finished = now()
         answers = run_pipelined(client, COUNT_REFUSAL_SCRIPT, [(
-            [keys.record(rid), keys.seq(rid), keys.events(rid)],
+            [keys.record(rid), keys.seq(rid), keys.events(rid), keys.batch_deadlines()],
             [settings.batch_max_attempts, keys.channel(rid), settings.replay_maxlen,
              settings.replay_ttl_s, settings.result_ttl_s, repr(finished), event, error],
         ) for rid in part])

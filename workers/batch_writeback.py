@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import gc
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -341,20 +341,23 @@ class BatchWriter:
             args += self._finish_args(out)
         return keys, args
 
-    def _requeue_call(self, request_id: str, code: str, message: str, finished: float
-                      ) -> tuple[list[str], list[Any]]:
+    def _requeue_call(self, request_id: str, code: str, message: str, finished: float,
+                      group: str = "", charged: bool = True) -> tuple[list[str], list[Any]]:
         k = self.keys
         error = {"code": code, "message": message, "retryable": False}
+        reason = f"{code}: {message}" if charged else (
+            f"batch {self.batch_id} failed as a whole ({code}: {message}); sent again in a "
+            "smaller batch to find the request at fault, no attempt used")
         return (
             [k.record(request_id), k.seq(request_id), k.events(request_id),
-             k.pending(self.model), k.pending_models()],
+             k.pending(self.model), k.pending_models(), k.batch_deadlines()],
             [self.batch_id, self.settings.batch_max_attempts, k.channel(request_id),
              self.settings.replay_maxlen, self.settings.replay_ttl_s,
              self.settings.result_ttl_s, repr(finished),
-             ev.queued(None, f"{code}: {message}"[:300]),
+             ev.queued(None, reason[:300]),
              ev.error(code, f"{message} (gave up after {self.settings.batch_max_attempts} "
                       "attempts)", False),
-             dumps(error), request_id, self.model],
+             dumps(error), request_id, self.model, 1 if charged else 0, group],
         )
 
     # --- writing ---------------------------------------------------------------------------
@@ -423,13 +426,19 @@ class BatchWriter:
         report.failed += failed
         return report
 
-    def requeue(self, items: Sequence[tuple[str, str, str]]) -> WritebackReport:
-        """Send `(request_id, code, message)` back to the queue (or fail them when exhausted)."""
+    def requeue(self, items: Sequence[tuple[str, str, str]],
+                groups: Mapping[str, str] | None = None, *, charged: bool = True
+                ) -> WritebackReport:
+        """Send `(request_id, code, message)` back to the queue (or fail them when exhausted).
+
+        `groups` (request id -> group) marks requests the next flush batches by group;
+        `charged=False` puts them back without using one of their attempts (a batch split)."""
         report = WritebackReport(seen={i[0] for i in items})
         requeued, failed = 0, 0
         for start in range(0, len(items), WRITE_CHUNK):
             tally = LatencyTally()
-            r, f = self._requeue(items[start:start + WRITE_CHUNK], report, tally)
+            r, f = self._requeue(items[start:start + WRITE_CHUNK], report, tally, groups or {},
+                                 charged)
             tally.write(self.client, self.keys)
             requeued += r
             failed += f
@@ -437,10 +446,13 @@ class BatchWriter:
         return report
 
     def _requeue(self, items: Sequence[tuple[str, str, str]], report: WritebackReport,
-                 tally: LatencyTally) -> tuple[int, int]:
+                 tally: LatencyTally, groups: Mapping[str, str] | None = None,
+                 charged: bool = True) -> tuple[int, int]:
         finished = now()
-        answers = run_pipelined(self.client, REQUEUE_SCRIPT,
-                                [self._requeue_call(*item, finished) for item in items])
+        groups = groups or {}
+        answers = run_pipelined(self.client, REQUEUE_SCRIPT, [
+            self._requeue_call(*item, finished, groups.get(item[0], ""), charged)
+            for item in items])
         requeued, failed, untouched = settle_attempts(
             [item[0] for item in items], answers, finished, tally, self.notify)
         report.unchanged += untouched

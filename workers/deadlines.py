@@ -1,6 +1,9 @@
 """Deadline escalation: a queued low request that a batch would deliver too late streams instead.
 
-A request enters `Keys.batch_deadlines()` at intake when it has a deadline. Each flush checks
+A request enters `Keys.batch_deadlines()` at intake when it has a deadline, and is in it exactly
+while it is `queued`: it leaves when it is submitted in a batch, cancelled, failed or escalated,
+and comes back when a batch puts it back in its queue (so no finished request stays in the
+index, whatever its deadline, and a requeued one is escalated in time). Each flush checks
 the requests it claims (now + expected turnaround past the deadline → escalate), and each poll
 checks the set against the time of the next flush (`escalate_due`). The move is one script
 that acts only while the request is still `queued`, then the stream task is sent; if a batch

@@ -13,6 +13,7 @@ from router.api.body_limit import BodySizeLimit
 from router.api.errors import install_error_handlers
 from router.api.fast_path import FastPaths
 from router.api.routes import admin, chat, events, health, metrics, requests
+from router.api.slow_clients import BodyReadTimeout
 from router.event_hub import event_follower
 from router.intake import StreamDispatcher
 from router.logs import configure_logging, get_logger
@@ -77,4 +78,6 @@ def create_app(settings: Settings, dispatcher: StreamDispatcher | None = None) -
     # Added first, so it runs inside the body size limit (the last one added runs outermost).
     app.add_middleware(FastPaths, routes=[r for m in modules for r in m.router.routes])
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    # Outermost: the body's deadline holds whoever reads it (see router.api.slow_clients).
+    app.add_middleware(BodyReadTimeout, timeout_s=settings.http_body_timeout_s)
     return app

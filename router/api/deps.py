@@ -63,7 +63,7 @@ def key_id(api_key: str) -> str:
     return hashlib.sha256(api_key.encode()).hexdigest()[:16]
 
 
-def _bearer(authorization: str | None) -> str | None:
+def bearer_token(authorization: str | None) -> str | None:
     if not authorization:
         return None
     scheme, _, token = authorization.partition(" ")
@@ -80,7 +80,7 @@ async def get_caller(
     settings: Settings = request.app.state.settings
     if not settings.auth_enabled:
         return Caller(DEV_TENANT, "dev")
-    token = _bearer(authorization)
+    token = bearer_token(authorization)
     if token is None:
         raise IntakeError(
             401,

@@ -98,6 +98,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 413:
             return error_response(413, str(exc.detail), param="body", code="body_too_large")
+        if exc.status_code == 408:  # router.api.slow_clients: the body did not arrive in time
+            return error_response(408, str(exc.detail), param="body", code="request_timeout",
+                                  headers=dict(exc.headers or {}))
         if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
             # FastAPI's answer when the JSON parser itself gives up (e.g. nesting 10,000 deep).
             return error_response(400, "body could not be parsed as JSON (malformed, or nested "

@@ -1,29 +1,47 @@
 """`GET /metrics` (Prometheus text) and `GET /v1/stats` (the same snapshot as JSON).
 
 Both read Redis at request time (`router.stats`), so any API replica answers for the whole
-deployment. `/metrics` carries counts only (no tenant data, no ids) and, like most exporters,
-needs no API key so a scraper can reach it. `/v1/stats` adds every tenant's spend, so with auth
-on it is for admin tenants only (`Settings.admin_tenants`), like `/v1/admin/*`.
+deployment. `/metrics` carries counts only (no tenant data, no ids, and models only as the
+operator named them, else `other`: `Settings.model_label`). Like most exporters it is open by
+default so a scraper can reach it; with `ROUTER_METRICS_TOKEN` set it answers 401 unless sent
+`Authorization: Bearer <token>` (Prometheus: `authorization: {credentials: ...}`). `/v1/stats`
+adds every tenant's spend, so with auth on it is for admin tenants only
+(`Settings.admin_tenants`), like `/v1/admin/*`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import hmac
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends, Header
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from router.api.deps import RedisDep, SettingsDep
+from router.api.deps import RedisDep, SettingsDep, bearer_token
 from router.api.routes.admin import AdminDep
+from router.intake import IntakeError
 from router.metrics import RouterCollector
 from router.stats import take_snapshot_async
 
 router = APIRouter(tags=["monitoring"])
 
 
+async def require_metrics_token(settings: SettingsDep,
+                                authorization: Annotated[str | None, Header()] = None) -> None:
+    """401 unless `ROUTER_METRICS_TOKEN` is unset or sent as the bearer token."""
+    if settings.metrics_token is None:
+        return
+    expected = settings.metrics_token.get_secret_value().encode()
+    token = bearer_token(authorization)
+    if token is None or not hmac.compare_digest(expected, token.encode()):
+        raise IntakeError(401, "GET /metrics needs 'Authorization: Bearer <ROUTER_METRICS_TOKEN>'",
+                          code="invalid_metrics_token")
+
+
 @router.get("/metrics", response_class=Response,
-            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
+            dependencies=[Depends(require_metrics_token)])
 async def metrics(redis: RedisDep, settings: SettingsDep) -> Response:
     """Prometheus metrics: queue depths, oldest age, batches in flight, latencies, tokens, cost."""
     registry = CollectorRegistry(auto_describe=False)

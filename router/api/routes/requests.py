@@ -65,27 +65,31 @@ def _not_found(request_id: str) -> IntakeError:
     return IntakeError(404, f"no request {request_id!r}", param="id", code="not_found")
 
 
-def _check_id(request_id: str) -> None:
-    """A malformed id is a 404 before any Redis access (it never reaches a key)."""
-    if not REQUEST_ID.match(request_id):
-        raise _not_found(request_id[:64])
+# Never given out (a uuid4's 13th hex digit is 4): a malformed id is looked up as this one, so
+# it never reaches a key, yet costs the same Redis command as an unknown or a foreign id.
+NO_SUCH_ID = "0" * 32
+
+
+def _lookup_id(request_id: str) -> str:
+    """The id to read: itself when well-formed, else `NO_SUCH_ID`."""
+    return request_id if REQUEST_ID.match(request_id) else NO_SUCH_ID
 
 
 async def load_owned(store: AsyncRequestStore, request_id: str, tenant: str) -> RequestRecord:
-    """The caller's own request, or 404 (also for another tenant's id: ids cannot be probed)."""
-    _check_id(request_id)
-    record = await store.get(request_id)
-    if record is None or record.tenant != tenant:
-        raise _not_found(request_id)
+    """The caller's own request, or 404. A malformed id, an unknown one and another tenant's
+    get the same 404 after the same single script (`GET_OWNED`: owner first, the record only
+    for its owner), so neither the answer nor its timing tells them apart."""
+    record = await store.get_owned(_lookup_id(request_id), tenant)
+    if record is None:
+        raise _not_found(request_id[:64])
     return record
 
 
 async def check_owned(store: AsyncRequestStore, request_id: str, tenant: str) -> None:
     """`load_owned` for a route that needs only to know the request is the caller's: the same
-    404s after the same single read, of one field instead of the whole record."""
-    _check_id(request_id)
-    if await store.tenant_of(request_id) != tenant:
-        raise _not_found(request_id)
+    404s after the same single read (`HGET` of the owner), whatever the id."""
+    if await store.tenant_of(_lookup_id(request_id)) != tenant:
+        raise _not_found(request_id[:64])
 
 
 def view_of(request: Request, record: RequestRecord, keys: Keys) -> RequestView:
