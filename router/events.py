@@ -78,6 +78,12 @@ def parse_event(data: bytes | str) -> dict[str, Any]:
     return value
 
 
+# The largest seq a client may resume after: replay log ids are ``0-<seq>`` and Redis stream ids
+# are 64-bit unsigned, so a larger cursor would be refused by Redis ("Invalid stream ID")
+# after the SSE headers were sent. Kept to signed 64 bits, as every integer the API takes.
+MAX_SEQ = 2**63 - 1
+
+
 def stream_id_after(seq: int) -> str:
     """The exclusive XRANGE/XREAD start for 'events after `seq`'."""
     return f"0-{seq}"

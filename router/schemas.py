@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from router.callback_policy import callback_url_problem
 from router.records import Priority, RequestError, RequestResult, RouteName, Status, UsageInfo
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
@@ -34,6 +35,7 @@ class ChatMessage(BaseModel):
         return self
 
 
+MAX_BUDGET_USD = Decimal(10**9)
 MAX_JSON_DEPTH = 32
 INT64 = 2**63
 
@@ -93,12 +95,15 @@ class ChatCompletionFields(BaseModel):
             raise PydanticCustomError("unsafe_json", problem)
         return data
 
+    # Strict types (issue 16): OpenAI refuses ``"max_tokens": "10"`` or ``true`` and
+    # ``"stream": "yes"``, so the router does too, rather than coerce them.
     model: str | None = Field(None, min_length=1, max_length=256)
     messages: list[ChatMessage] = Field(min_length=1, max_length=10_000)
-    max_tokens: int | None = Field(None, gt=0)
-    max_completion_tokens: int | None = Field(None, gt=0)
-    stream: bool | None = None
-    n: int | None = Field(None, ge=1, le=1)
+    max_tokens: int | None = Field(None, gt=0, strict=True)
+    max_completion_tokens: int | None = Field(None, gt=0, strict=True)
+    stream: bool | None = Field(None, strict=True)
+    n: int | None = Field(None, ge=1, le=1, strict=True,
+                          description="Only 1: the router relays one choice.")
 
 
 class SubmitRequest(ChatCompletionFields):
@@ -106,22 +111,34 @@ class SubmitRequest(ChatCompletionFields):
 
     priority: Priority = "normal"
     deadline_s: float | None = Field(
-        None, gt=0, description="Seconds within which a result is needed."
+        None, gt=0, strict=True, description="Seconds within which a result is needed."
     )
     metadata: dict[str, Any] | None = Field(None, description="Kept on the record, not sent.")
     idempotency_key: str | None = Field(
         None, min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:\-]+$"
     )
     max_cost_usd: Decimal | None = Field(
-        None, gt=0, description="Budget; becomes a max_tokens cap from the lane's price."
+        None, gt=0, allow_inf_nan=False,
+        description="Budget; becomes a max_tokens cap from the lane's price. A budget above "
+        f"{MAX_BUDGET_USD} USD is taken as {MAX_BUDGET_USD} (no practical limit).",
     )
     callback_url: str | None = Field(None, max_length=2048)
+
+    @field_validator("max_cost_usd")
+    @classmethod
+    def _bounded_budget(cls, value: Decimal | None) -> Decimal | None:
+        # Decimal keeps any exponent ("1e999999999999"), but arithmetic on it overflows: a
+        # budget too big to matter is no limit, at a size every later step can compute with.
+        if value is not None and value > MAX_BUDGET_USD:
+            return MAX_BUDGET_USD
+        return value
 
     @field_validator("callback_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("http://", "https://")):
-            raise ValueError("must be an http:// or https:// URL")
+        problem = None if value is None else callback_url_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
     def openai_body(self) -> dict[str, Any]:
