@@ -19,23 +19,32 @@ ROUTER_FIELDS = frozenset(
 )
 
 
+# An assistant message may carry one of these instead of content (OpenAI's own rule).
+_ASSISTANT_WITHOUT_CONTENT = ("tool_calls", "function_call", "audio", "refusal")
+
+
 class ChatMessage(BaseModel):
     """One chat message; unknown OpenAI fields (name, tool_calls, ...) pass through."""
 
     model_config = ConfigDict(extra="allow")
 
     role: Role
-    content: str | list[dict[str, Any]] | None
+    # Absent or null only in an assistant message that holds tool calls (or a function call,
+    # audio or a refusal), as the openai SDK sends an agent's previous turn.
+    content: str | list[dict[str, Any]] | None = None
 
     @model_validator(mode="after")
     def _content_present(self) -> ChatMessage:
-        if self.content is None and not (self.role == "assistant" and self.model_extra and
-                                         self.model_extra.get("tool_calls")):
-            raise ValueError("content must be a string or a list of content parts")
+        extra = self.model_extra or {}
+        if self.content is None and not (
+                self.role == "assistant" and any(extra.get(k) for k in _ASSISTANT_WITHOUT_CONTENT)):
+            raise ValueError("content must be a string or a list of content parts (it may be "
+                             "null only in an assistant message with tool_calls)")
         return self
 
 
 MAX_BUDGET_USD = Decimal(10**9)
+IDEMPOTENCY_KEY_PATTERN = r"^[A-Za-z0-9_.:\-]{1,200}$"
 MAX_JSON_DEPTH = 32
 INT64 = 2**63
 
@@ -115,7 +124,7 @@ class SubmitRequest(ChatCompletionFields):
     )
     metadata: dict[str, Any] | None = Field(None, description="Kept on the record, not sent.")
     idempotency_key: str | None = Field(
-        None, min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:\-]+$"
+        None, min_length=1, max_length=200, pattern=IDEMPOTENCY_KEY_PATTERN
     )
     max_cost_usd: Decimal | None = Field(
         None, gt=0, allow_inf_nan=False,
@@ -141,12 +150,25 @@ class SubmitRequest(ChatCompletionFields):
             raise ValueError(problem)
         return value
 
+    def dump_as_sent(self) -> dict[str, Any]:
+        """The request as the client sent it (JSON mode): every field it set, nulls inside
+        messages and pass-through fields kept (an assistant turn's ``content: null`` stays),
+        and only the router's own typed fields dropped when null."""
+        data = self.model_dump(mode="json", exclude_unset=True)
+        for name in _TYPED_FIELDS:
+            if data.get(name, 0) is None:
+                del data[name]
+        return data
+
     def openai_body(self) -> dict[str, Any]:
-        """The chat-completion body to send upstream (router fields removed, nulls dropped)."""
-        data = self.model_dump(mode="json", exclude_none=True)
+        """The chat-completion body to send upstream (router fields removed)."""
+        data = self.dump_as_sent()
         for name in ROUTER_FIELDS:
             data.pop(name, None)
         return data
+
+
+_TYPED_FIELDS = frozenset(SubmitRequest.model_fields)
 
 
 class SubmitResponse(BaseModel):

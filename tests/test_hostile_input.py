@@ -677,3 +677,27 @@ def test_callback_signature_covers_a_timestamp_and_the_docs_snippet_verifies_it(
     restamped = f"t={int(t[2:]) + 3600},{digest}"  # a replay that claims a fresh time
     assert not verify(restamped, body, "s3cret", now=sent_at + 3600)
     assert not verify(digest, body, "s3cret")  # no timestamp at all
+
+
+def test_the_drop_in_accepts_an_agent_tool_call_turn(api: HostileApi) -> None:
+    """``content: null`` + ``tool_calls``, then a ``tool`` message: once a 400 blaming the
+    Idempotency-Key header (the body was dumped without its nulls and validated again). No
+    stream worker runs here: the stream starts (the request was accepted); leaving cancels it."""
+    messages = [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [{
+            "id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+    for extra in ({}, {"Idempotency-Key": f"agent-{uuid.uuid4().hex}"}):
+        with httpx.stream("POST", f"{api.url}/v1/chat/completions", timeout=10,
+                          headers={**auth(), **extra},
+                          json={"messages": messages, "stream": True, "tools": [{
+                              "type": "function", "function": {"name": "get_weather"}}]}
+                          ) as response:
+            assert response.status_code == 200, response.read()
+            request_id = response.headers["x-request-id"]
+        record = httpx.get(f"{api.url}/v1/requests/{request_id}", headers=auth(),
+                           timeout=10).json()
+        assert record["body"]["messages"] == messages  # kept as sent, nulls included

@@ -48,7 +48,7 @@ class StreamHandle:
     """What the publisher knows about one running stream."""
 
     request_id: str
-    pending: list[str] = field(default_factory=list)
+    pending: list[ev.Produced] = field(default_factory=list)
     inflight: bool = False
     stopped: bool = False
     last_seq: int = 0
@@ -84,8 +84,9 @@ class StreamPublisher:
         self._handles[request_id] = handle
         return handle
 
-    def publish(self, handle: StreamHandle, content: str) -> None:
-        """Queue one token's text; the publisher task sends it on its next turn."""
+    def publish(self, handle: StreamHandle, content: ev.Produced) -> None:
+        """Queue one token's text (or one chunk's tool-call deltas); the publisher task sends
+        it on its next turn."""
         if handle.error is not None:
             raise PublishError(f"publishing failed: {handle.error}") from handle.error
         handle.pending.append(content)
@@ -152,7 +153,7 @@ class StreamPublisher:
             if batch:
                 await self._publish(batch)
 
-    async def _publish(self, batch: dict[StreamHandle, list[str]]) -> None:
+    async def _publish(self, batch: dict[StreamHandle, list[ev.Produced]]) -> None:
         results: list[Any] | None = None
         error: BaseException | None = None
         try:
@@ -176,9 +177,9 @@ class StreamPublisher:
         async with self._sent:
             self._sent.notify_all()
 
-    async def _send(self, batch: dict[StreamHandle, list[str]]) -> list[Any]:
+    async def _send(self, batch: dict[StreamHandle, list[ev.Produced]]) -> list[Any]:
         """One round trip: a guarded EMIT per stream (EVALSHA, loading the script if needed)."""
-        ops = [self.ops.emit(h.request_id, [ev.token("".join(parts))], guard=True)
+        ops = [self.ops.emit(h.request_id, _events(parts), guard=True)
                for h, parts in batch.items()]
         if self.pipe is not None:
             return await self._send_raw(self.pipe, ops)
@@ -207,6 +208,14 @@ class StreamPublisher:
             if isinstance(r, hiredis.ReplyError):
                 raise redis.ResponseError(str(r))
         return results
+
+
+def _events(parts: list[ev.Produced]) -> list[str]:
+    """A stream's pending parts as events: all text (the usual case) is one ``token`` event."""
+    texts = [part for part in parts if isinstance(part, str)]
+    if len(texts) == len(parts):
+        return [ev.token("".join(texts))]
+    return ev.produced_events(parts)
 
 
 def _release(hold: asyncio.Future[None]) -> None:
