@@ -30,8 +30,16 @@ class ChatMessage(BaseModel):
 
     role: Role
     # Absent or null only in an assistant message that holds tool calls (or a function call,
-    # audio or a refusal), as the openai SDK sends an agent's previous turn.
-    content: str | list[dict[str, Any]] | None = None
+    # audio or a refusal), as the openai SDK may send an agent's previous turn.
+    content: str | list[dict[str, Any]] | None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _assistant_content_may_be_absent(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "content" not in data and data.get("role") == "assistant" \
+                and any(data.get(k) for k in _ASSISTANT_WITHOUT_CONTENT):
+            return {**data, "content": None}
+        return data
 
     @model_validator(mode="after")
     def _content_present(self) -> ChatMessage:
