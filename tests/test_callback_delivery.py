@@ -122,3 +122,17 @@ def test_an_https_target_keeps_its_name_for_sni_and_never_shares_a_connection() 
         {"Host": "a.hooks.test", "Connection": "close"},
         {"sni_hostname": "a.hooks.test"},
     )
+
+
+def test_a_port_no_longer_allowed_is_refused_at_send_time(
+        make_settings: Callable[..., Settings], redis_client: redis.Redis, receiver: CallbackReceiver,
+        http: httpx.Client) -> None:
+    """Accepted while ``127.0.0.1:*`` was listed; sent after the list became ``127.0.0.1``
+    (ports 80 and 443): refused, nothing sent (issue 16: ports are part of the allowlist)."""
+    accepting = make_settings(callback_allowed_hosts=["127.0.0.1:*"])
+    request_id = _terminal_request(redis_client, accepting, receiver.url("port"))
+    sending = accepting.model_copy(update={"callback_allowed_hosts": ["127.0.0.1"]})
+    result = deliver_callback(sending, redis_client, http, request_id)
+    assert result.outcome == "refused" and str(receiver.port) in result.detail
+    assert receiver.posts == []
+    assert deliver_callback(accepting, redis_client, http, request_id).outcome == "sent"
