@@ -32,7 +32,7 @@ from router.store import RequestStore
 from settings import Settings
 from tests.batch_helpers import submit_low
 from tests.callback_receiver import callback_receiver
-from tests.support import REPO_ROOT, Stack, delete_prefix
+from tests.support import REPO_ROOT, Stack, delete_prefix, wait_until
 from workers.callbacks import deliver_callback
 
 KEY_A = "sk-hostile-alpha"
@@ -547,6 +547,17 @@ def _cancel(api: HostileApi, request_id: str) -> None:
                         timeout=10).status_code == 200
 
 
+def _left_and_cancelled(api: HostileApi, request_id: str) -> None:
+    """Cancel a drop-in stream the test walked away from and wait until it is (the API's own
+    cancel on disconnect is asynchronous, and later tests compare the keyspace)."""
+    status = httpx.delete(f"{api.url}/v1/requests/{request_id}", headers=auth(),
+                          timeout=10).status_code
+    assert status in (200, 409), status  # 409: the disconnect had cancelled it already
+    wait_until(lambda: httpx.get(f"{api.url}/v1/requests/{request_id}", headers=auth(),
+                                 timeout=10).json()["status"] == "cancelled",
+               10, message=f"request {request_id} cancelled")
+
+
 def test_a_decimal_overflow_budget_on_the_drop_in_is_no_500(api: HostileApi) -> None:
     """``max_cost_usd: "1e999999999999"`` overflowed Decimal arithmetic (a 500) on both POST
     routes; /v1/requests is covered by the absurd-budget test. The drop-in (no stream worker
@@ -556,6 +567,7 @@ def test_a_decimal_overflow_budget_on_the_drop_in_is_no_500(api: HostileApi) -> 
                             "max_cost_usd": "1e999999999999"}) as response:
         assert response.status_code == 200, response.read()
         first = next(response.iter_lines())
+    _left_and_cancelled(api, response.headers["x-request-id"])
     assert first.startswith("data: ") and json.loads(first[6:])["object"] == \
         "chat.completion.chunk"
 
@@ -697,7 +709,9 @@ def test_the_drop_in_accepts_an_agent_tool_call_turn(api: HostileApi) -> None:
                               "type": "function", "function": {"name": "get_weather"}}]}
                           ) as response:
             assert response.status_code == 200, response.read()
+            assert next(response.iter_lines()).startswith("data: ")
             request_id = response.headers["x-request-id"]
+        _left_and_cancelled(api, request_id)
         record = httpx.get(f"{api.url}/v1/requests/{request_id}", headers=auth(),
                            timeout=10).json()
         assert record["body"]["messages"] == messages  # kept as sent, nulls included
