@@ -98,7 +98,7 @@ def test_a_token_event_is_fenced_by_the_lease_and_never_appended_twice(
 
     def emit(owner: str, before: int, text: str) -> int:
         return store.run(store.ops.emit_tokens(request_id, owner, before, len(text),
-                                               ev.token(text)))
+                                               [ev.token(text)]))
 
     assert emit(OWNER, 0, "ab") > 0
     assert emit(OWNER, 0, "ab") == 0  # the same event again: already in the log
