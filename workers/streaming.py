@@ -331,20 +331,14 @@ async def _stream(state: StreamState, rt: StreamRuntime) -> RunOutcome:
                         delta = choice.get("delta")
                         text = delta.get("content") if delta else None
                         if text:
-                            if state.first_token_at is None:
-                                state.first_token_at = now()
                             state.pieces.append(text)
-                            state.relayed += 1
+                            _relay(state, rt, text)
                             received += 1
-                            rt.publisher.publish(state.handle, text)
                         calls = delta.get("tool_calls") if delta else None
                         if calls and isinstance(calls, list):
-                            if state.first_token_at is None:
-                                state.first_token_at = now()
                             state.tool_calls.add(calls)
-                            state.relayed += 1
+                            _relay(state, rt, calls)
                             received += 1
-                            rt.publisher.publish(state.handle, calls)
                         if choice.get("finish_reason"):
                             state.finish_reason = choice["finish_reason"]
                     if state.handle.stopped:
@@ -388,6 +382,14 @@ async def _stream(state: StreamState, rt: StreamRuntime) -> RunOutcome:
                 failure = Failure(failure.code, f"{failure.message} (gave up after {retries} "
                                   f"retries)", True)
             return await _end_failed(state, rt, failure)
+
+
+def _relay(state: StreamState, rt: StreamRuntime, part: ev.Produced) -> None:
+    """Hand one part (a token's text, or one chunk's tool-call deltas) to the publisher."""
+    if state.first_token_at is None:
+        state.first_token_at = now()
+    state.relayed += 1
+    rt.publisher.publish(state.handle, part)
 
 
 def _classify(exc: BaseException, mid_stream: bool) -> Failure:
