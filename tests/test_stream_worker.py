@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -304,6 +305,18 @@ def test_sweep_resumes_orphans_and_redispatches_stale_requests(
                    message="stale dispatched request sent again")
         assert sent == [stale]
         assert set(resumed) == {orphan}  # the leased one has a live worker
+        # With a confirmation window, a stream without a lease is taken over only once it has
+        # had none for that long (a live worker renews a lapsed lease within a second).
+        ctx.redis.delete(ctx.keys.lease(leased))
+        seen: dict[str, float] = {}
+        first = time.monotonic()
+        taken: list[str] = []
+        assert sweep_streams(ctx, taken.append, sent.append, 10, seen, 0.5).resumed == 0
+        assert set(seen) == {orphan, leased} and not taken
+        wait_until(lambda: sweep_streams(ctx, taken.append, sent.append, 10, seen, 0.5).resumed,
+                   5, message="the lease-less streams taken over after the window")
+        assert set(taken) == {orphan, leased} and time.monotonic() - first >= 0.5
+        assert not seen
         assert sweep_streams(ctx, resumed.append, sent.append, 0).resumed == 0  # no capacity
         assert run_stream(orphan, ctx) == "completed"
         assert run_stream(stale, ctx) == "completed"

@@ -64,6 +64,7 @@ POP_TIMEOUT_S = 1
 POP_BATCH = 32  # messages taken off the queue in one round trip when there is a backlog
 HOUSEKEEPING_S = 1.0  # heartbeat, dead engines' taken messages, the sweep
 SWEEP_HOLD_AFTER_OUTAGE_S = 3.0
+ORPHAN_CONFIRM_S = 2.0  # a stream is taken over once it has had no lease this long
 __all__ = ["EventSink", "StreamEngine", "parse_task_message"]
 
 
@@ -98,6 +99,7 @@ class StreamEngine:
         self._runs: dict[str, list[StreamRun]] = {}  # request id -> its runs taken off the queue
         self._housekeeper: asyncio.Task[None] | None = None
         self._list_key: str | None = None
+        self._orphans_seen: dict[str, float] = {}  # the sweep's streams without a lease
         self.engine_id = uuid.uuid4().hex
         keys = self.keys = Keys(ctx.settings.key_prefix)
         self.taken_key = keys.stream_taken(self.engine_id)
@@ -372,7 +374,8 @@ class StreamEngine:
         capacity = self.max_streams - len(self._running)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, sweep_streams, self.ctx, self._resume,
-                                   self.ctx.redispatch, capacity)
+                                   self.ctx.redispatch, capacity, self._orphans_seen,
+                                   ORPHAN_CONFIRM_S)
 
     def _resume(self, request_id: str) -> None:
         """Take over a stream whose worker is gone (from the sweep's thread), as the same

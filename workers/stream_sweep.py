@@ -5,9 +5,10 @@ Every stream engine runs it about once a second (`workers.stream_engine`); a sho
 lets one engine at a time do it, so it appears nowhere in Celery (no task per sweep):
 
 - ``streaming`` requests (`Keys.streaming()`) whose lease expired lost their worker (SIGKILL,
-  OOM, machine gone, or Redis out of reach for longer than the lease): they are handed to this
-  engine, whose claim takes them over and resumes them from the last token in the replay log
-  (`workers.streaming`), as many as it has free slots for;
+  OOM, machine gone, or Redis out of reach for longer than the lease): once seen without a
+  lease for two seconds, they are handed to this engine, whose claim takes them over and
+  resumes them from the last token in the replay log (`workers.streaming`), as many as it has
+  free slots for;
 - ``dispatched`` requests (`Keys.dispatched()`) not claimed within
   ``Settings.stream_redispatch_after_s`` (a broker message lost with Redis data, a queue
   purged) are sent to the stream queue again; the claim makes an extra delivery harmless;
@@ -41,11 +42,19 @@ class SweepReport:
 
 
 def sweep_streams(ctx: StreamContext, resume: Callable[[str], None],
-                  redispatch: Callable[[str], None], capacity: int) -> SweepReport:
+                  redispatch: Callable[[str], None], capacity: int,
+                  orphans_seen: dict[str, float] | None = None,
+                  confirm_s: float = 0.0) -> SweepReport:
     """One sweep: `resume(request_id)` takes over a stream whose worker is gone (at most
-    `capacity` of them), `redispatch(request_id)` sends the stream task again."""
+    `capacity` of them), `redispatch(request_id)` sends the stream task again.
+
+    With `orphans_seen` (request id -> when first seen without a lease, kept by the caller
+    between sweeps), a stream is taken over only once it has had no lease for `confirm_s`:
+    a live worker whose lease lapsed while Redis was away takes it back within a second, and
+    a take-over of a stream that still runs costs a second upstream call."""
     report = SweepReport()
-    _sweep_streaming(ctx, resume, capacity, report)
+    _sweep_streaming(ctx, resume, capacity, report,
+                     {} if orphans_seen is None else orphans_seen, confirm_s)
     _sweep_dispatched(ctx, redispatch, report)
     if report.resumed or report.redispatched:
         log.info("stream sweep", resumed=report.resumed, redispatched=report.redispatched,
@@ -61,22 +70,25 @@ def _statuses(ctx: StreamContext, ids: list[str]) -> list[bytes | None]:
 
 
 def _sweep_streaming(ctx: StreamContext, resume: Callable[[str], None], capacity: int,
-                     report: SweepReport) -> None:
+                     report: SweepReport, seen: dict[str, float], confirm_s: float) -> None:
     keys = ctx.keys
     raw: Any = ctx.redis.zrange(keys.streaming(), 0, SWEEP_BATCH - 1)
     ids = [i.decode() for i in raw]
-    if not ids:
-        return
     pipe = ctx.redis.pipeline(transaction=False)
     for request_id in ids:
         pipe.exists(keys.lease(request_id))
-    leased = pipe.execute()
+    leased = pipe.execute() if ids else []
     orphans = [i for i, alive in zip(ids, leased, strict=True) if not alive]
+    for gone in set(seen) - set(orphans):
+        del seen[gone]
     if not orphans:
         return
+    at = now()
     for request_id, status in zip(orphans, _statuses(ctx, orphans), strict=True):
         if status == b"streaming":
-            if report.resumed < capacity:
+            first_seen = seen.setdefault(request_id, at)
+            if at - first_seen >= confirm_s and report.resumed < capacity:
+                seen.pop(request_id, None)
                 resume(request_id)  # the claim takes the lease: only one engine gets it
                 report.resumed += 1
         elif status is None or status in _TERMINAL:
