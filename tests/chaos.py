@@ -79,7 +79,8 @@ EXPECTED_FAILURES: dict[str, frozenset[str]] = {
     "batch": frozenset({"server_error", "simulated_validation_failure", "batch_expired",
                         "batch_cancelled"}),
 }
-SSE_READ_TIMEOUT_S = 40.0  # keep-alives come every 15 s: a silent connection is dead
+SSE_KEEPALIVE_S = 5.0  # the run's ROUTER_SSE_KEEPALIVE_S
+SSE_READ_TIMEOUT_S = 3 * SSE_KEEPALIVE_S  # no keep-alive for this long: the connection is dead
 
 
 @dataclass
@@ -174,8 +175,10 @@ def plan_requests(config: ChaosConfig, run_id: str, rng: random.Random) -> list[
                 directive = " [[sim:fail=500,times=1]]"
             elif roll < 0.35:
                 directive = " [[sim:fail=429,times=2,retry_after=0.1]]"
-            elif roll < 0.55:
-                directive = " [[sim:tokens=40,tps=20]]"  # long enough to be killed mid-stream
+            elif roll < 0.7:
+                # Long enough (6 s) that a few streams are always under way when a stream
+                # worker is killed or Redis goes away.
+                directive = " [[sim:tokens=60,tps=10]]"
         elif roll < 0.01:
             directive = " [[sim:line_error=1]]"
         content = f"chaos {run_id} #{i} {priority}{directive}"
@@ -185,12 +188,14 @@ def plan_requests(config: ChaosConfig, run_id: str, rng: random.Random) -> list[
 
 # --- SSE followers --------------------------------------------------------------------------------
 
-def read_sse(response: httpx.Response) -> Iterator[dict[str, Any]]:
-    """The events of an SSE response (keep-alive comments skipped); `id` and `event` checked to
-    agree with the event's own `seq` and `type`."""
+def read_sse(response: httpx.Response) -> Iterator[dict[str, Any] | None]:
+    """The events of an SSE response, None for each comment (keep-alive); `id` and `event`
+    checked to agree with the event's own `seq` and `type`."""
     fields: dict[str, str] = {}
     for line in response.iter_lines():
-        if line == "":
+        if line.startswith(":"):
+            yield None
+        elif line == "":
             if fields:
                 event: dict[str, Any] = orjson.loads(fields.get("data", "null"))
                 if not isinstance(event, dict) or fields.get("id") != str(event.get("seq")) \
@@ -198,7 +203,7 @@ def read_sse(response: httpx.Response) -> Iterator[dict[str, Any]]:
                     raise AssertionError(f"malformed SSE event {fields}")
                 yield event
                 fields = {}
-        elif not line.startswith(":"):
+        else:
             name, _, value = line.partition(":")
             fields[name] = value.removeprefix(" ")
 
@@ -243,10 +248,11 @@ class SseFollower:
                     self.refused[response.status_code] += 1
                     return False
                 for event in read_sse(response):
-                    self.events.append((self.connections, event))
-                    if event["type"] in FINAL_EVENT_TYPES:
-                        self.finished = True
-                        return True
+                    if event is not None:
+                        self.events.append((self.connections, event))
+                        if event["type"] in FINAL_EVENT_TYPES:
+                            self.finished = True
+                            return True
                     if stop.is_set():
                         return False
         except httpx.HTTPError:
@@ -442,7 +448,7 @@ class ChaosRun:
                 batch_max_attempts=6, batch_lock_ttl_s=5.0, expected_batch_turnaround_s=5.0,
                 stream_max_retries=6, retry_backoff_base_s=0.05, retry_backoff_max_s=0.5,
                 stream_idle_timeout_s=10, stream_lease_s=3.0, stream_redispatch_after_s=6.0,
-                log_format="json", log_level="INFO",
+                sse_keepalive_s=SSE_KEEPALIVE_S, log_format="json", log_level="INFO",
             )
             self.settings_batch_max_attempts = settings.batch_max_attempts
             stack = Stack(settings, workdir=workdir / "stack")
@@ -477,7 +483,7 @@ class ChaosRun:
             exits.callback(client.close)
             self._wait_terminal(client, settings, stack, procs, time.monotonic()
                                 + config.deadline_s)
-            self._wait_followers(time.monotonic() + 60)
+            self._wait_followers(time.monotonic() + 30)
             self._verify(client, settings, sim, plan)
             self.report.seconds = time.monotonic() - started
             if self.report.problems:
@@ -511,8 +517,8 @@ class ChaosRun:
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         self.followers_stop.set()
-        for thread in threads:
-            thread.join(SSE_READ_TIMEOUT_S + 15)
+        for thread in threads:  # each notices `stop` at its next keep-alive at the latest
+            thread.join(max(0.0, deadline + SSE_READ_TIMEOUT_S + 10 - time.monotonic()))
 
     # -- verification --
     def _verify(self, client: redis.Redis, settings: Settings, sim: str,

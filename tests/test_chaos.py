@@ -37,6 +37,7 @@ def run_and_check(config: ChaosConfig) -> ChaosReport:
     return report
 
 
+@pytest.mark.timeout(600)  # about a minute; a broken router makes it wait out its deadlines
 def test_chaos_short(tmp_path: Path) -> None:
     seed = int(os.environ.get("CHAOS_SEED", "11"))
     run_and_check(ChaosConfig(low=300, high=40, seed=seed, workdir=tmp_path))
