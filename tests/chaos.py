@@ -1,4 +1,4 @@
-"""Nothing lost, nothing doubled: a mixed run under upstream faults, crashes and a Redis restart.
+"""Nothing lost, nothing doubled: a mixed run under upstream faults, crashes and Redis outages.
 
 The run (short form in CI through tests/test_chaos.py, long form from the command line):
 
@@ -7,23 +7,31 @@ The run (short form in CI through tests/test_chaos.py, long form from the comman
 
 1. A private redis-server with ``--appendonly yes --appendfsync always``, a chaos simulator
    injecting 429s, 5xx, mid-stream drops, failed, expired and partly errored batches (rates,
-   seeded, plus per-prompt directives), and the router's real processes: API, stream worker,
-   batch worker, beat.
+   seeded, plus per-prompt directives), and the router's real processes: API, stream worker (at
+   its default concurrency), batch worker, beat.
 2. Requests are submitted over HTTP with an idempotency key each, retried until accepted
-   (a submit during a Redis restart fails and is retried: the key makes that safe). A few are
-   cancelled on the way.
+   (a submit during a Redis outage fails and is retried: the key makes that safe). A few are
+   cancelled on the way. A sample of the high ones is followed over SSE by clients that, like
+   a browser's EventSource, reconnect with ``Last-Event-ID`` to wherever the API now is.
 3. Meanwhile, at seeded random moments, the API, the stream worker, the batch worker and beat are
-   SIGKILLed and restarted, and Redis itself is SIGKILLed and restarted on the same port and dir.
+   SIGKILLed and restarted, and Redis itself is SIGKILLed and restarted on the same port and dir
+   after an outage of up to 10 s (at least one of 5-10 s). A process that exits on its own is
+   restarted and counted as a problem.
 4. Then, within a deadline, every accepted request must be terminal, and:
    - its replay log holds exactly one final event, of the kind its status says;
+   - a failed one failed for a reason the injected faults explain (`EXPECTED_FAILURES`: never
+     ``internal_error``, ``publish_failed`` or ``worker_lost``), a batch one only after all its
+     attempts;
    - completed ones carry exactly their own answer (a fault-free oracle simulator with the same
      seed gives the deterministic answer for each prompt, through the openai SDK);
-   - nothing succeeded upstream twice: per prompt, completed streams + completions <= 1 (stream
-     lane, `/sim/stats`), and per request id at most one successful line over every batch output
-     file (batch lane, read back through the Files API);
+   - each SSE follower received every event once, in order (seqs 1, 2, 3... across its
+     reconnections), exactly the replay log, and for a completed request exactly its text;
+   - nothing was paid twice: per prompt, at most one full answer upstream (completed streams +
+     completions - completed continuations <= 1; a resumed stream's continuation is not a second
+     answer) in the stream lane (`/sim/stats`), and per request id at most one successful line
+     over every batch output file (batch lane, read back through the Files API);
    - the cost ledger equals the sum of the recorded costs, per route.
 """
-
 from __future__ import annotations
 
 import argparse
