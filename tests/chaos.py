@@ -101,7 +101,7 @@ class ChaosConfig:
     process_kills: int = 8  # SIGKILLs of API / stream worker / batch worker / beat, in total
     redis_restarts: int = 2
     # Each Redis outage lasts a seeded time in `redis_down_s`; at least one of them is long
-    # (`long_outage_s`): longer than a lease, a sweep interval and a flush interval together.
+    # (`long_outage_s`): longer than the run's stream lease (3 s) and flush interval (2 s) together.
     redis_down_s: tuple[float, float] = (0.5, 10.0)
     long_outage_s: tuple[float, float] = (5.0, 10.0)
     cancels: int = 8
