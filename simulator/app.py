@@ -185,6 +185,8 @@ class SimulatorApp:
             if delay > 0:
                 await asyncio.sleep(delay)
             stats.incr("completions", ph)
+            if prefill is not None:
+                stats.incr("continuations_completed", ph)
             await send_json(send, 200, completion_body(answer, model, cid, created), extra)
             return
         drop_after = self.faults.drop_after(ph, d, is_continuation=prefill is not None)
@@ -195,6 +197,8 @@ class SimulatorApp:
             ttft=ttft, tps=tps, drop_after=drop_after, headers=extra,
         )
         stats.incr("streams_" + outcome, ph)
+        if outcome == "completed" and prefill is not None:
+            stats.incr("continuations_completed", ph)
 
     # --- files ----------------------------------------------------------------------------------
     async def _files(self, parts: list[str], method: str, scope: Scope,

@@ -19,6 +19,7 @@ PROMPT_COUNTERS: tuple[str, ...] = (
     "streams_aborted",
     "streams_dropped",
     "continuations",
+    "continuations_completed",
 )
 
 

@@ -1,4 +1,4 @@
-"""Nothing lost, nothing doubled: a mixed run under upstream faults, crashes and a Redis restart.
+"""Nothing lost, nothing doubled: a mixed run under upstream faults, crashes and Redis outages.
 
 The run (short form in CI through tests/test_chaos.py, long form from the command line):
 
@@ -7,23 +7,31 @@ The run (short form in CI through tests/test_chaos.py, long form from the comman
 
 1. A private redis-server with ``--appendonly yes --appendfsync always``, a chaos simulator
    injecting 429s, 5xx, mid-stream drops, failed, expired and partly errored batches (rates,
-   seeded, plus per-prompt directives), and the router's real processes: API, stream worker,
-   batch worker, beat.
+   seeded, plus per-prompt directives), and the router's real processes: API, stream worker (at
+   its default concurrency), batch worker, beat.
 2. Requests are submitted over HTTP with an idempotency key each, retried until accepted
-   (a submit during a Redis restart fails and is retried: the key makes that safe). A few are
-   cancelled on the way.
+   (a submit during a Redis outage fails and is retried: the key makes that safe). A few are
+   cancelled on the way. A sample of the high ones is followed over SSE by clients that, like
+   a browser's EventSource, reconnect with ``Last-Event-ID`` to wherever the API now is.
 3. Meanwhile, at seeded random moments, the API, the stream worker, the batch worker and beat are
-   SIGKILLed and restarted, and Redis itself is SIGKILLed and restarted on the same port and dir.
+   SIGKILLed and restarted, and Redis itself is SIGKILLed and restarted on the same port and dir
+   after an outage of up to 10 s (at least one of 5-10 s). A process that exits on its own is
+   restarted and counted as a problem.
 4. Then, within a deadline, every accepted request must be terminal, and:
    - its replay log holds exactly one final event, of the kind its status says;
+   - a failed one failed for a reason the injected faults explain (`EXPECTED_FAILURES`: never
+     ``internal_error``, ``publish_failed`` or ``worker_lost``), a batch one only after all its
+     attempts;
    - completed ones carry exactly their own answer (a fault-free oracle simulator with the same
      seed gives the deterministic answer for each prompt, through the openai SDK);
-   - nothing succeeded upstream twice: per prompt, completed streams + completions <= 1 (stream
-     lane, `/sim/stats`), and per request id at most one successful line over every batch output
-     file (batch lane, read back through the Files API);
+   - each SSE follower received every event once, in order (seqs 1, 2, 3... across its
+     reconnections), exactly the replay log, and for a completed request exactly its text;
+   - nothing was paid twice: per prompt, at most one full answer upstream (completed streams +
+     completions - completed continuations <= 1; a resumed stream's continuation is not a second
+     answer) in the stream lane (`/sim/stats`), and per request id at most one successful line
+     over every batch output file (batch lane, read back through the Files API);
    - the cost ledger equals the sum of the recorded costs, per route.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -36,7 +44,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -62,6 +70,28 @@ TERMINAL = frozenset({"completed", "failed", "cancelled"})
 FINAL_FOR_STATUS = {"completed": "done", "failed": "error", "cancelled": "cancelled"}
 MODEL = "gpt-4o-mini"
 
+# Why a request may legitimately end `failed`, per route, given the faults this run injects.
+# Stream lane (workers/streaming.py `_classify`): the upstream's 429/5xx, a connection refused or
+# cut, or an idle stall, once the retry budget is spent. Not expected: `internal_error` (a bug),
+# `publish_failed` (Redis outages are to be ridden out), `worker_lost` (a stream outlives its
+# worker unless it lost more workers than ROUTER_STREAM_MAX_RETRIES, which this run's few kills
+# never reach), `timeout` (the total timeout is far away), `dispatch_unavailable` (intake).
+# Batch lane (workers/batch_writeback.py, workers/batch_poll.py `_reason`): the last attempt's
+# line error (`server_error`: a per-line 500), or the batch's own end when the last batch failed
+# (`simulated_validation_failure`) or expired (`batch_expired`); only once the request has used
+# every attempt (checked separately).
+EXPECTED_FAILURES: dict[str, frozenset[str]] = {
+    "stream": frozenset({"upstream_429", "upstream_500", "upstream_502", "upstream_503",
+                         "upstream_504", "upstream_unavailable", "upstream_timeout",
+                         "stream_interrupted"}),
+    "batch": frozenset({"server_error", "simulated_validation_failure", "batch_expired",
+                        "batch_cancelled"}),
+}
+SUBMIT_PATIENCE_S = 60.0  # a submission is retried this long before it counts as refused
+SUBMIT_THREADS = 16  # clients submitting at once (they catch up after an outage)
+SSE_KEEPALIVE_S = 5.0  # the run's ROUTER_SSE_KEEPALIVE_S
+SSE_READ_TIMEOUT_S = 3 * SSE_KEEPALIVE_S  # no keep-alive for this long: the connection is dead
+
 
 @dataclass
 class ChaosConfig:
@@ -71,15 +101,22 @@ class ChaosConfig:
     submit_window_s: float = 25.0  # submissions are spread over this long
     chaos_window_s: float = 35.0  # kills and restarts happen in this window
     process_kills: int = 8  # SIGKILLs of API / stream worker / batch worker / beat, in total
-    redis_restarts: int = 1
+    redis_restarts: int = 2
+    # Each Redis outage lasts a seeded time in `redis_down_s`; at least one of them is long
+    # (`long_outage_s`): longer than the run's stream lease (3 s) and flush interval (2 s) together.
+    redis_down_s: tuple[float, float] = (0.5, 10.0)
+    long_outage_s: tuple[float, float] = (5.0, 10.0)
     cancels: int = 8
+    sse_followers: int = 40  # high requests followed over SSE (a seeded sample)
+    stream_concurrency: int | None = None  # None: the stream worker's default
     deadline_s: float = 120.0  # after the chaos window, for everything to become terminal
     workdir: Path | None = None
 
     @classmethod
     def long(cls, seed: int = 1) -> ChaosConfig:
         return cls(low=3000, high=300, seed=seed, submit_window_s=150, chaos_window_s=180,
-                   process_kills=40, redis_restarts=3, cancels=60, deadline_s=400)
+                   process_kills=40, redis_restarts=4, cancels=60, sse_followers=120,
+                   deadline_s=400)
 
 
 @dataclass
@@ -92,6 +129,8 @@ class ChaosReport:
     cancels_asked: int = 0
     kills: Counter[str] = field(default_factory=Counter)
     redis_restarts: int = 0
+    redis_outages_s: list[float] = field(default_factory=list)
+    sse: Counter[str] = field(default_factory=Counter)
     unexpected_exits: Counter[str] = field(default_factory=Counter)
     upstream: dict[str, int] = field(default_factory=dict)
     batches: Counter[str] = field(default_factory=Counter)
@@ -106,8 +145,10 @@ class ChaosReport:
             f"terminal statuses {dict(self.statuses)}",
             f"failed by reason {dict(self.failed_by_reason)}",
             f"cancels asked {self.cancels_asked}",
-            f"kills {dict(self.kills)}; redis restarts {self.redis_restarts}; "
+            f"kills {dict(self.kills)}; redis restarts {self.redis_restarts} (down "
+            f"{', '.join(f'{s:.1f}' for s in self.redis_outages_s)} s); "
             f"unexpected exits {dict(self.unexpected_exits)}",
+            f"sse followers {dict(self.sse)}",
             f"upstream {self.upstream}",
             f"batches by final status {dict(self.batches)}; "
             f"batch requests out of attempts {len(self.gave_up)}",
@@ -144,13 +185,90 @@ def plan_requests(config: ChaosConfig, run_id: str, rng: random.Random) -> list[
                 directive = " [[sim:fail=500,times=1]]"
             elif roll < 0.35:
                 directive = " [[sim:fail=429,times=2,retry_after=0.1]]"
-            elif roll < 0.55:
-                directive = " [[sim:tokens=40,tps=20]]"  # long enough to be killed mid-stream
+            elif roll < 0.7:
+                # Long enough (6 s) that a few streams are always under way when a stream
+                # worker is killed or Redis goes away.
+                directive = " [[sim:tokens=60,tps=10]]"
         elif roll < 0.01:
             directive = " [[sim:line_error=1]]"
         content = f"chaos {run_id} #{i} {priority}{directive}"
         out.append(Planned(i, priority, content, f"chaos-{run_id}-{i}"))
     return out
+
+
+# --- SSE followers --------------------------------------------------------------------------------
+
+def read_sse(response: httpx.Response) -> Iterator[dict[str, Any] | None]:
+    """The events of an SSE response, None for each comment (keep-alive); `id` and `event`
+    checked to agree with the event's own `seq` and `type`."""
+    fields: dict[str, str] = {}
+    for line in response.iter_lines():
+        if line.startswith(":"):
+            yield None
+        elif line == "":
+            if fields:
+                event: dict[str, Any] = orjson.loads(fields.get("data", "null"))
+                if not isinstance(event, dict) or fields.get("id") != str(event.get("seq")) \
+                        or fields.get("event") != event.get("type"):
+                    raise AssertionError(f"malformed SSE event {fields}")
+                yield event
+                fields = {}
+        else:
+            name, _, value = line.partition(":")
+            fields[name] = value.removeprefix(" ")
+
+
+@dataclass
+class SseFollower:
+    """One client of `GET /v1/requests/{id}/events`, as a browser's EventSource behaves: when
+    the connection breaks (the API was killed, or answered 5xx during a Redis outage) it
+    connects again to wherever the API now is, sending `Last-Event-ID`, and stops after the
+    final event. It keeps every event it received, in order, with the connection it came on."""
+
+    request_id: str
+    events: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    connections: int = 0
+    refused: Counter[int] = field(default_factory=Counter)  # non-200 answers, by status
+    cut: int = 0  # connections that failed or ended before the final event
+    finished: bool = False
+    error: str = ""
+
+    @property
+    def last_seq(self) -> int:
+        return int(self.events[-1][1]["seq"]) if self.events else 0
+
+    def follow(self, api_url: Callable[[], str], stop: threading.Event) -> None:
+        """Follow until the final event or `stop`; `api_url()` is where the API is now."""
+        try:
+            while not self.finished and not stop.is_set():
+                if not self._connect(api_url(), stop):
+                    stop.wait(0.2)  # EventSource's reconnection delay (not an assertion)
+        except Exception as exc:  # reported by the run's verification
+            self.error = f"{type(exc).__name__}: {exc}"
+
+    def _connect(self, base: str, stop: threading.Event) -> bool:
+        """One connection; True once the final event came."""
+        headers = {"Last-Event-ID": str(self.last_seq)} if self.events else {}
+        self.connections += 1
+        timeout = httpx.Timeout(10.0, read=SSE_READ_TIMEOUT_S)
+        url = f"{base}/v1/requests/{self.request_id}/events"
+        try:
+            with httpx.stream("GET", url, headers=headers, timeout=timeout) as response:
+                if response.status_code != 200:
+                    self.refused[response.status_code] += 1
+                    return False
+                for event in read_sse(response):
+                    if event is not None:
+                        self.events.append((self.connections, event))
+                        if event["type"] in FINAL_EVENT_TYPES:
+                            self.finished = True
+                            return True
+                    if stop.is_set():
+                        return False
+        except httpx.HTTPError:
+            pass
+        self.cut += 1
+        return False
 
 
 # --- the private Redis that can be restarted -----------------------------------------------------
@@ -199,11 +317,18 @@ class ChaosRun:
         self.cancels_acknowledged: set[str] = set()
         self.settings_batch_max_attempts = 0
         self.api_url = ""
+        self.follow_indices: set[int] = set()  # plan indices followed over SSE
+        self.followers: dict[str, SseFollower] = {}  # request id -> its follower
+        self.follower_threads: list[threading.Thread] = []
+        self.followers_stop = threading.Event()
 
     # -- submitting --
-    def _submit_one(self, planned: Planned, deadline: float) -> None:
+    def _submit_one(self, planned: Planned) -> None:
+        """Submit until accepted, for up to `SUBMIT_PATIENCE_S` from the first try (a client's
+        patience: the time its own submission waited behind others' does not count)."""
         body = {"priority": planned.priority, "messages": planned.messages, "model": MODEL,
                 "idempotency_key": planned.idempotency_key}
+        deadline = time.monotonic() + SUBMIT_PATIENCE_S
         while time.monotonic() < deadline:
             try:
                 response = httpx.post(f"{self.api_url}/v1/requests", json=body, timeout=10)
@@ -213,24 +338,35 @@ class ChaosRun:
                 request_id = response.json()["id"]
                 with self.lock:
                     self.accepted[planned.index] = request_id
+                if planned.index in self.follow_indices:
+                    self._start_follower(request_id)
                 if planned.index in self.cancel_targets:
                     self._cancel(request_id, self.cancel_targets[planned.index])
                 return
             with self.lock:
                 self.report.submit_retries += 1
             time.sleep(0.2)
-        self.report.problems.append(f"request #{planned.index} never accepted")
+        self.report.problems.append(
+            f"request #{planned.index} not accepted in {SUBMIT_PATIENCE_S:g} s of retries")
 
     def _submitter(self, plan: list[Planned]) -> None:
         start = time.monotonic()
         gap = self.config.submit_window_s / max(1, len(plan))
-        deadline = start + self.config.submit_window_s + 60
-        with ThreadPoolExecutor(8) as pool:
+        with ThreadPoolExecutor(SUBMIT_THREADS) as pool:
             for i, planned in enumerate(plan):
                 delay = start + i * gap - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
-                pool.submit(self._submit_one, planned, deadline)
+                pool.submit(self._submit_one, planned)
+
+    def _start_follower(self, request_id: str) -> None:
+        follower = SseFollower(request_id)
+        thread = threading.Thread(target=follower.follow,
+                                  args=(lambda: self.api_url, self.followers_stop), daemon=True)
+        with self.lock:
+            self.followers[request_id] = follower
+            self.follower_threads.append(thread)
+        thread.start()
 
     def _cancel(self, request_id: str, after_s: float) -> None:
         """Cancel soon after acceptance, while the request is queued or streaming."""
@@ -250,6 +386,7 @@ class ChaosRun:
         actions = ["kill"] * self.config.process_kills + ["redis"] * self.config.redis_restarts
         times = sorted(rng.uniform(2, self.config.chaos_window_s) for _ in actions)
         rng.shuffle(actions)
+        outages = self._outage_plan(rng)
         order = sorted(procs)
         rng.shuffle(order)
         targets = itertools.cycle(order)  # every kind of process gets killed
@@ -259,9 +396,12 @@ class ChaosRun:
                 if self.stop_event.wait(0.05):
                     return
             if action == "redis":
-                self.log(f"[chaos {time.monotonic() - start:5.1f}s] SIGKILL redis, restart")
-                store.crash_and_restart(down_s=rng.uniform(0.5, 2.0))
+                down_s = outages.pop()
+                self.log(f"[chaos {time.monotonic() - start:5.1f}s] SIGKILL redis, restart "
+                         f"in {down_s:.1f}s")
+                store.crash_and_restart(down_s=down_s)
                 self.report.redis_restarts += 1
+                self.report.redis_outages_s.append(down_s)
             else:
                 name = next(targets)
                 self.log(f"[chaos {time.monotonic() - start:5.1f}s] SIGKILL {name}, restart")
@@ -271,6 +411,17 @@ class ChaosRun:
                 procs[name] = self._start(stack, name)
             self._heal(stack, procs)
 
+    def _outage_plan(self, rng: random.Random) -> list[float]:
+        """How long each Redis outage lasts (seconds, popped in turn): seeded, at least one
+        of them long."""
+        n = self.config.redis_restarts
+        if n == 0:
+            return []
+        outages = [rng.uniform(*self.config.long_outage_s)]
+        outages += [rng.uniform(*self.config.redis_down_s) for _ in range(n - 1)]
+        rng.shuffle(outages)
+        return outages
+
     def _start(self, stack: Stack, name: str) -> ManagedProcess:
         if name == "api":  # a new port: clients follow `api_url`, like a load balancer would
             self.api_url = stack.start_api(timeout=60)
@@ -278,7 +429,8 @@ class ChaosRun:
         if name == "beat":
             return stack.start_beat(timeout=60)
         return stack.start_worker(name.removeprefix("worker-"),
-                                  concurrency=16 if name == "worker-stream" else None,
+                                  concurrency=self.config.stream_concurrency
+                                  if name == "worker-stream" else None,
                                   timeout=60)
 
     def _heal(self, stack: Stack, procs: dict[str, ManagedProcess]) -> None:
@@ -309,15 +461,16 @@ class ChaosRun:
                 batch_max_attempts=6, batch_lock_ttl_s=5.0, expected_batch_turnaround_s=5.0,
                 stream_max_retries=6, retry_backoff_base_s=0.05, retry_backoff_max_s=0.5,
                 stream_idle_timeout_s=10, stream_lease_s=3.0, stream_redispatch_after_s=6.0,
-                log_format="json", log_level="INFO",
+                sse_keepalive_s=SSE_KEEPALIVE_S, log_format="json", log_level="INFO",
             )
             self.settings_batch_max_attempts = settings.batch_max_attempts
             stack = Stack(settings, workdir=workdir / "stack")
             stack.workdir.mkdir(exist_ok=True)
             exits.callback(stack.stop)
+            exits.callback(self.followers_stop.set)
             self.api_url = stack.start_api()
             procs = {"api": stack.processes[-1],
-                     "worker-stream": stack.start_worker("stream", concurrency=16),
+                     "worker-stream": self._start(stack, "worker-stream"),
                      "worker-batch": stack.start_worker("batch"),
                      "beat": stack.start_beat()}
             plan = plan_requests(config, self.run_id, self.rng)
@@ -325,6 +478,9 @@ class ChaosRun:
             self.cancel_targets = {
                 i: cancel_rng.uniform(0.0, 1.0)
                 for i in cancel_rng.sample(range(len(plan)), min(config.cancels, len(plan)))}
+            high = [p.index for p in plan if p.priority == "high"]
+            self.follow_indices = set(random.Random(config.seed + 3).sample(
+                high, min(config.sse_followers, len(high))))
             threads = [
                 threading.Thread(target=self._submitter, args=(plan,), daemon=True),
                 threading.Thread(target=self._chaos,
@@ -335,11 +491,14 @@ class ChaosRun:
                 thread.start()
             for thread in threads:
                 thread.join(config.submit_window_s + config.chaos_window_s + 120)
+            if threads[0].is_alive():
+                self.report.problems.append("submissions still under way after the window")
             self._heal(stack, procs)
             client = redis.Redis.from_url(settings.redis_url)
             exits.callback(client.close)
             self._wait_terminal(client, settings, stack, procs, time.monotonic()
                                 + config.deadline_s)
+            self._wait_followers(time.monotonic() + 30)
             self._verify(client, settings, sim, plan)
             self.report.seconds = time.monotonic() - started
             if self.report.problems:
@@ -365,6 +524,17 @@ class ChaosRun:
             status = client.hget(keys.record(rid), "status")
             self.report.problems.append(f"{rid} not terminal at the deadline: {status!r}")
 
+    def _wait_followers(self, deadline: float) -> None:
+        """Every request is terminal now: each follower gets its final event soon (at the
+        latest after one reconnection); the verification reports those that did not."""
+        with self.lock:
+            threads = list(self.follower_threads)
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self.followers_stop.set()
+        for thread in threads:  # each notices `stop` at its next keep-alive at the latest
+            thread.join(max(0.0, deadline + SSE_READ_TIMEOUT_S + 10 - time.monotonic()))
+
     # -- verification --
     def _verify(self, client: redis.Redis, settings: Settings, sim: str,
                 plan: list[Planned]) -> None:
@@ -382,15 +552,81 @@ class ChaosRun:
             report.statuses[record.status] += 1
             report.by_route[record.route] += 1
             if record.status == "failed":
-                report.failed_by_reason[record.error.code if record.error else "?"] += 1
+                self._check_failure(record)
             self._check_final_events(client, keys, record)
         for record in records.values():
             if record.id in self.cancels_acknowledged and record.status != "cancelled":
                 report.problems.append(f"{record.id}: cancel answered 200 but it ended "
                                        f"{record.status}")
+        for name, count in report.unexpected_exits.items():
+            report.problems.append(f"{name} exited on its own {count} time(s)")
+        self._check_followers(client, keys, records)
         self._check_answers(sim, plan, records)
         self._check_upstream_once(sim, plan, records)
         self._check_ledger(client, keys, records)
+
+    def _check_failure(self, record: RequestRecord) -> None:
+        """A failed request failed for a reason the injected faults explain."""
+        code = record.error.code if record.error else "?"
+        self.report.failed_by_reason[f"{record.route}:{code}"] += 1
+        if code not in EXPECTED_FAILURES.get(record.route, frozenset()):
+            self.report.problems.append(
+                f"{record.id} ({record.route}) failed for an unexpected reason: {record.error}")
+        elif record.route == "batch" and record.attempts < self.settings_batch_max_attempts:
+            self.report.problems.append(
+                f"{record.id} (batch) failed after {record.attempts} of "
+                f"{self.settings_batch_max_attempts} attempts: {record.error}")
+
+    def _check_followers(self, client: redis.Redis, keys: Keys,
+                         records: dict[int, RequestRecord]) -> None:
+        """What each SSE client received across its reconnections: every event once, in order
+        (seqs 1, 2, 3... with no gap and no repeat), exactly the replay log, ending with the
+        final event its request's status says; for a completed request, exactly its text."""
+        by_id = {r.id: r for r in records.values()}
+        sse = self.report.sse
+        for rid, follower in sorted(self.followers.items()):
+            sse["followers"] += 1
+            sse["connections"] += follower.connections
+            sse["cut"] += follower.cut
+            for status, count in follower.refused.items():
+                sse[f"refused_{status}"] += count
+            sse["events"] += len(follower.events)
+            record = by_id.get(rid)
+            problem = self._follower_problem(client, keys, follower, record)
+            if problem:
+                sse["bad"] += 1
+                self.report.problems.append(f"{rid} SSE follower: {problem}")
+            elif record is not None and record.status == "completed":
+                sse["completed_texts_equal"] += 1
+
+    @staticmethod
+    def _follower_problem(client: redis.Redis, keys: Keys, follower: SseFollower,
+                          record: RequestRecord | None) -> str:
+        events = [event for _conn, event in follower.events]
+        if follower.error:
+            return follower.error
+        if record is None:
+            return "no record"
+        seqs = [int(event["seq"]) for event in events]
+        if seqs != list(range(1, len(seqs) + 1)):
+            bad = next(i for i, seq in enumerate(seqs) if seq != i + 1)
+            return (f"seqs not consecutive at #{bad}: {seqs[max(0, bad - 3):bad + 3]} "
+                    f"(connections {[c for c, _ in follower.events[max(0, bad - 3):bad + 3]]})")
+        if not follower.finished:
+            return (f"no final event (got {len(events)} events over {follower.connections} "
+                    f"connections, record {record.status})")
+        entries: list[Any] = client.xrange(keys.events(record.id)) or []
+        logged = [orjson.loads(fields[b"d"]) for _entry, fields in entries]
+        if events != logged:
+            return f"received {len(events)} events, not the replay log's {len(logged)}"
+        if events[-1]["type"] != FINAL_FOR_STATUS.get(record.status):
+            return f"ended with {events[-1]['type']} but the request is {record.status}"
+        if record.status == "completed":
+            text = "".join(str(e.get("content", "")) for e in events if e["type"] == "token")
+            content = record.result.content if record.result else None
+            if text != content:
+                return f"text {text!r:.80} != the record's {content!r:.80}"
+        return ""
 
     def _check_final_events(self, client: redis.Redis, keys: Keys,
                             record: RequestRecord) -> None:
@@ -431,11 +667,19 @@ class ChaosRun:
         for index, record in records.items():
             if record.route != "stream":
                 continue
+            # A resumed stream (after a drop, or on a new worker after its worker died) ends
+            # with a continuation: the prompt plus the text so far as an assistant prefill,
+            # which the upstream answers with the rest only. What must not happen is the prompt
+            # answered in full twice (the answer paid twice).
             stats = sim_stats(sim, prompt_hash(plan[index].messages))
-            succeeded = int(stats["streams_completed"]) + int(stats["completions"])
-            if succeeded > 1:
+            full = (int(stats["streams_completed"]) + int(stats["completions"])
+                    - int(stats["continuations_completed"]))
+            if full > 1:
                 self.report.problems.append(
-                    f"{record.id} (#{index}) succeeded upstream {succeeded} times: {stats}")
+                    f"{record.id} (#{index}) was answered in full upstream {full} times: {stats}")
+            if record.status == "completed" and full + int(stats["continuations_completed"]) < 1:
+                self.report.problems.append(
+                    f"{record.id} (#{index}) completed but no upstream stream finished: {stats}")
         upstream = openai.OpenAI(base_url=sim, api_key="sk-sim", max_retries=5)
         successes: Counter[str] = Counter()
         submissions: Counter[str] = Counter()

@@ -222,6 +222,8 @@ def test_dropped_stream_resumes_with_assistant_prefill(client: openai.OpenAI, si
     stats = sim_stats(sim, prompt_hash(m))
     assert stats["streams_dropped"] == 1 and stats["streams_completed"] == 1
     assert stats["continuations"] == 1 and stats["requests"] == 3
+    # One full answer (the non-streamed one); the resumed stream finished a continuation.
+    assert stats["continuations_completed"] == 1 and stats["completions"] == 1
 
 
 def test_disconnect_stops_generation(client: openai.OpenAI, sim: str) -> None:
