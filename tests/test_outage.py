@@ -174,3 +174,45 @@ def test_redis_outage_answers_503_and_recovers_on_its_own(
         assert view(api, after)["status"] == "queued"
     finally:
         store.stop()
+
+
+def test_a_batch_worker_keeps_running_when_redis_dies_under_a_running_task(
+        tmp_path: Path, sim_url: str, make_settings: Callable[..., Settings]) -> None:
+    """Redis is SIGKILLed while the batch worker runs a task (an emulated batch of slow
+    calls, acknowledged late): the worker must reconnect and take new work, not exit (a kombu
+    defect made it exit: `workers.broker_transport`). (The interrupted batch itself is sent to
+    a runner again once its heartbeat is stale, after a minute or more: tested elsewhere.)"""
+    redis_proc, url = start_redis_server(tmp_path, appendonly=True,
+                                         extra_args=("--appendfsync", "always"))
+    port = int(url.rsplit(":", 1)[1])
+    procs = {"redis": redis_proc}
+    settings = make_settings(redis_url=f"{url}/0", upstream_base_url=sim_url,
+                             batch_mode="emulated", flush_interval_s=0.5, poll_interval_s=0.5)
+    try:
+        with Stack(settings) as stack:
+            api = stack.start_api(timeout=60)
+            worker = stack.start_worker("batch", timeout=60)
+            stack.start_beat()
+            ids = [submit(api, f"slow batch line {uuid.uuid4().hex} [[sim:ttft=4]]", "low")
+                   for _ in range(4)]
+            client = redis.Redis.from_url(settings.redis_url)
+            keys = Keys(settings.key_prefix)
+            wait_until(lambda: all(client.hget(keys.record(i), "status") == b"submitted"
+                                   for i in ids), 20, message="the emulated batch is running")
+            client.close()
+            for _ in range(2):  # twice: the first may hit the worker between tasks
+                procs["redis"].kill(signal.SIGKILL)
+                assert procs["redis"].proc is not None
+                procs["redis"].proc.wait(10)
+                procs["redis"], _ = start_redis_server(tmp_path, appendonly=True, port=port,
+                                                       extra_args=("--appendfsync", "always"))
+                time.sleep(1.0)  # the worker reconnects (or, with the defect, exits)
+                assert worker.alive(), f"batch worker exited:\n{worker.output()[-3000:]}"
+            after = [submit(api, f"after the restarts {uuid.uuid4().hex}", "low")
+                     for _ in range(2)]
+            for request_id in after:
+                record = wait_terminal(api, request_id, 60, "a new low request completed")
+                assert record["status"] == "completed", record
+            assert worker.alive(), f"batch worker exited:\n{worker.output()[-3000:]}"
+    finally:
+        procs["redis"].stop()

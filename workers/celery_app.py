@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import sys
 from typing import Any
+from urllib.parse import urlsplit
 
 from celery import Celery, current_app
 from celery.signals import setup_logging, worker_ready
@@ -24,6 +25,7 @@ from kombu import Queue
 from router.keys import Keys
 from settings import Settings, get_settings
 from settings.config import describe_settings_error
+from workers.broker_transport import SCHEMES, TRANSPORT
 
 # Task names: Flower shows these; the beat schedule and dispatchers refer to them.
 STREAM_TASK = "hr.stream.run"
@@ -47,6 +49,10 @@ def create_celery(settings: Settings) -> Celery:
         task_default_queue=stream_q,
         task_routes={"hr.stream.*": {"queue": stream_q},
                      "hr.batch.*": {"queue": batch_q}},
+        # kombu's Redis transport with a guard against a kombu defect that made a worker exit
+        # when Redis went away under a running task (workers.broker_transport).
+        broker_transport=(TRANSPORT if urlsplit(settings.redis_url).scheme in SCHEMES
+                          else None),
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,
