@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from router.api.body_limit import BodySizeLimit
 from router.api.errors import install_error_handlers
@@ -78,6 +79,20 @@ def create_app(settings: Settings, dispatcher: StreamDispatcher | None = None) -
     # Added first, so it runs inside the body size limit (the last one added runs outermost).
     app.add_middleware(FastPaths, routes=[r for m in modules for r in m.router.routes])
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    # Outermost: the body's deadline holds whoever reads it (see router.api.slow_clients).
+    # The body's deadline holds whoever reads it (see router.api.slow_clients).
     app.add_middleware(BodyReadTimeout, timeout_s=settings.http_body_timeout_s)
+    if settings.cors_origins:
+        # Outermost, so every answer a browser gets (a 401, a 413, a 408 too) carries the CORS
+        # headers and its page can read the error. Not installed at all when no origin is
+        # allowed: no CORS headers, and no cost on the request path.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_credentials=settings.cors_allow_credentials,  # never with "*" (Settings)
+            allow_methods=["GET", "POST", "PUT", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Priority",
+                           "Idempotency-Key"],
+            expose_headers=["X-Request-Id", "Retry-After"],
+            max_age=600,
+        )
     return app

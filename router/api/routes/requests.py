@@ -19,6 +19,7 @@ from router.records import RequestRecord
 from router.runtime_config import get_flush_interval_async
 from router.schemas import CancelResponse, ErrorResponse, RequestView, SubmitRequest, SubmitResponse
 from router.store import AsyncRequestStore
+from router.stream_url import stream_url
 from settings import Settings
 
 router = APIRouter(prefix="/v1/requests", tags=["requests"])
@@ -95,8 +96,10 @@ async def check_owned(store: AsyncRequestStore, request_id: str, tenant: str) ->
 def view_of(request: Request, record: RequestRecord, keys: Keys) -> RequestView:
     events_url, _ = urls_for(request, record.id)
     data = record.model_dump()
-    data.pop("tenant")
-    return RequestView(**data, channel=keys.channel(record.id), events_url=events_url)
+    tenant = data.pop("tenant")
+    signed = stream_url(request.app.state.settings, base_url(request), record.id, tenant)
+    return RequestView(**data, channel=keys.channel(record.id), events_url=events_url,
+                       stream_url=signed)
 
 
 async def submit(body: SubmitRequest, request: Request, caller: CallerDep) -> Response:
@@ -126,6 +129,7 @@ async def submit(body: SubmitRequest, request: Request, caller: CallerDep) -> Re
         "events_url": events_url,
         "result_url": result_url,
         "idempotent_replay": accepted.replay,
+        "stream_url": stream_url(settings, base_url(request), record.id, caller.tenant),
     })
     return Response(content, status_code=200 if accepted.replay else 202,
                     media_type="application/json")
