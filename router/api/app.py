@@ -13,7 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from router.api.body_limit import BodySizeLimit
 from router.api.errors import install_error_handlers
 from router.api.fast_path import FastPaths
-from router.api.routes import admin, chat, events, health, metrics, requests
+from router.api.routes import admin, chat, events, health, metrics, requests, ui
 from router.api.slow_clients import BodyReadTimeout
 from router.event_hub import event_follower
 from router.intake import StreamDispatcher
@@ -73,7 +73,7 @@ def create_app(settings: Settings, dispatcher: StreamDispatcher | None = None) -
     )
     app.state.settings = settings
     install_error_handlers(app)
-    modules = (requests, events, chat, admin, metrics, health)
+    modules = (requests, events, chat, admin, metrics, health, ui)
     for module in modules:
         app.include_router(module.router)  # at the root: their routes' paths are the app's
     # Added first, so it runs inside the body size limit (the last one added runs outermost).
