@@ -120,7 +120,7 @@ def mismatches(driver: Any, url: str) -> list[str]:
 
 
 def test_the_live_page_shows_what_v1_stats_says(deployment: tuple[str, Settings]) -> None:
-    url, settings = deployment
+    url, _ = deployment
     from selenium.webdriver.common.by import By
 
     with chromium(1400, 1000) as driver:

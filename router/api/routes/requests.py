@@ -129,7 +129,8 @@ async def submit(body: SubmitRequest, request: Request, caller: CallerDep) -> Re
         "events_url": events_url,
         "result_url": result_url,
         "idempotent_replay": accepted.replay,
-        "stream_url": stream_url(settings, base_url(request), record.id, caller.tenant),
+        "stream_url": (stream_url(settings, base_url(request), record.id, caller.tenant)
+                       if settings.stream_url_secrets else None),
     })
     return Response(content, status_code=200 if accepted.replay else 202,
                     media_type="application/json")
