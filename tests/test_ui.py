@@ -9,6 +9,7 @@ today's cost and savings), and the flush interval changed from the page is the o
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -183,6 +184,11 @@ def test_the_live_page_shows_what_v1_stats_says(deployment: tuple[str, Settings]
         text = driver.find_element(By.TAG_NAME, "main").text
         assert "gpt-4o-mini" in text and "$" in text
         if os.environ.get("HR_UI_SCREENSHOT"):
+            driver.set_window_size(1600, 1000)
+            bottom = driver.execute_script(
+                "return document.querySelector('footer').getBoundingClientRect().bottom")
+            driver.set_window_size(1600, int(bottom) + 24 + 1000 - int(driver.execute_script(
+                "return window.innerHeight")))
             driver.save_screenshot(os.environ["HR_UI_SCREENSHOT"])
         assert len(queued) == 3
         httpx.delete(f"{url}/v1/requests/{long_stream}", headers=USER)
@@ -250,3 +256,25 @@ def run_plan(client: Any, settings: Settings, now: float) -> Any:
             commands = plan.send(pipe.execute() if commands else [])
         except StopIteration as stop:
             return stop.value
+
+
+def test_the_poll_records_a_batch_s_progress_for_the_live_view(
+        make_settings: Any, redis_client: Any) -> None:
+    """The poll writes the upstream's request counts (and status) of a batch still running;
+    the live view shows them as its progress."""
+    from types import SimpleNamespace
+
+    from workers.batch_poll import PollContext, check_batch
+    from workers.batch_record import record_batch
+
+    settings = make_settings()
+    record_batch(redis_client, settings, "batch_progress", "gpt-4o-mini", "native", 10)
+    seen = SimpleNamespace(status="in_progress",
+                           request_counts=SimpleNamespace(completed=3, failed=1, total=10))
+    upstream = SimpleNamespace(batches=SimpleNamespace(retrieve=lambda _id: seen))
+    ctx = PollContext(settings, redis_client, upstream)  # type: ignore[arg-type]
+    assert check_batch(ctx, "batch_progress") is False  # still running
+    [batch] = run_plan(redis_client, settings, time.time()).batches
+    assert (batch["status"], batch["done"], batch["failed"], batch["requests"]) == (
+        "in_progress", 3, 1, 10)
+    assert batch["progress"] == 0.4 and batch["model"] == "gpt-4o-mini"

@@ -80,7 +80,7 @@ function render(s) {
 
   put("batches.total", live.batches_in_flight.total, `(${live.batches_in_flight.total})`);
   rows("batches", live.batches_in_flight.batches, (tr, b) => {
-    const short = b.id.length > 20 ? `${b.id.slice(0, 19)}…` : b.id;
+    const short = b.id.length > 14 ? `${b.id.slice(0, 13)}…` : b.id;
     cell(tr, b.id, short).title = b.id; cell(tr, b.model, b.model); cell(tr, b.status, b.status, `batch.${b.id}.status`);
     const bar = document.createElement("span");
     const p = document.createElement("progress"); p.max = 1; p.value = b.progress;
