@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+import redis
 import redis.asyncio as aioredis
 
 from router.keys import Keys
@@ -237,6 +238,21 @@ def _today_view(settings: Settings, day: str, now_hash: dict[str, str],
         "standard_cost_usd": _money(standard),
         "savings_usd": _money(standard - cost),
     }
+
+
+def take_live(client: redis.Redis, settings: Settings) -> LiveView:
+    """Run the live plan on a sync client (CLI `status --json`)."""
+    plan = live_plan(settings)
+    commands = next(plan)
+    while True:
+        pipe = client.pipeline(transaction=False)
+        for name, args in commands:
+            getattr(pipe, name)(*args)
+        try:
+            commands = plan.send(pipe.execute() if commands else [])
+        except StopIteration as stop:
+            result: LiveView = stop.value
+            return result
 
 
 async def take_live_async(client: aioredis.Redis, settings: Settings) -> LiveView:

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from router.stream_url import StreamTokenError, sign, verify
-from settings import Settings
+from settings import Settings, settings_to_env
 from tests.support import Stack
 
 KEY_A, KEY_B = "key-tenant-a-0123456789", "key-tenant-b-0123456789"
@@ -76,7 +76,11 @@ def test_token_round_trip_rotation_and_every_way_it_fails(redis_base_url: str) -
     assert sign(make(redis_base_url, stream_url_secrets=[]), rid, "t") is None
 
 
-def test_bad_settings_are_refused(redis_base_url: str) -> None:
+def test_bad_settings_are_refused_and_secrets_never_shown(redis_base_url: str) -> None:
+    settings = make(redis_base_url)
+    assert SECRET_NEW not in str(settings.safe_dump()) and SECRET_NEW not in repr(settings)
+    assert settings_to_env(settings)["ROUTER_STREAM_URL_SECRETS"] == (
+        f'["{SECRET_NEW}", "{SECRET_OLD}"]')  # what a child process gets (`up`, tests)
     with pytest.raises(ValueError, match="at least 16"):
         make(redis_base_url, stream_url_secrets=["short"])
     with pytest.raises(ValueError, match="not an origin"):

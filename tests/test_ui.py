@@ -245,7 +245,7 @@ def test_live_plan_windows_come_from_checkpoints(make_settings: Any, redis_clien
 
 
 def run_plan(client: Any, settings: Settings, now: float) -> Any:
-    """`live_plan` on a sync client at a given time."""
+    """`live_plan` on a sync client at a given time (`take_live` runs it at the present)."""
     plan = live_plan(settings, now)
     commands = next(plan)
     while True:
