@@ -15,8 +15,10 @@ import orjson
 
 from router.records import dumps
 from router.redis_text import text
+from router.tool_calls import merge_deltas
 
-EventType = Literal["accepted", "queued", "submitted", "token", "done", "error", "cancelled"]
+EventType = Literal["accepted", "queued", "submitted", "token", "tool_calls", "done", "error",
+                    "cancelled"]
 FINAL_EVENT_TYPES: frozenset[str] = frozenset({"done", "error", "cancelled"})
 
 
@@ -42,6 +44,40 @@ def started() -> str:
 
 def token(content: str) -> str:
     return dumps({"type": "token", "content": content})
+
+
+def tool_calls(deltas: list[dict[str, Any]]) -> str:
+    """Tool-call deltas as OpenAI streams them (``delta.tool_calls``), fragments of one call
+    joined (`router.tool_calls.merge_deltas`)."""
+    return dumps({"type": "tool_calls", "tool_calls": merge_deltas(deltas)})
+
+
+# What a stream has produced and not yet published: text, or a list of tool-call deltas.
+Produced = str | list[dict[str, Any]]
+
+
+def produced_events(parts: list[Produced]) -> list[str]:
+    """The events of `parts`, in order: each run of text is one ``token`` event, each run of
+    tool-call deltas one ``tool_calls`` event."""
+    out: list[str] = []
+    i = 0
+    while i < len(parts):
+        j = i
+        if isinstance(parts[i], str):
+            while j < len(parts) and isinstance(parts[j], str):
+                j += 1
+            out.append(token("".join(p for p in parts[i:j] if isinstance(p, str))))
+        else:
+            deltas: list[dict[str, Any]] = []
+            while j < len(parts):
+                part = parts[j]
+                if isinstance(part, str):
+                    break
+                deltas += part
+                j += 1
+            out.append(tool_calls(deltas))
+        i = j
+    return out
 
 
 def done(
@@ -76,6 +112,12 @@ def parse_event(data: bytes | str) -> dict[str, Any]:
     if not isinstance(value, dict) or "type" not in value or "seq" not in value:
         raise ValueError(f"not an event: {data!r}")
     return value
+
+
+# The largest seq a client may resume after: replay log ids are ``0-<seq>`` and Redis stream ids
+# are 64-bit unsigned, so a larger cursor would be refused by Redis ("Invalid stream ID")
+# after the SSE headers were sent. Kept to signed 64 bits, as every integer the API takes.
+MAX_SEQ = 2**63 - 1
 
 
 def stream_id_after(seq: int) -> str:

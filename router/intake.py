@@ -67,8 +67,12 @@ def prepare(
     tenant: str,
     settings: Settings,
     flush_interval_s: float | None = None,
+    send_metadata: bool = False,
 ) -> Prepared:
-    """Everything about accepting `req` that needs no I/O: checks, route, budget, record."""
+    """Everything about accepting `req` that needs no I/O: checks, route, budget, record.
+
+    `send_metadata`: pass ``metadata`` upstream too (the drop-in, where it is OpenAI's own
+    chat-completion field); on ``POST /v1/requests`` it is the router's, kept on the record."""
     model = req.model or settings.default_model
     if settings.allowed_models and model not in settings.allowed_models:
         raise IntakeError(
@@ -93,8 +97,13 @@ def prepare(
         )
     # One JSON-mode dump serves both the idempotency fingerprint (all fields) and the upstream
     # body (router fields dropped): the intake hot path dumps the request once (benchmark 3).
-    dumped = req.model_dump(mode="json", exclude_none=True)
+    # It is the body as sent: an agent's ``{"role": "assistant", "content": null,
+    # "tool_calls": [...]}`` reaches the upstream unchanged (issue 16).
+    dumped = req.dump_as_sent()
+    dumped.setdefault("priority", req.priority)
     body = {name: value for name, value in dumped.items() if name not in ROUTER_FIELDS}
+    if send_metadata and req.metadata is not None:
+        body["metadata"] = dumped["metadata"]
     body["model"] = model
     body.pop("stream", None)
     body.pop("stream_options", None)

@@ -257,14 +257,15 @@ return with_record('claimed')
 )
 
 # KEYS: seq, events, record, lease
-# ARGV: channel, maxlen, ev_ttl, lease owner, tokens relayed before this event, tokens in it,
-#       the token event
-# A stream's token event, fenced and idempotent. The record counts the tokens relayed
-# (`content_tokens_relayed`); an event is appended only when that count is the one its sender
-# last saw, so a publish sent again after a lost reply (Redis restarted, connection cut) is not
-# relayed twice, and a run that another worker took over cannot interleave its tokens.
-# Returns the event's seq; 0 when it was already appended (a repeat); -1 once the request is
-# terminal (stop streaming); -2 when another worker owns the stream (stop, write nothing).
+# ARGV: channel, maxlen, ev_ttl, lease owner, parts relayed before these events, parts in them,
+#       the events (token / tool_calls)...
+# A stream's events, fenced and idempotent. The record counts the parts relayed (tokens and
+# tool-call chunks: `content_tokens_relayed`); events are appended only when that count is the
+# one their sender last saw, so a publish sent again after a lost reply (Redis restarted,
+# connection cut) is not relayed twice, and a run that another worker took over cannot
+# interleave its tokens. Returns the last event's seq; 0 when they were already appended (a
+# repeat); -1 once the request is terminal (stop streaming); -2 when another worker owns the
+# stream (stop, write nothing).
 EMIT_TOKENS = (
     _COMMON
     + """
@@ -277,7 +278,9 @@ local before, n = tonumber(ARGV[5]), tonumber(ARGV[6])
 if relayed == before + n then return 0 end
 if relayed ~= before then return -2 end
 redis.call('HSET', KEYS[3], 'content_tokens_relayed', before + n)
-return emit(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[7])
+local seq = 0
+for i = 7, #ARGV do seq = emit(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[i]) end
+return seq
 """
 )
 

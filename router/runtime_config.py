@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 
 from router.keys import Keys
 from settings import Settings
+from settings.config import MIN_FLUSH_INTERVAL_S
 
 FLUSH_INTERVAL = "flush_interval_s"
 MAX_FLUSH_INTERVAL_S = 7 * 24 * 3600.0
@@ -22,8 +23,11 @@ MAX_FLUSH_INTERVAL_S = 7 * 24 * 3600.0
 def validate_flush_interval(value: float) -> float:
     """A usable interval in seconds, or ValueError saying what is wrong."""
     value = float(value)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"flush_interval_s must be a number of seconds > 0, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"flush_interval_s must be a finite number of seconds, got {value!r}")
+    if value < MIN_FLUSH_INTERVAL_S:
+        raise ValueError(f"flush_interval_s must be at least {MIN_FLUSH_INTERVAL_S:g} seconds, "
+                         f"got {value!r}")
     if value > MAX_FLUSH_INTERVAL_S:
         raise ValueError(f"flush_interval_s must be at most {MAX_FLUSH_INTERVAL_S:g} (one week)")
     return value

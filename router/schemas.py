@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from router.callback_policy import callback_url_problem
 from router.records import Priority, RequestError, RequestResult, RouteName, Status, UsageInfo
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
@@ -18,22 +19,40 @@ ROUTER_FIELDS = frozenset(
 )
 
 
+# An assistant message may carry one of these instead of content (OpenAI's own rule).
+_ASSISTANT_WITHOUT_CONTENT = ("tool_calls", "function_call", "audio", "refusal")
+
+
 class ChatMessage(BaseModel):
     """One chat message; unknown OpenAI fields (name, tool_calls, ...) pass through."""
 
     model_config = ConfigDict(extra="allow")
 
     role: Role
+    # Absent or null only in an assistant message that holds tool calls (or a function call,
+    # audio or a refusal), as the openai SDK may send an agent's previous turn.
     content: str | list[dict[str, Any]] | None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _assistant_content_may_be_absent(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "content" not in data and data.get("role") == "assistant" \
+                and any(data.get(k) for k in _ASSISTANT_WITHOUT_CONTENT):
+            return {**data, "content": None}
+        return data
 
     @model_validator(mode="after")
     def _content_present(self) -> ChatMessage:
-        if self.content is None and not (self.role == "assistant" and self.model_extra and
-                                         self.model_extra.get("tool_calls")):
-            raise ValueError("content must be a string or a list of content parts")
+        extra = self.model_extra or {}
+        if self.content is None and not (
+                self.role == "assistant" and any(extra.get(k) for k in _ASSISTANT_WITHOUT_CONTENT)):
+            raise ValueError("content must be a string or a list of content parts (it may be "
+                             "null only in an assistant message with tool_calls)")
         return self
 
 
+MAX_BUDGET_USD = Decimal(10**9)
+IDEMPOTENCY_KEY_PATTERN = r"^[A-Za-z0-9_.:\-]{1,200}$"
 MAX_JSON_DEPTH = 32
 INT64 = 2**63
 
@@ -93,12 +112,15 @@ class ChatCompletionFields(BaseModel):
             raise PydanticCustomError("unsafe_json", problem)
         return data
 
+    # Strict types (issue 16): OpenAI refuses ``"max_tokens": "10"`` or ``true`` and
+    # ``"stream": "yes"``, so the router does too, rather than coerce them.
     model: str | None = Field(None, min_length=1, max_length=256)
     messages: list[ChatMessage] = Field(min_length=1, max_length=10_000)
-    max_tokens: int | None = Field(None, gt=0)
-    max_completion_tokens: int | None = Field(None, gt=0)
-    stream: bool | None = None
-    n: int | None = Field(None, ge=1, le=1)
+    max_tokens: int | None = Field(None, gt=0, strict=True)
+    max_completion_tokens: int | None = Field(None, gt=0, strict=True)
+    stream: bool | None = Field(None, strict=True)
+    n: int | None = Field(None, ge=1, le=1, strict=True,
+                          description="Only 1: the router relays one choice.")
 
 
 class SubmitRequest(ChatCompletionFields):
@@ -106,30 +128,55 @@ class SubmitRequest(ChatCompletionFields):
 
     priority: Priority = "normal"
     deadline_s: float | None = Field(
-        None, gt=0, description="Seconds within which a result is needed."
+        None, gt=0, strict=True, description="Seconds within which a result is needed."
     )
     metadata: dict[str, Any] | None = Field(None, description="Kept on the record, not sent.")
     idempotency_key: str | None = Field(
-        None, min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:\-]+$"
+        None, min_length=1, max_length=200, pattern=IDEMPOTENCY_KEY_PATTERN
     )
     max_cost_usd: Decimal | None = Field(
-        None, gt=0, description="Budget; becomes a max_tokens cap from the lane's price."
+        None, gt=0, allow_inf_nan=False,
+        description="Budget; becomes a max_tokens cap from the lane's price. A budget above "
+        f"{MAX_BUDGET_USD} USD is taken as {MAX_BUDGET_USD} (no practical limit).",
     )
     callback_url: str | None = Field(None, max_length=2048)
+
+    @field_validator("max_cost_usd")
+    @classmethod
+    def _bounded_budget(cls, value: Decimal | None) -> Decimal | None:
+        # Decimal keeps any exponent ("1e999999999999"), but arithmetic on it overflows: a
+        # budget too big to matter is no limit, at a size every later step can compute with.
+        if value is not None and value > MAX_BUDGET_USD:
+            return MAX_BUDGET_USD
+        return value
 
     @field_validator("callback_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("http://", "https://")):
-            raise ValueError("must be an http:// or https:// URL")
+        problem = None if value is None else callback_url_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
+    def dump_as_sent(self) -> dict[str, Any]:
+        """The request as the client sent it (JSON mode): every field it set, nulls inside
+        messages and pass-through fields kept (an assistant turn's ``content: null`` stays),
+        and only the router's own typed fields dropped when null."""
+        data = self.model_dump(mode="json", exclude_unset=True)
+        for name in _TYPED_FIELDS:
+            if data.get(name, 0) is None:
+                del data[name]
+        return data
+
     def openai_body(self) -> dict[str, Any]:
-        """The chat-completion body to send upstream (router fields removed, nulls dropped)."""
-        data = self.model_dump(mode="json", exclude_none=True)
+        """The chat-completion body to send upstream (router fields removed)."""
+        data = self.dump_as_sent()
         for name in ROUTER_FIELDS:
             data.pop(name, None)
         return data
+
+
+_TYPED_FIELDS = frozenset(SubmitRequest.model_fields)
 
 
 class SubmitResponse(BaseModel):

@@ -219,15 +219,16 @@ class StoreOps:
         )
 
     def emit_tokens(self, request_id: str, owner: str, relayed_before: int, tokens: int,
-                    event: str) -> StoreOp[int]:
-        """Append and publish one stream's token event, fenced by its lease and idempotent by
-        its relayed-token count (see EMIT_TOKENS): the seq, 0 for a repeat, -1 once terminal,
-        -2 when another worker owns the stream."""
+                    events: Sequence[str]) -> StoreOp[int]:
+        """Append and publish what a stream produced (`tokens` parts: texts or tool-call
+        chunks, as `events`), fenced by its lease and idempotent by its relayed count (see
+        EMIT_TOKENS): the last seq, 0 for a repeat, -1 once terminal, -2 when another worker
+        owns the stream."""
         k = self.keys
         return StoreOp(
             EMIT_TOKENS_SCRIPT,
             [k.seq(request_id), k.events(request_id), k.record(request_id), k.lease(request_id)],
-            [*self._event_args(request_id), owner, relayed_before, tokens, event],
+            [*self._event_args(request_id), owner, relayed_before, tokens, *events],
             lambda raw: int(raw),
         )
 

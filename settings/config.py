@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from decimal import Decimal
 from functools import lru_cache
 from typing import Any, Literal
@@ -39,6 +40,52 @@ DEFAULT_PRICES: dict[str, ModelPrice] = {
 OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
 # Metrics and ledger label of every model the operator did not name (`Settings.model_label`).
 OTHER_MODEL = "other"
+# A shorter flush interval is a mistake (a flush per beat tick at best), never a wish.
+MIN_FLUSH_INTERVAL_S = 0.1
+# The ports a callback host entry without a port allows: those of http and https.
+DEFAULT_CALLBACK_PORTS: frozenset[int] = frozenset({80, 443})
+
+
+@dataclass(frozen=True)
+class CallbackHost:
+    """One entry of `Settings.callback_allowed_hosts`: a host pattern and its ports.
+
+    Syntax: ``host`` (ports 80 and 443 only), ``host:8443`` (that port), ``host:*`` (any
+    port). ``host`` is a name, ``*.example.com``, ``*`` or an IP literal; an IPv6 literal with a
+    port is bracketed (``[::1]:8080``, ``[fd00::1]:*``; bare ``::1`` means ports 80 and 443).
+    """
+
+    host: str  # lower case, no trailing dot, IPv6 without brackets
+    ports: frozenset[int] | None  # None: any port
+
+    def allows_port(self, port: int) -> bool:
+        return self.ports is None or port in self.ports
+
+
+def parse_callback_host(entry: str) -> CallbackHost:
+    """`entry` as a `CallbackHost`; ValueError saying what is wrong with it."""
+    text = entry.strip().lower()
+    port_text: str | None = None
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError(f"{entry!r}: an IPv6 entry is [address] or [address]:port")
+        port_text = rest[1:] if rest else None
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    else:
+        host = text
+    host = host.rstrip(".")
+    if not host or any(c in host for c in "/@?# "):
+        raise ValueError(f"{entry!r}: must be a host name, *.domain, * or an IP address, "
+                         "optionally with :port or :*")
+    if port_text is None:
+        return CallbackHost(host, DEFAULT_CALLBACK_PORTS)
+    if port_text == "*":
+        return CallbackHost(host, None)
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"{entry!r}: the port must be 1-65535 or *")
+    return CallbackHost(host, frozenset({int(port_text)}))
 
 
 class Settings(BaseSettings):
@@ -69,7 +116,8 @@ class Settings(BaseSettings):
     # --- routing -----------------------------------------------------------------------------
     normal_route: Route = "stream"
     batch_mode: BatchMode = "auto"
-    flush_interval_s: float = Field(60.0, gt=0, description="Seconds between batch flushes.")
+    flush_interval_s: float = Field(60.0, ge=MIN_FLUSH_INTERVAL_S,
+                                    description="Seconds between batch flushes.")
     poll_interval_s: float = Field(30.0, gt=0, description="Seconds between polls of batches.")
     expected_batch_turnaround_s: float = Field(
         3600.0, gt=0, description="How long a batch is expected to take, used for deadlines."
@@ -134,6 +182,11 @@ class Settings(BaseSettings):
     )
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=0, le=65535)
+    public_base_url: str | None = Field(
+        None, description="Public URL of the API (e.g. https://router.example.com) used in the "
+        "events_url and result_url it answers; unset: those URLs are relative. Never taken "
+        "from the request's Host header.",
+    )
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
     http_header_timeout_s: float = Field(
         10.0, gt=0, description="A connection must send a request's headers within this long "
@@ -168,7 +221,12 @@ class Settings(BaseSettings):
     )
 
     # --- notifications -----------------------------------------------------------------------
-    callback_allowed_hosts: list[str] = Field(default_factory=list)
+    callback_allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="JSON list of hosts terminal callbacks may be sent to: `host` (ports 80 and "
+        "443 only), `host:port`, `host:*` (any port); `*.domain`, `*` and IP literals "
+        "(`[::1]:8080`) too.",
+    )
     callback_secret: SecretStr | None = None
     callback_max_attempts: int = Field(5, ge=1)
 
@@ -224,6 +282,25 @@ class Settings(BaseSettings):
             if len(secret.get_secret_value()) < 16:
                 raise ValueError("each secret must be at least 16 characters long")
         return value
+
+    @field_validator("callback_allowed_hosts")
+    @classmethod
+    def _callback_hosts_parse(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            parse_callback_host(entry)
+        return value
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _public_base_url_is_http(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        parsed = urlparse(value)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError("must be an http(s) URL such as https://router.example.com")
+        if parsed.query or parsed.fragment:
+            raise ValueError("must have no query or fragment")
+        return value.rstrip("/")
 
     @field_validator("upstream_base_url")
     @classmethod

@@ -27,6 +27,7 @@ from simulator.httpio import Receive, Scope, Send, header, query, read_body, sen
 from simulator.messages import split_prefill
 from simulator.stats import Stats
 from simulator.streaming import stream_answer
+from simulator.tools import tool_call_answer
 
 CHAT_PATH = "/v1/chat/completions"
 
@@ -164,6 +165,7 @@ class SimulatorApp:
         d = parse_messages(messages)
         stats = self.stats
         stats.incr("requests", ph)
+        stats.keep_body(ph, body)
         _, prefill = split_prefill(messages)
         if prefill is not None:
             stats.incr("continuations", ph)
@@ -171,9 +173,9 @@ class SimulatorApp:
         if err is not None:
             stats.incr("errors_injected", ph)
             raise err
-        answer = make_answer(messages, model, seed=self.config.seed, length=d.tokens, limit=limit,
-                             min_tokens=self.config.min_tokens,
-                             max_tokens=self.config.max_tokens)
+        answer = tool_call_answer(body, model, self.config.seed, d) or make_answer(
+            messages, model, seed=self.config.seed, length=d.tokens, limit=limit,
+            min_tokens=self.config.min_tokens, max_tokens=self.config.max_tokens)
         ttft = d.ttft if d.ttft is not None else self.config.ttft_s
         tps = d.tps if d.tps is not None else self.config.tokens_per_s
         cid = completion_id()
@@ -282,6 +284,13 @@ class SimulatorApp:
             snap["files"] = len(self.files.files)
             snap["batches"] = len(self.batches.batches)
             await send_json(send, 200, snap)
+            return
+        if path == "/sim/last_request" and method == "GET":
+            ph = query(scope).get("prompt_hash", "")
+            body = self.stats.last_bodies.get(ph)
+            if body is None:
+                raise not_found(f"no chat request with prompt_hash {ph!r}")
+            await send_json(send, 200, body)
             return
         if path == "/sim/reset" and method == "POST":
             await read_body(receive)

@@ -27,6 +27,7 @@ from simulator.errors import SimError, invalid_request, not_found
 from simulator.faults import Faults
 from simulator.files import FileStore, page
 from simulator.generation import make_answer
+from simulator.tools import tool_call_answer
 
 CHAT_ENDPOINT = "/v1/chat/completions"
 SUPPORTED_ENDPOINTS = ("/v1/chat/completions",)
@@ -376,7 +377,7 @@ class BatchStore:
             body = ln.body
             d = parse_messages(body["messages"])
             limit = body.get("max_completion_tokens") or body.get("max_tokens")
-            answer = make_answer(
+            answer = tool_call_answer(body, str(body["model"]), self.config.seed, d) or make_answer(
                 body["messages"], str(body["model"]), seed=self.config.seed, length=d.tokens,
                 limit=limit if isinstance(limit, int) and limit > 0 else None,
                 min_tokens=self.config.min_tokens, max_tokens=self.config.max_tokens,

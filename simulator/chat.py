@@ -56,9 +56,10 @@ def completion_body(answer: Answer, model: str, cid: str, created: int) -> dict[
                 "index": 0,
                 "message": {
                     "role": "assistant",
-                    "content": answer.content,
+                    "content": None if answer.tool_calls else answer.content,
                     "refusal": None,
                     "annotations": [],
+                    **({"tool_calls": answer.tool_calls} if answer.tool_calls else {}),
                 },
                 "logprobs": None,
                 "finish_reason": answer.finish_reason,
@@ -125,6 +126,12 @@ class ChunkEncoder:
     def tokens(self, tokens: list[str]) -> bytes:
         pre, suf = self._content_prefix, self._content_suffix
         return b"".join([pre + encode_token(t) + suf for t in tokens])
+
+    def tool_deltas(self, deltas: list[dict[str, Any]]) -> bytes:
+        """One chunk per tool-call delta (``delta.tool_calls`` holds that one fragment)."""
+        return b"".join(self._choice({"index": 0, "delta": {"tool_calls": [delta]},
+                                      "logprobs": None, "finish_reason": None})
+                        for delta in deltas)
 
     def finish(self, finish_reason: str) -> bytes:
         return self._choice(

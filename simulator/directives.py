@@ -31,6 +31,7 @@ class Directives:
     line_error: int | None = None  # HTTP status of the per-line error
     batch: str | None = None  # "expire" | "fail"
     turnaround: float | None = None
+    tool_calls: int | None = None  # answer with this many calls of the request's tools
 
     @property
     def empty(self) -> bool:
@@ -70,6 +71,8 @@ def _apply(d: Directives, key: str, value: str) -> None:
         d.batch = value.lower()
     elif key == "turnaround":
         d.turnaround = float(value)
+    elif key == "tool_calls":
+        d.tool_calls = max(0, min(_as_int(value), 16)) or None
 
 
 def parse_text(text: str, into: Directives | None = None) -> Directives:

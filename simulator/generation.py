@@ -59,6 +59,10 @@ class Answer:
     tokens: list[str]
     finish_reason: str
     prompt_tokens: int
+    # A tool-call answer (simulator.tools): the whole calls, and the stream deltas they are
+    # sent as (``{"index", "id", "type", "function": {"name", "arguments"}}`` fragments).
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_deltas: list[dict[str, Any]] | None = None
 
     @property
     def content(self) -> str:
@@ -66,7 +70,7 @@ class Answer:
 
     @property
     def completion_tokens(self) -> int:
-        return len(self.tokens)
+        return len(self.tokens) + len(self.tool_deltas or ())
 
 
 def full_answer(

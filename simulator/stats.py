@@ -22,16 +22,29 @@ PROMPT_COUNTERS: tuple[str, ...] = (
 )
 
 
+LAST_BODIES_MAX = 1000
+
+
 class Stats:
     """Plain in-memory counters (the server is single-process, single-threaded asyncio)."""
 
     def __init__(self) -> None:
         self.totals: dict[str, int] = defaultdict(int)
         self.prompts: dict[str, dict[str, int]] = {}
+        # The last chat body received per prompt, so a test can check what a router sent.
+        self.last_bodies: dict[str, Any] = {}
 
     def reset(self) -> None:
         self.totals.clear()
         self.prompts.clear()
+        self.last_bodies.clear()
+
+    def keep_body(self, prompt_hash: str, body: Any) -> None:
+        """Remember `body` as the prompt's last request (the newest `LAST_BODIES_MAX` kept)."""
+        self.last_bodies.pop(prompt_hash, None)
+        self.last_bodies[prompt_hash] = body
+        if len(self.last_bodies) > LAST_BODIES_MAX:
+            del self.last_bodies[next(iter(self.last_bodies))]
 
     def incr(self, name: str, prompt_hash: str | None = None, by: int = 1) -> None:
         self.totals[name] += by

@@ -12,7 +12,8 @@ close the connection mid-stream exactly like a broken upstream.
 from __future__ import annotations
 
 import asyncio
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 from simulator.chat import DONE, ChunkEncoder
 from simulator.generation import Answer
@@ -68,7 +69,11 @@ async def stream_answer(
                     "headers": SSE_HEADERS + headers})
         if ttft > 0 and await _sleep_or_disconnect(watcher, ttft):
             return "aborted"
-        tokens = answer.tokens
+        # Text tokens, or a tool-call answer's deltas: one chunk each, paced alike.
+        tokens: list[Any] = answer.tokens
+        encode: Callable[[list[Any]], bytes] = encoder.tokens
+        if answer.tool_deltas:
+            tokens, encode = answer.tool_deltas, encoder.tool_deltas
         n = len(tokens)
         dropping = drop_after is not None and drop_after < n
         limit = drop_after if dropping and drop_after is not None else n
@@ -79,7 +84,7 @@ async def stream_answer(
             step = int((loop.time() - t0) * tps) + 1 - i if tps > 0 else MAX_CHUNKS_PER_WRITE
             due = min(limit, i + step)
             if due > i:
-                pending.append(encoder.tokens(tokens[i:due]))
+                pending.append(encode(tokens[i:due]))
                 i = due
             if i >= limit:
                 break

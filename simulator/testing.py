@@ -115,3 +115,12 @@ def sim_stats(base_url: str, prompt_hash: str | None = None) -> dict[str, Any]:
     r.raise_for_status()
     data: dict[str, Any] = r.json()
     return data
+
+
+def sim_last_request(base_url: str, prompt_hash: str) -> dict[str, Any]:
+    """The last chat-completion body the simulator received for the prompt, as it arrived."""
+    root = base_url.removesuffix("/").removesuffix("/v1")
+    r = httpx.get(root + "/sim/last_request", params={"prompt_hash": prompt_hash}, timeout=5.0)
+    r.raise_for_status()
+    data: dict[str, Any] = r.json()
+    return data

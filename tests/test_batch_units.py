@@ -14,6 +14,7 @@ import pytest
 import redis
 
 from router.callback_policy import callback_refusal
+from router.callback_signature import sign
 from router.keys import Keys
 from router.ledger import Ledger
 from router.pricing import cost_usd
@@ -26,7 +27,6 @@ from workers.batch_flush import FlushContext, flush
 from workers.batch_jsonl import write_parts
 from workers.batch_poll import PollContext, batch_meta, check_batch, write_back_batch
 from workers.batch_writeback import parse_line
-from workers.callbacks import sign
 from workers.retry import is_refusal
 from workers.upstream import make_openai_client
 
@@ -224,7 +224,7 @@ def test_a_submission_the_upstream_refuses_counts_as_an_attempt_and_ends_failed(
     refusal is one of their ROUTER_BATCH_MAX_ATTEMPTS submissions, then they fail, once,
     with the upstream's answer."""
     settings = make_settings(upstream_base_url=sim_without_batch_api, batch_mode="native",
-                             batch_max_attempts=3, callback_allowed_hosts=["127.0.0.1"])
+                             batch_max_attempts=3, callback_allowed_hosts=["127.0.0.1:*"])
     keys = Keys(settings.key_prefix)
     ids = [submit_low(redis_client, settings, f"refused {i}",
                       **({"callback_url": "http://127.0.0.1:9/hook"} if i == 0 else {}))
@@ -369,16 +369,22 @@ def test_parse_line_shapes() -> None:
 
 
 def test_callback_policy_is_no_open_relay() -> None:
-    allowed = ["hooks.example.com", "*.corp.example", "127.0.0.1"]
+    allowed = ["hooks.example.com", "*.corp.example", "127.0.0.1:9"]
     assert callback_refusal("https://hooks.example.com/x", allowed) is None
     assert callback_refusal("https://a.corp.example/x", allowed) is None
     assert callback_refusal("http://127.0.0.1:9/x", allowed) is None
+    # Ports: 80 and 443 unless the entry names others (issue 16).
+    assert callback_refusal("https://hooks.example.com:6379/x", allowed)
+    assert callback_refusal("http://127.0.0.1/x", allowed)  # that entry allows port 9 only
+    assert callback_refusal("http://a.corp.example:8080/x", ["*.corp.example:*"]) is None
+    assert callback_refusal("http://[::1]:8080/x", ["[::1]:8080"]) is None
+    assert callback_refusal("http://[::1]:8081/x", ["[::1]:8080"])
     assert callback_refusal("https://evil.example.net/", allowed)
     assert callback_refusal("http://10.0.0.5/", ["*"])  # private IP even with '*'
     assert callback_refusal("http://[::1]/", ["*"])
     assert callback_refusal("http://169.254.169.254/latest", ["*"])
     assert callback_refusal("https://hooks.example.com/x", [])  # no list, no callbacks
-    assert sign(b"{}", "s").startswith("sha256=") and len(sign(b"{}", "s")) == 71
+    assert sign(b"{}", "s", 1700000000).startswith("t=1700000000,v1=")
 
 
 def test_openai_client_sees_simulator(sim_url: str) -> None:

@@ -13,11 +13,12 @@ import pytest
 import redis
 
 from router.callback_policy import address_refusal
+from router.callback_signature import verify_signature
 from router.store import RequestStore
 from settings import Settings
 from tests.batch_helpers import submit_low
 from tests.callback_receiver import CallbackReceiver, callback_receiver
-from workers.callbacks import CallbackTarget, callback_target, deliver_callback, sign
+from workers.callbacks import CallbackTarget, callback_target, deliver_callback
 
 
 @pytest.fixture
@@ -52,7 +53,7 @@ def test_address_refusal_allows_only_global_or_listed_addresses() -> None:
 def test_a_wildcard_name_that_resolves_to_loopback_is_refused_and_nothing_is_sent(
         make_settings: Callable[..., Settings], redis_client: redis.Redis, receiver: CallbackReceiver,
         http: httpx.Client) -> None:
-    settings = make_settings(callback_allowed_hosts=["*"])
+    settings = make_settings(callback_allowed_hosts=["*:*"])
     request_id = _terminal_request(redis_client, settings,
                                    f"http://localhost:{receiver.port}/hook")
     result = deliver_callback(settings, redis_client, http, request_id)  # the real resolver
@@ -64,13 +65,14 @@ def test_a_wildcard_name_that_resolves_to_loopback_is_refused_and_nothing_is_sen
 def test_a_listed_name_is_called_as_given(
         make_settings: Callable[..., Settings], redis_client: redis.Redis, receiver: CallbackReceiver,
         http: httpx.Client) -> None:
-    settings = make_settings(callback_allowed_hosts=["localhost"], callback_secret="s3cret")
+    settings = make_settings(callback_allowed_hosts=["localhost:*"], callback_secret="s3cret")
     request_id = _terminal_request(redis_client, settings,
                                    f"http://localhost:{receiver.port}/hook/listed")
     assert deliver_callback(settings, redis_client, http, request_id).outcome == "sent"
     [post] = receiver.posts
     assert post.path == "/hook/listed" and post.host == f"localhost:{receiver.port}"
-    assert post.signature == sign(post.body, "s3cret")
+    assert post.signature is not None
+    assert verify_signature(post.signature, post.body, "s3cret")
 
 
 def test_a_wildcard_name_is_called_at_the_address_that_was_checked(
@@ -78,7 +80,7 @@ def test_a_wildcard_name_is_called_at_the_address_that_was_checked(
         http: httpx.Client) -> None:
     """`hooks.pinned.test` exists in no DNS: the POST arrives only because it went to the
     address the check saw, with the name in the Host header."""
-    settings = make_settings(callback_allowed_hosts=["*.pinned.test", "127.0.0.1"])
+    settings = make_settings(callback_allowed_hosts=["*.pinned.test:*", "127.0.0.1"])
     url = f"http://hooks.pinned.test:{receiver.port}/hook/pinned?x=1"
     request_id = _terminal_request(redis_client, settings, url)
     asked: list[tuple[str, int]] = []
@@ -120,3 +122,17 @@ def test_an_https_target_keeps_its_name_for_sni_and_never_shares_a_connection() 
         {"Host": "a.hooks.test", "Connection": "close"},
         {"sni_hostname": "a.hooks.test"},
     )
+
+
+def test_a_port_no_longer_allowed_is_refused_at_send_time(
+        make_settings: Callable[..., Settings], redis_client: redis.Redis, receiver: CallbackReceiver,
+        http: httpx.Client) -> None:
+    """Accepted while ``127.0.0.1:*`` was listed; sent after the list became ``127.0.0.1``
+    (ports 80 and 443): refused, nothing sent (issue 16: ports are part of the allowlist)."""
+    accepting = make_settings(callback_allowed_hosts=["127.0.0.1:*"])
+    request_id = _terminal_request(redis_client, accepting, receiver.url("port"))
+    sending = accepting.model_copy(update={"callback_allowed_hosts": ["127.0.0.1"]})
+    result = deliver_callback(sending, redis_client, http, request_id)
+    assert result.outcome == "refused" and str(receiver.port) in result.detail
+    assert receiver.posts == []
+    assert deliver_callback(accepting, redis_client, http, request_id).outcome == "sent"

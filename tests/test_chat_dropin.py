@@ -1,5 +1,7 @@
 """``POST /v1/chat/completions``: the official openai SDK (sync and async) reads the router
-unchanged, stream and non-stream, through a real API and stream worker and the simulator."""
+unchanged, stream and non-stream, through a real API and stream worker and the simulator;
+requests built from the SDK's own param types (tools, content parts, response formats...)
+reach the upstream unchanged and tool calls come back as the SDK expects them (issue 16)."""
 
 from __future__ import annotations
 
@@ -12,10 +14,24 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from openai.types.chat import (
+    ChatCompletionAssistantMessageParam,
+    ChatCompletionContentPartImageParam,
+    ChatCompletionContentPartInputAudioParam,
+    ChatCompletionContentPartTextParam,
+    ChatCompletionDeveloperMessageParam,
+    ChatCompletionMessageParam,
+    ChatCompletionNamedToolChoiceParam,
+    ChatCompletionSystemMessageParam,
+    ChatCompletionToolMessageParam,
+    ChatCompletionToolParam,
+    ChatCompletionUserMessageParam,
+)
+from openai.types.shared_params import ResponseFormatJSONSchema
 
 from settings import Settings
 from simulator import prompt_hash
-from simulator.testing import sim_stats
+from simulator.testing import sim_last_request, sim_stats
 from tests.support import Stack, wait_until
 
 MODEL = "gpt-4o-mini"
@@ -206,3 +222,172 @@ def test_fast_and_general_paths_stream_alike(lane: Stack, sim_url: str) -> None:
     assert framing(fast) == framing(general)
     assert framing(fast)[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert framing(fast)[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+# --- issue 16: every request the SDK can make, tool calls relayed --------------------------
+
+TOOLS: list[ChatCompletionToolParam] = [
+    {"type": "function", "function": {
+        "name": "get_weather", "description": "Weather of a city.",
+        "parameters": {"type": "object", "properties": {"query": {"type": "string"}},
+                       "required": ["query"]}}},
+    {"type": "function", "function": {
+        "name": "get_time", "parameters": {"type": "object", "properties": {}}}},
+]
+
+
+def agent_turn(directive: str = "[[sim:tool_calls=2]]") -> list[ChatCompletionMessageParam]:
+    system: ChatCompletionSystemMessageParam = {"role": "system", "content": "Use tools."}
+    user: ChatCompletionUserMessageParam = {
+        "role": "user", "content": f"Weather and time? {uuid.uuid4().hex} {directive}"}
+    return [system, user]
+
+
+def calls_of(tool_calls: Any) -> list[tuple[str, str, str]]:
+    return [(c.id, c.function.name, c.function.arguments) for c in tool_calls or ()]
+
+
+def next_turn(msgs: list[ChatCompletionMessageParam], tool_calls: Any
+              ) -> list[ChatCompletionMessageParam]:
+    """The agent's next request: its previous turn (content null + tool_calls) and results."""
+    assistant: ChatCompletionAssistantMessageParam = {
+        "role": "assistant", "content": None,
+        "tool_calls": [{"id": c.id, "type": "function",
+                        "function": {"name": c.function.name,
+                                     "arguments": c.function.arguments}} for c in tool_calls]}
+    results: list[ChatCompletionToolMessageParam] = [
+        {"role": "tool", "tool_call_id": c.id, "content": f"result of {c.function.name}"}
+        for c in tool_calls]
+    return [*msgs, assistant, *results]
+
+
+def test_an_agent_tool_call_conversation_works_through_the_drop_in(
+        router_sdk: openai.OpenAI, lane: Stack, sim_url: str) -> None:
+    """The turn that calls tools (non-stream and streamed, read with the SDK's own stream
+    helper, which accumulates tool-call deltas), then the turn that sends the calls and their
+    results back (``content: null`` + ``tool_calls``, then ``tool`` messages): once a 400
+    "Idempotency-Key header: Field required"."""
+    direct = openai.OpenAI(base_url=sim_url, api_key="sk-test", max_retries=0)
+    msgs = agent_turn()
+    expected = direct.chat.completions.create(model=MODEL, messages=msgs, tools=TOOLS)
+    assert expected.choices[0].finish_reason == "tool_calls"
+    want = calls_of(expected.choices[0].message.tool_calls)
+    assert len(want) == 2
+
+    reply = router_sdk.chat.completions.with_raw_response.create(
+        model=MODEL, messages=msgs, tools=TOOLS, tool_choice="auto", parallel_tool_calls=True,
+        extra_headers={"X-Priority": "high"})
+    completion = reply.parse()
+    assert completion.choices[0].finish_reason == "tool_calls"
+    assert completion.choices[0].message.content is None
+    assert calls_of(completion.choices[0].message.tool_calls) == want
+    record = httpx.get(f"{lane.api_url}/v1/requests/{reply.headers['x-request-id']}",
+                       headers={"Authorization": f"Bearer {KEY}"}, timeout=5).json()
+    assert [(c["id"], c["function"]["name"], c["function"]["arguments"])
+            for c in record["result"]["message"]["tool_calls"]] == want
+
+    with router_sdk.chat.completions.stream(model=MODEL, messages=msgs, tools=TOOLS) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_completion()
+    assert "tool_calls.function.arguments.delta" in kinds
+    assert kinds.count("tool_calls.function.arguments.done") == 2
+    assert final.choices[0].finish_reason == "tool_calls"
+    assert calls_of(final.choices[0].message.tool_calls) == want
+
+    follow_up = next_turn(msgs, expected.choices[0].message.tool_calls)
+    answer = router_sdk.chat.completions.create(model=MODEL, messages=follow_up, tools=TOOLS)
+    assert answer.choices[0].finish_reason == "stop"
+    assert answer.choices[0].message.content == direct.chat.completions.create(
+        model=MODEL, messages=follow_up, tools=TOOLS).choices[0].message.content
+    streamed = router_sdk.chat.completions.create(model=MODEL, messages=follow_up, tools=TOOLS,
+                                                  stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == \
+        answer.choices[0].message.content
+
+
+def test_tool_call_deltas_are_relayed_as_chunks(lane: Stack, sim_url: str) -> None:
+    """On the wire: ``delta.tool_calls`` chunks with index, id, type and name first, then the
+    arguments; joined per call they are exactly the upstream's calls."""
+    msgs = agent_turn("[[sim:tool_calls=3,tps=200]]")
+    direct = openai.OpenAI(base_url=sim_url, api_key="sk-test", max_retries=0)
+    want = calls_of(direct.chat.completions.create(
+        model=MODEL, messages=msgs, tools=TOOLS).choices[0].message.tool_calls)
+    with httpx.stream("POST", f"{lane.api_url}/v1/chat/completions", timeout=30,
+                      headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": MODEL, "messages": msgs, "tools": TOOLS,
+                            "stream": True}) as response:
+        assert response.status_code == 200
+        lines = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    chunks = [json.loads(line) for line in lines[:-1]]
+    deltas = [d for c in chunks for d in c["choices"][0]["delta"].get("tool_calls") or ()]
+    calls: dict[int, list[str]] = {}
+    for delta in deltas:
+        if "id" in delta:
+            assert delta["index"] not in calls and delta["type"] == "function"
+            calls[delta["index"]] = [delta["id"], delta["function"]["name"], ""]
+        calls[delta["index"]][2] += delta["function"].get("arguments", "")
+    assert [tuple(calls[i]) for i in sorted(calls)] == want
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def every_sdk_param(msgs: list[ChatCompletionMessageParam]) -> dict[str, Any]:
+    """Keyword arguments of ``chat.completions.create`` covering what an SDK user may send."""
+    image: ChatCompletionContentPartImageParam = {
+        "type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=",
+                                           "detail": "low"}}
+    audio: ChatCompletionContentPartInputAudioParam = {
+        "type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}
+    text: ChatCompletionContentPartTextParam = {"type": "text", "text": "Describe these."}
+    developer: ChatCompletionDeveloperMessageParam = {"role": "developer", "content": "Be terse."}
+    parts: ChatCompletionUserMessageParam = {"role": "user", "content": [text, image, audio],
+                                             "name": "alice"}
+    tool_choice: ChatCompletionNamedToolChoiceParam = {
+        "type": "function", "function": {"name": "get_weather"}}
+    response_format: ResponseFormatJSONSchema = {
+        "type": "json_schema", "json_schema": {
+            "name": "answer", "strict": True,
+            "schema": {"type": "object", "properties": {"text": {"type": "string"}},
+                       "required": ["text"], "additionalProperties": False}}}
+    return {
+        "model": MODEL, "messages": [developer, parts, *msgs], "tools": TOOLS,
+        "tool_choice": tool_choice, "parallel_tool_calls": False,
+        "response_format": response_format, "stop": ["\n\n", "END"], "logprobs": True,
+        "top_logprobs": 2, "seed": 7, "n": 1, "user": "user-1",
+        "metadata": {"team": "search"}, "store": True, "reasoning_effort": "low",
+        "temperature": 0.2, "top_p": 0.9, "frequency_penalty": 0.1, "presence_penalty": 0.1,
+        "logit_bias": {"50256": -100}, "max_completion_tokens": 64, "service_tier": "auto",
+        "modalities": ["text"], "prompt_cache_key": "k1", "safety_identifier": "s1",
+    }
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_every_sdk_field_reaches_the_upstream_unchanged(router_sdk: openai.OpenAI, sim_url: str,
+                                                       stream: bool) -> None:
+    """The body the SDK sends to the simulator directly and the body the router sends it for
+    the same call are equal, but for ``stream``/``stream_options`` (the stream lane always
+    streams and asks for usage)."""
+    turn = agent_turn("[[sim:tool_calls=1]]")
+    first = openai.OpenAI(base_url=sim_url, api_key="sk-test", max_retries=0)
+    calls = first.chat.completions.create(model=MODEL, messages=turn, tools=TOOLS)
+    kwargs = every_sdk_param(next_turn(turn, calls.choices[0].message.tool_calls))
+    if stream:
+        kwargs.update(stream=True, stream_options={"include_usage": True})
+    key = prompt_hash(kwargs["messages"])
+    direct = first.chat.completions.create(**kwargs)
+    sent_direct = sim_last_request(sim_url, key)
+    routed = router_sdk.chat.completions.create(**kwargs)
+    if stream:
+        direct_text = "".join(c.choices[0].delta.content or "" for c in direct if c.choices)
+        routed_text = "".join(c.choices[0].delta.content or "" for c in routed if c.choices)
+    else:
+        direct_text = direct.choices[0].message.content or ""
+        routed_text = routed.choices[0].message.content or ""
+    assert routed_text == direct_text and routed_text
+    sent_routed = sim_last_request(sim_url, key)
+    assert sent_routed.pop("stream") is True
+    assert sent_routed.pop("stream_options") == {"include_usage": True}
+    sent_direct.pop("stream", None), sent_direct.pop("stream_options", None)
+    assert sent_routed == sent_direct
+    [turn_sent] = [m for m in sent_routed["messages"] if m["role"] == "assistant"]
+    assert turn_sent["content"] is None and turn_sent["tool_calls"]  # the agent's turn, as sent

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from router.api.fast_path import FastPaths, json_model, with_fast_path
 from router.schemas import SubmitRequest
+from settings import Settings
 
 VALID = b'{"messages": [{"role": "user", "content": "hi"}], "priority": "low"}'
 
@@ -114,20 +115,23 @@ def test_an_error_on_the_fast_path_is_answered_by_the_apps_handlers() -> None:
         TestClient(app_with_fast_paths()).post("/items", json={"name": "broken"})
 
 
-def test_base_url_is_starlettes_and_is_kept_per_host() -> None:
-    from router.api.routes.requests import base_url
+def test_urls_never_come_from_the_host_header() -> None:
+    """Issue 16: URLs come from ROUTER_PUBLIC_BASE_URL, or are relative to the app's root
+    path; the client's Host header (``evil.example``) never reaches them."""
+    from types import SimpleNamespace
 
-    def req(host: bytes | None, scheme: str = "http", root_path: str = "") -> Request:
-        headers = [(b"host", host)] if host is not None else []
-        return Request({"type": "http", "method": "POST", "path": "/v1/requests", "headers": headers,
-                        "scheme": scheme, "server": ("10.0.0.1", 8000), "root_path": root_path,
-                        "query_string": b""})
+    from router.api.routes.requests import urls_for
 
-    for args in [(b"api.example.com",), (b"api.example.com:8443", "https"), (b"other.example",),
-                 (None,), (b"api.example.com", "http", "/router")]:
-        expected = str(req(*args).base_url).rstrip("/")
-        assert base_url(req(*args)) == expected
-        assert base_url(req(*args)) == expected  # now from the cache
-    assert base_url(req(b"api.example.com")) == "http://api.example.com"
-    assert base_url(req(None)) == "http://10.0.0.1:8000"
-    assert base_url(req(b"api.example.com", "http", "/router")) == "http://api.example.com/router"
+    def req(public: str | None, host: bytes, root_path: str = "") -> Request:
+        app = SimpleNamespace(state=SimpleNamespace(settings=Settings(public_base_url=public)))
+        return Request({"type": "http", "method": "POST", "path": "/v1/requests",
+                        "headers": [(b"host", host)], "scheme": "http", "app": app,
+                        "server": ("10.0.0.1", 8000), "root_path": root_path, "query_string": b""})
+
+    rid = "0" * 32
+    assert urls_for(req(None, b"evil.example"), rid) == (
+        f"/v1/requests/{rid}/events", f"/v1/requests/{rid}")
+    assert urls_for(req(None, b"evil.example", "/router"), rid)[1] == f"/router/v1/requests/{rid}"
+    assert urls_for(req("https://api.example.com/", b"evil.example"), rid) == (
+        f"https://api.example.com/v1/requests/{rid}/events",
+        f"https://api.example.com/v1/requests/{rid}")

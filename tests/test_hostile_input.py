@@ -6,7 +6,9 @@ anything it accepted would stay visible in Redis: after each hostile request the
 that the key prefix's keyspace is exactly as before (no record, no pending entry, no Celery
 message). The corpus covers malformed and oversized bodies, deep nesting, wrong types, Unicode
 edges (lone surrogates, overlong UTF-8, BOM), injection-shaped ids and keys (path traversal,
-Redis glob characters, CRLF), huge headers and huge message counts.
+Redis glob characters, CRLF), huge headers and huge message counts; and the cases of issue 16
+(loose types, decimal overflow, bad callback URLs and ports, resume cursors beyond Redis's
+stream ids, a forged Host header).
 """
 
 from __future__ import annotations
@@ -25,13 +27,19 @@ import httpx
 import pytest
 import redis
 
+from router.callback_signature import verify_signature
 from router.keys import Keys, bounded_keys
+from router.store import RequestStore
 from settings import Settings
-from tests.support import Stack, delete_prefix, wait_until
+from tests.batch_helpers import submit_low
+from tests.callback_receiver import callback_receiver
+from tests.support import REPO_ROOT, Stack, delete_prefix, wait_until
+from workers.callbacks import deliver_callback
 
 KEY_A = "sk-hostile-alpha"
 KEY_B = "sk-hostile-beta"
 KEY_ADMIN = "sk-hostile-admin"
+PUBLIC_BASE_URL = "https://router.example.test"
 ROUTES_WITH_BODY = ("/v1/requests", "/v1/chat/completions")
 DEEP = 10_000
 REAL_ID = uuid.uuid4().hex  # well-formed but unknown
@@ -78,6 +86,8 @@ def api(redis_base_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         upstream_api_key="sk-unused",
         api_keys={KEY_A: "alpha", KEY_B: "beta", KEY_ADMIN: "admin"},
         admin_tenants=["admin"],
+        callback_allowed_hosts=["localhost"],  # ports 80 and 443 only
+        public_base_url=PUBLIC_BASE_URL,
         log_format="json",
     )
     stack = Stack(settings, workdir=Path(tmp_path_factory.mktemp("hostile")))
@@ -179,6 +189,23 @@ HOSTILE_BODIES: dict[str, bytes] = {
     "max-cost-nan": _raw(_body(max_cost_usd="NaN")),
     "callback-not-http": _raw(_body(callback_url="file:///etc/passwd")),
     "callback-javascript": _raw(_body(callback_url="javascript:alert(1)")),
+    # issue 16: loose types OpenAI refuses, URLs Python's parser raises on, ports not allowed
+    "deadline-true": _raw(_body(deadline_s=True)),
+    "deadline-string": _raw(_body(deadline_s="10")),
+    "max-tokens-numeric-string": _raw(_body(max_tokens="10")),
+    "max-tokens-true": _raw(_body(max_tokens=True)),
+    "max-completion-tokens-string": _raw(_body(max_completion_tokens="10")),
+    "stream-yes": _raw(_body(stream="yes")),
+    "stream-one": _raw(_body(stream=1)),
+    "n-string": _raw(_body(n="1")),
+    "max-cost-infinity": _raw(_body(max_cost_usd="Infinity")),
+    "max-cost-true": _raw(_body(max_cost_usd=True)),
+    "callback-bad-ipv6": _raw(_body(callback_url="http://[::1")),
+    "callback-port-too-big": _raw(_body(callback_url="http://localhost:99999/x")),
+    "callback-port-not-number": _raw(_body(callback_url="http://localhost:abc/x")),
+    "callback-port-zero": _raw(_body(callback_url="http://localhost:0/x")),
+    "callback-port-not-allowed": _raw(_body(callback_url="http://localhost:6379/x")),
+    "callback-space": _raw(_body(callback_url="http://localhost/a b")),
     # deep nesting
     "deep-array-content": b'{"messages":[{"role":"user","content":' + _deep_array(DEEP).encode()
                           + b"}]}",
@@ -477,7 +504,8 @@ def test_content_length_lies_and_chunked_bombs(api: HostileApi) -> None:
     assert api.keyspace() == before
 
 
-@pytest.mark.parametrize("budget", ["1e999999", 1e308, "123456789012345678901234567890"])
+@pytest.mark.parametrize("budget", ["1e999999", 1e308, "123456789012345678901234567890",
+                                    "1e999999999999"])
 def test_absurd_budgets_are_accepted_with_a_bounded_cap(api: HostileApi,
                                                        budget: str | float) -> None:
     """A budget too big to matter is no limit, not an overflow (once: a 500)."""
@@ -848,3 +876,185 @@ def test_slow_clients_get_a_408_and_are_closed(
     finally:
         for sock in socks.values():
             sock.close()
+
+
+# --- issue 16 ------------------------------------------------------------------------------------
+
+def _low_request(api: HostileApi, **fields: Any) -> httpx.Response:
+    return httpx.post(f"{api.url}/v1/requests", headers=auth(), timeout=10,
+                      json={"messages": [_msg("issue 16")], "priority": "low", **fields})
+
+
+def _cancel(api: HostileApi, request_id: str) -> None:
+    assert httpx.delete(f"{api.url}/v1/requests/{request_id}", headers=auth(),
+                        timeout=10).status_code == 200
+
+
+def _left_and_cancelled(api: HostileApi, request_id: str) -> None:
+    """Cancel a drop-in stream the test walked away from and wait until it is (the API's own
+    cancel on disconnect is asynchronous, and later tests compare the keyspace)."""
+    status = httpx.delete(f"{api.url}/v1/requests/{request_id}", headers=auth(),
+                          timeout=10).status_code
+    assert status in (200, 409), status  # 409: the disconnect had cancelled it already
+    wait_until(lambda: httpx.get(f"{api.url}/v1/requests/{request_id}", headers=auth(),
+                                 timeout=10).json()["status"] == "cancelled",
+               10, message=f"request {request_id} cancelled")
+
+
+def test_a_decimal_overflow_budget_on_the_drop_in_is_no_500(api: HostileApi) -> None:
+    """``max_cost_usd: "1e999999999999"`` overflowed Decimal arithmetic (a 500) on both POST
+    routes; /v1/requests is covered by the absurd-budget test. The drop-in (no stream worker
+    here) starts its stream: the request was accepted; leaving cancels it."""
+    with httpx.stream("POST", f"{api.url}/v1/chat/completions", headers=auth(), timeout=10,
+                      json={"messages": [_msg("budget")], "stream": True,
+                            "max_cost_usd": "1e999999999999"}) as response:
+        assert response.status_code == 200, response.read()
+        first = next(response.iter_lines())
+    _left_and_cancelled(api, response.headers["x-request-id"])
+    assert first.startswith("data: ") and json.loads(first[6:])["object"] == \
+        "chat.completion.chunk"
+
+
+def test_callback_ports_must_be_listed(api: HostileApi) -> None:
+    """With ``ROUTER_CALLBACK_ALLOWED_HOSTS=["localhost"]`` only ports 80 and 443 of localhost
+    may be called: ``http://localhost:6379/x`` (Redis) is refused at intake with a message
+    saying how to allow it; the default ports are accepted."""
+    before = api.keyspace()
+    refused = _low_request(api, callback_url="http://localhost:6379/x")
+    assert_clear_4xx(refused, "callback to localhost:6379")
+    error = refused.json()["error"]
+    assert error["param"] == "callback_url" and "6379" in error["message"]
+    assert "localhost:6379" in error["message"]  # the entry that would allow it
+    assert api.keyspace() == before
+    for url in ("http://localhost/hook", "https://localhost/hook", "http://localhost:443/hook"):
+        accepted = _low_request(api, callback_url=url)
+        assert accepted.status_code == 202, (url, accepted.text)
+        _cancel(api, accepted.json()["id"])
+
+
+@pytest.mark.parametrize("cursor", [str(2**64), str(2**64 + 5), str(2**63), "9" * 30])
+def test_resume_cursors_beyond_redis_stream_ids_are_a_400_before_any_header(
+        api: HostileApi, cursor: str) -> None:
+    """Once: 200 and headers, then the connection dropped (Redis ``Invalid stream ID``)."""
+    accepted = _low_request(api)
+    assert accepted.status_code == 202, accepted.text
+    request_id = accepted.json()["id"]
+    try:
+        for target, header in ((f"?after={cursor}", ""), ("", f"Last-Event-ID: {cursor}\r\n")):
+            status, head = raw_http(api.url, (
+                f"GET /v1/requests/{request_id}/events{target} HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: Bearer {KEY_A}\r\n{header}Connection: close\r\n\r\n"
+            ).encode())
+            assert status == 400, f"{target or header}: {head[:300]!r}"
+            assert b"text/event-stream" not in head
+        # The largest cursor that is allowed still opens the stream.
+        status, head = raw_http(api.url, (
+            f"GET /v1/requests/{request_id}/events HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {KEY_A}\r\nLast-Event-ID: {2**63 - 1}\r\n"
+            "Connection: close\r\n\r\n").encode())
+        assert status == 200, head[:300]
+    finally:
+        _cancel(api, request_id)
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "application/json; charset=utf-8"])
+def test_the_host_header_is_never_reflected_into_urls(api: HostileApi, content_type: str) -> None:
+    """``Host: evil.example`` once became ``http://evil.example/...`` in the 202's URLs (both
+    the fast and the general path); they come from ``ROUTER_PUBLIC_BASE_URL``."""
+    response = httpx.post(f"{api.url}/v1/requests", timeout=10,
+                          headers={**auth(), "Host": "evil.example", "Content-Type": content_type},
+                          content=_raw({"messages": [_msg("host")], "priority": "low"}))
+    assert response.status_code == 202, response.text
+    data = response.json()
+    assert data["events_url"] == f"{PUBLIC_BASE_URL}/v1/requests/{data['id']}/events"
+    assert data["result_url"] == f"{PUBLIC_BASE_URL}/v1/requests/{data['id']}"
+    view = httpx.get(f"{api.url}/v1/requests/{data['id']}", timeout=10,
+                     headers={**auth(), "Host": "evil.example"}).json()
+    assert view["events_url"] == data["events_url"]
+    assert "evil" not in response.text + json.dumps(view)
+    _cancel(api, data["id"])
+
+
+@pytest.mark.parametrize(("body", "word"), [
+    (b'{"flush_interval_s": 1e-300}', "0.1"),
+    (b'{"flush_interval_s": 0.05}', "0.1"),
+    (b'{"flush_interval_s": NaN}', "finite"),
+    (b'{"flush_interval_s": Infinity}', "finite"),
+    (b'{"flush_interval_s": "5"}', "number"),
+    (b'{"flush_interval_s": true}', "number"),
+    (b'{"flush_interval_s": 1e9}', "604800"),
+])
+def test_admin_flush_interval_is_strict_and_bounded(api: HostileApi, body: bytes,
+                                                    word: str) -> None:
+    before = httpx.get(f"{api.url}/v1/admin/config", headers=auth(KEY_ADMIN), timeout=10).json()
+    response = httpx.put(f"{api.url}/v1/admin/config", content=body, timeout=10,
+                         headers={**auth(KEY_ADMIN), "content-type": "application/json"})
+    assert_clear_4xx(response, body.decode())
+    error = response.json()["error"]
+    assert error["param"] == "flush_interval_s" and word in error["message"], error
+    after = httpx.get(f"{api.url}/v1/admin/config", headers=auth(KEY_ADMIN), timeout=10).json()
+    assert after == before
+
+
+def _docs_verify() -> Callable[..., bool]:
+    """The `verify` function of docs/RELIABILITY.md's callback snippet, run exactly as written."""
+    text = (REPO_ROOT / "docs" / "RELIABILITY.md").read_text()
+    block = text.split("<!-- callback-verify:start -->")[1].split("<!-- callback-verify:end -->")[0]
+    code = block.split("```python", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "docs/RELIABILITY.md", "exec"), namespace)
+    verify: Callable[..., bool] = namespace["verify"]
+    return verify
+
+
+def test_callback_signature_covers_a_timestamp_and_the_docs_snippet_verifies_it(
+        make_settings: Callable[..., Settings], redis_client: redis.Redis) -> None:
+    """A callback delivered to a real receiver verifies with the documented snippet; the same
+    capture replayed after the tolerance, with its time changed or its body changed does not."""
+    verify = _docs_verify()
+    settings = make_settings(callback_allowed_hosts=["127.0.0.1:*"], callback_secret="s3cret")
+    with callback_receiver() as receiver, httpx.Client(trust_env=False) as http:
+        request_id = submit_low(redis_client, settings, "signed callback",
+                                callback_url=receiver.url("signed"))
+        RequestStore(redis_client, settings).cancel(request_id, "gpt-4o-mini")
+        sent_at = time.time()
+        assert deliver_callback(settings, redis_client, http, request_id).outcome == "sent"
+    [post] = receiver.posts
+    header, body = post.signature, post.body
+    assert header is not None and header.startswith("t=") and ",v1=" in header
+    assert abs(int(header.split(",")[0][2:]) - sent_at) <= 5
+    assert verify(header, body, "s3cret")
+    assert verify_signature(header, body, "s3cret")  # the router's own check agrees
+    assert not verify(header, body, "other-secret")
+    assert not verify(header, body.replace(b"cancelled", b"completed"), "s3cret")
+    assert not verify(header, body, "s3cret", now=sent_at + 3600)  # replayed an hour later
+    t, _, digest = header.partition(",")
+    restamped = f"t={int(t[2:]) + 3600},{digest}"  # a replay that claims a fresh time
+    assert not verify(restamped, body, "s3cret", now=sent_at + 3600)
+    assert not verify(digest, body, "s3cret")  # no timestamp at all
+
+
+def test_the_drop_in_accepts_an_agent_tool_call_turn(api: HostileApi) -> None:
+    """``content: null`` + ``tool_calls``, then a ``tool`` message: once a 400 blaming the
+    Idempotency-Key header (the body was dumped without its nulls and validated again). No
+    stream worker runs here: the stream starts (the request was accepted); leaving cancels it."""
+    messages = [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [{
+            "id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+    for extra in ({}, {"Idempotency-Key": f"agent-{uuid.uuid4().hex}"}):
+        with httpx.stream("POST", f"{api.url}/v1/chat/completions", timeout=10,
+                          headers={**auth(), **extra},
+                          json={"messages": messages, "stream": True, "tools": [{
+                              "type": "function", "function": {"name": "get_weather"}}]}
+                          ) as response:
+            assert response.status_code == 200, response.read()
+            assert next(response.iter_lines()).startswith("data: ")
+            request_id = response.headers["x-request-id"]
+        _left_and_cancelled(api, request_id)
+        record = httpx.get(f"{api.url}/v1/requests/{request_id}", headers=auth(),
+                           timeout=10).json()
+        assert record["body"]["messages"] == messages  # kept as sent, nulls included

@@ -25,8 +25,11 @@ def make(**values: Any) -> Settings:
 @pytest.mark.parametrize(
     ("values", "field", "word"),
     [
-        ({"flush_interval_s": -1}, "flush_interval_s", "greater than 0"),
-        ({"flush_interval_s": 0}, "flush_interval_s", "greater than 0"),
+        ({"flush_interval_s": -1}, "flush_interval_s", "greater than or equal to 0.1"),
+        ({"flush_interval_s": 1e-300}, "flush_interval_s", "greater than or equal to 0.1"),
+        ({"callback_allowed_hosts": ["localhost:99999"]}, "callback_allowed_hosts", "1-65535"),
+        ({"callback_allowed_hosts": ["localhost:abc"]}, "callback_allowed_hosts", "1-65535"),
+        ({"public_base_url": "router.example.com"}, "public_base_url", "http"),
         ({"batch_mode": "sometimes"}, "batch_mode", "native"),
         ({"redis_url": "http://localhost:6379/0"}, "redis_url", "Redis URL"),
         ({"redis_url": "redis://localhost:notaport/0"}, "redis_url", "port"),
@@ -114,7 +117,6 @@ MEANINGS = {
     "max_body_bytes": "Largest request body accepted (413 above).",
     "allowed_models": "JSON list of models accepted; empty = any.",
     "default_model": "Model used when a request names none.",
-    "callback_allowed_hosts": "JSON list of hosts terminal callbacks may be sent to.",
     "callback_secret": "HMAC secret signing terminal callbacks.",
     "callback_max_attempts": "Delivery attempts of a terminal callback.",
     "log_level": "DEBUG, INFO, WARNING or ERROR.",

@@ -6,7 +6,8 @@ out with nothing lost or doubled."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import redis
@@ -45,23 +46,15 @@ def _tokens(client: redis.Redis, settings: Settings, request_id: str) -> list[tu
             if e["type"] == "token"]
 
 
-async def _publish_all(settings: Settings, streams: dict[str, list[str]]) -> None:
+@contextlib.asynccontextmanager
+async def _running_publisher(settings: Settings) -> AsyncIterator[StreamPublisher]:
+    """A publisher and its task on the running loop, as a stream engine has them."""
     client = aioredis.Redis.from_url(settings.redis_url)
     store = AsyncRequestStore(client, settings)
     publisher = StreamPublisher(client, store.ops, RedisPipe(settings.redis_url))
     runner = asyncio.create_task(publisher.run())
-
-    async def one(request_id: str, pieces: list[str]) -> None:
-        handle = publisher.open(request_id, OWNER)
-        for n, piece in enumerate(pieces):
-            publisher.publish(handle, piece)
-            if n % 3 == 2:
-                await asyncio.sleep(0.001)  # later tokens: some joined, some on their own
-        await publisher.flush(handle)
-        publisher.close(handle)
-
     try:
-        await asyncio.gather(*(one(rid, pieces) for rid, pieces in streams.items()))
+        yield publisher
     finally:
         publisher.shutdown()
         runner.cancel()
@@ -69,6 +62,21 @@ async def _publish_all(settings: Settings, streams: dict[str, list[str]]) -> Non
             publisher.pipe.close()
         store.close()
         await client.aclose()
+
+
+async def _publish_all(settings: Settings, streams: dict[str, list[str]]) -> None:
+    async with _running_publisher(settings) as publisher:
+
+        async def one(request_id: str, pieces: list[str]) -> None:
+            handle = publisher.open(request_id, OWNER)
+            for n, piece in enumerate(pieces):
+                publisher.publish(handle, piece)
+                if n % 3 == 2:
+                    await asyncio.sleep(0.001)  # later tokens: some joined, some on their own
+            await publisher.flush(handle)
+            publisher.close(handle)
+
+        await asyncio.gather(*(one(rid, pieces) for rid, pieces in streams.items()))
 
 
 def test_every_stream_s_tokens_arrive_whole_and_in_order(
@@ -98,7 +106,7 @@ def test_a_token_event_is_fenced_by_the_lease_and_never_appended_twice(
 
     def emit(owner: str, before: int, text: str) -> int:
         return store.run(store.ops.emit_tokens(request_id, owner, before, len(text),
-                                               ev.token(text)))
+                                               [ev.token(text)]))
 
     assert emit(OWNER, 0, "ab") > 0
     assert emit(OWNER, 0, "ab") == 0  # the same event again: already in the log
@@ -114,11 +122,7 @@ def test_a_token_event_is_fenced_by_the_lease_and_never_appended_twice(
 
 async def _publish_through_a_restart(settings: Settings, request_id: str, restart: Callable[[], None],
                                      pieces: list[str]) -> None:
-    client = aioredis.Redis.from_url(settings.redis_url)
-    store = AsyncRequestStore(client, settings)
-    publisher = StreamPublisher(client, store.ops, RedisPipe(settings.redis_url))
-    runner = asyncio.create_task(publisher.run())
-    try:
+    async with _running_publisher(settings) as publisher:
         handle = publisher.open(request_id, OWNER)
         half = len(pieces) // 2
         for piece in pieces[:half]:
@@ -133,13 +137,6 @@ async def _publish_through_a_restart(settings: Settings, request_id: str, restar
         await publisher.flush(handle, timeout=30)
         assert handle.error is None and not handle.stopped
         assert handle.relayed == len(pieces)
-    finally:
-        publisher.shutdown()
-        runner.cancel()
-        if publisher.pipe is not None:
-            publisher.pipe.close()
-        store.close()
-        await client.aclose()
 
 
 def test_the_publisher_rides_out_a_redis_restart(make_settings: Callable[..., Settings],

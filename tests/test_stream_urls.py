@@ -123,8 +123,9 @@ def test_the_stream_url_opens_its_events_with_resume_and_nothing_else(
 ) -> None:
     url, _ = api
     data = submit(url)
-    stream = data["stream_url"]
-    assert stream.startswith(f"{url}/v1/requests/{data['id']}/events?token=")
+    # Relative to the router (no ROUTER_PUBLIC_BASE_URL here: never built from a Host header).
+    assert data["stream_url"].startswith(f"/v1/requests/{data['id']}/events?token=")
+    stream = url + data["stream_url"]
     with httpx.stream("GET", stream, timeout=20) as resp:
         assert resp.status_code == 200, resp.read()
         events = sse_events(resp)
@@ -149,7 +150,7 @@ def test_the_stream_url_opens_its_events_with_resume_and_nothing_else(
     assert "another request" in resp.json()["error"]["message"]
     # The record gives a fresh URL, for its owner only.
     view = httpx.get(f"{url}/v1/requests/{data['id']}", headers=A).json()
-    assert view["stream_url"].startswith(f"{url}/v1/requests/{data['id']}/events?token=")
+    assert view["stream_url"].startswith(f"/v1/requests/{data['id']}/events?token=")
     assert httpx.get(f"{url}/v1/requests/{data['id']}", headers=B).status_code == 404
 
 
@@ -192,7 +193,8 @@ def test_cors_answers_listed_origins_only(api: tuple[str, Settings]) -> None:
     assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
     assert "access-control-allow-credentials" not in preflight.headers
 
-    with httpx.stream("GET", data["stream_url"], headers={"Origin": ORIGIN}, timeout=20) as resp:
+    with httpx.stream("GET", url + data["stream_url"], headers={"Origin": ORIGIN},
+                      timeout=20) as resp:
         assert resp.status_code == 200
         assert resp.headers["access-control-allow-origin"] == ORIGIN
         resp.read()
@@ -200,9 +202,21 @@ def test_cors_answers_listed_origins_only(api: tuple[str, Settings]) -> None:
         "Origin": "http://evil.example.test", "Access-Control-Request-Method": "POST"})
     assert denied.status_code == 400
     assert "access-control-allow-origin" not in denied.headers
-    plain = httpx.get(data["stream_url"].replace("/events?", "/nope?"),
+    plain = httpx.get(url + data["stream_url"].replace("/events?", "/nope?"),
                       headers={"Origin": "http://evil.example.test"})
     assert "access-control-allow-origin" not in plain.headers
+
+
+def test_stream_url_is_absolute_under_the_public_base_url(redis_base_url: str) -> None:
+    settings = make(redis_base_url, public_base_url="https://router.example.test/base")
+    with Stack(settings) as stack:
+        url = stack.start_api()
+        resp = httpx.post(f"{url}/v1/requests", headers=A, json={
+            "messages": [{"role": "user", "content": "hi"}], "priority": "low"})
+        assert resp.status_code == 202
+        rid = resp.json()["id"]
+        assert resp.json()["stream_url"].startswith(
+            f"https://router.example.test/base/v1/requests/{rid}/events?token=")
 
 
 def test_no_cors_headers_and_no_stream_url_by_default(redis_base_url: str, sim_url: str) -> None:

@@ -221,7 +221,7 @@ def _as_if_a_worker_died_after(ctx: StreamContext, request_id: str, tokens: list
     ctx.redis.zadd(ctx.keys.streaming(), {request_id: 1.0})
     for n, token in enumerate(tokens):
         assert ctx.store.run(ctx.store.ops.emit_tokens(request_id, "dead-worker", n, 1,
-                                                       ev.token(token))) > 0
+                                                       [ev.token(token)])) > 0
 
 
 def _split_tokens(text: str) -> list[str]:

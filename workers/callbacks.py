@@ -2,15 +2,14 @@
 
 Only hosts allowed by `router.callback_policy` are called (no open relay). A host name that only a
 wildcard allowed is resolved here, refused when it points at a private or local address, and
-called at the address that was checked (`callback_target`). The body is signed with
-``X-Hybrid-Router-Signature: sha256=<hex HMAC-SHA256 of the body with callback_secret>``;
-failures are retried with exponential backoff up to `callback_max_attempts`.
+called at the address that was checked (`callback_target`). With a `callback_secret` the body
+and the time of sending are signed (``X-Hybrid-Router-Signature: t=...,v1=...``,
+`router.callback_signature`); failures are retried with exponential backoff up to
+`callback_max_attempts`, each attempt signed afresh.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,9 +23,11 @@ from celery import Celery
 from router.callback_policy import (
     address_refusal,
     callback_host,
+    callback_port,
     callback_refusal,
     trusted_as_named,
 )
+from router.callback_signature import SIGNATURE_HEADER, sign
 from router.keys import Keys
 from router.logs import get_logger
 from router.records import RequestRecord, dumps
@@ -36,14 +37,9 @@ from workers.retry import RetryPolicy
 log = get_logger(__name__)
 
 CALLBACK_TASK = "hr.batch.callback"
-SIGNATURE_HEADER = "X-Hybrid-Router-Signature"
 CALLBACK_TIMEOUT_S = 10.0
 
 Outcome = Literal["sent", "skipped", "retry", "gave_up", "refused"]
-
-
-def sign(body: bytes, secret: str) -> str:
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
 def callback_payload(record: RequestRecord) -> bytes:
@@ -90,7 +86,7 @@ def callback_target(url: str, allowed_hosts: list[str], resolve: Resolver = reso
     if trusted_as_named(host, allowed_hosts):
         return CallbackTarget(url)
     parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    port = callback_port(url)
     try:
         addresses = resolve(host, port)
     except OSError as exc:

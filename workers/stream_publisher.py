@@ -61,8 +61,8 @@ class StreamHandle:
     request_id: str
     owner: str = ""  # the lease owner: the worker process that streams the request
     relayed: int = 0  # tokens the replay log holds for the request (confirmed by Redis)
-    pending: list[str] = field(default_factory=list)
-    unconfirmed: list[str] | None = None  # a batch whose round trip failed: sent again first
+    pending: list[ev.Produced] = field(default_factory=list)
+    unconfirmed: list[ev.Produced] | None = None  # a batch whose round trip failed: sent again
     inflight: bool = False
     stopped: bool = False
     lost: bool = False  # another worker owns the stream: write nothing more
@@ -104,8 +104,9 @@ class StreamPublisher:
         self._handles[request_id] = handle
         return handle
 
-    def publish(self, handle: StreamHandle, content: str) -> None:
-        """Queue one token's text; the publisher task sends it on its next turn."""
+    def publish(self, handle: StreamHandle, content: ev.Produced) -> None:
+        """Queue one token's text (or one chunk's tool-call deltas); the publisher task sends
+        it on its next turn."""
         if handle.error is not None:
             raise PublishError(f"publishing failed: {handle.error}") from handle.error
         handle.pending.append(content)
@@ -181,7 +182,7 @@ class StreamPublisher:
             if batch:
                 await self._publish(batch)
 
-    def _take(self, handle: StreamHandle) -> list[str]:
+    def _take(self, handle: StreamHandle) -> list[ev.Produced]:
         """What `handle` sends in this batch: a batch that failed, again and alone, else
         everything pending."""
         handle.inflight = True
@@ -191,7 +192,7 @@ class StreamPublisher:
         parts, handle.pending = handle.pending, []
         return parts
 
-    async def _publish(self, batch: dict[StreamHandle, list[str]]) -> None:
+    async def _publish(self, batch: dict[StreamHandle, list[ev.Produced]]) -> None:
         try:
             results = await self._send(batch)
         except (redis.RedisError, OSError) as exc:
@@ -203,7 +204,7 @@ class StreamPublisher:
         async with self._sent:
             self._sent.notify_all()
 
-    def _settle(self, handle: StreamHandle, parts: list[str], seq: int) -> None:
+    def _settle(self, handle: StreamHandle, parts: list[ev.Produced], seq: int) -> None:
         handle.inflight = False
         handle.unconfirmed = None
         if seq == -2:
@@ -220,7 +221,7 @@ class StreamPublisher:
             self._ready[handle] = None
             self._wake.set()
 
-    def _failed(self, batch: dict[StreamHandle, list[str]], exc: BaseException) -> None:
+    def _failed(self, batch: dict[StreamHandle, list[ev.Produced]], exc: BaseException) -> None:
         """Keep a failed batch to send again after a pause, or give up once Redis has been
         out of reach for longer than the grace period."""
         now = time.monotonic()
@@ -242,10 +243,10 @@ class StreamPublisher:
             loop.call_later(self._retry_pause, self._wake.set)
             self._retry_pause = min(RETRY_MAX_S, self._retry_pause * 2)
 
-    async def _send(self, batch: dict[StreamHandle, list[str]]) -> list[Any]:
+    async def _send(self, batch: dict[StreamHandle, list[ev.Produced]]) -> list[Any]:
         """One round trip: a guarded EMIT per stream (EVALSHA, loading the script if needed)."""
         ops = [self.ops.emit_tokens(h.request_id, h.owner, h.relayed, len(parts),
-                                    ev.token("".join(parts)))
+                                    _events(parts))
                for h, parts in batch.items()]
         if self.pipe is not None:
             return await self._send_raw(self.pipe, ops)
@@ -274,6 +275,14 @@ class StreamPublisher:
             if isinstance(r, hiredis.ReplyError):
                 raise redis.ResponseError(str(r))
         return results
+
+
+def _events(parts: list[ev.Produced]) -> list[str]:
+    """A stream's pending parts as events: all text (the usual case) is one ``token`` event."""
+    texts = [part for part in parts if isinstance(part, str)]
+    if len(texts) == len(parts):
+        return [ev.token("".join(texts))]
+    return ev.produced_events(parts)
 
 
 def _release(hold: asyncio.Future[None]) -> None:

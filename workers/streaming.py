@@ -7,14 +7,16 @@ directly against the simulator.
 
 - **Exactly once**: `workers.stream_claim.claim` (lease + state machine) decides whether this
   delivery may call the upstream at all.
-- **Relay**: each content delta goes to the shared `StreamPublisher` (replay log + pub/sub in
+- **Relay**: each content delta, and each chunk's tool-call deltas (``tool_calls`` events, kept
+  whole for the result's message), go to the shared `StreamPublisher` (replay log + pub/sub in
   one guarded script); the publisher marks the stream `stopped` once the request is terminal
   (cancelled), and the next delta closes the upstream response, so no more tokens are paid for.
 - **Retries** before the first token (connection errors, 429 with its ``retry-after``, 5xx):
   exponential backoff with jitter (`workers.retry.RetryPolicy`); nothing reaches subscribers.
 - **Resume** after a drop mid-stream: the request is sent again with the text so far as an
   assistant prefill, and only the new deltas are relayed, so subscribers see one unbroken
-  sequence. Resumes count against the same retry budget.
+  sequence. Resumes count against the same retry budget. A stream that has relayed tool-call
+  deltas is not resumed (a prefill cannot continue a call): it fails, retryable by the client.
 - **Timeouts** are enforced here (Celery's time limits do not reach the engine): the idle
   timeout is the httpx read timeout between chunks, the total timeout is checked at every chunk.
 - **Worker lost**: a request whose worker died is claimed by a live engine (`stream_claim`),
@@ -53,6 +55,7 @@ from router.metrics import queue_timing
 from router.pricing import estimate_prompt_tokens
 from router.records import RequestRecord, Status, now
 from router.store import RunEnd, TransitionOutcome
+from router.tool_calls import ToolCalls
 from workers.retry import is_retryable, retry_after_seconds
 from workers.stream_claim import WORKER_LOST, aclaim
 from workers.stream_context import StreamContext
@@ -145,6 +148,7 @@ class StreamState:
     handle: StreamHandle
     relayed: int = 0  # tokens received so far, across runs and attempts
     pieces: list[str] = field(default_factory=list)
+    tool_calls: ToolCalls = field(default_factory=ToolCalls)
     finish_reason: str | None = None
     first_token_at: float | None = None
     usage: UsageTally = field(default_factory=UsageTally)
@@ -214,6 +218,7 @@ async def _take_over(state: StreamState, rt: StreamRuntime) -> str | None:
     content = "".join(str(e.get("content", "")) for e in events if e.get("type") == "token")
     if content:
         state.pieces.append(content)
+    calls_relayed = any(e.get("type") == "tool_calls" for e in events)
     lost_runs = max(1, record.attempts - 1)
     state.usage.add_lost_runs(lost_runs, list(record.body.get("messages") or []), state.relayed)
     log.warning("stream worker lost; taking the stream over", request_id=record.id,
@@ -224,6 +229,9 @@ async def _take_over(state: StreamState, rt: StreamRuntime) -> str | None:
         return (f"{lost}, and its retry budget is spent ({lost_runs} workers lost, "
                 f"ROUTER_STREAM_MAX_RETRIES={rt.settings.stream_max_retries}); the partial "
                 "content is kept in result.content")
+    if calls_relayed:
+        return (f"{lost}, and it had relayed tool calls, which a prefill cannot continue; the "
+                "partial content is kept in result.content")
     if content and not rt.settings.stream_resume:
         return (f"{lost}, and the upstream cannot continue a message (ROUTER_STREAM_RESUME is "
                 "off); the partial content is kept in result.content")
@@ -323,12 +331,14 @@ async def _stream(state: StreamState, rt: StreamRuntime) -> RunOutcome:
                         delta = choice.get("delta")
                         text = delta.get("content") if delta else None
                         if text:
-                            if state.first_token_at is None:
-                                state.first_token_at = now()
                             state.pieces.append(text)
-                            state.relayed += 1
+                            _relay(state, rt, text)
                             received += 1
-                            rt.publisher.publish(state.handle, text)
+                        calls = delta.get("tool_calls") if delta else None
+                        if calls and isinstance(calls, list):
+                            state.tool_calls.add(calls)
+                            _relay(state, rt, calls)
+                            received += 1
                         if choice.get("finish_reason"):
                             state.finish_reason = choice["finish_reason"]
                     if state.handle.stopped:
@@ -352,7 +362,11 @@ async def _stream(state: StreamState, rt: StreamRuntime) -> RunOutcome:
             return await _end_failed(state, rt, Failure("publish_failed", str(exc), True))
         except Exception as exc:
             state.usage.add(usage, messages, received)
-            failure = _classify(exc, bool(state.pieces))
+            failure = _classify(exc, bool(state.pieces or state.tool_calls))
+            if state.tool_calls and failure.retryable:
+                failure = Failure(failure.code, f"{failure.message} (tool calls were relayed, "
+                                  "so the stream cannot be resumed; submit it again)", True)
+                return await _end_failed(state, rt, failure)
             if failure.code == "stream_interrupted" and not settings.stream_resume:
                 failure = Failure(failure.code, f"{failure.message}; the upstream cannot continue "
                                   "a message (ROUTER_STREAM_RESUME is off)", True)
@@ -368,6 +382,14 @@ async def _stream(state: StreamState, rt: StreamRuntime) -> RunOutcome:
                 failure = Failure(failure.code, f"{failure.message} (gave up after {retries} "
                                   f"retries)", True)
             return await _end_failed(state, rt, failure)
+
+
+def _relay(state: StreamState, rt: StreamRuntime, part: ev.Produced) -> None:
+    """Hand one part (a token's text, or one chunk's tool-call deltas) to the publisher."""
+    if state.first_token_at is None:
+        state.first_token_at = now()
+    state.relayed += 1
+    rt.publisher.publish(state.handle, part)
 
 
 def _classify(exc: BaseException, mid_stream: bool) -> Failure:
@@ -463,11 +485,15 @@ async def _end_completed(state: StreamState, rt: StreamRuntime) -> RunOutcome:
         return await _end_stopped(state, rt)
     cost, increments, fields = _cost_fields(state, rt)
     content = state.content
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if state.tool_calls:
+        message = {"role": "assistant", "content": content or None,
+                   "tool_calls": state.tool_calls.calls()}
     fields["result"] = {
         "content": content,
         "finish_reason": state.finish_reason,
         "usage": fields["usage"],
-        "message": {"role": "assistant", "content": content},
+        "message": message,
     }
     fields["finished_at"] = finished_at = now()
     outcome = await _write_end(

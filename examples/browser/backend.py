@@ -8,7 +8,9 @@ read-only ``stream_url``. The page then follows the tokens straight from the rou
     python examples/browser/backend.py --router-url http://127.0.0.1:8000 --api-key KEY --port 8080
 
 The router needs ``ROUTER_STREAM_URL_SECRETS`` (stream URLs on) and this page's origin in
-``ROUTER_CORS_ORIGINS`` (here ``http://127.0.0.1:8080``). Standard library only.
+``ROUTER_CORS_ORIGINS`` (here ``http://127.0.0.1:8080``). Where browsers reach the router at
+another address than this server does, set ``ROUTER_PUBLIC_BASE_URL`` on the router: its URLs
+are then absolute under it. Standard library only.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import os
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -71,8 +74,11 @@ def make_handler(router_url: str, api_key: str) -> type[BaseHTTPRequestHandler]:
                 self._json(500, {"error": "the router gives no stream_url: set "
                                           "ROUTER_STREAM_URL_SECRETS"})
                 return
-            # Only what the page needs: the id and the read-only URL, never the key.
-            self._json(200, {"id": accepted["id"], "stream_url": accepted["stream_url"]})
+            # Only what the page needs: the id and the read-only URL, never the key. The router
+            # gives it relative to itself unless ROUTER_PUBLIC_BASE_URL is set: made absolute
+            # here, against the router's address (the page is on another origin).
+            absolute = urllib.parse.urljoin(f"{router_url}/", accepted["stream_url"])
+            self._json(200, {"id": accepted["id"], "stream_url": absolute})
 
         def _json(self, status: int, data: dict[str, object]) -> None:
             self._send(status, json.dumps(data).encode(), "application/json")

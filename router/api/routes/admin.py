@@ -23,6 +23,7 @@ from router.runtime_config import (
 )
 from router.schemas import ErrorResponse
 from settings import Settings
+from settings.config import MIN_FLUSH_INTERVAL_S
 
 log = get_logger(__name__)
 
@@ -51,8 +52,10 @@ class RuntimeConfigView(BaseModel):
 
 
 class RuntimeConfigUpdate(BaseModel):
-    flush_interval_s: float = Field(gt=0, le=MAX_FLUSH_INTERVAL_S,
-                                    description="Seconds between batch flushes (> 0).")
+    flush_interval_s: float = Field(
+        ge=MIN_FLUSH_INTERVAL_S, le=MAX_FLUSH_INTERVAL_S, strict=True, allow_inf_nan=False,
+        description=f"Seconds between batch flushes ({MIN_FLUSH_INTERVAL_S:g} to "
+        f"{MAX_FLUSH_INTERVAL_S:g}).")
 
 
 class FlushQueued(BaseModel):

@@ -3,9 +3,11 @@
 Point any OpenAI SDK's ``base_url`` at the router and it works unchanged: the request goes
 through the same intake as ``POST /v1/requests`` (auth, validation, idempotency, budget), is
 streamed by a stream worker, and its events are relayed here in OpenAI's own wire format —
-``chat.completion.chunk`` SSE (role chunk, content deltas, finish chunk, a usage chunk when
-``stream_options.include_usage``, then ``data: [DONE]``), or one ``chat.completion`` object
-when ``stream`` is false.
+``chat.completion.chunk`` SSE (role chunk, content and tool-call deltas, finish chunk, a usage
+chunk when ``stream_options.include_usage``, then ``data: [DONE]``), or one ``chat.completion``
+object (with ``message.tool_calls`` when the model called tools) when ``stream`` is false.
+Every field the openai SDK sends (tools, tool_choice, response_format, content parts, metadata,
+...) reaches the upstream unchanged; only ``stream``/``stream_options`` are the router's own.
 
 The priority comes from the body field ``priority`` or the ``X-Priority`` header (default
 normal). Low priority goes to the batch lane, which cannot answer this call, so it is refused
@@ -15,12 +17,12 @@ request is cancelled, so the upstream stops and no more tokens are paid for.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, get_args
 
 from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from router.api.deps import CallerDep, DispatcherDep, EventsDep, SettingsDep, StoreDep
@@ -30,8 +32,8 @@ from router.api.notify import cancel_and_notify
 from router.api.ratelimit import enforce_rate_limit
 from router.event_hub import EventFollower
 from router.intake import IntakeError, accept_async, prepare
-from router.records import Priority, RequestRecord
-from router.schemas import ErrorResponse, SubmitRequest
+from router.records import Priority, RequestRecord, RequestResult
+from router.schemas import IDEMPOTENCY_KEY_PATTERN, ErrorResponse, SubmitRequest
 from router.sse import SSEResponse, format_data
 from router.store import AsyncRequestStore
 
@@ -42,6 +44,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 409, 413, 429, 502, 503, 504)
 }
 _PRIORITIES: tuple[str, ...] = get_args(Priority)
+_IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
 _UPSTREAM_GATEWAY_CODES = {"upstream_timeout": 504, "timeout": 504, "dispatch_unavailable": 503}
 
 
@@ -120,6 +123,8 @@ async def _relay(record: RequestRecord, events: EventFollower, settings: Any, in
         kind = event["type"]
         if kind == "token":
             yield format_data(_chunk(record, {"content": event["content"]}))
+        elif kind == "tool_calls":
+            yield format_data(_chunk(record, {"tool_calls": event["tool_calls"]}))
         elif kind == "done":
             state["final"] = True
             yield format_data(_chunk(record, {}, event.get("finish_reason") or "stop"))
@@ -149,6 +154,15 @@ async def _wait_final(request: Request, store: AsyncRequestStore, events: EventF
     return await store.get(record.id)
 
 
+def _message(result: RequestResult) -> dict[str, Any]:
+    """The answer's ``message``: its text, and its tool calls when it made some."""
+    tool_calls = (result.message or {}).get("tool_calls")
+    if tool_calls:
+        return {"role": "assistant", "content": result.content or None, "refusal": None,
+                "tool_calls": tool_calls}
+    return {"role": "assistant", "content": result.content, "refusal": None}
+
+
 def _completion(record: RequestRecord) -> JSONResponse:
     if record.status != "completed" or record.result is None:
         code = record.error.code if record.error else record.status
@@ -161,7 +175,7 @@ def _completion(record: RequestRecord) -> JSONResponse:
         "created": int(record.created_at), "model": record.model, "system_fingerprint": None,
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": record.result.content, "refusal": None},
+            "message": _message(record.result),
             "logprobs": None,
             "finish_reason": record.result.finish_reason or "stop",
         }],
@@ -184,16 +198,18 @@ async def chat_completions(
     priority = effective_priority(body, x_priority)
     updates: dict[str, Any] = {"priority": priority}
     if idempotency_key and not body.idempotency_key:
+        if not _IDEMPOTENCY_KEY.fullmatch(idempotency_key):
+            raise IntakeError(400, "Idempotency-Key header must be 1 to 200 characters from "
+                              "A-Z a-z 0-9 _ . : -", param="Idempotency-Key")
         updates["idempotency_key"] = idempotency_key
-    try:
-        submit = SubmitRequest.model_validate({**body.model_dump(exclude_none=True), **updates})
-    except ValidationError as exc:  # the body was valid, so it is the Idempotency-Key header
-        raise IntakeError(400, f"Idempotency-Key header: {exc.errors()[0]['msg']}",
-                          param="Idempotency-Key") from None
+    # The validated body is kept as is (never dumped and validated again: that once dropped an
+    # assistant turn's `content: null` and blamed the header for the failure).
+    submit = body.model_copy(update=updates)
     stream = bool(submit.stream)
     options = (submit.model_extra or {}).get("stream_options")
     include_usage = stream and isinstance(options, dict) and bool(options.get("include_usage"))
-    prepared = prepare(submit.model_copy(update={"stream": False}), caller.tenant, settings)
+    prepared = prepare(submit.model_copy(update={"stream": False}), caller.tenant, settings,
+                       send_metadata=True)
     if prepared.record.route != "stream":
         raise IntakeError(
             400,

@@ -20,6 +20,7 @@ from router.api.deps import EventsDep, SettingsDep, StoreDep, get_caller
 from router.api.fast_path import known_caller, with_fast_path
 from router.api.routes.requests import check_owned
 from router.event_hub import EventFollower
+from router.events import MAX_SEQ
 from router.intake import IntakeError
 from router.schemas import ErrorResponse
 from router.sse import KEEPALIVE, SSEResponse, format_event
@@ -35,16 +36,16 @@ _ERRORS: dict[int | str, dict[str, object]] = {
 
 
 def resume_point(last_event_id: str | None, after: int | None) -> int:
-    """The seq to resume after: ``Last-Event-ID`` wins over ``?after=``; 0 = from the start."""
+    """The seq to resume after: ``Last-Event-ID`` wins over ``?after=``; 0 = from the start.
+
+    Checked before the response starts, so a bad cursor is a 400, never a dropped stream."""
     if last_event_id is not None and last_event_id.strip():
-        try:
-            seq = int(last_event_id.strip())
-        except ValueError:
-            raise IntakeError(400, f"Last-Event-ID must be an event seq (an integer), got "
-                              f"{last_event_id[:40]!r}", param="Last-Event-ID") from None
-        if seq < 0:
-            raise IntakeError(400, "Last-Event-ID must be >= 0", param="Last-Event-ID")
-        return seq
+        text = last_event_id.strip()
+        if not text.isascii() or not text.isdigit() or len(text) > len(str(MAX_SEQ)) \
+                or int(text) > MAX_SEQ:
+            raise IntakeError(400, f"Last-Event-ID must be an event seq (an integer from 0 to "
+                              f"{MAX_SEQ}), got {last_event_id[:40]!r}", param="Last-Event-ID")
+        return int(text)
     return after or 0
 
 
@@ -63,7 +64,8 @@ async def request_events(
     events: EventsDep,
     settings: SettingsDep,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
-    after: Annotated[int | None, Query(ge=0, description="Resume after this seq.")] = None,
+    after: Annotated[int | None, Query(ge=0, le=MAX_SEQ,
+                                       description="Resume after this seq.")] = None,
     token: Annotated[str | None, Query(
         description="The token of a signed stream URL (`stream_url` of the request): opens "
         "this request's events without an API key.")] = None,

@@ -30,36 +30,19 @@ _ERRORS: dict[int | str, dict[str, object]] = {
 }
 
 
-_BASE_URLS: dict[tuple[object, ...], str] = {}
-_BASE_URLS_MAX = 256  # distinct (scheme, server, root path, Host) kept; beyond it, no caching
-_HOST_MAX = 300  # a longer Host header is not a real one: never cached
-
-
-def base_url(request: Request) -> str:
-    """``str(request.base_url)`` without its trailing slash, cached per Host header.
-
-    Starlette builds and parses a URL object for every call (~5% of a ``POST /v1/requests``);
-    the answer depends only on what the key holds, and a client sends the same Host every time.
-    """
-    scope = request.scope
-    host = None
-    for name, value in scope["headers"]:
-        if name == b"host":
-            host = value
-            break
-    key = (scope.get("scheme"), scope.get("server"),
-           scope.get("app_root_path", scope.get("root_path")), host)
-    base = _BASE_URLS.get(key)
-    if base is None:
-        base = str(request.base_url).rstrip("/")
-        if len(_BASE_URLS) < _BASE_URLS_MAX and (host is None or len(host) <= _HOST_MAX):
-            _BASE_URLS[key] = base
-    return base
-
-
 def urls_for(request: Request, request_id: str) -> tuple[str, str]:
-    base = base_url(request)
+    """The request's events and result URLs: under `Settings.public_base_url` when set, else
+    relative to the app's root. Never built from the client's Host header (issue 16): a
+    forged Host would put the attacker's address into URLs that clients follow."""
+    base = base_for(request)
     return f"{base}/v1/requests/{request_id}/events", f"{base}/v1/requests/{request_id}"
+
+
+def base_for(request: Request) -> str:
+    """`Settings.public_base_url`, else the app's root path (relative URLs)."""
+    settings: Settings = request.app.state.settings
+    base: str = settings.public_base_url or request.scope.get("root_path", "")
+    return base
 
 
 def _not_found(request_id: str) -> IntakeError:
@@ -97,7 +80,7 @@ def view_of(request: Request, record: RequestRecord, keys: Keys) -> RequestView:
     events_url, _ = urls_for(request, record.id)
     data = record.model_dump()
     tenant = data.pop("tenant")
-    signed = stream_url(request.app.state.settings, base_url(request), record.id, tenant)
+    signed = stream_url(request.app.state.settings, base_for(request), record.id, tenant)
     return RequestView(**data, channel=keys.channel(record.id), events_url=events_url,
                        stream_url=signed)
 
@@ -129,7 +112,7 @@ async def submit(body: SubmitRequest, request: Request, caller: CallerDep) -> Re
         "events_url": events_url,
         "result_url": result_url,
         "idempotent_replay": accepted.replay,
-        "stream_url": (stream_url(settings, base_url(request), record.id, caller.tenant)
+        "stream_url": (stream_url(settings, base_for(request), record.id, caller.tenant)
                        if settings.stream_url_secrets else None),
     })
     return Response(content, status_code=200 if accepted.replay else 202,
