@@ -46,13 +46,15 @@ CHECKPOINT_AT = "_at"  # field of a checkpoint: when it was taken
 SET_AT, SET_BY = "flush_interval_set_at", "flush_interval_set_by"
 
 # KEYS: the cumulative hash, its checkpoint   ARGV: TTL seconds, now
-# Copy the hash (with the time) unless this checkpoint exists; return the checkpoint.
+# Copy the hash (with the time) unless this checkpoint exists; return the checkpoint. Copied
+# 500 fields at a time (unpack has a limit on how many values it returns).
 CHECKPOINT = """
 if redis.call('EXISTS', KEYS[2]) == 0 then
   local all = redis.call('HGETALL', KEYS[1])
-  all[#all + 1] = '_at'
-  all[#all + 1] = ARGV[2]
-  redis.call('HSET', KEYS[2], unpack(all))
+  for i = 1, #all, 1000 do
+    redis.call('HSET', KEYS[2], unpack(all, i, math.min(i + 999, #all)))
+  end
+  redis.call('HSET', KEYS[2], '_at', ARGV[2])
   redis.call('EXPIRE', KEYS[2], tonumber(ARGV[1]))
 end
 return redis.call('HGETALL', KEYS[2])

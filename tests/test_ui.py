@@ -207,7 +207,8 @@ def test_the_page_and_its_assets_are_served_from_the_package(redis_base_url: str
             assert asset.status_code == 200 and asset.headers["content-type"].startswith(kind)
             assert "http://" not in asset.text and "https://" not in asset.text
         assert "http://" not in page.text and "https://" not in page.text  # nothing external
-        assert httpx.get(f"{url}/ui/../settings").status_code == 404
+        assert httpx.get(f"{url}/ui/..%2F..%2Fsettings%2Fconfig.py").status_code == 404
+        assert httpx.get(f"{url}/ui/index.html").status_code == 404  # the page is /ui
         assert httpx.get(f"{url}/ui/nope.js").status_code == 404
 
 
@@ -242,6 +243,13 @@ def test_live_plan_windows_come_from_checkpoints(make_settings: Any, redis_clien
                           "set_at": 12.0, "set_by": "api tenant admin", "last_at": t0,
                           "next_due_at": t0 + 7.5}
     assert view.today["requests"] == 0 and view.today["cost_usd"] == "0.000000"
+
+    # A ledger far larger than any real one (5,000 fields) is copied whole into a checkpoint.
+    redis_client.hset(keys.ledger(), mapping={f"stream|m{i}|requests": 1 for i in range(5000)})
+    next_day = run_plan(redis_client, settings, t0 + 86400)
+    assert next_day.today["requests"] == 0  # the new day's checkpoint holds all of them
+    day = time.strftime("%Y-%m-%d", time.gmtime(t0 + 86400))
+    assert redis_client.hlen(keys.ledger_checkpoint(day)) == 5001  # and its time
 
 
 def run_plan(client: Any, settings: Settings, now: float) -> Any:
