@@ -151,6 +151,16 @@ class Keys:
         """Hash: latency histogram buckets, sums and counts of one lane (see router.metrics)."""
         return f"{self.prefix}:metrics:timings:{lane}"
 
+    def timings_checkpoint(self, lane: str, minute: int) -> str:
+        """Hash with TTL: a copy of `timings(lane)` taken in one minute (Unix time // 60), so
+        the live view tells the latencies of the last minutes (router.live_stats)."""
+        return f"{self.prefix}:metrics:timings-at:{lane}:{minute}"
+
+    def ledger_checkpoint(self, day: str) -> str:
+        """Hash with TTL: a copy of `ledger()` taken early in one UTC day (YYYY-MM-DD), so the
+        live view tells the cost and savings of today (router.live_stats)."""
+        return f"{self.prefix}:ledger-at:{day}"
+
     def rate(self, api_key_id: str, kind: str, window: int) -> str:
         """Counter: requests or tokens used by one key in one minute window."""
         return f"{self.prefix}:rate:{kind}:{api_key_id}:{window}"

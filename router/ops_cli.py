@@ -300,6 +300,7 @@ def status(
     """Queues by lane and model, batches in flight, workers that answer, and the cost ledger."""
     import redis
 
+    from router.live_stats import take_live
     from router.stats import take_snapshot
     from router.up import safe_url
 
@@ -307,12 +308,14 @@ def status(
     client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
     try:
         snap = take_snapshot(client, settings)
+        live = take_live(client, settings)
     except (redis.RedisError, OSError) as exc:
         fail(f"cannot read Redis at {safe_url(settings.redis_url)}: {exc}")
     finally:
         client.close()
     workers = _workers(settings, ping_timeout)
     data = snap.as_dict()
+    data["live"] = live.as_dict()  # as GET /v1/stats has it
     data["workers"] = workers
     if raw:
         typer.echo(json.dumps(data, indent=2, default=str))

@@ -190,6 +190,9 @@ class SubmitResponse(BaseModel):
     events_url: str
     result_url: str
     idempotent_replay: bool = False
+    stream_url: str | None = Field(
+        None, description="Signed, read-only URL of the request's events, for a browser's "
+        "EventSource (no API key needed; expires). Null when ROUTER_STREAM_URL_SECRETS is empty.")
 
 
 class RequestView(BaseModel):
@@ -216,6 +219,9 @@ class RequestView(BaseModel):
     cost_usd: Decimal | None
     channel: str
     events_url: str
+    stream_url: str | None = Field(
+        None, description="A fresh signed, read-only URL of the request's events (see "
+        "SubmitResponse.stream_url).")
 
 
 class CancelResponse(BaseModel):

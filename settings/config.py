@@ -201,6 +201,25 @@ class Settings(BaseSettings):
     rate_limit_rpm: int = Field(0, ge=0, description="Requests per minute per key; 0 = off.")
     rate_limit_tpm: int = Field(0, ge=0, description="Tokens per minute per key; 0 = off.")
 
+    # --- browsers ----------------------------------------------------------------------------
+    stream_url_secrets: list[SecretStr] = Field(
+        default_factory=list, description="JSON list of secrets signing the read-only stream "
+        "URLs given out with each request (`stream_url`): the first signs, every one verifies "
+        "(rotate by putting a new one first and dropping the old one once its URLs expired). "
+        "Empty = no stream URLs."
+    )
+    stream_url_ttl_s: int = Field(
+        3600, ge=10, le=7 * 24 * 3600, description="How long a signed stream URL opens the "
+        "request's events (checked when a connection opens)."
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list, description="JSON list of web origins (`https://app.example`) "
+        "allowed to call the API from a browser; `*` = any. Empty = no CORS headers."
+    )
+    cors_allow_credentials: bool = Field(
+        False, description="Let browsers send cookies / HTTP auth cross-origin (never with `*`)."
+    )
+
     # --- notifications -----------------------------------------------------------------------
     callback_allowed_hosts: list[str] = Field(
         default_factory=list,
@@ -243,6 +262,27 @@ class Settings(BaseSettings):
             raise ValueError(f"database must be a number, got {db!r}")
         return value
 
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        out = []
+        for origin in value:
+            origin = origin.strip().rstrip("/")
+            parsed = urlparse(origin)
+            if origin != "*" and (parsed.scheme not in ("http", "https") or not parsed.netloc
+                                  or parsed.path or parsed.query):
+                raise ValueError(f"{origin!r} is not an origin such as https://app.example.com")
+            out.append(origin)
+        return out
+
+    @field_validator("stream_url_secrets")
+    @classmethod
+    def _secrets_long_enough(cls, value: list[SecretStr]) -> list[SecretStr]:
+        for secret in value:
+            if len(secret.get_secret_value()) < 16:
+                raise ValueError("each secret must be at least 16 characters long")
+        return value
+
     @field_validator("callback_allowed_hosts")
     @classmethod
     def _callback_hosts_parse(cls, value: list[str]) -> list[str]:
@@ -279,6 +319,9 @@ class Settings(BaseSettings):
             self.upstream_api_key = SecretStr(os.environ["OPENAI_API_KEY"])
         if "*" not in self.prices:
             self.prices["*"] = DEFAULT_PRICES["*"]
+        if self.cors_allow_credentials and "*" in self.cors_origins:
+            raise ValueError("cors_allow_credentials cannot be used with cors_origins '*': "
+                             "list the origins")
         if self.retry_backoff_max_s < self.retry_backoff_base_s:
             raise ValueError("retry_backoff_max_s must be >= retry_backoff_base_s")
         return self
@@ -310,6 +353,7 @@ class Settings(BaseSettings):
                        "metrics_token"):
             if data.get(secret):
                 data[secret] = "***"
+        data["stream_url_secrets"] = ["***" for _ in self.stream_url_secrets]
         data["api_keys"] = {f"***{i}": tenant for i, tenant in enumerate(self.api_keys.values())}
         return data
 
@@ -338,6 +382,8 @@ def settings_to_env(settings: Settings) -> dict[str, str]:
             value = settings.flower_basic_auth.get_secret_value()
         elif name == "metrics_token" and settings.metrics_token is not None:
             value = settings.metrics_token.get_secret_value()
+        elif name == "stream_url_secrets":
+            value = [s.get_secret_value() for s in settings.stream_url_secrets]
         env[f"ROUTER_{name.upper()}"] = (
             json.dumps(value) if isinstance(value, (dict, list)) else str(value)
         )

@@ -225,7 +225,7 @@ def test_fast_and_general_paths_answer_alike(api: tuple[str, Settings]) -> None:
             answers.append(data)
     assert answers[:2] == answers[2:]
     assert list(answers[0]) == ["status", "route", "route_reason", "priority", "model",
-                                "idempotent_replay"]
+                                "idempotent_replay", "stream_url"]
 
 
 UNICODE = (

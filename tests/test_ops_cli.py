@@ -61,6 +61,8 @@ def test_status_shows_queues_workers_and_ledger(
     data = json.loads(run_cli(settings, "status", "--json", "--ping-timeout", "0.3").stdout)
     assert data["queues"]["batch"]["total"] == 3
     assert data["workers"] == []
+    assert data["live"]["flush"]["source"] == "setting"  # the live part of GET /v1/stats
+    assert data["live"]["stream_workers"] == {"engines": [], "running": 0}
 
 
 def test_status_with_redis_down_is_one_line(make_settings: Callable[..., Settings]) -> None:

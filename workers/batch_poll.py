@@ -105,8 +105,15 @@ def check_batch(ctx: PollContext, batch_id: str, into: WritebackReport | None = 
                                     message=f"the upstream does not know batch {batch_id}")]))
     status = str(batch.status)
     if status not in ENDED:
-        if meta.get("status") != status:
-            ctx.client.hset(ctx.keys.batch(batch_id), "status", status)
+        # Status and progress (the upstream's request counts) for the operator's live view.
+        counts = getattr(batch, "request_counts", None)
+        seen = {"status": status}
+        if counts is not None:
+            seen["done_count"] = str(getattr(counts, "completed", 0) or 0)
+            seen["failed_count"] = str(getattr(counts, "failed", 0) or 0)
+        changed: dict[Any, Any] = {k: v for k, v in seen.items() if meta.get(k) != v}
+        if changed:
+            ctx.client.hset(ctx.keys.batch(batch_id), mapping=changed)
         return False
     report = write_back_batch(ctx, batch_id, meta.get("model") or "", batch)
     if into is not None:

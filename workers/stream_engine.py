@@ -33,6 +33,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import os
+import socket
 import threading
 import time
 import uuid
@@ -327,8 +329,14 @@ class StreamEngine:
     async def _heartbeat(self) -> None:
         rt = self._runtime()
         alive_ms = max(1000, int(rt.settings.stream_lease_s * 500))
+        # The heartbeat's value says what the engine runs, for the operator's live view
+        # (router.live_stats): no extra command, the SET is sent every second anyway.
+        host = self._view.hostname if self._view is not None and self._view.hostname else (
+            socket.gethostname())
+        beat = orjson.dumps({"host": host, "pid": os.getpid(), "running": len(self._running),
+                             "capacity": self.max_streams})
         async with rt.redis.pipeline(transaction=False) as pipe:
-            pipe.set(self._alive_key, "1", px=alive_ms)
+            pipe.set(self._alive_key, beat, px=alive_ms)
             pipe.sadd(self.keys.stream_engines(), self.engine_id)
             await pipe.execute()
 

@@ -8,11 +8,12 @@ from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from router.api.body_limit import BodySizeLimit
 from router.api.errors import install_error_handlers
 from router.api.fast_path import FastPaths
-from router.api.routes import admin, chat, events, health, metrics, requests
+from router.api.routes import admin, chat, events, health, metrics, requests, ui
 from router.api.slow_clients import BodyReadTimeout
 from router.event_hub import event_follower
 from router.intake import StreamDispatcher
@@ -72,12 +73,26 @@ def create_app(settings: Settings, dispatcher: StreamDispatcher | None = None) -
     )
     app.state.settings = settings
     install_error_handlers(app)
-    modules = (requests, events, chat, admin, metrics, health)
+    modules = (requests, events, chat, admin, metrics, health, ui)
     for module in modules:
         app.include_router(module.router)  # at the root: their routes' paths are the app's
     # Added first, so it runs inside the body size limit (the last one added runs outermost).
     app.add_middleware(FastPaths, routes=[r for m in modules for r in m.router.routes])
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    # Outermost: the body's deadline holds whoever reads it (see router.api.slow_clients).
+    # The body's deadline holds whoever reads it (see router.api.slow_clients).
     app.add_middleware(BodyReadTimeout, timeout_s=settings.http_body_timeout_s)
+    if settings.cors_origins:
+        # Outermost, so every answer a browser gets (a 401, a 413, a 408 too) carries the CORS
+        # headers and its page can read the error. Not installed at all when no origin is
+        # allowed: no CORS headers, and no cost on the request path.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_credentials=settings.cors_allow_credentials,  # never with "*" (Settings)
+            allow_methods=["GET", "POST", "PUT", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Priority",
+                           "Idempotency-Key"],
+            expose_headers=["X-Request-Id", "Retry-After"],
+            max_age=600,
+        )
     return app

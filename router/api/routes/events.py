@@ -16,13 +16,17 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
 
-from router.api.deps import CallerDep, EventsDep, SettingsDep, StoreDep
+from router.api.deps import EventsDep, SettingsDep, StoreDep, get_caller
 from router.api.fast_path import known_caller, with_fast_path
 from router.api.routes.requests import check_owned
+from router.event_hub import EventFollower
 from router.events import MAX_SEQ
 from router.intake import IntakeError
 from router.schemas import ErrorResponse
 from router.sse import KEEPALIVE, SSEResponse, format_event
+from router.store import AsyncRequestStore
+from router.stream_url import TOKEN_PARAM, StreamTokenError, verify
+from settings import Settings
 
 router = APIRouter(prefix="/v1/requests", tags=["requests"])
 
@@ -45,18 +49,42 @@ def resume_point(last_event_id: str | None, after: int | None) -> int:
     return after or 0
 
 
+def token_tenant(settings: Settings, request_id: str, token: str) -> str:
+    """The tenant a signed stream URL's token grants `request_id`'s events to, or the 401."""
+    try:
+        return verify(settings, request_id, token).tenant
+    except StreamTokenError as exc:
+        raise IntakeError(401, str(exc), param=TOKEN_PARAM, code=exc.code) from None
+
+
 async def request_events(
     request_id: str,
-    caller: CallerDep,
+    request: Request,
     store: StoreDep,
     events: EventsDep,
     settings: SettingsDep,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
     after: Annotated[int | None, Query(ge=0, le=MAX_SEQ,
                                        description="Resume after this seq.")] = None,
+    token: Annotated[str | None, Query(
+        description="The token of a signed stream URL (`stream_url` of the request): opens "
+        "this request's events without an API key.")] = None,
+    authorization: Annotated[str | None, Header()] = None,
 ) -> SSEResponse:
-    """Stream the request's events (replay + live) until its final event."""
-    await check_owned(store, request_id, caller.tenant)
+    """Stream the request's events (replay + live) until its final event. Authorised by a
+    bearer key, or by the token of the request's signed `stream_url`."""
+    if token is not None:
+        tenant = token_tenant(settings, request_id, token)
+    else:
+        tenant = (await get_caller(request, authorization)).tenant
+    return await serve_events(request_id, tenant, store, events, settings, last_event_id, after)
+
+
+async def serve_events(request_id: str, tenant: str, store: AsyncRequestStore,
+                       events: EventFollower, settings: Settings, last_event_id: str | None,
+                       after: int | None = None) -> SSEResponse:
+    """The SSE response of `request_id`'s events for `tenant` (404 unless it owns it)."""
+    await check_owned(store, request_id, tenant)
     start = resume_point(last_event_id, after)
 
     async def body() -> AsyncIterator[bytes]:
@@ -68,15 +96,25 @@ async def request_events(
 
 async def request_events_fast(request: Request) -> Response | None:
     """`request_events` without FastAPI's per-request parameter solving (an eighth of the API's
-    CPU at 50 streams, benchmark 1), for a plain follow with a known key; None hands anything
-    else (``?after=``, a missing or wrong key) to the general path (see router.api.fast_path)."""
-    caller = None if request.query_params else await known_caller(request)
-    if caller is None:
-        return None
+    CPU at 50 streams, benchmark 1), for a plain follow with a known key or a signed URL's
+    token alone; None hands anything else (``?after=``, a missing or wrong key) to the general
+    path (see router.api.fast_path). A bad token is answered here (its 401, no Redis)."""
     state = request.app.state
-    return await request_events(request.path_params["request_id"], caller, state.store,
-                                state.events, state.settings,
-                                request.headers.get("last-event-id"))
+    request_id = request.path_params["request_id"]
+    query = request.scope["query_string"]
+    if query:
+        params = request.query_params
+        token = params.get(TOKEN_PARAM)
+        if token is None or len(params) != 1:
+            return None
+        tenant = token_tenant(state.settings, request_id, token)
+    else:
+        caller = await known_caller(request)
+        if caller is None:
+            return None
+        tenant = caller.tenant
+    return await serve_events(request_id, tenant, state.store, state.events, state.settings,
+                              request.headers.get("last-event-id"))
 
 
 router.add_api_route(

@@ -21,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from router.api.deps import RedisDep, SettingsDep, bearer_token
 from router.api.routes.admin import AdminDep
 from router.intake import IntakeError
+from router.live_stats import take_live_async
 from router.metrics import RouterCollector
 from router.stats import take_snapshot_async
 
@@ -51,5 +52,9 @@ async def metrics(redis: RedisDep, settings: SettingsDep) -> Response:
 
 @router.get("/v1/stats")
 async def stats(redis: RedisDep, settings: SettingsDep, caller: AdminDep) -> dict[str, Any]:
-    """Queues by lane and model, batches in flight, latency summaries and the cost ledger."""
-    return (await take_snapshot_async(redis, settings)).as_dict()
+    """Queues by lane and model, batches in flight, latency summaries and the cost ledger;
+    ``live``: batches one by one, the flush, streams per worker, recent TTFT and today's cost
+    (`router.live_stats`, what ``GET /ui`` shows)."""
+    data = (await take_snapshot_async(redis, settings)).as_dict()
+    data["live"] = (await take_live_async(redis, settings)).as_dict()
+    return data

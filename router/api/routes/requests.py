@@ -19,6 +19,7 @@ from router.records import RequestRecord
 from router.runtime_config import get_flush_interval_async
 from router.schemas import CancelResponse, ErrorResponse, RequestView, SubmitRequest, SubmitResponse
 from router.store import AsyncRequestStore
+from router.stream_url import stream_url
 from settings import Settings
 
 router = APIRouter(prefix="/v1/requests", tags=["requests"])
@@ -33,9 +34,15 @@ def urls_for(request: Request, request_id: str) -> tuple[str, str]:
     """The request's events and result URLs: under `Settings.public_base_url` when set, else
     relative to the app's root. Never built from the client's Host header (issue 16): a
     forged Host would put the attacker's address into URLs that clients follow."""
-    settings: Settings = request.app.state.settings
-    base = settings.public_base_url or request.scope.get("root_path", "")
+    base = base_for(request)
     return f"{base}/v1/requests/{request_id}/events", f"{base}/v1/requests/{request_id}"
+
+
+def base_for(request: Request) -> str:
+    """`Settings.public_base_url`, else the app's root path (relative URLs)."""
+    settings: Settings = request.app.state.settings
+    base: str = settings.public_base_url or request.scope.get("root_path", "")
+    return base
 
 
 def _not_found(request_id: str) -> IntakeError:
@@ -72,8 +79,10 @@ async def check_owned(store: AsyncRequestStore, request_id: str, tenant: str) ->
 def view_of(request: Request, record: RequestRecord, keys: Keys) -> RequestView:
     events_url, _ = urls_for(request, record.id)
     data = record.model_dump()
-    data.pop("tenant")
-    return RequestView(**data, channel=keys.channel(record.id), events_url=events_url)
+    tenant = data.pop("tenant")
+    signed = stream_url(request.app.state.settings, base_for(request), record.id, tenant)
+    return RequestView(**data, channel=keys.channel(record.id), events_url=events_url,
+                       stream_url=signed)
 
 
 async def submit(body: SubmitRequest, request: Request, caller: CallerDep) -> Response:
@@ -103,6 +112,8 @@ async def submit(body: SubmitRequest, request: Request, caller: CallerDep) -> Re
         "events_url": events_url,
         "result_url": result_url,
         "idempotent_replay": accepted.replay,
+        "stream_url": (stream_url(settings, base_for(request), record.id, caller.tenant)
+                       if settings.stream_url_secrets else None),
     })
     return Response(content, status_code=200 if accepted.replay else 202,
                     media_type="application/json")
