@@ -144,7 +144,7 @@ def test_a_worker_killed_between_taking_and_claiming_delays_the_request_less_tha
     """A stream worker that took a message off the queue is SIGKILLed before it claimed it
     (a stall injected in that window), three times over: each time another worker starts the
     request within `ROUTER_STREAM_LEASE_S` of the kill, not after the 60 s redispatch."""
-    lease_s = 3.0
+    lease_s = 4.0  # heartbeats last 2 s: a taken message goes back within ~3 s
     settings = lane_settings(redis_base_url, sim_url, stream_lease_s=lease_s,
                              stream_redispatch_after_s=600)
     ctx = StreamContext.build(settings)
