@@ -31,6 +31,7 @@ def run_and_check(config: ChaosConfig) -> ChaosReport:
     return report
 
 
+@pytest.mark.slow  # a minute of chaos: run by .ci/run after the default run (-m slow)
 def test_chaos_short(tmp_path: Path) -> None:
     run_and_check(ChaosConfig(low=300, high=40, seed=11, workdir=tmp_path))
 
