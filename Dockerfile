@@ -8,15 +8,22 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# Dependencies first so a code change does not reinstall them.
-COPY pyproject.toml README.md ./
+# Dependencies first, from pyproject.toml alone, so a code change does not reinstall them:
+# this layer is rebuilt only when pyproject.toml changes.
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt \
+    && rm /tmp/requirements.txt \
+    && useradd --create-home --uid 10001 router \
+    && mkdir -p /data/beat && chown router /data/beat
+
+# Then the code (the cheap layer): the package itself, without touching its dependencies.
+COPY README.md ./
 COPY settings ./settings
 COPY router ./router
 COPY workers ./workers
 COPY simulator ./simulator
-RUN pip install . \
-    && useradd --create-home --uid 10001 router \
-    && mkdir -p /data/beat && chown router /data/beat
+RUN pip install --no-deps .
 
 USER router
 

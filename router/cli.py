@@ -21,6 +21,10 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain click help: readable at 80 columns (rich's boxed table cut option names and showed
+    # `<bool>` for flags), no markup to leak as literal backquotes or brackets.
+    rich_markup_mode=None,
+    context_settings={"max_content_width": 100},
 )
 
 
@@ -35,7 +39,7 @@ def load_settings() -> Settings:
     return settings
 
 
-@app.command()
+@app.command(short_help="Run the intake HTTP API.")
 def api(
     host: Annotated[str | None, typer.Option(help="Interface to listen on.")] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
@@ -61,7 +65,7 @@ def api(
                 http=slow_clients.PROTOCOL)
 
 
-@app.command()
+@app.command(short_help="Run a Celery worker for one lane (stream or batch).")
 def worker(
     lane: Annotated[str, typer.Option(help="Which lane: stream or batch.")] = "stream",
     concurrency: Annotated[int | None, typer.Option(
@@ -103,9 +107,14 @@ def worker(
     celery_app.worker_main(argv=argv)
 
 
-@app.command()
+@app.command(short_help="Run Celery beat: batch flush and poll (one per deployment).")
 def beat(
     schedule: Annotated[str | None, typer.Option(help="Beat schedule file.")] = None,
+    check: Annotated[bool, typer.Option(
+        "--check", help="Do not run beat: exit 0 if the beat of this host ticked within "
+        "--max-age seconds, else 1 (a liveness check).")] = False,
+    max_age: Annotated[float, typer.Option(help="With --check: oldest acceptable tick, seconds.")
+                       ] = 30.0,
 ) -> None:
     """Run Celery beat (exactly one per deployment): the batch flush and poll."""
     import tempfile
@@ -113,9 +122,45 @@ def beat(
     from workers.celery_app import create_celery
 
     settings = load_settings()
+    if check:
+        raise typer.Exit(_beat_check(settings, max_age))
     celery_app = create_celery(settings)
     path = schedule or f"{tempfile.gettempdir()}/hybrid-router-beat-{settings.key_prefix}"
     celery_app.start(argv=["beat", "--schedule", path, "--loglevel", settings.log_level])
+
+
+def _beat_check(settings: Settings, max_age_s: float) -> int:
+    """Liveness of the beat on this host: the age of its last tick in Redis (`Keys.beat()`)."""
+    import socket
+
+    import redis
+
+    from router.keys import Keys
+    from router.runtime_config import BeatReport
+
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        report = BeatReport.from_hash(client.hgetall(Keys(settings.key_prefix).beat()))
+    except redis.RedisError as exc:
+        typer.echo(f"hybrid-router: beat unknown: cannot read Redis: {exc}", err=True)
+        return 1
+    finally:
+        client.close()
+    age = report.age_s() if report is not None else None
+    if report is None or age is None:
+        typer.echo("hybrid-router: no beat has ticked (no report in Redis)", err=True)
+        return 1
+    here = socket.gethostname()
+    if report.host != here:
+        typer.echo(f"hybrid-router: the last beat tick came from {report.host}, not {here}",
+                   err=True)
+        return 1
+    if age > max_age_s:
+        typer.echo(f"hybrid-router: beat's last tick was {age:.1f}s ago (> {max_age_s:g}s)",
+                   err=True)
+        return 1
+    typer.echo(f"beat alive: pid {report.pid} ticked {age:.1f}s ago")
+    return 0
 
 
 def _register_optional_verbs() -> None:

@@ -143,6 +143,12 @@ class Keys:
         """Hash: settings changed at runtime (flush interval) that override `Settings`."""
         return f"{self.prefix}:config"
 
+    def beat(self) -> str:
+        """Hash: beat's heartbeat (`at`, its last tick) and the settings it runs with (flush
+        and poll intervals), written by beat itself: what `config get`, `status`, `/v1/stats`
+        and beat's health check read as the running service's values."""
+        return f"{self.prefix}:beat"
+
     def ledger(self) -> str:
         """Hash: tokens and cost per route and model, and batch savings."""
         return f"{self.prefix}:ledger"
@@ -202,5 +208,6 @@ def bounded_keys(keys: Keys) -> list[str]:
     single values or hold only models with queued requests (emptied by each flush). Every other
     key either has a TTL or indexes requests in flight and is empty (so gone) when none are."""
     return [keys.ledger(), keys.timings("stream"), keys.timings("batch"),
-            keys.runtime_config(), keys.last_flush(), keys.batch_mode(), keys.pending_models(),
+            keys.runtime_config(), keys.beat(), keys.last_flush(), keys.batch_mode(),
+            keys.pending_models(),
             keys.stream_engines()]

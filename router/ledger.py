@@ -15,7 +15,7 @@ from decimal import Decimal
 from typing import Any
 
 from router.keys import Keys
-from router.pricing import cost_usd
+from router.pricing import cost_usd, money_text
 from router.redis_text import text
 from settings import Settings
 
@@ -116,9 +116,9 @@ class Ledger:
                 "requests": line.requests,
                 "prompt_tokens": line.prompt_tokens,
                 "completion_tokens": line.completion_tokens,
-                "cost_usd": str(line.cost_usd),
-                "standard_cost_usd": str(line.standard_cost_usd),
-                "savings_usd": str(line.savings_usd),
+                "cost_usd": money_text(line.cost_usd),
+                "standard_cost_usd": money_text(line.standard_cost_usd),
+                "savings_usd": money_text(line.savings_usd),
             }
 
         return {

@@ -43,6 +43,11 @@ BUCKETS: tuple[float, ...] = (
     3600.0, 7200.0, 21600.0, 86400.0,
 )
 TIMING_METRICS = ("ttft", "e2e")
+# States of each lane's queue depth, all reported (zeros included).
+QUEUE_STATES: dict[str, tuple[str, ...]] = {"batch": ("queued",),
+                                             "stream": ("dispatched", "streaming")}
+# The Batch API's statuses of a batch not finished yet, all reported (zeros included).
+BATCH_STATUSES_IN_FLIGHT = ("validating", "in_progress", "finalizing", "cancelling")
 _MICRO = 1_000_000
 
 
@@ -169,8 +174,13 @@ class RouterCollector(Collector):
             "flush; stream: dispatched to or streaming in a worker).",
             labels=["lane", "model", "state"],
         )
-        for q in snap.queues:
-            depth.add_metric([q.lane, q.model, q.state], q.count)
+        counts = {(q.lane, q.model, q.state): q.count for q in snap.queues}
+        for lane, states in QUEUE_STATES.items():  # zeros too: a dashboard tells 0 from missing
+            for state in states:
+                for model in snap.model_labels:
+                    counts.setdefault((lane, model, state), 0)
+        for (lane, model, state), count in sorted(counts.items()):
+            depth.add_metric([lane, model, state], count)
         yield depth
 
         celery = GaugeMetricFamily("hybrid_router_celery_queue_length",
@@ -189,18 +199,28 @@ class RouterCollector(Collector):
         batches = GaugeMetricFamily("hybrid_router_batches_in_flight",
                                     "Upstream batches submitted and not yet finished, by status.",
                                     labels=["status"])
-        for status, count in sorted(snap.batches_in_flight.items()):
+        in_flight = {status: 0 for status in BATCH_STATUSES_IN_FLIGHT}
+        in_flight.update(snap.batches_in_flight)
+        for status, count in sorted(in_flight.items()):
             batches.add_metric([status], count)
         yield batches
 
         yield GaugeMetricFamily("hybrid_router_flush_interval_seconds",
                                 "Seconds between batch flushes now in force (runtime override "
                                 "or ROUTER_FLUSH_INTERVAL_S).", value=snap.flush_interval_s)
-        last_at = snap.last_flush.get("at")
-        if last_at:
-            yield GaugeMetricFamily("hybrid_router_last_flush_timestamp_seconds",
-                                    "When the last batch flush ran (Unix time).",
-                                    value=float(last_at))
+        overridden = snap.flush_interval is not None and snap.flush_interval.overridden
+        yield GaugeMetricFamily("hybrid_router_flush_interval_overridden",
+                                "1 while a run-time override (`config set flush-interval`) is "
+                                "in force, 0 when ROUTER_FLUSH_INTERVAL_S applies.",
+                                value=1.0 if overridden else 0.0)
+        yield GaugeMetricFamily("hybrid_router_last_flush_timestamp_seconds",
+                                "When the last batch flush ran (Unix time; 0 = never).",
+                                value=snap.last_flush_view()["at"] or 0.0)
+        beat_at = snap.beat.at if snap.beat is not None else None
+        yield GaugeMetricFamily("hybrid_router_beat_last_tick_timestamp_seconds",
+                                "When beat last ticked (Unix time; 0 = no beat has reported). "
+                                "Alert when it falls behind: beat is down.",
+                                value=beat_at or 0.0)
 
         yield from self._ledger()
         yield from self._timings()

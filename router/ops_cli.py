@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
@@ -76,6 +77,14 @@ def up(
     host: Annotated[str | None, typer.Option(help="Interface the API and Flower listen on.")] = None,
     port: Annotated[int | None, typer.Option(help="API port (default: settings api_port).")] = None,
     flower_port: Annotated[int | None, typer.Option(help="Flower port (default: a free one).")] = None,
+    sim_port: Annotated[int | None, typer.Option(
+        help="Port of the simulator up starts (default: a free one).")] = None,
+    redis_port: Annotated[int | None, typer.Option(
+        help="Port of the private redis-server up starts when ROUTER_REDIS_URL does not answer "
+             "(default: a free one).")] = None,
+    log_dir: Annotated[Path | None, typer.Option(
+        help="Where each process's log goes (kept after up stops; default: a new "
+             "hybrid-router-up-* directory in the temp dir, printed in the banner).")] = None,
     logs: Annotated[bool, typer.Option("--logs/--no-logs",
                                        help="Echo every process's output here.")] = True,
     sim: Annotated[bool, typer.Option("--sim", help="Use the simulator even if a key is set.")] = False,
@@ -85,7 +94,7 @@ def up(
                              ] = 60.0,
 ) -> None:
     """Run everything on this machine: Redis (if needed), API, both workers, beat, Flower and,
-    without an upstream key, the simulator. Ctrl-C stops it all."""
+    without an upstream key, the simulator. Ctrl-C stops it all; the logs are kept."""
     from router.up import UpOptions, run_up
 
     settings = load_settings()
@@ -93,6 +102,9 @@ def up(
         host=host or settings.api_host,
         port=port if port is not None else settings.api_port,
         flower_port=flower_port,
+        sim_port=sim_port,
+        redis_port=redis_port,
+        log_dir=log_dir,
         show_logs=logs,
         ready_timeout_s=ready_timeout,
         force_sim=sim,
@@ -333,11 +345,21 @@ def status(
     lines.append("Celery    " + ", ".join(f"{name}: {n} waiting"
                                           for name, n in data["celery_queues"].items()))
     last = data["last_flush"]
-    ago = f"{time.time() - float(last['at']):.1f}s ago" if last.get("at") else "never"
-    lines.append(f"Flush     every {data['flush_interval_s']:g}s; last {ago}"
-                 + (f" ({last.get('submitted', 0)} submitted in {last.get('batches', 0)} batches"
-                    + (f", error: {last['error']}" if last.get("error") else "") + ")"
-                    if last.get("at") else ""))
+    ago = f"{time.time() - last['at']:.1f}s ago" if last["at"] is not None else "never"
+    every = snap.flush_interval.describe() if snap.flush_interval else f"{snap.flush_interval_s:g}s"
+    lines.append(f"Flush     every {every}; last {ago}"
+                 + (f" ({last['submitted']} submitted in {last['batches']} batches"
+                    + (f", error: {last['error']}" if last["error"] else "") + ")"
+                    if last["at"] is not None else ""))
+    beat = snap.beat
+    if beat is None:
+        lines.append("Beat      no beat has reported (is `hybrid-router beat` running?)")
+    else:
+        age = beat.age_s()
+        poll = beat.values.get("poll_interval_s")
+        lines.append(f"Beat      {beat.host} pid {beat.pid}, last tick "
+                     + (f"{age:.1f}s ago" if age is not None else "never")
+                     + (f"; polls every {poll:g}s" if poll is not None else ""))
     inflight = data["batches_in_flight"]
     lines.append(f"Batches   {inflight['total']} in flight"
                  + ("" if not inflight["by_status"] else " (" + ", ".join(
@@ -359,8 +381,8 @@ def status(
 
 def register(app: typer.Typer) -> None:
     """Add the operator verbs to the project's CLI."""
-    app.command()(up)
-    app.command()(flower)
-    app.command()(submit)
-    app.command()(tail)
-    app.command()(status)
+    app.command(short_help="Run everything on this machine (development).")(up)
+    app.command(short_help="Run Flower (Celery's web monitor) for both lanes.")(flower)
+    app.command(short_help="Send a prompt and print the answer.")(submit)
+    app.command(short_help="Follow a request's events until it ends.")(tail)
+    app.command(short_help="Queues, batches, workers, flush interval, beat, ledger.")(status)

@@ -12,6 +12,13 @@ MAX_TOKENS_CAP = 1_000_000  # no model reaches it: "the budget does not limit th
 COST_QUANTUM = Decimal("0.000000000001")  # pico-dollars: exact for prices with <= 6 decimals per Mtok
 
 
+def money_text(amount: Decimal) -> str:
+    """A USD amount as JSON shows it: a decimal string in plain notation with 12 decimals
+    (the ledger's pico-dollar resolution), e.g. ``"0.000225000000"``, never ``"0E-12"``.
+    A string, not a JSON number, because a double cannot hold every such amount exactly."""
+    return f"{amount:.12f}"
+
+
 def lane_multiplier(settings: Settings, route: str, *, emulated: bool = False) -> Decimal:
     """1 on the stream lane (and emulated batches, which pay full price), else the discount."""
     if route == "batch" and not emulated:

@@ -20,7 +20,7 @@ from router.keys import Keys
 from router.ledger import Ledger
 from router.metrics import TIMING_METRICS, Histogram, histograms_from_hash
 from router.redis_text import text
-from router.runtime_config import FLUSH_INTERVAL, validate_flush_interval
+from router.runtime_config import BeatReport, FlushInterval, flush_interval_from
 from settings import OTHER_MODEL, Settings
 
 LANES = ("stream", "batch")
@@ -58,12 +58,37 @@ class Snapshot:
     ledger: Ledger = field(default_factory=Ledger)
     timings: dict[str, dict[str, Histogram]] = field(default_factory=dict)  # lane -> metric -> h
     flush_interval_s: float = 0.0  # in force now (runtime override, else Settings)
+    flush_interval: FlushInterval | None = None  # the same, with where it comes from
+    beat: BeatReport | None = None  # beat's own report (None: no beat has reported)
     last_flush: dict[str, str] = field(default_factory=dict)  # Keys.last_flush() as written
+    # Every model label the operator named, and `other`: /metrics reports a zero for each
+    # lane x state x label that has nothing, so a dashboard tells zero from missing.
+    model_labels: list[str] = field(default_factory=lambda: [OTHER_MODEL])
 
     def depth(self, lane: str) -> int:
         return sum(q.count for q in self.queues if q.lane == lane)
 
+    def last_flush_view(self) -> dict[str, Any]:
+        """`Keys.last_flush()` with numbers as JSON numbers (null / 0 before the first flush)."""
+        raw = self.last_flush
+
+        def number(name: str) -> int:
+            try:
+                return int(raw.get(name) or 0)
+            except ValueError:
+                return 0
+
+        try:
+            at = float(raw["at"]) if raw.get("at") else None
+        except ValueError:
+            at = None
+        return {"at": at, "flush_id": raw.get("flush_id") or None,
+                "submitted": number("submitted"), "batches": number("batches"),
+                "error": raw.get("error") or None}
+
     def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: counts and times are numbers; money is an exact decimal string in
+        plain notation with 12 decimals (`router.pricing.money_text`)."""
         return {
             "taken_at": self.taken_at,
             "queues": {
@@ -79,7 +104,9 @@ class Snapshot:
             },
             "celery_queues": self.celery_queues,
             "flush_interval_s": self.flush_interval_s,
-            "last_flush": self.last_flush,
+            "flush_interval": self.flush_interval.as_dict() if self.flush_interval else None,
+            "beat": self.beat.as_dict(self.taken_at) if self.beat is not None else None,
+            "last_flush": self.last_flush_view(),
             "batches_in_flight": {
                 "total": len(self.batch_ids_in_flight),
                 "by_status": self.batches_in_flight,
@@ -112,7 +139,8 @@ def snapshot_plan(settings: Settings) -> Plan:
         ("zcard", (keys.streaming(),)),
         ("hgetall", (keys.ledger(),)),
         *[("hgetall", (keys.timings(lane),)) for lane in LANES],
-        ("hget", (keys.runtime_config(), FLUSH_INTERVAL)),
+        ("hgetall", (keys.runtime_config(),)),
+        ("hgetall", (keys.beat(),)),
         ("hgetall", (keys.last_flush(),)),
     ]
     for queue in queue_names.values():
@@ -124,9 +152,10 @@ def snapshot_plan(settings: Settings) -> Plan:
     n_dispatched, streaming, n_streaming = int(r1[3]), [text(i) for i in r1[4]], int(r1[5])
     ledger = Ledger.from_hash(r1[6]).relabelled(settings.model_label)
     timings = {lane: histograms_from_hash(r1[7 + i]) for i, lane in enumerate(LANES)}
-    flush_interval = _flush_interval(r1[7 + len(LANES)], settings)
-    last_flush = {text(k): text(v) for k, v in r1[8 + len(LANES)].items()}
-    lengths = r1[9 + len(LANES):]
+    beat = BeatReport.from_hash(r1[8 + len(LANES)])
+    flush_interval = flush_interval_from(r1[7 + len(LANES)], beat, settings)
+    last_flush = {text(k): text(v) for k, v in r1[9 + len(LANES)].items()}
+    lengths = r1[10 + len(LANES):]
     per_queue = len(_KOMBU_PRIORITY_STEPS) + 1
     celery_queues = {
         name: sum(int(n) for n in lengths[i * per_queue:(i + 1) * per_queue])
@@ -157,7 +186,8 @@ def snapshot_plan(settings: Settings) -> Plan:
     now = time.time()
     snap = Snapshot(taken_at=now, celery_queues=celery_queues, batches_in_flight=batch_status,
                     batch_ids_in_flight=batch_ids, ledger=ledger, timings=timings,
-                    flush_interval_s=flush_interval, last_flush=last_flush)
+                    flush_interval_s=flush_interval.seconds, flush_interval=flush_interval,
+                    beat=beat, last_flush=last_flush, model_labels=model_labels(settings))
     queued: dict[str, int] = {}
     for model, (count, _head) in pending.items():
         if count:
@@ -181,14 +211,10 @@ def snapshot_plan(settings: Settings) -> Plan:
     return snap
 
 
-def _flush_interval(raw: Any, settings: Settings) -> float:
-    """The runtime override when it is valid, else the configured interval."""
-    if raw is None:
-        return settings.flush_interval_s
-    try:
-        return validate_flush_interval(float(text(raw)))
-    except ValueError:
-        return settings.flush_interval_s
+def model_labels(settings: Settings) -> list[str]:
+    """The models the operator named (price table and allowed list, not `*`), and `other`."""
+    named = {m for m in (*settings.prices, *settings.allowed_models) if m != "*"}
+    return [*sorted(named), OTHER_MODEL]
 
 
 def _queue(pipe: Any, commands: list[Command]) -> None:

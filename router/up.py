@@ -67,6 +67,9 @@ class UpOptions:
     host: str
     port: int
     flower_port: int | None = None
+    sim_port: int | None = None
+    redis_port: int | None = None
+    log_dir: Path | None = None
     show_logs: bool = True
     ready_timeout_s: float = 60.0
     force_sim: bool = False
@@ -102,6 +105,17 @@ def ensure_port_free(host: str, port: int, flag: str) -> None:
         except OSError as exc:
             raise UpError(f"cannot listen on {host}:{port} ({exc.strerror}); another process uses "
                           f"it: stop it or pass {flag} <another port>", exit_code=2) from exc
+
+
+def is_simulator(base_url: str, timeout: float = 1.0) -> bool:
+    """Whether an upstream base URL is the built-in simulator (it answers ``GET /sim/config``,
+    which no real OpenAI-compatible API serves), however it was started."""
+    root = base_url.rstrip("/").removesuffix("/v1")
+    try:
+        response = httpx.get(f"{root}/sim/config", timeout=timeout)
+        return response.status_code == 200 and isinstance(response.json(), dict)
+    except (httpx.HTTPError, ValueError):
+        return False
 
 
 def redis_answers(url: str, timeout: float = 1.0) -> bool:
@@ -200,6 +214,8 @@ class Supervisor:
     children: list[Child] = field(default_factory=list)
     notes: list[tuple[str, str]] = field(default_factory=list)
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="hybrid-router-up-")))
+    # Data that is not a log (the private Redis's directory, beat's schedule): deleted at exit.
+    scratch: list[Path] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _stop_reason: str = ""
 
@@ -229,9 +245,9 @@ class Supervisor:
                 "docker run -d -p 6379:6379 redis:7) or point ROUTER_REDIS_URL at a running Redis.",
                 exit_code=2,
             )
-        port = free_port()
-        data_dir = self.workdir / "redis"
-        data_dir.mkdir()
+        port = self.options.redis_port or free_port()
+        data_dir = Path(tempfile.mkdtemp(prefix="redis-", dir=self.workdir))
+        self.scratch.append(data_dir)
         argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "no", "--dir", str(data_dir), "--daemonize", "no"]
         private = f"redis://127.0.0.1:{port}/0"
@@ -244,11 +260,22 @@ class Supervisor:
         return private
 
     def choose_upstream(self) -> dict[str, Any]:
-        """Settings updates for the upstream; starts the simulator when there is no key."""
+        """Settings updates for the upstream; starts the simulator when there is no key.
+
+        The development defaults (`SIM_DEV_DEFAULTS`) follow the simulator being the upstream,
+        whether `up` starts it or the configured upstream is one started separately."""
+        configured = self.settings.upstream_base_url
+        if not self.options.force_sim and configured and is_simulator(configured):
+            updates: dict[str, Any] = {}
+            if self.settings.upstream_api_key is None:
+                updates["upstream_api_key"] = SecretStr(SIM_API_KEY)
+            self.notes.append(("upstream", f"SIMULATOR at {configured} (ROUTER_UPSTREAM_BASE_URL; "
+                                           "started separately, so up leaves it running)"))
+            return updates | self._dev_defaults()
         if self.settings.upstream_api_key is not None and not self.options.force_sim:
             self.notes.append(("upstream", f"{self.settings.effective_upstream_base_url}"))
             return {}
-        port = free_port()
+        port = self.options.sim_port or free_port()
         base = f"http://127.0.0.1:{port}/v1"
         env = dict(os.environ)
         for name, value in SIM_STREAM_DEFAULTS.items():
@@ -270,16 +297,20 @@ class Supervisor:
         why = "--sim given" if self.options.force_sim else "no upstream key is configured"
         self.notes.append(("upstream", f"SIMULATOR at {base} ({why}; set ROUTER_UPSTREAM_API_KEY "
                                        "or OPENAI_API_KEY to use a real OpenAI-compatible API)"))
-        updates: dict[str, Any] = {"upstream_base_url": base,
-                                   "upstream_api_key": SecretStr(SIM_API_KEY)}
-        applied = []
+        updates = {"upstream_base_url": base, "upstream_api_key": SecretStr(SIM_API_KEY)}
+        return updates | self._dev_defaults()
+
+    def _dev_defaults(self) -> dict[str, Any]:
+        """`SIM_DEV_DEFAULTS` the user did not set, noted for the banner."""
+        updates: dict[str, Any] = {}
         for name, seconds in SIM_DEV_DEFAULTS.items():
             if name not in self.settings.model_fields_set:
                 updates[name] = seconds
-                applied.append(f"{name}={seconds:g}")
-        if applied:
-            self.notes.append(("dev defaults", ", ".join(applied) + " (simulator batches finish in "
-                                               "seconds; set the ROUTER_* variables to override)"))
+        if updates:
+            applied = ", ".join(f"{name}={seconds:g}" for name, seconds in updates.items())
+            self.notes.append(("dev defaults", applied + " (the upstream is the simulator, whose "
+                                               "batches finish in seconds; set the ROUTER_* "
+                                               "variables to override)"))
         return updates
 
     def _echo(self) -> TextIO | None:
@@ -305,9 +336,10 @@ class Supervisor:
             self._child(f"{lane}-worker", [*cli, "worker", "--lane", lane, "--name", node], env,
                         self._ping_ready(celery, node))
 
-        schedule = self.workdir / "beat-schedule"
-        self._child("beat", [*cli, "beat", "--schedule", str(schedule)], env,
-                    lambda _c: any(self.workdir.glob("beat-schedule*")))
+        schedule_dir = Path(tempfile.mkdtemp(prefix="beat-", dir=self.workdir))
+        self.scratch.append(schedule_dir)
+        self._child("beat", [*cli, "beat", "--schedule", str(schedule_dir / "schedule")], env,
+                    self._beat_ready(settings))
 
         flower_port = opts.flower_port or free_port()
         flower_url = f"http://{local_host(opts.host)}:{flower_port}"
@@ -328,6 +360,22 @@ class Supervisor:
         for child in pending:
             child.start(self._echo())
         self._wait_ready(pending)
+
+    @staticmethod
+    def _beat_ready(settings: Settings) -> Callable[[Child], bool]:
+        """Beat is ready once it has ticked: its report in Redis names this child's pid."""
+        from router.keys import Keys
+        from router.runtime_config import BeatReport
+
+        def ready(child: Child) -> bool:
+            client = redis.Redis.from_url(settings.redis_url, socket_timeout=1)
+            try:
+                report = BeatReport.from_hash(client.hgetall(Keys(settings.key_prefix).beat()))
+            finally:
+                client.close()
+            return report is not None and report.pid == child.pid
+
+        return ready
 
     @staticmethod
     def _ping_ready(celery: Any, node: str) -> Callable[[Child], bool]:
@@ -425,8 +473,8 @@ class Supervisor:
         lines += [f"  {label:<13}{text}" for label, text in self.notes]
         lines += [
             f"  {'key prefix':<13}{settings.key_prefix}",
-            f"  {'flush':<13}every {settings.flush_interval_s:g}s, poll every "
-            f"{settings.poll_interval_s:g}s",
+            f"  {'flush':<13}every {self._flush_line(settings)}",
+            f"  {'poll':<13}every {settings.poll_interval_s:g}s while batches are in flight",
             f"  {'auth':<13}" + ("on (ROUTER_API_KEYS)" if settings.auth_enabled
                                  else "OFF: ROUTER_API_KEYS is empty (development only)"),
             f"  {'logs':<13}{self.workdir}",
@@ -443,6 +491,20 @@ class Supervisor:
         return "\n".join(lines)
 
 
+    @staticmethod
+    def _flush_line(settings: Settings) -> str:
+        """The flush interval in force, as beat applies it, and where it comes from (a
+        run-time override left in Redis outlives restarts: the banner must not hide it)."""
+        from router.runtime_config import read_flush_interval
+
+        client = redis.Redis.from_url(settings.redis_url, socket_timeout=2)
+        try:
+            return read_flush_interval(client, settings)[0].describe()
+        except redis.RedisError as exc:
+            return f"{settings.flush_interval_s:g}s (ROUTER_FLUSH_INTERVAL_S; Redis unreadable: {exc})"
+        finally:
+            client.close()
+
     def _status_env(self, settings: Settings) -> str:
         """Environment a second terminal needs so `status` reads this Redis."""
         if settings.redis_url != self.settings.redis_url:
@@ -453,6 +515,10 @@ class Supervisor:
 def run_up(settings: Settings, options: UpOptions, out: TextIO | None = None) -> int:
     """Run everything until Ctrl-C / SIGTERM (exit 0) or a child dies (exit 1)."""
     sup = Supervisor(settings, options, out or sys.stdout)
+    if options.log_dir is not None:
+        shutil.rmtree(sup.workdir, ignore_errors=True)
+        options.log_dir.mkdir(parents=True, exist_ok=True)
+        sup.workdir = options.log_dir
     previous: dict[signal.Signals, Any] = {}
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -464,8 +530,11 @@ def run_up(settings: Settings, options: UpOptions, out: TextIO | None = None) ->
     failed = False
     try:
         ensure_port_free(options.host, options.port, "--port")
-        if options.flower_port:
-            ensure_port_free(options.host, options.flower_port, "--flower-port")
+        for port, flag in ((options.flower_port, "--flower-port"), (options.sim_port, "--sim-port"),
+                           (options.redis_port, "--redis-port")):
+            if port:
+                ensure_port_free(options.host if flag == "--flower-port" else "127.0.0.1", port,
+                                 flag)
         redis_url = sup.choose_redis()
         updates: dict[str, Any] = {"redis_url": redis_url, "api_port": options.port,
                                    "api_host": options.host}
@@ -487,11 +556,14 @@ def run_up(settings: Settings, options: UpOptions, out: TextIO | None = None) ->
         sup.stop_all()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    for path in sup.scratch:  # not logs: the private Redis's data, beat's schedule
+        shutil.rmtree(path, ignore_errors=True)
     if failed and sup.children:
         sys.stderr.write(f"hybrid-router up: everything stopped; logs kept in {sup.workdir}\n")
-    else:
-        shutil.rmtree(sup.workdir, ignore_errors=True)
-        if sup.children:
-            sup.out.write("hybrid-router up: stopped, no process left behind.\n")
+    elif sup.children:
+        sup.out.write(f"hybrid-router up: stopped, no process left behind; logs kept in "
+                      f"{sup.workdir}\n")
+    elif options.log_dir is None:
+        shutil.rmtree(sup.workdir, ignore_errors=True)  # nothing started, nothing logged
     sup.out.flush()
     return code

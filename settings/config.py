@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from decimal import Decimal
 from functools import lru_cache
@@ -390,11 +391,23 @@ def settings_to_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+# pydantic-settings' message when a complex value (dict / list) is not JSON; it names the
+# field and the source class, not the environment variable the user has to fix.
+_SOURCE_ERROR = re.compile(r'error parsing value for field "(\w+)" from source "(\w+)"')
+
+
 def describe_settings_error(exc: Exception) -> str:
     """One line naming each bad setting and why, for a clean exit at start-up."""
     from pydantic import ValidationError
 
     if not isinstance(exc, ValidationError):
+        parsed = _SOURCE_ERROR.search(str(exc))
+        if parsed is not None:  # pydantic-settings could not decode a JSON value
+            field_name, source = parsed.groups()
+            where = " (in .env)" if "DotEnv" in source else ""
+            cause = f": {exc.__cause__}" if exc.__cause__ is not None else ""
+            return (f"{field_name} (ROUTER_{field_name.upper()}){where}: not valid JSON"
+                    f"{cause}").replace("\n", " ")
         return str(exc).replace("\n", " ")
     problems = []
     for err in exc.errors():

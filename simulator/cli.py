@@ -79,7 +79,7 @@ sim_command = _build_command()
 
 def register(app: typer.Typer) -> None:
     """Add the ``sim`` command to the project's typer app."""
-    app.command("sim")(sim_command)
+    app.command("sim", short_help="Run the OpenAI-compatible upstream simulator.")(sim_command)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,6 +15,14 @@ from settings import Settings
 from tests.support import Stack, delete_prefix, start_redis_server
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every smoke benchmark (`tests/test_bench_smoke*.py`) is `slow`: it measures, so it runs
+    alone after the default run (`.ci/run`), and a new one lands there without a marker."""
+    for item in items:
+        if item.path.name.startswith("test_bench_smoke"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def redis_base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A private redis-server for the whole run, so no data of anybody else is touched."""

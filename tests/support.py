@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import redis
 
 from settings import Settings, settings_to_env
 
@@ -250,8 +251,21 @@ class Stack:
     def start_beat(self, timeout: float = 30.0) -> ManagedProcess:
         schedule = self.workdir / f"beat-{len(self.processes)}"
         proc = self._spawn("beat", cli_argv("beat", "--schedule", str(schedule)))
-        wait_until(lambda: proc.alive() and "beat" in proc.output().lower(), timeout, 0.1,
-                   message="beat started")
+
+        def ticked() -> bool:  # beat's own report in Redis names this process: it ticks
+            if not proc.alive():
+                raise RuntimeError(f"beat exited:\n{proc.output()[-3000:]}")
+            from router.keys import Keys
+            from router.runtime_config import BeatReport
+
+            client = redis.Redis.from_url(self.settings.redis_url)
+            try:
+                report = BeatReport.from_hash(client.hgetall(Keys(self.settings.key_prefix).beat()))
+            finally:
+                client.close()
+            return report is not None and report.pid == proc.pid
+
+        wait_until(ticked, timeout, 0.1, message="beat ticking")
         return proc
 
     def stop(self) -> None:

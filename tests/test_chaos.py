@@ -38,6 +38,7 @@ def run_and_check(config: ChaosConfig) -> ChaosReport:
 
 
 @pytest.mark.timeout(600)  # about a minute; a broken router makes it wait out its deadlines
+@pytest.mark.slow  # a minute of chaos: run by .ci/run after the default run (-m slow)
 def test_chaos_short(tmp_path: Path) -> None:
     seed = int(os.environ.get("CHAOS_SEED", "11"))
     run_and_check(ChaosConfig(low=300, high=40, seed=seed, workdir=tmp_path))

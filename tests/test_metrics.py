@@ -7,6 +7,8 @@ and latencies are pushed with `observe_finished`; then the API is scraped over H
 
 from __future__ import annotations
 
+import json
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -15,12 +17,19 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from router.client import enqueue
 from router.keys import Keys
 from router.ledger import add_to_ledger, ledger_increments
-from router.metrics import BUCKETS, histograms_from_hash, observe_finished, timing_observations
+from router.metrics import (
+    BUCKETS,
+    RouterCollector,
+    histograms_from_hash,
+    observe_finished,
+    timing_observations,
+)
 from router.records import RequestRecord
 from router.runtime_config import set_flush_interval
 from router.stats import take_snapshot
@@ -80,7 +89,7 @@ def _populate(settings: Settings, client: redis.Redis) -> dict[str, Any]:
     add_to_ledger(pipe, keys, ledger_increments(settings, "stream", "gpt-4o-mini", usage)[1])
     add_to_ledger(pipe, keys, ledger_increments(settings, "batch", "gpt-4o-mini", usage)[1])
     pipe.execute()
-    set_flush_interval(client, settings, 42)
+    set_flush_interval(client, settings, 42, by="test_metrics")
     client.hset(keys.last_flush(), mapping={"at": "1700000000.5", "submitted": 2, "batches": 1})
     observe_finished(client, keys, _record(first_token_at=1000.08, finished_at=1001.0))
     observe_finished(client, keys, _record(route="batch", priority="low", finished_at=1030.0))
@@ -147,8 +156,15 @@ def test_metrics_and_stats_over_http(
     assert stats["queues"]["batch"]["total"] == 4
     assert stats["queues"]["stream"]["total"] == 1
     assert stats["batches_in_flight"] == {"total": 1, "by_status": {"in_progress": 1}}
-    assert stats["ledger"]["batch"]["savings_usd"] == "0.000225"
+    assert stats["ledger"]["batch"]["savings_usd"] == "0.000225000000"
     assert stats["latency"]["stream"]["ttft"]["count"] == 1
+    # Numbers are JSON numbers; the override is shown with its origin.
+    assert stats["last_flush"] == {"at": 1700000000.5, "flush_id": None, "submitted": 2,
+                                   "batches": 1, "error": None}
+    assert stats["flush_interval_s"] == 42
+    assert stats["flush_interval"]["source"] == "run-time override"
+    assert stats["flush_interval"]["set_by"] == "test_metrics"
+    assert _get(s, "hybrid_router_flush_interval_overridden") == 1
 
 
 def test_snapshot_of_an_empty_prefix_is_all_zero(
@@ -160,6 +176,39 @@ def test_snapshot_of_an_empty_prefix_is_all_zero(
     assert set(snap.celery_queues.values()) == {0}
     assert snap.ledger.total().requests == 0
     assert snap.flush_interval_s == 60.0 and snap.last_flush == {}
+
+
+def test_an_empty_deployment_shows_zeros_not_gaps(
+    make_settings: Callable[..., Settings], redis_client: redis.Redis
+) -> None:
+    """Zero is reported as 0 (every lane x state x operator-named model, every in-flight batch
+    status), never left out; /v1/stats shows numbers as numbers and money in plain notation."""
+    settings = make_settings(allowed_models=["my-model"])
+    snap = take_snapshot(redis_client, settings)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(RouterCollector(snap))
+    s = _samples(generate_latest(registry).decode())
+    for model in ("gpt-4o-mini", "gpt-4o", "my-model", "other"):
+        assert _get(s, "hybrid_router_queue_depth", lane="batch", model=model, state="queued") == 0
+        for state in ("dispatched", "streaming"):
+            assert _get(s, "hybrid_router_queue_depth", lane="stream", model=model,
+                        state=state) == 0
+    assert ("hybrid_router_queue_depth", (("lane", "batch"), ("model", "*"),
+                                          ("state", "queued"))) not in s
+    for status in ("validating", "in_progress", "finalizing", "cancelling"):
+        assert _get(s, "hybrid_router_batches_in_flight", status=status) == 0
+    assert _get(s, "hybrid_router_last_flush_timestamp_seconds") == 0
+    assert _get(s, "hybrid_router_beat_last_tick_timestamp_seconds") == 0
+    assert _get(s, "hybrid_router_flush_interval_overridden") == 0
+
+    data = snap.as_dict()
+    text = json.dumps(data)
+    assert not re.search(r"\d[eE][-+]?\d", text), text  # no exponent notation anywhere
+    assert data["ledger"]["total"]["cost_usd"] == "0.000000000000"
+    assert data["last_flush"] == {"at": None, "flush_id": None, "submitted": 0, "batches": 0,
+                                  "error": None}
+    assert data["flush_interval"]["source"] == "ROUTER_FLUSH_INTERVAL_S"
+    assert data["beat"] is None
 
 
 @pytest.fixture(scope="module")

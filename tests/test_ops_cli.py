@@ -56,7 +56,9 @@ def test_status_shows_queues_workers_and_ledger(
     assert "gpt-4o-mini" in proc.stdout
     assert "Workers   none answered within 0.3s" in proc.stdout
     assert "Ledger    0 requests" in proc.stdout
-    assert "Flush     every 60s; last never" in proc.stdout
+    assert ("Flush     every 60s (ROUTER_FLUSH_INTERVAL_S of this process; no beat reported); "
+            "last never") in proc.stdout
+    assert "Beat      no beat has reported" in proc.stdout
 
     data = json.loads(run_cli(settings, "status", "--json", "--ping-timeout", "0.3").stdout)
     assert data["queues"]["batch"]["total"] == 3

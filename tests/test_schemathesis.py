@@ -33,6 +33,7 @@ def schemathesis_cli() -> list[str]:
     return [found]
 
 
+@pytest.mark.slow  # ~45 s of fuzzing: run by .ci/run after the default run (-m slow)
 def test_no_server_errors_under_schema_fuzzing(redis_base_url: str, sim_url: str,
                                               tmp_path: Path) -> None:
     """With a stream worker and the simulator behind it, so valid chat calls finish."""

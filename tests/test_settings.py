@@ -82,6 +82,7 @@ def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]
         ("ROUTER_FLUSH_INTERVAL_S", "-3", "flush_interval_s"),
         ("ROUTER_BATCH_MODE", "bogus", "batch_mode"),
         ("ROUTER_REDIS_URL", "mysql://db", "redis_url"),
+        ("ROUTER_PRICES", "{bad", "ROUTER_PRICES"),
     ],
 )
 def test_cli_refuses_bad_settings_with_one_line(name: str, value: str, field: str) -> None:
@@ -92,6 +93,23 @@ def test_cli_refuses_bad_settings_with_one_line(name: str, value: str, field: st
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert field in lines[0] and lines[0].startswith("hybrid-router: invalid configuration")
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("ROUTER_PRICES", "{bad"), ("ROUTER_API_KEYS", "not json"), ("ROUTER_ALLOWED_MODELS", "[x")],
+)
+def test_bad_json_setting_names_the_environment_variable(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    """pydantic-settings says 'field "prices" from source "EnvSettingsSource"'; the user has to
+    fix ROUTER_PRICES, so the one line names it (and says the value is not JSON)."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(Exception) as exc:
+        Settings()
+    line = describe_settings_error(exc.value)
+    assert name in line and "not valid JSON" in line, line
+    assert "EnvSettingsSource" not in line and "\n" not in line
 
 
 # Meanings of the fields that carry no `description` in Settings (the README table shows them).

@@ -22,6 +22,8 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from router.client import RouterClient
+from router.runtime_config import set_flush_interval
+from settings import Settings
 from tests.support import REPO_ROOT, delete_prefix, free_port, wait_until
 
 BANNER_READY = "hybrid-router is up."
@@ -157,14 +159,22 @@ def _assert_nothing_left(run: UpRun, tracked: set[int]) -> None:
 def test_up_runs_both_lanes_metrics_and_flower_then_stops_clean(
     tmp_path: Path, redis_base_url: str, up_runs: list[UpRun]
 ) -> None:
-    port = free_port()
+    port, sim_port, flower_port = free_port(), free_port(), free_port()
+    log_dir = tmp_path / "up-logs"
     run = UpRun(_up_env(f"{redis_base_url}/0", f"up{uuid.uuid4().hex[:8]}"),
-                ["--port", str(port), "--sim-batch-turnaround", "0.3", "--no-logs"],
+                ["--port", str(port), "--sim-port", str(sim_port), "--flower-port",
+                 str(flower_port), "--log-dir", str(log_dir), "--sim-batch-turnaround", "0.3",
+                 "--no-logs"],
                 tmp_path / "up.out").start()
     up_runs.append(run)
     assert run.proc is not None
     banner = run.wait_ready()
-    assert "SIMULATOR at http://127.0.0.1:" in banner and "no upstream key is configured" in banner
+    assert f"SIMULATOR at http://127.0.0.1:{sim_port}/v1" in banner  # every port is settable
+    assert "no upstream key is configured" in banner
+    assert run.url_of("Flower") == f"http://127.0.0.1:{flower_port}"
+    assert re.search(r"^  flush\s+every 1s \(ROUTER_FLUSH_INTERVAL_S of beat\)$", banner,
+                     flags=re.MULTILINE), banner
+    assert re.search(rf"^  logs\s+{re.escape(str(log_dir))}$", banner, flags=re.MULTILINE)
     assert "(ROUTER_REDIS_URL)" in banner
     assert set(run.pids) == {"simulator", "api", "stream-worker", "batch-worker", "beat", "flower"}
     tracked = _descendants(run.proc.pid) | set(run.pids.values())
@@ -210,23 +220,36 @@ def test_up_runs_both_lanes_metrics_and_flower_then_stops_clean(
     assert "Tell me a joke" not in str(tasks) and "Summarise" not in str(tasks)
 
     assert run.stop(signal.SIGINT) == 0, run.output()[-3000:]
-    assert "stopped, no process left behind" in run.output()
+    assert f"stopped, no process left behind; logs kept in {log_dir}" in run.output()
     _assert_nothing_left(run, tracked)
+    # A clean stop keeps every process's log (and removes what is not a log).
+    assert {p.name for p in log_dir.iterdir()} == {f"{name}.log" for name in run.pids}
+    assert (log_dir / "beat.log").stat().st_size > 0
 
 
 @pytest.mark.timeout(200)
 def test_up_starts_a_private_redis_when_the_configured_one_is_down(
-    tmp_path: Path, redis_base_url: str, up_runs: list[UpRun]
+    tmp_path: Path, redis_base_url: str, sim_url: str, up_runs: list[UpRun]
 ) -> None:
+    """Also: a simulator the user runs separately (ROUTER_UPSTREAM_BASE_URL, no key) is
+    recognised, so `up`'s development defaults apply as when `up` starts the simulator."""
     down = f"redis://127.0.0.1:{free_port()}/0"
-    run = UpRun(_up_env(down, f"up{uuid.uuid4().hex[:8]}"),
-                ["--port", str(free_port()), "--no-logs"], tmp_path / "up.out").start()
+    redis_port = free_port()
+    env = _up_env(down, f"up{uuid.uuid4().hex[:8]}", ROUTER_UPSTREAM_BASE_URL=sim_url)
+    del env["ROUTER_FLUSH_INTERVAL_S"], env["ROUTER_POLL_INTERVAL_S"]
+    run = UpRun(env, ["--port", str(free_port()), "--redis-port", str(redis_port), "--no-logs"],
+                tmp_path / "up.out").start()
     up_runs.append(run)
     assert run.proc is not None
     banner = run.wait_ready()
     assert "private redis-server" in banner and f"{down} did not answer" in banner
     private = re.search(r"^  Redis\s+(redis://\S+)", banner, flags=re.MULTILINE)
-    assert private and private.group(1) != down
+    assert private and private.group(1) == f"redis://127.0.0.1:{redis_port}/0"
+    assert f"SIMULATOR at {sim_url} (ROUTER_UPSTREAM_BASE_URL; started separately" in banner
+    assert "simulator" not in run.pids  # not started by up
+    assert "flush_interval_s=10, poll_interval_s=2" in banner, banner
+    assert re.search(r"^  flush\s+every 10s ", banner, flags=re.MULTILINE), banner
+    assert re.search(r"^  poll\s+every 2s ", banner, flags=re.MULTILINE), banner
     assert redis.Redis.from_url(private.group(1)).ping()
     assert "redis" in run.pids
     tracked = _descendants(run.proc.pid) | set(run.pids.values())
@@ -271,11 +294,20 @@ def test_up_refuses_a_taken_port_before_starting_anything(
 def test_up_exits_1_naming_the_child_that_died(
     tmp_path: Path, redis_base_url: str, up_runs: list[UpRun]
 ) -> None:
-    run = UpRun(_up_env(f"{redis_base_url}/0", f"up{uuid.uuid4().hex[:8]}"),
+    """Also: a run-time flush interval left in Redis by an earlier run is in force, so the
+    banner shows it and where it comes from, not the environment's value."""
+    prefix = f"up{uuid.uuid4().hex[:8]}"
+    left_over = Settings(redis_url=f"{redis_base_url}/0", key_prefix=prefix)
+    with redis.Redis.from_url(f"{redis_base_url}/0") as client:
+        set_flush_interval(client, left_over, 5, by="an earlier session")
+    run = UpRun(_up_env(f"{redis_base_url}/0", prefix),
                 ["--port", str(free_port()), "--no-logs"], tmp_path / "up.out").start()
     up_runs.append(run)
     assert run.proc is not None
-    run.wait_ready()
+    banner = run.wait_ready()
+    assert re.search(r"^  flush\s+every 5s \(run-time override set \S+ by an earlier session; "
+                     r"ROUTER_FLUSH_INTERVAL_S is 1s; `hybrid-router config reset flush-interval` "
+                     r"removes it\)$", banner, flags=re.MULTILINE), banner
     tracked = _descendants(run.proc.pid) | set(run.pids.values())
     victim = run.pids["batch-worker"]
     os.kill(victim, signal.SIGKILL)

@@ -19,6 +19,8 @@ If Redis cannot answer, the task is sent as if there were work: the task itself 
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from datetime import datetime, timedelta
 from typing import Any
@@ -48,19 +50,48 @@ class RuntimeFlushSchedule(schedule):
     queue is long."""
 
     def __init__(self, redis_url: str, key_prefix: str, default_s: float,
-                 early_threshold: int, app: Any = None) -> None:
+                 early_threshold: int, report: dict[str, str] | None = None,
+                 app: Any = None) -> None:
         super().__init__(run_every=timedelta(seconds=default_s), app=app)
         self.redis_url = redis_url
         self.key_prefix = key_prefix
         self.default_s = default_s
         self.early_threshold = early_threshold
+        self.report = dict(report or {})  # beat's settings, published at its first tick
         self._client: redis.Redis | None = None
         self._cached_at = 0.0
         self._interval = default_s
+        self._reported = False
+        self._beat_at = 0.0
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (self.__class__, (self.redis_url, self.key_prefix, self.default_s,
-                                 self.early_threshold))
+                                 self.early_threshold, self.report))
+
+    def heartbeat(self) -> None:
+        """Beat's report in `Keys.beat()`: the time of this tick (at most once per `TICK_S`)
+        and, at the first tick, the settings it runs with, its host and pid. `config get`,
+        `status`, `/v1/stats` read it, and ``hybrid-router beat --check`` checks its age."""
+        wall = time.time()
+        if self._reported and wall - self._beat_at < TICK_S:
+            return
+        mapping: dict[Any, Any] = {"at": repr(wall)}
+        if not self._reported:
+            mapping.update(self.report, started_at=repr(wall), host=socket.gethostname(),
+                           pid=str(os.getpid()))
+        try:
+            key = Keys(self.key_prefix).beat()
+            if not self._reported:
+                pipe = self.client.pipeline()
+                pipe.delete(key)  # the previous beat's report goes with it
+                pipe.hset(key, mapping=mapping)
+                pipe.execute()
+            else:
+                self.client.hset(key, mapping=mapping)
+        except redis.RedisError as exc:
+            log.warning("beat heartbeat not written", error=str(exc))
+            return
+        self._reported, self._beat_at = True, wall
 
     def __repr__(self) -> str:
         return f"<runtime flush interval, default {self.default_s:g}s>"
@@ -114,6 +145,7 @@ class RuntimeFlushSchedule(schedule):
             return True
 
     def is_due(self, last_run_at: datetime) -> schedstate:
+        self.heartbeat()
         self.run_every = timedelta(seconds=self.interval())
         state = super().is_due(last_run_at)
         if state.is_due:

@@ -75,11 +75,13 @@ def create_celery(settings: Settings) -> Celery:
         timezone="UTC",
     )
     # Housekeeping is sent only when it has something to do (Flower lists what was sent).
+    from router.runtime_config import beat_settings
     from workers.batch_schedule import PollSchedule, RuntimeFlushSchedule
 
     flush_schedule = RuntimeFlushSchedule(settings.redis_url, settings.key_prefix,
                                           settings.flush_interval_s,
-                                          settings.flush_early_threshold)
+                                          settings.flush_early_threshold,
+                                          report=beat_settings(settings))
     poll_schedule = PollSchedule(settings.redis_url, settings.key_prefix,
                                  settings.poll_interval_s, settings.flush_interval_s,
                                  settings.expected_batch_turnaround_s)

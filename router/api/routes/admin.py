@@ -17,7 +17,7 @@ from router.intake import IntakeError
 from router.logs import get_logger
 from router.runtime_config import (
     MAX_FLUSH_INTERVAL_S,
-    get_flush_interval_async,
+    read_flush_interval_async,
     runtime_view,
     set_flush_interval_async,
 )
@@ -46,9 +46,17 @@ AdminDep = Annotated[Caller, Depends(require_admin)]
 
 
 class RuntimeConfigView(BaseModel):
+    """The running service's values as beat reports them (`router.runtime_config`)."""
+
     flush_interval_s: float
     flush_interval_overridden: bool
+    flush_interval: dict[str, Any] = Field(
+        description="seconds, source (run-time override or ROUTER_FLUSH_INTERVAL_S), set_at, "
+                    "set_by, setting_s, setting_of")
     poll_interval_s: float
+    expected_batch_turnaround_s: float
+    reported_by: str
+    beat: dict[str, Any] | None = Field(description="beat's report: host, pid, last tick, settings")
 
 
 class RuntimeConfigUpdate(BaseModel):
@@ -66,17 +74,19 @@ class FlushQueued(BaseModel):
 @router.get("/config", response_model=RuntimeConfigView, responses=_ERRORS)
 async def get_config(_: AdminDep, settings: SettingsDep, client: RedisDep) -> RuntimeConfigView:
     """The runtime configuration (flush interval as beat currently applies it)."""
-    interval = await get_flush_interval_async(client, settings)
-    return RuntimeConfigView(**runtime_view(interval, settings))
+    return RuntimeConfigView(**runtime_view(*await read_flush_interval_async(client, settings),
+                                            settings))
 
 
 @router.put("/config", response_model=RuntimeConfigView, responses=_ERRORS)
 async def put_config(body: RuntimeConfigUpdate, caller: AdminDep, settings: SettingsDep,
                      client: RedisDep) -> RuntimeConfigView:
     """Change the flush interval; beat applies it at its next tick, no restart needed."""
-    interval = await set_flush_interval_async(client, settings, body.flush_interval_s)
+    interval = await set_flush_interval_async(client, settings, body.flush_interval_s,
+                                              by=f"api tenant {caller.tenant}")
     log.info("flush interval changed", flush_interval_s=interval, tenant=caller.tenant)
-    return RuntimeConfigView(**runtime_view(interval, settings))
+    return RuntimeConfigView(**runtime_view(*await read_flush_interval_async(client, settings),
+                                            settings))
 
 
 @router.post("/flush", status_code=202, response_model=FlushQueued, responses=_ERRORS)
