@@ -38,7 +38,9 @@ from redis.connection import parse_url
 from router.events import FINAL_EVENT_TYPES, parse_event, stream_id_after
 from router.keys import Keys
 from router.logs import get_logger
+from router.records import PACKED_FIELD
 from router.redis_pipe import PipePool, RedisPipe, reply_error
+from router.replay import compacted_events
 from router.subscribe import event_data, finished, tail_log
 from settings import Settings
 
@@ -348,7 +350,14 @@ class EventHub:
         if isinstance(entries, hiredis.ReplyError):
             raise reply_error(entries)
         events = [parse_event(event_data(fields)) for _entry_id, fields in entries]
-        return events, finished(status)
+        over = finished(status)
+        if not events and over:  # a finished request's log may be compacted (router.replay)
+            (packed,) = await self.pool.execute([
+                ("HGET", self.keys.record(request_id), PACKED_FIELD)])
+            if isinstance(packed, hiredis.ReplyError):
+                raise reply_error(packed)
+            events = compacted_events(packed, last)
+        return events, over
 
     async def follow(self, request_id: str, after_seq: int, idle_s: float
                      ) -> AsyncIterator[dict[str, Any] | None]:

@@ -28,6 +28,11 @@ class Keys:
         """String counter: the last event ``seq`` given out for the request."""
         return f"{self.prefix}:seq:{{{request_id}}}"
 
+    def replay_due(self) -> str:
+        """Sorted set with TTL: finished request id -> when its replay log is due for
+        compaction (`router.replay`); added to by the final event's `emit()` (router.lua)."""
+        return f"{self.prefix}:replay:due"
+
     def channel(self, request_id: str) -> str:
         """Pub/sub channel on which the request's events are published live."""
         return f"{self.prefix}:chan:{request_id}"

@@ -26,14 +26,28 @@ _COMMON = """
 local function is_terminal(s)
   return s == 'completed' or s == 'failed' or s == 'cancelled'
 end
--- emit(seq_key, stream_key, channel, maxlen, ttl, body) -> seq
-local function emit(seq_key, stream_key, channel, maxlen, ttl, body)
+local function is_final_event(body)
+  return string.find(body, '^{"type":"done"') ~= nil or string.find(body, '^{"type":"error"') ~= nil
+    or string.find(body, '^{"type":"cancelled"') ~= nil
+end
+-- emit(seq_key, stream_key, channel, maxlen, policy, body) -> seq
+-- policy: the replay log's TTL in seconds, or "<ttl> <grace s> <due zset>" (router.replay.
+-- replay_policy): a final event (done, error, cancelled) then indexes the request (its id is
+-- the key's {hash tag}) in the due zset for compaction `grace` seconds later (router.replay).
+local function emit(seq_key, stream_key, channel, maxlen, policy, body)
   local seq = redis.call('INCR', seq_key)
   local data = '{"seq":' .. seq .. ',' .. string.sub(body, 2)
   redis.call('XADD', stream_key, 'MAXLEN', '~', maxlen, '0-' .. seq, 'd', data)
   redis.call('PUBLISH', channel, data)
+  local ttl, grace, due = string.match(policy, '^(%d+) (%d+) (.+)$')
+  ttl = tonumber(ttl or policy)
   redis.call('EXPIRE', seq_key, ttl)
   redis.call('EXPIRE', stream_key, ttl)
+  if due and is_final_event(body) then
+    local t = redis.call('TIME')
+    redis.call('ZADD', due, tonumber(t[1]) + tonumber(grace), string.match(stream_key, '{([^}]*)}$'))
+    redis.call('EXPIRE', due, ttl + tonumber(grace))
+  end
   return seq
 end
 """
@@ -327,6 +341,46 @@ return redis.call('HGETALL', KEYS[1])
 """
 
 
+# KEYS: record, events, seq, due zset   ARGV: request id, digest of the record as read
+#   (sha1 of its fields and values, sorted by field, joined by NUL), the log's length as read, then the compact record's
+#   fields (field, value, ...)
+# The compaction of one finished request (router.replay): the record replaced by its compact
+# fields (its TTL kept), its replay log and seq counter deleted, its due entry removed; only
+# when the request is terminal and neither record nor log changed since they were read.
+# Returns 1 compacted; 2 changed since read (try again later); 0 not terminal (left alone,
+# out of the index); -1 no record (log and counter deleted).
+COMPACT = (
+    _COMMON
+    + """
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then
+  redis.call('DEL', KEYS[2], KEYS[3])
+  redis.call('ZREM', KEYS[4], ARGV[1])
+  return -1
+end
+if not is_terminal(cur) then
+  redis.call('ZREM', KEYS[4], ARGV[1])
+  return 0
+end
+-- The digest is of the fields sorted by name: a hash table's order may change between reads
+-- (incremental rehashing), its content does not.
+local flat, names, values = redis.call('HGETALL', KEYS[1]), {}, {}
+for i = 1, #flat, 2 do names[#names + 1] = flat[i]; values[flat[i]] = flat[i + 1] end
+table.sort(names)
+local parts = {}
+for _, name in ipairs(names) do parts[#parts + 1] = name; parts[#parts + 1] = values[name] end
+if redis.sha1hex(table.concat(parts, '\\0')) ~= ARGV[2] then return 2 end
+if redis.call('XLEN', KEYS[2]) ~= tonumber(ARGV[3]) then return 2 end
+local ttl = redis.call('PTTL', KEYS[1])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
+redis.call('ZREM', KEYS[4], ARGV[1])
+return 1
+"""
+)
+
+
 @dataclass
 class LuaScript:
     """A script run by SHA with a fallback to EVAL, on a sync or async client or pipeline."""
@@ -382,3 +436,4 @@ END_STREAM_RUN_SCRIPT = LuaScript(END_STREAM_RUN)
 EMIT_TOKENS_SCRIPT = LuaScript(EMIT_TOKENS)
 RENEW_LEASES_SCRIPT = LuaScript(RENEW_LEASES)
 RESTORE_TAKEN_SCRIPT = LuaScript(RESTORE_TAKEN)
+COMPACT_SCRIPT = LuaScript(COMPACT)

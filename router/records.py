@@ -7,6 +7,7 @@ States (DESIGN.md): ``queued`` -> ``submitted`` -> terminal on the batch lane, `
 from __future__ import annotations
 
 import time
+import zlib
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -19,7 +20,13 @@ RouteName = Literal["stream", "batch"]
 
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 
-_JSON_FIELDS = ("body", "result", "error", "metadata", "usage")
+JSON_FIELDS = ("body", "result", "error", "metadata", "usage")
+_JSON_FIELDS = JSON_FIELDS
+# A finished request's compact record (router.replay): its fields but a few in one field,
+# zlib-compressed JSON, under a prefix no JSON value starts with.
+PACKED_FIELD = "z"
+PACKED_PREFIX = b"\x00z1"
+REPLAY = "_replay"  # the replay's key among the packed fields
 _FLOAT_FIELDS = (
     "created_at",
     "started_at",
@@ -48,6 +55,37 @@ def _default(value: Any) -> Any:
     if isinstance(value, Decimal):
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def pack(fields: dict[str, Any]) -> bytes:
+    return PACKED_PREFIX + zlib.compress(orjson.dumps(fields), 6)
+
+
+def unpack(value: bytes | str) -> dict[str, Any]:
+    raw = value.encode("latin-1") if isinstance(value, str) else value
+    if not raw.startswith(PACKED_PREFIX):
+        raise ValueError("not a packed record")
+    data = orjson.loads(zlib.decompress(raw[len(PACKED_PREFIX):]))
+    if not isinstance(data, dict):
+        raise ValueError("not a packed record")
+    return data
+
+
+def unpack_record(raw: dict[Any, Any]) -> dict[str, Any]:
+    """A record's fields as `RequestRecord` reads them (JSON fields still text), from a hash
+    that may be compact: the packed fields, then the plain ones over them (a field written
+    after the compaction, e.g. a late bill, wins)."""
+    fields: dict[str, Any] = {}
+    packed = raw[PACKED_FIELD] if PACKED_FIELD in raw else raw.get(PACKED_FIELD.encode())
+    if packed is not None:
+        for name, value in unpack(packed).items():
+            if name != REPLAY:
+                fields[name] = orjson.dumps(value).decode() if name in JSON_FIELDS else value
+    for key, value in raw.items():
+        name = key.decode() if isinstance(key, bytes) else key
+        if name != PACKED_FIELD:
+            fields[name] = value.decode() if isinstance(value, bytes) else value
+    return fields
 
 
 class UsageInfo(BaseModel):
@@ -112,6 +150,8 @@ class RequestRecord(BaseModel):
     @classmethod
     def from_hash(cls, raw: dict[Any, Any]) -> RequestRecord:
         data: dict[str, Any] = {}
+        if PACKED_FIELD in raw or PACKED_FIELD.encode() in raw:
+            raw = unpack_record(raw)
         for key, value in raw.items():
             name = key.decode() if isinstance(key, bytes) else key
             text = value.decode() if isinstance(value, bytes) else value

@@ -31,9 +31,10 @@ from router.lua import (
     TRANSITION_SCRIPT,
     LuaScript,
 )
-from router.records import TERMINAL, RequestRecord, dumps, now
+from router.records import PACKED_FIELD, TERMINAL, RequestRecord, dumps, now
 from router.redis_pipe import PipePool, RedisPipe, client_retry, reply_error
 from router.redis_text import text, text_or_none
+from router.replay import compacted_events, replay_policy
 from settings import Settings
 
 T = TypeVar("T")
@@ -105,7 +106,7 @@ class StoreOps:
 
     def _event_args(self, request_id: str) -> list[Any]:
         s = self.settings
-        return [self.keys.channel(request_id), s.replay_maxlen, s.replay_ttl_s]
+        return [self.keys.channel(request_id), s.replay_maxlen, replay_policy(s)]
 
     def create(
         self,
@@ -334,7 +335,8 @@ class RequestStore:
         entries = self.redis.xrange(
             self.keys.events(request_id), min=f"({ev.stream_id_after(seq)}", max="+", count=count
         )
-        return _events_from_xrange(entries or [])
+        return _events_from_xrange(entries or []) or compacted_events(
+            self.redis.hget(self.keys.record(request_id), PACKED_FIELD), seq)
 
 
 class AsyncRequestStore:
@@ -403,4 +405,5 @@ class AsyncRequestStore:
         entries = await self.redis.xrange(
             self.keys.events(request_id), min=f"({ev.stream_id_after(seq)}", max="+", count=count
         )
-        return _events_from_xrange(entries or [])
+        return _events_from_xrange(entries or []) or compacted_events(
+            await self.redis.hget(self.keys.record(request_id), PACKED_FIELD), seq)

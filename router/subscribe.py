@@ -6,7 +6,10 @@ The raw protocol (for apps that read Redis themselves, in any language):
   the id ``0-<seq>`` and one field ``d``: the event as JSON (``{"seq": 7, "type": "token",
   "content": " hello"}``). "Everything after seq N" is ``XRANGE <key> (0-N +`` (or ``XREAD
   STREAMS <key> 0-N``). The log keeps ``Settings.replay_maxlen`` entries at most and expires
-  ``Settings.replay_ttl_s`` after the last event.
+  ``Settings.replay_ttl_s`` after the last event; once a request is over,
+  ``Settings.replay_grace_s`` later, the log is compacted into the record (`router.replay`):
+  the log is gone and `compacted_events` gives what was left after your seq (the remaining
+  text as one token event, then the final event).
 - **Live channel**: pub/sub ``Keys.channel(id)`` = ``<prefix>:chan:<id>``; every event is
   published there, with the same JSON, at the moment it is appended to the log (one Lua script
   does both, so the log and the channel never disagree).
@@ -38,6 +41,8 @@ import redis.asyncio as aioredis
 
 from router.events import FINAL_EVENT_TYPES, parse_event, seq_of_stream_id, stream_id_after
 from router.keys import Keys
+from router.records import PACKED_FIELD
+from router.replay import compacted_events
 from settings import Settings
 
 TERMINAL_STATUSES = (b"completed", b"failed", b"cancelled")
@@ -92,8 +97,10 @@ def follow_events(
                 break
 
         def backlog() -> list[dict[str, Any]]:
-            return _log_events(client.xrange(keys.events(request_id),
-                                             min=f"({stream_id_after(last)}", max="+"))
+            events = _log_events(client.xrange(keys.events(request_id),
+                                               min=f"({stream_id_after(last)}", max="+"))
+            return events or compacted_events(
+                client.hget(keys.record(request_id), PACKED_FIELD), last)
 
         pending = backlog()
         if not pending and finished(client.hget(keys.record(request_id), "status")):
@@ -136,8 +143,10 @@ async def afollow_events(
                 break
 
         async def backlog() -> list[dict[str, Any]]:
-            return _log_events(await client.xrange(keys.events(request_id),
-                                                   min=f"({stream_id_after(last)}", max="+"))
+            events = _log_events(await client.xrange(keys.events(request_id),
+                                                     min=f"({stream_id_after(last)}", max="+"))
+            return events or compacted_events(
+                await client.hget(keys.record(request_id), PACKED_FIELD), last)
 
         pending = await backlog()
         if not pending and finished(await client.hget(keys.record(request_id), "status")):
@@ -186,7 +195,11 @@ async def tail_log(
         if not reply:
             if finished(await client.hget(keys.record(request_id), "status")):
                 tail = await client.xrange(stream_key, min=f"({last_id}", max="+")
-                if not tail:
+                if not tail:  # compacted (router.replay), or nothing more
+                    for event in compacted_events(
+                            await client.hget(keys.record(request_id), PACKED_FIELD),
+                            seq_of_stream_id(last_id)):
+                        yield event
                     return
                 continue
             if not first:

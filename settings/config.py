@@ -168,6 +168,15 @@ class Settings(BaseSettings):
     result_ttl_s: int = Field(7 * 24 * 3600, ge=60)
     replay_ttl_s: int = Field(24 * 3600, ge=10)
     replay_maxlen: int = Field(100_000, ge=100)
+    replay_grace_s: int = Field(
+        60, ge=0, description="Seconds a finished request keeps its full replay log; then the "
+        "log and the seq counter go and the record is repacked compactly (zlib), keeping what a "
+        "late subscriber needs: the whole text and the final event, Last-Event-ID honoured."
+    )
+    keep_body: bool = Field(
+        True, description="Keep the request body in the record once the request is finished "
+        "(false: only the result is kept, from the compaction after ROUTER_REPLAY_GRACE_S)."
+    )
 
     # --- money -------------------------------------------------------------------------------
     prices: dict[str, ModelPrice] = Field(default_factory=lambda: dict(DEFAULT_PRICES))

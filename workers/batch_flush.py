@@ -29,6 +29,7 @@ from router.keys import Keys
 from router.logs import get_logger
 from router.records import dumps, now
 from router.redis_text import text
+from router.replay import replay_policy
 from settings import Settings
 from workers import batch_claim
 from workers.batch_adopt import CLOCK_SKEW_S, batches_made_from, note_upload, settle_uploads
@@ -242,7 +243,7 @@ def _fail_oversized(ctx: FlushContext, row: ClaimedRow) -> None:
     error = {"code": "request_too_large_for_batch", "message": message, "retryable": False}
     answers = run_pipelined(ctx.client, FINISH_SCRIPT, [(
         [k.record(row.id), k.seq(row.id), k.events(row.id), k.ledger(), k.batch_deadlines()],
-        ["queued", "failed", k.channel(row.id), s.replay_maxlen, s.replay_ttl_s, s.result_ttl_s,
+        ["queued", "failed", k.channel(row.id), s.replay_maxlen, replay_policy(s), s.result_ttl_s,
          ev.error("request_too_large_for_batch", message, False), 0,
          "error", dumps(error), "finished_at", repr(now())],
     )])

@@ -25,6 +25,7 @@ from router.keys import Keys
 from router.logs import get_logger
 from router.records import now
 from router.redis_text import text
+from router.replay import compact_due
 from settings import Settings
 from workers.batch_lock import held
 from workers.batch_lua import FETCH_SCRIPT
@@ -46,6 +47,7 @@ class PollReport:
     checked: int = 0
     finished: list[str] = field(default_factory=list)
     escalated: int = 0
+    compacted: int = 0
     writeback: WritebackReport = field(default_factory=WritebackReport)
 
 
@@ -85,6 +87,9 @@ def poll(ctx: PollContext) -> PollReport:
                 log.warning("batch poll failed; will retry next poll", batch_id=batch_id,
                             error=str(exc)[:300])
             lock.extend()
+        # Finished requests past their replay grace period (router.replay), as the stream
+        # engines do: a deployment without a stream worker compacts too.
+        report.compacted = compact_due(ctx.client, ctx.settings)
     return report
 
 

@@ -16,6 +16,7 @@ import redis
 from router import events as ev
 from router.keys import Keys
 from router.records import now
+from router.replay import replay_policy
 from settings import Settings
 from workers.batch_lua import SUBMIT_MANY_SCRIPT, ScriptCall, run_overlapped
 
@@ -50,7 +51,7 @@ def mark_submitted(client: redis.Redis, settings: Settings, batch_id: str,
     def calls() -> Iterator[tuple[int, ScriptCall]]:
         for start in range(0, len(ids), chunk):
             call_keys = [keys.batch_requests(batch_id), keys.batch_deadlines()]
-            call_args: list[Any] = [batch_id, at, settings.replay_maxlen, settings.replay_ttl_s,
+            call_args: list[Any] = [batch_id, at, settings.replay_maxlen, replay_policy(settings),
                                     event]
             for request_id in ids[start:start + chunk]:
                 call_keys += [keys.record(request_id), keys.seq(request_id),

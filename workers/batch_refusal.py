@@ -20,6 +20,7 @@ from router import events as ev
 from router.keys import Keys
 from router.logs import get_logger
 from router.records import dumps, now
+from router.replay import replay_policy
 from settings import Settings
 from workers.batch_lua import COUNT_REFUSAL_SCRIPT, run_pipelined
 from workers.batch_writeback import LatencyTally, Notify, settle_attempts
@@ -53,7 +54,7 @@ def count_refusal(client: redis.Redis, settings: Settings, ids: Sequence[str], r
         answers = run_pipelined(client, COUNT_REFUSAL_SCRIPT, [(
             [keys.record(rid), keys.seq(rid), keys.events(rid), keys.batch_deadlines()],
             [settings.batch_max_attempts, keys.channel(rid), settings.replay_maxlen,
-             settings.replay_ttl_s, settings.result_ttl_s, repr(finished), event, error],
+             replay_policy(settings), settings.result_ttl_s, repr(finished), event, error],
         ) for rid in part])
         counted, failed, _untouched = settle_attempts(part, answers, finished, tally, notify)
         result.counted += counted

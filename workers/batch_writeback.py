@@ -36,6 +36,7 @@ from router.logs import get_logger
 from router.metrics import BUCKETS, timing_increments
 from router.pricing import lane_multiplier
 from router.records import RequestRecord, Status, dumps, dumps_bytes, now
+from router.replay import replay_policy
 from settings import Settings
 from workers.batch_lua import (
     FINISH_MANY_SCRIPT,
@@ -332,7 +333,7 @@ class BatchWriter:
         """Keys and args of one FINISH_MANY call over `finals` (built in the caller's thread)."""
         k, s = self.keys, self.settings
         keys = [k.ledger()]
-        args: list[Any] = ["submitted", s.replay_maxlen, s.replay_ttl_s, s.result_ttl_s,
+        args: list[Any] = ["submitted", s.replay_maxlen, replay_policy(s), s.result_ttl_s,
                            repr(finished), self.batch_id, len(self.pricer.names),
                            *self.pricer.names]
         for out in finals:
@@ -352,7 +353,7 @@ class BatchWriter:
             [k.record(request_id), k.seq(request_id), k.events(request_id),
              k.pending(self.model), k.pending_models(), k.batch_deadlines()],
             [self.batch_id, self.settings.batch_max_attempts, k.channel(request_id),
-             self.settings.replay_maxlen, self.settings.replay_ttl_s,
+             self.settings.replay_maxlen, replay_policy(self.settings),
              self.settings.result_ttl_s, repr(finished),
              ev.queued(None, reason[:300]),
              ev.error(code, f"{message} (gave up after {self.settings.batch_max_attempts} "

@@ -21,6 +21,7 @@ from router.keys import Keys
 from router.logs import get_logger
 from router.records import now
 from router.redis_text import text
+from router.replay import replay_policy
 from router.runtime_config import get_flush_interval
 from settings import Settings
 from workers.batch_lua import ESCALATE_SCRIPT
@@ -39,7 +40,7 @@ def escalate(client: redis.Redis, settings: Settings, request_id: str, model: st
         client,
         [k.record(request_id), k.seq(request_id), k.events(request_id), k.pending(model),
          k.dispatched(), k.batch_deadlines()],
-        [request_id, k.channel(request_id), settings.replay_maxlen, settings.replay_ttl_s,
+        [request_id, k.channel(request_id), settings.replay_maxlen, replay_policy(settings),
          repr(at), reason, ev.queued(None, f"escalated to stream: {reason}")],
     ))
     if not moved:

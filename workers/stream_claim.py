@@ -27,6 +27,7 @@ from router.logs import get_logger
 from router.lua import CLAIM_STREAM_SCRIPT
 from router.records import RequestRecord, now
 from router.redis_text import text
+from router.replay import replay_policy
 from router.store import AsyncRequestStore
 from workers.stream_context import StreamContext
 
@@ -63,7 +64,7 @@ def _claim_call(request_id: str, ctx: StreamContext) -> tuple[list[str], list[An
         [keys.record(request_id), keys.lease(request_id), keys.seq(request_id),
          keys.events(request_id), keys.dispatched(), keys.streaming()],
         [request_id, ctx.leases.owner, ctx.leases.lease_ms, now(), keys.channel(request_id),
-         s.replay_maxlen, s.replay_ttl_s, ev.started()],
+         s.replay_maxlen, replay_policy(s), ev.started()],
     )
 
 

@@ -50,6 +50,7 @@ from router.keys import Keys
 from router.logs import get_logger
 from router.lua import RESTORE_TAKEN_SCRIPT
 from router.redis_pipe import RedisPipe, reply_error
+from router.replay import compact_due
 from workers.celery_app import STREAM_TASK
 from workers.stream_cancel import cancel_stream
 from workers.stream_context import StreamContext
@@ -342,7 +343,8 @@ class StreamEngine:
 
     async def _housekeeping(self, list_key: str) -> None:
         """Once a second: the heartbeat, hand back what dead engines took, and (one engine at a
-        time) the sweep. Redis being out of reach only delays it."""
+        time) the sweep and the compaction of finished requests (router.replay). Redis being
+        out of reach only delays it."""
         sweep_after = 0.0
         while self._consuming:
             try:
@@ -384,6 +386,8 @@ class StreamEngine:
         await loop.run_in_executor(None, sweep_streams, self.ctx, self._resume,
                                    self.ctx.redispatch, capacity, self._orphans_seen,
                                    ORPHAN_CONFIRM_S)
+        # Finished requests past their replay grace period: compact them (router.replay).
+        await loop.run_in_executor(None, compact_due, self.ctx.redis, rt.settings)
 
     def _resume(self, request_id: str) -> None:
         """Take over a stream whose worker is gone (from the sweep's thread), as the same
