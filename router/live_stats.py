@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Generator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -33,6 +32,8 @@ import redis.asyncio as aioredis
 from router.keys import Keys
 from router.ledger import Ledger
 from router.metrics import Histogram, histograms_from_hash
+from router.redis_plan import Command, arun_plan, run_plan
+from router.redis_plan import Plan as PlanOf
 from router.redis_text import text
 from router.runtime_config import FLUSH_INTERVAL, validate_flush_interval
 from settings import Settings
@@ -60,8 +61,7 @@ end
 return redis.call('HGETALL', KEYS[2])
 """
 
-Command = tuple[str, tuple[Any, ...]]
-Plan = Generator[list[Command], list[Any], "LiveView"]
+Plan = PlanOf["LiveView"]
 
 
 def _pairs(raw: Any) -> dict[str, str]:
@@ -244,29 +244,9 @@ def _today_view(settings: Settings, day: str, now_hash: dict[str, str],
 
 def take_live(client: redis.Redis, settings: Settings) -> LiveView:
     """Run the live plan on a sync client (CLI `status --json`)."""
-    plan = live_plan(settings)
-    commands = next(plan)
-    while True:
-        pipe = client.pipeline(transaction=False)
-        for name, args in commands:
-            getattr(pipe, name)(*args)
-        try:
-            commands = plan.send(pipe.execute() if commands else [])
-        except StopIteration as stop:
-            result: LiveView = stop.value
-            return result
+    return run_plan(client, live_plan(settings))
 
 
 async def take_live_async(client: aioredis.Redis, settings: Settings) -> LiveView:
     """Run the live plan on an async client (the API's `/v1/stats`)."""
-    plan = live_plan(settings)
-    commands = next(plan)
-    while True:
-        pipe = client.pipeline(transaction=False)
-        for name, args in commands:
-            getattr(pipe, name)(*args)
-        try:
-            commands = plan.send(await pipe.execute() if commands else [])
-        except StopIteration as stop:
-            result: LiveView = stop.value
-            return result
+    return await arun_plan(client, live_plan(settings))

@@ -9,7 +9,6 @@ and run by a sync driver (CLI) or an async one (API), each round in one pipeline
 from __future__ import annotations
 
 import time
-from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +18,8 @@ import redis.asyncio as aioredis
 from router.keys import Keys
 from router.ledger import Ledger
 from router.metrics import TIMING_METRICS, Histogram, histograms_from_hash
+from router.redis_plan import Command, arun_plan, run_plan
+from router.redis_plan import Plan as PlanOf
 from router.redis_text import text
 from router.runtime_config import BeatReport, FlushInterval, flush_interval_from
 from settings import OTHER_MODEL, Settings
@@ -33,8 +34,7 @@ _KOMBU_PRIORITY_STEPS = (3, 6, 9)
 # names, so they must not become label values (unbounded series, and a leak on /metrics).
 STREAM_MODEL_LOOKUP_LIMIT = 1000
 
-Command = tuple[str, tuple[Any, ...]]
-Plan = Generator[list[Command], list[Any], "Snapshot"]
+Plan = PlanOf["Snapshot"]
 
 
 @dataclass
@@ -217,37 +217,14 @@ def model_labels(settings: Settings) -> list[str]:
     return [*sorted(named), OTHER_MODEL]
 
 
-def _queue(pipe: Any, commands: list[Command]) -> None:
-    for name, args in commands:
-        getattr(pipe, name)(*args)
-
-
 def take_snapshot(client: redis.Redis, settings: Settings) -> Snapshot:
     """Run the snapshot plan on a sync client (CLI `status`)."""
-    plan = snapshot_plan(settings)
-    commands = next(plan)
-    while True:
-        pipe = client.pipeline(transaction=False)
-        _queue(pipe, commands)
-        try:
-            commands = plan.send(pipe.execute() if commands else [])
-        except StopIteration as stop:
-            result: Snapshot = stop.value
-            return result
+    return run_plan(client, snapshot_plan(settings))
 
 
 async def take_snapshot_async(client: aioredis.Redis, settings: Settings) -> Snapshot:
     """Run the snapshot plan on an async client (the API's `/metrics` and `/v1/stats`)."""
-    plan = snapshot_plan(settings)
-    commands = next(plan)
-    while True:
-        pipe = client.pipeline(transaction=False)
-        _queue(pipe, commands)
-        try:
-            commands = plan.send(await pipe.execute() if commands else [])
-        except StopIteration as stop:
-            result: Snapshot = stop.value
-            return result
+    return await arun_plan(client, snapshot_plan(settings))
 
 
 __all__ = ["TIMING_METRICS", "QueueDepth", "Snapshot", "take_snapshot", "take_snapshot_async"]

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from router import redis_plan
 from router.live_stats import SET_AT, SET_BY, live_plan
 from settings import Settings
 from tests.browser import chromium
@@ -254,16 +255,7 @@ def test_live_plan_windows_come_from_checkpoints(make_settings: Any, redis_clien
 
 def run_plan(client: Any, settings: Settings, now: float) -> Any:
     """`live_plan` on a sync client at a given time (`take_live` runs it at the present)."""
-    plan = live_plan(settings, now)
-    commands = next(plan)
-    while True:
-        pipe = client.pipeline(transaction=False)
-        for name, args in commands:
-            getattr(pipe, name)(*args)
-        try:
-            commands = plan.send(pipe.execute() if commands else [])
-        except StopIteration as stop:
-            return stop.value
+    return redis_plan.run_plan(client, live_plan(settings, now))
 
 
 def test_the_poll_records_a_batch_s_progress_for_the_live_view(
