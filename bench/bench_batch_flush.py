@@ -18,7 +18,7 @@ growth over the RSS at the phase's start is shown too. Where the reset is unavai
 is `ru_maxrss` (a lifetime peak; then it can only overstate).
 
 The write-back's results are checked too: every request completed, the ledger equal to the sum
-of `router.ledger.ledger_increments` over the output file (bit for bit), sampled records' costs
+of `hybrid_router.router.core.ledger.ledger_increments` over the output file (bit for bit), sampled records' costs
 equal to `cost_of`, and one latency observation per request in the batch lane's histograms.
 
     python -m bench.bench_batch_flush              # 50,000, both phases
@@ -48,20 +48,20 @@ import redis
 from redis.typing import EncodableT
 
 from bench.common import table, write_result
-from router import events as ev
-from router.keys import Keys
-from router.ledger import Ledger, ledger_increments
-from router.metrics import histograms_from_hash
-from router.records import RequestRecord, dumps, now
-from router.redis_text import text
-from router.store import StoreOps
-from settings import Settings
-from simulator.testing import running_simulator
+from hybrid_router.router.core import events as ev
+from hybrid_router.router.core.keys import Keys
+from hybrid_router.router.core.ledger import Ledger, ledger_increments
+from hybrid_router.router.core.metrics import histograms_from_hash
+from hybrid_router.router.core.records import RequestRecord, dumps, now
+from hybrid_router.router.core.redis_text import text
+from hybrid_router.router.core.store import StoreOps
+from hybrid_router.settings import Settings
+from hybrid_router.simulator.testing import running_simulator
+from hybrid_router.workers.batch.flush import FlushContext, flush
+from hybrid_router.workers.batch.poll import PollContext, check_batch, write_back_batch
+from hybrid_router.workers.batch.writeback import cost_of
+from hybrid_router.workers.upstream.base import make_openai_client
 from tests.support import start_redis_server
-from workers.batch_flush import FlushContext, flush
-from workers.batch_poll import PollContext, check_batch, write_back_batch
-from workers.batch_writeback import cost_of
-from workers.upstream import make_openai_client
 
 MODEL = "gpt-4o-mini"
 TARGET_S = 3.0

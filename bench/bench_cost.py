@@ -26,11 +26,11 @@ import httpx
 import redis
 
 from bench.common import table, write_result
-from router.keys import Keys
-from router.ledger import Ledger
-from router.records import RequestRecord
-from settings import Settings
-from simulator.testing import running_simulator
+from hybrid_router.router.core.keys import Keys
+from hybrid_router.router.core.ledger import Ledger
+from hybrid_router.router.core.records import RequestRecord
+from hybrid_router.settings import Settings
+from hybrid_router.simulator.testing import running_simulator
 from tests.support import Stack, start_redis_server
 
 API_KEY = "bench-key"

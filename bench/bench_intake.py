@@ -31,8 +31,8 @@ import redis
 
 from bench.common import group_cpu_s, run_fast, summary_ms, table, write_result
 from bench.httpload import LoadResult, run_load
-from router.keys import Keys
-from settings import Settings
+from hybrid_router.router.core.keys import Keys
+from hybrid_router.settings import Settings
 from tests.support import ManagedProcess, child_env, cli_argv, free_port, start_redis_server, wait_until
 
 TARGET_RATE = 3000.0

@@ -35,8 +35,8 @@ import orjson
 import redis
 
 from bench.common import table, write_result
-from settings import Settings
-from simulator.testing import running_simulator
+from hybrid_router.settings import Settings
+from hybrid_router.simulator.testing import running_simulator
 from tests.support import Stack, start_redis_server, wait_until
 
 API_KEY = "bench-key"

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 
 from bench.common import summary_ms, table, write_result
-from settings import Settings
+from hybrid_router.settings import Settings
 from tests.support import Stack, start_redis_server
 
 KEY_A, KEY_B = "sk-probe-a", "sk-probe-b"

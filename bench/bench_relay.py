@@ -49,9 +49,9 @@ from bench.common import (
     write_result,
 )
 from bench.sseclient import request_json, stream_lines
-from router.keys import Keys
-from settings import Settings
-from simulator.testing import running_simulator
+from hybrid_router.router.core.keys import Keys
+from hybrid_router.settings import Settings
+from hybrid_router.simulator.testing import running_simulator
 from tests.support import Stack, start_redis_server
 
 API_KEY = "bench-key"
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                 api_proc = next(p for p in stack.processes if p.name == "api")
                 meter = CpuMeter({"api": api_proc.pid, "worker": worker.pid,
                                   "redis": redis_proc.pid},
-                                 {"simulator": child_pids("-m simulator")})
+                                 {"simulator": child_pids("-m hybrid_router.simulator")})
                 run_fast(router_run(api_url, settings, 2, 10, 0))  # warm-up
                 d_el, d_tok, _ = run_fast(direct_run(sim_url, streams_a, tokens_a, 0))
                 r_el, r_tok, _, r_events = run_fast(

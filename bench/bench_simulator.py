@@ -23,7 +23,7 @@ from pathlib import Path
 
 import orjson
 
-from simulator.testing import free_port, simulator_env, wait_ready
+from hybrid_router.simulator.testing import free_port, simulator_env, wait_ready
 
 OUT = Path(__file__).resolve().parent / "out" / "simulator.json"
 

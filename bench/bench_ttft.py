@@ -37,8 +37,8 @@ import orjson
 
 from bench.common import ClosedLoopRun, CpuMeter, closed_loop, percentile, run_fast, table, write_result
 from bench.sseclient import request_json, stream_lines
-from settings import Settings
-from simulator.testing import running_simulator
+from hybrid_router.settings import Settings
+from hybrid_router.simulator.testing import running_simulator
 from tests.support import Stack, start_redis_server
 
 TARGET_LEVEL = 50

@@ -130,7 +130,7 @@ def group_pids(pgid: int) -> list[int]:
 
 def child_pids(marker: str) -> list[int]:
     """This process's children whose command line contains `marker` (e.g. the simulator, which
-    `simulator.testing.running_simulator` starts in our process group)."""
+    `hybrid_router.simulator.testing.running_simulator` starts in our process group)."""
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit() and (fields := _stat_fields(entry)) and int(fields[1]) == os.getpid():

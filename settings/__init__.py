@@ -1,6 +1,6 @@
 """Configuration: the one `Settings` class and `get_settings()`."""
 
-from settings.config import (
+from hybrid_router.settings.config import (
     DEFAULT_PRICES,
     OTHER_MODEL,
     BatchMode,

@@ -5,7 +5,7 @@ deterministic answers, realistic timing, fault injection by rate or by per-promp
 and counters (``GET /sim/stats``) that let tests assert what the upstream actually saw.
 """
 
-from simulator.config import SimConfig
-from simulator.generation import prompt_hash
+from hybrid_router.simulator.config import SimConfig
+from hybrid_router.simulator.generation import prompt_hash
 
 __all__ = ["SimConfig", "prompt_hash"]

@@ -1,6 +1,6 @@
-"""``python -m simulator --host H --port P [--ttft-s ...]``."""
+"""``python -m hybrid_router.simulator --host H --port P [--ttft-s ...]``."""
 
-from simulator.cli import main
+from hybrid_router.simulator.cli import main
 
 if __name__ == "__main__":
     main()

@@ -15,19 +15,19 @@ import orjson
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-from simulator.batches import BatchStore
-from simulator.chat import ChunkEncoder, completion_body, completion_id, request_id
-from simulator.config import SimConfig
-from simulator.directives import parse_messages
-from simulator.errors import SimError, invalid_request, not_found
-from simulator.faults import Faults
-from simulator.files import FileStore
-from simulator.generation import make_answer, prompt_hash
-from simulator.httpio import Receive, Scope, Send, header, query, read_body, send_error, send_json
-from simulator.messages import split_prefill
-from simulator.stats import Stats
-from simulator.streaming import stream_answer
-from simulator.tools import tool_call_answer
+from hybrid_router.simulator.batches import BatchStore
+from hybrid_router.simulator.chat import ChunkEncoder, completion_body, completion_id, request_id
+from hybrid_router.simulator.config import SimConfig
+from hybrid_router.simulator.directives import parse_messages
+from hybrid_router.simulator.errors import SimError, invalid_request, not_found
+from hybrid_router.simulator.faults import Faults
+from hybrid_router.simulator.files import FileStore
+from hybrid_router.simulator.generation import make_answer, prompt_hash
+from hybrid_router.simulator.httpio import Receive, Scope, Send, header, query, read_body, send_error, send_json
+from hybrid_router.simulator.messages import split_prefill
+from hybrid_router.simulator.stats import Stats
+from hybrid_router.simulator.streaming import stream_answer
+from hybrid_router.simulator.tools import tool_call_answer
 
 CHAT_PATH = "/v1/chat/completions"
 
@@ -309,5 +309,5 @@ class SimulatorApp:
 
 
 def create_app(config: SimConfig | None = None) -> SimulatorApp:
-    """Build the ASGI app (``uvicorn 'simulator.app:create_app' --factory`` works too)."""
+    """Build the ASGI app (``uvicorn 'hybrid_router.simulator.app:create_app' --factory`` works too)."""
     return SimulatorApp(config or SimConfig())

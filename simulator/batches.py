@@ -20,14 +20,14 @@ from typing import Any
 
 import orjson
 
-from simulator.chat import completion_body, completion_id, request_id
-from simulator.config import SimConfig
-from simulator.directives import Directives, parse_messages
-from simulator.errors import SimError, invalid_request, not_found
-from simulator.faults import Faults
-from simulator.files import FileStore, page
-from simulator.generation import make_answer
-from simulator.tools import tool_call_answer
+from hybrid_router.simulator.chat import completion_body, completion_id, request_id
+from hybrid_router.simulator.config import SimConfig
+from hybrid_router.simulator.directives import Directives, parse_messages
+from hybrid_router.simulator.errors import SimError, invalid_request, not_found
+from hybrid_router.simulator.faults import Faults
+from hybrid_router.simulator.files import FileStore, page
+from hybrid_router.simulator.generation import make_answer
+from hybrid_router.simulator.tools import tool_call_answer
 
 CHAT_ENDPOINT = "/v1/chat/completions"
 SUPPORTED_ENDPOINTS = ("/v1/chat/completions",)

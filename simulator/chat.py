@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from simulator.generation import Answer
+from hybrid_router.simulator.generation import Answer
 
 SYSTEM_FINGERPRINT = "fp_sim0001"
 DONE = b"data: [DONE]\n\n"

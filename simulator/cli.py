@@ -1,4 +1,4 @@
-"""Command line for the simulator: ``python -m simulator`` and ``hybrid-router sim``.
+"""Command line for the simulator: ``python -m hybrid_router.simulator`` and ``hybrid-router sim``.
 
 The options are generated from :class:`SimConfig`'s fields so a new knob becomes a flag with no
 extra code. Flags left out fall back to ``SIM_*`` environment variables, then to the defaults.
@@ -11,7 +11,7 @@ from typing import Annotated, Any, get_origin
 
 import typer
 
-from simulator.config import SimConfig
+from hybrid_router.simulator.config import SimConfig
 
 
 def _option_type(annotation: Any) -> Any:
@@ -49,7 +49,7 @@ def config_from_options(options: dict[str, Any]) -> SimConfig:
 
 
 def _sim(host: str, port: int, **knobs: Any) -> None:
-    from simulator.server import serve
+    from hybrid_router.simulator.server import serve
 
     config = config_from_options(knobs)
     typer.echo(f"OpenAI-compatible simulator on http://{host}:{port}/v1 "
@@ -83,10 +83,10 @@ def register(app: typer.Typer) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``python -m simulator``."""
+    """Entry point of ``python -m hybrid_router.simulator``."""
     app = typer.Typer(add_completion=False, help="OpenAI-compatible upstream simulator.")
     app.command()(sim_command)
-    app(args=argv, prog_name="python -m simulator")
+    app(args=argv, prog_name="python -m hybrid_router.simulator")
 
 
 __all__ = ["config_from_options", "main", "register"]

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from simulator.messages import message_text
+from hybrid_router.simulator.messages import message_text
 
 DIRECTIVE_RE = re.compile(r"\[\[sim:([^\]]*)\]\]")
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 
-from simulator.config import SimConfig
-from simulator.directives import Directives
-from simulator.errors import SimError, injected
+from hybrid_router.simulator.config import SimConfig
+from hybrid_router.simulator.directives import Directives
+from hybrid_router.simulator.errors import SimError, injected
 
 
 class Faults:

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from simulator.errors import not_found
+from hybrid_router.simulator.errors import not_found
 
 
 @dataclass(slots=True)

@@ -16,8 +16,8 @@ from typing import Any
 
 import orjson
 
-from simulator.directives import strip_directives
-from simulator.messages import message_text, split_prefill
+from hybrid_router.simulator.directives import strip_directives
+from hybrid_router.simulator.messages import message_text, split_prefill
 
 _WORDS = """
 lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut
@@ -59,7 +59,7 @@ class Answer:
     tokens: list[str]
     finish_reason: str
     prompt_tokens: int
-    # A tool-call answer (simulator.tools): the whole calls, and the stream deltas they are
+    # A tool-call answer (hybrid_router.simulator.tools): the whole calls, and the stream deltas they are
     # sent as (``{"index", "id", "type", "function": {"name", "arguments"}}`` fragments).
     tool_calls: list[dict[str, Any]] | None = None
     tool_deltas: list[dict[str, Any]] | None = None

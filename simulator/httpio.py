@@ -12,7 +12,7 @@ from urllib.parse import parse_qsl
 
 import orjson
 
-from simulator.errors import SimError
+from hybrid_router.simulator.errors import SimError
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -10,8 +10,8 @@ import logging
 
 import uvicorn
 
-from simulator.app import create_app
-from simulator.config import SimConfig
+from hybrid_router.simulator.app import create_app
+from hybrid_router.simulator.config import SimConfig
 
 _DROP_MESSAGE = "ASGI callable returned without completing response."
 

@@ -15,9 +15,9 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, Literal
 
-from simulator.chat import DONE, ChunkEncoder
-from simulator.generation import Answer
-from simulator.httpio import Message, Receive, Send
+from hybrid_router.simulator.chat import DONE, ChunkEncoder
+from hybrid_router.simulator.generation import Answer
+from hybrid_router.simulator.httpio import Message, Receive, Send
 
 MAX_CHUNKS_PER_WRITE = 256
 SHORT_SLEEP_S = 0.25

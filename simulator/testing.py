@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from simulator.config import SimConfig
+from hybrid_router.simulator.config import SimConfig
 
 STARTUP_TIMEOUT_S = 20.0
 
@@ -77,7 +77,7 @@ def wait_ready(base_url: str, proc: subprocess.Popen[bytes], timeout: float,
 @contextlib.contextmanager
 def running_simulator(host: str = "127.0.0.1", port: int | None = None,
                       **config_overrides: Any) -> Iterator[str]:
-    """Start ``python -m simulator`` on a free port; yield its base URL (ending in ``/v1``).
+    """Start ``python -m hybrid_router.simulator`` on a free port; yield its base URL (ending in ``/v1``).
 
     ``config_overrides`` are :class:`SimConfig` fields (``ttft_s=0.1``, ``batch_api=False``...).
     """

@@ -17,8 +17,8 @@ from typing import Any
 
 import orjson
 
-from simulator.directives import Directives
-from simulator.generation import Answer, count_prompt_tokens, full_answer
+from hybrid_router.simulator.directives import Directives
+from hybrid_router.simulator.generation import Answer, count_prompt_tokens, full_answer
 
 ARGUMENT_FRAGMENT_CHARS = 8
 

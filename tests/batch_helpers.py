@@ -6,11 +6,11 @@ from typing import Any
 
 import redis
 
-from router.intake import accept_sync, prepare
-from router.records import RequestRecord
-from router.schemas import SubmitRequest
-from router.store import RequestStore
-from settings import Settings
+from hybrid_router.router.core.intake import accept_sync, prepare
+from hybrid_router.router.core.records import RequestRecord
+from hybrid_router.router.core.schemas import SubmitRequest
+from hybrid_router.router.core.store import RequestStore
+from hybrid_router.settings import Settings
 
 
 class NoStreamDispatch:
@@ -46,9 +46,9 @@ def create_low_bulk(client: redis.Redis, settings: Settings, contents: list[str]
     """Many low requests at once: the intake's CREATE script, pipelined (for volume tests)."""
     import uuid
 
-    from router import events as ev
-    from router.records import now
-    from router.store import StoreOps
+    from hybrid_router.router.core import events as ev
+    from hybrid_router.router.core.records import now
+    from hybrid_router.router.core.store import StoreOps
 
     ops = StoreOps(settings)
     ids: list[str] = []

@@ -57,13 +57,13 @@ import openai
 import orjson
 import redis
 
-from router.events import FINAL_EVENT_TYPES
-from router.keys import Keys
-from router.ledger import Ledger
-from router.records import RequestRecord
-from settings import Settings
-from simulator import prompt_hash
-from simulator.testing import running_simulator, sim_stats
+from hybrid_router.router.core.events import FINAL_EVENT_TYPES
+from hybrid_router.router.core.keys import Keys
+from hybrid_router.router.core.ledger import Ledger
+from hybrid_router.router.core.records import RequestRecord
+from hybrid_router.settings import Settings
+from hybrid_router.simulator import prompt_hash
+from hybrid_router.simulator.testing import running_simulator, sim_stats
 from tests.support import ManagedProcess, Stack, delete_prefix, free_port, start_redis_server
 
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
@@ -71,12 +71,12 @@ FINAL_FOR_STATUS = {"completed": "done", "failed": "error", "cancelled": "cancel
 MODEL = "gpt-4o-mini"
 
 # Why a request may legitimately end `failed`, per route, given the faults this run injects.
-# Stream lane (workers/streaming.py `_classify`): the upstream's 429/5xx, a connection refused or
+# Stream lane (workers/stream/relay.py `_classify`): the upstream's 429/5xx, a connection refused or
 # cut, or an idle stall, once the retry budget is spent. Not expected: `internal_error` (a bug),
 # `publish_failed` (Redis outages are to be ridden out), `worker_lost` (a stream outlives its
 # worker unless it lost more workers than ROUTER_STREAM_MAX_RETRIES, which this run's few kills
 # never reach), `timeout` (the total timeout is far away), `dispatch_unavailable` (intake).
-# Batch lane (workers/batch_writeback.py, workers/batch_poll.py `_reason`): the last attempt's
+# Batch lane (workers/batch/writeback.py, workers/batch/poll.py `_reason`): the last attempt's
 # line error (`server_error`: a per-line 500), or the batch's own end when the last batch failed
 # (`simulated_validation_failure`) or expired (`batch_expired`); only once the request has used
 # every attempt (checked separately).
@@ -729,7 +729,7 @@ class ChaosRun:
                                     submissions: Counter[str]) -> None:
         """A line that fails in every batch is retried exactly up to the limit, then fails. It
         may have been sent more often than that: a batch that failed as a whole is split and
-        sent again without using its requests' attempts (`workers.batch_split`)."""
+        sent again without using its requests' attempts (`hybrid_router.workers.batch.split`)."""
         limit = self.settings_batch_max_attempts
         for index, record in records.items():
             if "line_error=1" not in plan[index].content or record.status == "cancelled":

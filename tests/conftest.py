@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import redis
 
-from settings import Settings
+from hybrid_router.settings import Settings
 from tests.support import Stack, delete_prefix, start_redis_server
 
 
@@ -36,7 +36,7 @@ def redis_base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def sim_url() -> Iterator[str]:
     """One shared OpenAI-compatible simulator (per-request faults via prompt directives)."""
-    from simulator.testing import running_simulator
+    from hybrid_router.simulator.testing import running_simulator
 
     with running_simulator(ttft_s=0.0, tokens_per_s=0.0, batch_turnaround_s=0.5) as url:
         yield url

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import httpx
 import redis
 
-from settings import Settings, settings_to_env
+from hybrid_router.settings import Settings, settings_to_env
 
 T = TypeVar("T")
 
@@ -128,12 +128,12 @@ def child_env(settings: Settings, extra: dict[str, str] | None = None) -> dict[s
 
 
 def cli_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "router.cli", *args]
+    return [sys.executable, "-m", "hybrid_router.router.cli.main", *args]
 
 
 def celery_argv(*args: str) -> list[str]:
-    """Celery's own command line on the router's app (``celery -A workers.celery_app ...``)."""
-    return [sys.executable, "-m", "celery", "-A", "workers.celery_app", *args]
+    """Celery's own command line on the router's app (``celery -A hybrid_router.workers.celery_app ...``)."""
+    return [sys.executable, "-m", "celery", "-A", "hybrid_router.workers.celery_app", *args]
 
 
 def start_redis_server(workdir: Path, appendonly: bool = False, port: int | None = None,
@@ -216,7 +216,7 @@ class Stack:
             return True
         if self.settings.log_level in ("DEBUG", "INFO"):
             return False
-        from workers.celery_app import create_celery
+        from hybrid_router.workers.celery_app import create_celery
 
         app = create_celery(self.settings)
         try:
@@ -225,7 +225,7 @@ class Stack:
             app.close()
 
     def start_celery_worker(self, *args: str, timeout: float = 30.0) -> tuple[ManagedProcess, str]:
-        """A worker started the way Celery users do (``celery -A workers.celery_app worker``
+        """A worker started the way Celery users do (``celery -A hybrid_router.workers.celery_app worker``
         plus `args`, e.g. ``-Q <queue>``); returns it and its node name."""
         hostname = f"celery-{len(self.processes)}@{socket.gethostname()}"
         proc = self._spawn("celery-worker", celery_argv("worker", "-n", hostname, *args))
@@ -255,8 +255,8 @@ class Stack:
         def ticked() -> bool:  # beat's own report in Redis names this process: it ticks
             if not proc.alive():
                 raise RuntimeError(f"beat exited:\n{proc.output()[-3000:]}")
-            from router.keys import Keys
-            from router.runtime_config import BeatReport
+            from hybrid_router.router.core.keys import Keys
+            from hybrid_router.router.core.runtime_config import BeatReport
 
             client = redis.Redis.from_url(self.settings.redis_url)
             try:

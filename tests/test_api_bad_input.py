@@ -12,8 +12,8 @@ import orjson
 import pytest
 import redis
 
-from router.keys import Keys
-from settings import Settings
+from hybrid_router.router.core.keys import Keys
+from hybrid_router.settings import Settings
 from tests.support import Stack
 
 KEY = "key-bad-input-0123456789"

@@ -13,8 +13,8 @@ import orjson
 import pytest
 import redis
 
-from router.keys import Keys
-from settings import Settings
+from hybrid_router.router.core.keys import Keys
+from hybrid_router.settings import Settings
 from tests.support import Stack
 
 KEY_A, KEY_B = "key-tenant-a-0123456789", "key-tenant-b-0123456789"
@@ -207,7 +207,7 @@ def test_budget_becomes_a_max_tokens_cap_from_the_lane_price(api: tuple[str, Set
 
 def test_fast_and_general_paths_answer_alike(api: tuple[str, Settings]) -> None:
     """``application/json`` takes the submit fast path; with a charset parameter the request
-    goes through FastAPI's general handler (router.api.fast_path). Both answer the same."""
+    goes through FastAPI's general handler (hybrid_router.router.api.fast_path). Both answer the same."""
     url, _ = api
     answers = []
     for content_type in ("application/json", "application/json; charset=utf-8"):
@@ -259,7 +259,7 @@ def test_runtime_flush_interval_counts_for_deadlines(
     url, settings = api
     body = {"messages": MSG, "priority": "low", "deadline_s": 4000}
     assert submit(url, body).json()["route"] == "batch"  # 60 + 3600 < 4000
-    from router.runtime_config import set_flush_interval
+    from hybrid_router.router.core.runtime_config import set_flush_interval
 
     set_flush_interval(r, settings, 600)  # now 600 + 3600 > 4000: it must stream
     try:

@@ -18,16 +18,16 @@ import openai
 import pytest
 import redis
 
-from router.keys import Keys
-from settings import Settings
+from hybrid_router.router.core.keys import Keys
+from hybrid_router.settings import Settings
+from hybrid_router.workers.batch import claim as batch_claim
+from hybrid_router.workers.batch.adopt import note_upload
+from hybrid_router.workers.batch.flush import FlushContext, flush
+from hybrid_router.workers.batch.poll import PollContext, poll
+from hybrid_router.workers.batch.record import record_batch
+from hybrid_router.workers.upstream.base import make_openai_client
 from tests.batch_helpers import event_types, record, submit_low
 from tests.support import free_port, wait_until
-from workers import batch_claim
-from workers.batch_adopt import note_upload
-from workers.batch_flush import FlushContext, flush
-from workers.batch_poll import PollContext, poll
-from workers.batch_record import record_batch
-from workers.upstream import make_openai_client
 
 
 def _ctx(settings: Settings, client: redis.Redis, **kw: Any) -> FlushContext:
@@ -263,7 +263,7 @@ def test_a_create_made_late_after_its_retry_is_cancelled_by_the_next_flush(
     """The first create times out and the list shows nothing, so it is tried again; then the
     first one reaches the upstream after all. The next flush cancels that late second batch:
     the requests are paid for once, in the batch Redis follows."""
-    from simulator.testing import running_simulator
+    from hybrid_router.simulator.testing import running_simulator
 
     hold = HeldCreate()
     with running_simulator(ttft_s=0.0, tokens_per_s=0.0, batch_turnaround_s=30.0) as sim, \

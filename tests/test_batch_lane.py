@@ -14,13 +14,13 @@ import openai
 import pytest
 import redis
 
-from router.keys import Keys
-from router.ledger import Ledger
-from settings import Settings
+from hybrid_router.router.core.keys import Keys
+from hybrid_router.router.core.ledger import Ledger
+from hybrid_router.settings import Settings
+from hybrid_router.workers.batch import claim as batch_claim
 from tests.batch_helpers import create_low_bulk, event_types, record, submit_low
 from tests.callback_receiver import CallbackReceiver, callback_receiver
 from tests.support import Stack, wait_until
-from workers import batch_claim
 
 FAST = {"flush_interval_s": 0.5, "poll_interval_s": 0.3, "batch_max_attempts": 2,
         "batch_mode": "native", "retry_backoff_base_s": 0.1, "retry_backoff_max_s": 0.5,
@@ -234,7 +234,7 @@ def test_runtime_flush_interval_and_admin_api(
 def test_emulated_mode_auto_detected(
         make_settings: Callable[..., Settings], stack_factory: Callable[[Settings], Stack],
         redis_client: redis.Redis) -> None:
-    from simulator.testing import running_simulator
+    from hybrid_router.simulator.testing import running_simulator
 
     with running_simulator(batch_api=False) as url:
         settings = make_settings(upstream_base_url=url, **{**FAST, "batch_mode": "auto"})

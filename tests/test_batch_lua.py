@@ -12,14 +12,14 @@ from collections.abc import Callable
 import pytest
 import redis
 
-from router.keys import Keys
-from router.lua import LuaScript
-from router.metrics import timing_increments
-from router.records import RequestRecord
-from settings import Settings
-from workers import batch_claim
-from workers.batch_lua import run_overlapped, run_pipelined
-from workers.batch_writeback import LatencyTally, collector_paused
+from hybrid_router.router.core.keys import Keys
+from hybrid_router.router.core.lua import LuaScript
+from hybrid_router.router.core.metrics import timing_increments
+from hybrid_router.router.core.records import RequestRecord
+from hybrid_router.settings import Settings
+from hybrid_router.workers.batch import claim as batch_claim
+from hybrid_router.workers.batch.lua import run_overlapped, run_pipelined
+from hybrid_router.workers.batch.writeback import LatencyTally, collector_paused
 
 # Appends ARGV[1] to the list KEYS[1] and answers the list's new length and the value.
 APPEND = LuaScript("""

@@ -9,13 +9,13 @@ from datetime import UTC, datetime, timedelta
 
 import redis
 
-from router.keys import Keys
-from router.records import now
-from settings import Settings
+from hybrid_router.router.core.keys import Keys
+from hybrid_router.router.core.records import now
+from hybrid_router.settings import Settings
+from hybrid_router.workers.batch.schedule import PollSchedule, RuntimeFlushSchedule
+from hybrid_router.workers.celery_app import FLUSH_TASK, POLL_TASK, create_celery
+from hybrid_router.workers.stream.engine import parse_task_message
 from tests.support import Stack, wait_until
-from workers.batch_schedule import PollSchedule, RuntimeFlushSchedule
-from workers.celery_app import FLUSH_TASK, POLL_TASK, create_celery
-from workers.stream_engine import parse_task_message
 
 LONG_AGO = datetime.now(UTC) - timedelta(hours=1)
 

@@ -13,22 +13,22 @@ import orjson
 import pytest
 import redis
 
-from router.callback_policy import callback_refusal
-from router.callback_signature import sign
-from router.keys import Keys
-from router.ledger import Ledger
-from router.pricing import cost_usd
-from router.store import RequestStore
-from settings import Settings
+from hybrid_router.router.core.callback_policy import callback_refusal
+from hybrid_router.router.core.callback_signature import sign
+from hybrid_router.router.core.keys import Keys
+from hybrid_router.router.core.ledger import Ledger
+from hybrid_router.router.core.pricing import cost_usd
+from hybrid_router.router.core.store import RequestStore
+from hybrid_router.settings import Settings
+from hybrid_router.workers.batch import claim as batch_claim
+from hybrid_router.workers.batch.flush import FlushContext, flush
+from hybrid_router.workers.batch.jsonl import write_parts
+from hybrid_router.workers.batch.poll import PollContext, batch_meta, check_batch, write_back_batch
+from hybrid_router.workers.batch.writeback import parse_line
+from hybrid_router.workers.retry import is_refusal
+from hybrid_router.workers.upstream.base import make_openai_client
 from tests.batch_helpers import event_types, record, submit_low
 from tests.support import free_port, wait_until
-from workers import batch_claim
-from workers.batch_flush import FlushContext, flush
-from workers.batch_jsonl import write_parts
-from workers.batch_poll import PollContext, batch_meta, check_batch, write_back_batch
-from workers.batch_writeback import parse_line
-from workers.retry import is_refusal
-from workers.upstream import make_openai_client
 
 
 def _ids(client: redis.Redis, key: str) -> list[str]:
@@ -210,7 +210,7 @@ def test_flush_upload_failure_puts_requests_back_untouched(
 @pytest.fixture(scope="module")
 def sim_without_batch_api() -> Iterator[str]:
     """An upstream with no Batch API: /v1/files and /v1/batches answer 404, every time."""
-    from simulator.testing import running_simulator
+    from hybrid_router.simulator.testing import running_simulator
 
     with running_simulator(ttft_s=0.0, tokens_per_s=0.0, batch_api=False) as url:
         yield url
@@ -396,7 +396,7 @@ def test_config_cli_sets_and_gets_flush_interval(
         make_settings: Callable[..., Settings], redis_client: redis.Redis) -> None:
     import subprocess
 
-    from router.runtime_config import get_flush_interval
+    from hybrid_router.router.core.runtime_config import get_flush_interval
     from tests.support import REPO_ROOT, child_env, cli_argv
 
     settings = make_settings()
@@ -462,8 +462,8 @@ def test_members_without_a_line_are_requeued_once(
 
 def test_poll_requeues_a_batch_the_upstream_lost(
         make_settings: Callable[..., Settings], redis_client: redis.Redis, sim_url: str) -> None:
-    from workers.batch_poll import poll
-    from workers.batch_record import mark_submitted, record_batch
+    from hybrid_router.workers.batch.poll import poll
+    from hybrid_router.workers.batch.record import mark_submitted, record_batch
 
     settings = make_settings(upstream_base_url=sim_url, batch_mode="native")
     keys = Keys(settings.key_prefix)

@@ -15,8 +15,8 @@ import httpx
 import pytest
 import redis
 
-from router.keys import Keys
-from settings import Settings
+from hybrid_router.router.core.keys import Keys
+from hybrid_router.settings import Settings
 from tests.browser import CuttableProxy, chromium
 from tests.support import REPO_ROOT, ManagedProcess, Stack, free_port, wait_until
 

@@ -12,13 +12,13 @@ import httpx
 import pytest
 import redis
 
-from router.callback_policy import address_refusal
-from router.callback_signature import verify_signature
-from router.store import RequestStore
-from settings import Settings
+from hybrid_router.router.core.callback_policy import address_refusal
+from hybrid_router.router.core.callback_signature import verify_signature
+from hybrid_router.router.core.store import RequestStore
+from hybrid_router.settings import Settings
+from hybrid_router.workers.callbacks import CallbackTarget, callback_target, deliver_callback
 from tests.batch_helpers import submit_low
 from tests.callback_receiver import CallbackReceiver, callback_receiver
-from workers.callbacks import CallbackTarget, callback_target, deliver_callback
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 """Celery's conventions hold for the router's app: importing builds nothing, ``celery -A
-workers.celery_app`` finds the app, and a bad setting stops every serving verb (the CLI's and
+hybrid_router.workers.celery_app`` finds the app, and a bad setting stops every serving verb (the CLI's and
 Celery's own) with one line naming the environment variable and exit code 2."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from settings import Settings
+from hybrid_router.settings import Settings
 from tests.support import celery_argv, child_env, cli_argv
 
 BAD = {"ROUTER_FLUSH_INTERVAL_S": "-1"}
@@ -22,9 +22,10 @@ def run(argv: list[str], settings: Settings, extra: dict[str, str]) -> subproces
 
 def test_importing_the_workers_builds_no_app_and_reads_no_settings(settings: Settings) -> None:
     code = (
-        "import workers.celery_app as app_module, workers.stream_tasks, workers.batch_tasks, "
-        "workers.stream_worker, workers.dispatch, router.cli\n"
-        "from settings import get_settings\n"
+        "import hybrid_router.workers.celery_app as app_module, hybrid_router.workers.stream.tasks, "
+        "hybrid_router.workers.batch.tasks, "
+        "hybrid_router.workers.stream.bootstep, hybrid_router.router.core.dispatch, hybrid_router.router.cli.main\n"
+        "from hybrid_router.settings import get_settings\n"
         "assert '_app' not in vars(app_module), 'an app was built at import'\n"
         "assert get_settings.cache_info().currsize == 0, 'settings were read at import'\n"
         "print('clean')\n"

@@ -1,5 +1,5 @@
 """Celery and Flower tell the truth about streams: a live stack (API, Flower, a stream worker
-started with Celery's own ``celery -A workers.celery_app worker -Q <stream queue>``, real
+started with Celery's own ``celery -A hybrid_router.workers.celery_app worker -Q <stream queue>``, real
 Redis, the simulator), read through Flower's HTTP API and the ``celery`` command line.
 
 One stack serves the module; each test uses its own prompts, so simulator counters never mix.
@@ -19,11 +19,11 @@ import httpx
 import pytest
 import redis
 
-from router.keys import Keys
-from router.store import RequestStore
-from settings import Settings
-from simulator import prompt_hash
-from simulator.testing import sim_stats
+from hybrid_router.router.core.keys import Keys
+from hybrid_router.router.core.store import RequestStore
+from hybrid_router.settings import Settings
+from hybrid_router.simulator import prompt_hash
+from hybrid_router.simulator.testing import sim_stats
 from tests.support import ManagedProcess, Stack, celery_argv, child_env, wait_until
 
 MODEL = "gpt-4o-mini"
@@ -106,7 +106,7 @@ def flower_state(flower: str, task_id: str, state: str, timeout: float = 15) -> 
 
 
 def celery_cli(stack: Stack, *args: str) -> str:
-    """Run ``celery -A workers.celery_app <args>`` with the stack's settings; its stdout."""
+    """Run ``celery -A hybrid_router.workers.celery_app <args>`` with the stack's settings; its stdout."""
     done = subprocess.run(celery_argv(*args), env=child_env(stack.settings), capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr + done.stdout

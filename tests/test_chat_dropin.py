@@ -29,9 +29,9 @@ from openai.types.chat import (
 )
 from openai.types.shared_params import ResponseFormatJSONSchema
 
-from settings import Settings
-from simulator import prompt_hash
-from simulator.testing import sim_last_request, sim_stats
+from hybrid_router.settings import Settings
+from hybrid_router.simulator import prompt_hash
+from hybrid_router.simulator.testing import sim_last_request, sim_stats
 from tests.support import Stack, wait_until
 
 MODEL = "gpt-4o-mini"

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from router.classify import classify
-from settings import Settings
+from hybrid_router.router.core.classify import classify
+from hybrid_router.settings import Settings
 
 
 def s(**values: Any) -> Settings:
@@ -51,7 +51,7 @@ def test_deadline_applies_to_normal_routed_to_batch_and_never_slows_high() -> No
 
 
 def test_flush_interval_is_only_needed_for_deadlines_bound_for_batch() -> None:
-    from router.classify import deadline_depends_on_flush
+    from hybrid_router.router.core.classify import deadline_depends_on_flush
 
     assert deadline_depends_on_flush("low", 10, s())
     assert not deadline_depends_on_flush("low", None, s())

@@ -11,7 +11,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from router.cli import app
+from hybrid_router.router.cli.main import app
 
 COLUMNS = 80
 

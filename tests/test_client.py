@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import importlib.util
 import threading
 import time
 import uuid
@@ -16,12 +15,11 @@ import orjson
 import pytest
 import redis
 
-from router import client as client_module
-from router import events as ev
-from router.client import AsyncRouterClient, RouterClient, RouterError, SSEDecoder, enqueue
-from router.keys import Keys
-from router.store import RequestStore
-from settings import Settings
+from hybrid_router.router.client import AsyncRouterClient, RouterClient, RouterError, SSEDecoder, enqueue
+from hybrid_router.router.core import events as ev
+from hybrid_router.router.core.keys import Keys
+from hybrid_router.router.core.store import RequestStore
+from hybrid_router.settings import Settings
 from tests.support import Stack, wait_until
 
 KEY_A, KEY_B = "client-key-a-0123456789", "client-key-b-0123456789"
@@ -191,9 +189,12 @@ def test_sse_decoder() -> None:
     assert events == [{"type": "token", "seq": 3, "content": "hi"}, {"type": "done", "seq": 4}]
 
 
-def test_follow_events_is_re_exported_when_the_stream_lane_provides_it() -> None:
-    provided = importlib.util.find_spec("router.subscribe") is not None
-    assert hasattr(client_module, "follow_events") is provided
+def test_the_client_package_offers_the_redis_follower() -> None:
+    """`follow_events` (pub/sub + replay log, no HTTP) is importable from the client package."""
+    from hybrid_router.router import client
+    from hybrid_router.router.core.subscribe import follow_events
+
+    assert client.follow_events is follow_events
 
 
 def test_stream_and_tokens_over_sse_with_resume(rc: RouterClient, store: RequestStore) -> None:

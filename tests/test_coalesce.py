@@ -13,9 +13,9 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from router.coalesce import ScriptCoalescer
-from router.lua import LuaScript
-from router.redis_pipe import PipePool
+from hybrid_router.router.core.coalesce import ScriptCoalescer
+from hybrid_router.router.core.lua import LuaScript
+from hybrid_router.router.core.redis_pipe import PipePool
 
 # KEYS[1]: a counter; ARGV[1]: 'fail' to raise -> the counter after INCR
 INCR = LuaScript("""

@@ -14,8 +14,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from router.cli import app
-from settings import Settings
+from hybrid_router.router.cli.main import app
+from hybrid_router.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUTER_SERVICES = ("api", "worker-stream", "worker-batch", "beat", "flower", "sim")

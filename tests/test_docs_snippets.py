@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from settings import Settings, get_settings, settings_to_env
+from hybrid_router.settings import Settings, get_settings, settings_to_env
 from tests.support import REPO_ROOT, Stack, delete_prefix
 
 DOCS = sorted([REPO_ROOT / "README.md", *(REPO_ROOT / "docs").rglob("*.md"),

@@ -1,4 +1,4 @@
-"""`router.event_hub.EventHub`, the API's follower of request events, against real Redis
+"""`hybrid_router.router.core.event_hub.EventHub`, the API's follower of request events, against real Redis
 servers and the real EMIT script: replay then live, many followers on one connection, a
 follower that falls behind, a gap, a lost connection, and clean unsubscribes."""
 
@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 import redis
 
-from router import event_hub
-from router import events as ev
-from router.event_hub import EventHub, LogTailer, OutageTolerantFollower, event_follower
-from router.store import RequestStore
-from settings import Settings
+from hybrid_router.router.core import event_hub
+from hybrid_router.router.core import events as ev
+from hybrid_router.router.core.event_hub import EventHub, LogTailer, OutageTolerantFollower, event_follower
+from hybrid_router.router.core.store import RequestStore
+from hybrid_router.settings import Settings
 from tests.support import start_redis_server
 
 Event = dict[str, Any]

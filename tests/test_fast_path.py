@@ -12,9 +12,9 @@ from fastapi import FastAPI, Request, Response
 from fastapi.testclient import TestClient
 from pydantic import BaseModel
 
-from router.api.fast_path import FastPaths, json_model, with_fast_path
-from router.schemas import SubmitRequest
-from settings import Settings
+from hybrid_router.router.api.fast_path import FastPaths, json_model, with_fast_path
+from hybrid_router.router.core.schemas import SubmitRequest
+from hybrid_router.settings import Settings
 
 VALID = b'{"messages": [{"role": "user", "content": "hi"}], "priority": "low"}'
 
@@ -120,7 +120,7 @@ def test_urls_never_come_from_the_host_header() -> None:
     path; the client's Host header (``evil.example``) never reaches them."""
     from types import SimpleNamespace
 
-    from router.api.routes.requests import urls_for
+    from hybrid_router.router.api.routes.requests import urls_for
 
     def req(public: str | None, host: bytes, root_path: str = "") -> Request:
         app = SimpleNamespace(state=SimpleNamespace(settings=Settings(public_base_url=public)))

@@ -27,14 +27,14 @@ import httpx
 import pytest
 import redis
 
-from router.callback_signature import verify_signature
-from router.keys import Keys, bounded_keys
-from router.store import RequestStore
-from settings import Settings
+from hybrid_router.router.core.callback_signature import verify_signature
+from hybrid_router.router.core.keys import Keys, bounded_keys
+from hybrid_router.router.core.store import RequestStore
+from hybrid_router.settings import Settings
+from hybrid_router.workers.callbacks import deliver_callback
 from tests.batch_helpers import submit_low
 from tests.callback_receiver import callback_receiver
 from tests.support import REPO_ROOT, Stack, delete_prefix, wait_until
-from workers.callbacks import deliver_callback
 
 KEY_A = "sk-hostile-alpha"
 KEY_B = "sk-hostile-beta"
@@ -657,7 +657,7 @@ def test_metrics_never_name_a_tenants_model_and_stay_bounded(
     # Exact to the pico-dollar: the ledger's stream cost is the sum of the records' costs.
     from decimal import Decimal
 
-    from router.ledger import Ledger
+    from hybrid_router.router.core.ledger import Ledger
 
     costs = [Decimal(str(httpx.get(f"{url}/v1/requests/{i}", headers=auth(KEY_B), timeout=10)
                          .json()["cost_usd"])) for i in streamed]
@@ -772,7 +772,7 @@ def test_foreign_unknown_and_malformed_ids_cost_the_same_redis_commands(api: Hos
     Redis commands on every id route (once: another tenant's record was read whole before the
     tenant check, twice as slow for a large record, and a malformed id read nothing); the
     owner gets the record. Timing figures: bench/bench_probe.py, docs/RELIABILITY.md."""
-    from router.api.routes.requests import NO_SUCH_ID
+    from hybrid_router.router.api.routes.requests import NO_SUCH_ID
 
     big = "x" * 200_000
     created = httpx.post(f"{api.url}/v1/requests", headers=auth(KEY_B), timeout=10, json={

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import redis
 
-from router.intake import IntakeError, accept_sync, prepare
-from router.schemas import SubmitRequest
-from router.store import RequestStore
-from settings import Settings
+from hybrid_router.router.core.intake import IntakeError, accept_sync, prepare
+from hybrid_router.router.core.schemas import SubmitRequest
+from hybrid_router.router.core.store import RequestStore
+from hybrid_router.settings import Settings
 
 MSG = [{"role": "user", "content": "hello"}]
 

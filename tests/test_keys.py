@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import re
 
-from router.keys import Keys
+from hybrid_router.router.core.keys import Keys
 
 
 def all_keys(keys: Keys) -> dict[str, str]:

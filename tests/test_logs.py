@@ -9,8 +9,8 @@ import httpx
 import orjson
 import pytest
 
-from router.logs import redact_secrets
-from settings import Settings
+from hybrid_router.router.core.logs import redact_secrets
+from hybrid_router.settings import Settings
 from tests.support import Stack, delete_prefix, wait_until
 
 SECRET_KEY = "sk-live-CLIENTKEY-9f8e7d6c5b4a"

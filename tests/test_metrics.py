@@ -20,20 +20,20 @@ import redis
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from router.client import enqueue
-from router.keys import Keys
-from router.ledger import add_to_ledger, ledger_increments
-from router.metrics import (
+from hybrid_router.router.client import enqueue
+from hybrid_router.router.core.keys import Keys
+from hybrid_router.router.core.ledger import add_to_ledger, ledger_increments
+from hybrid_router.router.core.metrics import (
     BUCKETS,
     RouterCollector,
     histograms_from_hash,
     observe_finished,
     timing_observations,
 )
-from router.records import RequestRecord
-from router.runtime_config import set_flush_interval
-from router.stats import take_snapshot
-from settings import Settings
+from hybrid_router.router.core.records import RequestRecord
+from hybrid_router.router.core.runtime_config import set_flush_interval
+from hybrid_router.router.core.stats import take_snapshot
+from hybrid_router.settings import Settings
 from tests.support import Stack, delete_prefix
 
 MSG = [{"role": "user", "content": "hello metrics"}]
@@ -226,7 +226,7 @@ def _leaf_values(node: Any) -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def lanes_metrics(redis_base_url: str, sim_url: str) -> Iterator[dict[Any, float]]:
     """/metrics after one high and one low request went through real lanes (run once)."""
-    from router.client import RouterClient
+    from hybrid_router.router.client import RouterClient
 
     settings = Settings(redis_url=f"{redis_base_url}/0", key_prefix=f"t{uuid.uuid4().hex[:10]}",
                         upstream_base_url=sim_url, upstream_api_key="sk-test-simulator",

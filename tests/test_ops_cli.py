@@ -15,8 +15,8 @@ import httpx
 import pytest
 import redis
 
-from router.client import enqueue
-from settings import Settings
+from hybrid_router.router.client import enqueue
+from hybrid_router.settings import Settings
 from tests.support import (
     REPO_ROOT,
     ManagedProcess,

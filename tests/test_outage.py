@@ -20,10 +20,10 @@ import httpx
 import openai
 import redis
 
-from router.keys import Keys
-from settings import Settings
-from simulator import prompt_hash
-from simulator.testing import running_simulator, sim_stats
+from hybrid_router.router.core.keys import Keys
+from hybrid_router.settings import Settings
+from hybrid_router.simulator import prompt_hash
+from hybrid_router.simulator.testing import running_simulator, sim_stats
 from tests.support import Stack, free_port, start_redis_server, wait_until
 
 TERMINAL = ("completed", "failed", "cancelled")
@@ -180,7 +180,7 @@ def test_a_batch_worker_keeps_running_when_redis_dies_under_a_running_task(
         tmp_path: Path, sim_url: str, make_settings: Callable[..., Settings]) -> None:
     """Redis is SIGKILLed while the batch worker runs a task (an emulated batch of slow
     calls, acknowledged late): the worker must reconnect and take new work, not exit (a kombu
-    defect made it exit: `workers.broker_transport`). (The interrupted batch itself is sent to
+    defect made it exit: `hybrid_router.router.core.broker_transport`). (The interrupted batch itself is sent to
     a runner again once its heartbeat is stale, after a minute or more: tested elsewhere.)"""
     redis_proc, url = start_redis_server(tmp_path, appendonly=True,
                                          extra_args=("--appendfsync", "always"))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from router.pricing import cost_usd, estimate_prompt_tokens, lane_multiplier, max_tokens_for_budget
-from settings import Settings
+from hybrid_router.router.core.pricing import cost_usd, estimate_prompt_tokens, lane_multiplier, max_tokens_for_budget
+from hybrid_router.settings import Settings
 
 S = Settings(_env_file=None)
 

@@ -18,9 +18,9 @@ import openai
 import pytest
 import redis
 
-from router.keys import Keys
-from router.ratelimit import DEFAULT_COMPLETION_ESTIMATE, RateLimiter, estimate_request_tokens
-from settings import Settings
+from hybrid_router.router.core.keys import Keys
+from hybrid_router.router.core.ratelimit import DEFAULT_COMPLETION_ESTIMATE, RateLimiter, estimate_request_tokens
+from hybrid_router.settings import Settings
 from tests.support import Stack, wait_until
 
 KEY_A = "sk-rate-alpha"

@@ -1,4 +1,4 @@
-"""`router.redis_pipe.RedisPipe` and `PipePool` (the raw connections of the publisher, the
+"""`hybrid_router.router.core.redis_pipe.RedisPipe` and `PipePool` (the raw connections of the publisher, the
 API's event hub and the scripts) against real Redis servers: replies in order, errors as values,
 AUTH and SELECT, a lost server; and `tail_log`, the follower for URLs they cannot serve."""
 
@@ -15,11 +15,11 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from router import events as ev
-from router import subscribe
-from router.redis_pipe import PipePool, RedisPipe
-from router.store import RequestStore
-from settings import Settings
+from hybrid_router.router.core import events as ev
+from hybrid_router.router.core import subscribe
+from hybrid_router.router.core.redis_pipe import PipePool, RedisPipe
+from hybrid_router.router.core.store import RequestStore
+from hybrid_router.settings import Settings
 from tests.support import start_redis_server
 
 
@@ -148,7 +148,7 @@ def test_a_pooled_connection_dead_since_a_restart_is_replaced(tmp_path: Path) ->
 
 
 def test_reply_errors_are_redis_py_exceptions(redis_base_url: str) -> None:
-    from router.lua import LuaScript, run_scripts_raw
+    from hybrid_router.router.core.lua import LuaScript, run_scripts_raw
 
     key = f"pipe-test-{uuid.uuid4().hex}"
     script = LuaScript("return redis.call('INCR', KEYS[1])")

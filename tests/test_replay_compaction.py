@@ -1,5 +1,5 @@
 """Issue 22: a finished request's replay log and record are compacted after the grace period
-(router.replay), against real Redis: the log and seq counter go, the record shrinks to a few
+(hybrid_router.router.core.replay), against real Redis: the log and seq counter go, the record shrinks to a few
 fields, and every reader still gives exactly what it gave before (the record, and the events
 after any seq, Last-Event-ID style). A request that is not terminal is never touched."""
 
@@ -14,12 +14,12 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from router import events as ev
-from router.records import PACKED_FIELD, RequestRecord, now
-from router.replay import compact_due
-from router.store import AsyncRequestStore, RequestStore
-from router.subscribe import afollow_events, follow_events, tail_log
-from settings import Settings
+from hybrid_router.router.core import events as ev
+from hybrid_router.router.core.records import PACKED_FIELD, RequestRecord, now
+from hybrid_router.router.core.replay import compact_due
+from hybrid_router.router.core.store import AsyncRequestStore, RequestStore
+from hybrid_router.router.core.subscribe import afollow_events, follow_events, tail_log
+from hybrid_router.settings import Settings
 
 WORDS = [" héllo", " wörld", " ✓", " \"quoted\"", "\n", " 😀", " and", " more", " text"] * 4
 
@@ -196,8 +196,8 @@ def test_a_late_write_after_compaction_reads_over_the_packed_fields(
 
 def test_the_api_event_hub_resumes_from_a_compacted_log(
         store: RequestStore, settings: Settings) -> None:
-    """The SSE endpoint's follower (`router.event_hub`): Last-Event-ID after compaction."""
-    from router.event_hub import EventHub
+    """The SSE endpoint's follower (`hybrid_router.router.core.event_hub`): Last-Event-ID after compaction."""
+    from hybrid_router.router.core.event_hub import EventHub
 
     rec = run_stream(store)
     events = store.events_after(rec.id)
@@ -222,7 +222,7 @@ def test_the_api_event_hub_resumes_from_a_compacted_log(
 def test_the_record_fingerprint_does_not_depend_on_field_order() -> None:
     """A hash table's HGETALL order can change between two reads (incremental rehashing), so
     the compaction's check compares fields sorted by name, in Python as in the script."""
-    from router.replay import _digest
+    from hybrid_router.router.core.replay import _digest
 
     raw = {b"status": b"completed", b"tenant": b"acme", b"body": b"{}", b"id": b"x"}
     assert _digest(raw) == _digest(dict(reversed(list(raw.items()))))
@@ -230,8 +230,8 @@ def test_the_record_fingerprint_does_not_depend_on_field_order() -> None:
 
 def test_a_cancelled_request_inside_a_batch_keeps_its_batch_id_plain() -> None:
     """The batch's write-back bills a request cancelled inside it when its result comes
-    (`paid_after_cancel` in workers.batch_lua reads batch_id and cost_usd as plain fields)."""
-    from router.replay import compact_fields
+    (`paid_after_cancel` in hybrid_router.workers.batch.lua reads batch_id and cost_usd as plain fields)."""
+    from hybrid_router.router.core.replay import compact_fields
 
     raw = {"status": "cancelled", "tenant": "acme", "id": "x", "batch_id": "batch_1",
            "body": "{}", "created_at": "1.0"}

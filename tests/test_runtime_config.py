@@ -17,7 +17,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from settings import Settings
+from hybrid_router.settings import Settings
 from tests.support import REPO_ROOT, Stack, child_env, cli_argv, wait_until
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from settings import Settings
+from hybrid_router.settings import Settings
 from tests.support import Stack, delete_prefix
 
 API_KEY = "sk-fuzz"

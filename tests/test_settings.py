@@ -13,8 +13,8 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
-from settings import Settings, settings_to_env
-from settings.config import describe_settings_error
+from hybrid_router.settings import Settings, settings_to_env
+from hybrid_router.settings.config import describe_settings_error
 from tests.support import REPO_ROOT, child_env
 
 
@@ -72,7 +72,7 @@ def test_settings_to_env_reproduces_settings(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "router.cli", *args], env=env, cwd=str(REPO_ROOT),
+    return subprocess.run([sys.executable, "-m", "hybrid_router.router.cli.main", *args], env=env, cwd=str(REPO_ROOT),
                           capture_output=True, text=True, timeout=60)
 
 

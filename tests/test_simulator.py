@@ -19,9 +19,9 @@ import typer
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from typer.testing import CliRunner
 
-from simulator import SimConfig, prompt_hash
-from simulator.generation import make_answer, remaining_after_prefill
-from simulator.testing import running_simulator, sim_stats
+from hybrid_router.simulator import SimConfig, prompt_hash
+from hybrid_router.simulator.generation import make_answer, remaining_after_prefill
+from hybrid_router.simulator.testing import running_simulator, sim_stats
 
 MODEL = "gpt-4o-mini"
 
@@ -330,7 +330,7 @@ def test_config_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_cli_register_adds_sim_command() -> None:
-    from simulator.cli import register
+    from hybrid_router.simulator.cli import register
 
     app = typer.Typer()
 

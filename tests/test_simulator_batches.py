@@ -17,7 +17,7 @@ import pytest
 from openai.types import Batch, FileObject
 from openai.types.chat import ChatCompletion
 
-from simulator.testing import running_simulator
+from hybrid_router.simulator.testing import running_simulator
 
 MODEL = "gpt-4o-mini"
 URL: Final = "/v1/chat/completions"

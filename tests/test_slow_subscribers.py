@@ -23,8 +23,8 @@ import httpx
 import pytest
 import redis
 
-from router.keys import Keys
-from settings import Settings
+from hybrid_router.router.core.keys import Keys
+from hybrid_router.settings import Settings
 from tests.support import Stack, start_redis_server, wait_until
 
 PUBSUB_LIMIT = "pubsub 1mb 256kb 5"  # hard 1 MB, or 256 kB for 5 s (tests; see RELIABILITY.md)

@@ -11,10 +11,10 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from router import events as ev
-from router.records import RequestRecord, now
-from router.store import AsyncRequestStore, RequestStore
-from settings import Settings
+from hybrid_router.router.core import events as ev
+from hybrid_router.router.core.records import RequestRecord, now
+from hybrid_router.router.core.store import AsyncRequestStore, RequestStore
+from hybrid_router.settings import Settings
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The stream engine (`workers.stream_engine`): it takes Celery task messages off the stream
+"""The stream engine (`hybrid_router.workers.stream.engine`): it takes Celery task messages off the stream
 queue itself, runs them on its loop, forwards other tasks to Celery, and reports every stream
 to Flower as Celery task events. Real Redis, real simulator, real Celery messages."""
 
@@ -12,16 +12,16 @@ from typing import Any
 import pytest
 import redis
 
-from router.intake import accept_sync, prepare
-from router.keys import Keys
-from router.schemas import SubmitRequest
-from settings import Settings
+from hybrid_router.router.core.celery_message import CeleryMessageBuilder
+from hybrid_router.router.core.dispatch import CeleryStreamDispatcher
+from hybrid_router.router.core.intake import accept_sync, prepare
+from hybrid_router.router.core.keys import Keys
+from hybrid_router.router.core.schemas import SubmitRequest
+from hybrid_router.settings import Settings
+from hybrid_router.workers.celery_app import FLUSH_TASK, STREAM_TASK, create_celery
+from hybrid_router.workers.stream.context import StreamContext
+from hybrid_router.workers.stream.engine import parse_task_message
 from tests.support import wait_until
-from workers.celery_app import FLUSH_TASK, STREAM_TASK, create_celery
-from workers.celery_message import CeleryMessageBuilder
-from workers.dispatch import CeleryStreamDispatcher
-from workers.stream_context import StreamContext
-from workers.stream_engine import parse_task_message
 
 MODEL = "gpt-4o-mini"
 
@@ -229,8 +229,8 @@ def test_terminate_cancels_and_stops_the_upstream_at_once(ctx: StreamContext,
                                                           sim_url: str) -> None:
     from celery.worker import state as worker_state
 
-    from simulator import prompt_hash
-    from simulator.testing import sim_stats
+    from hybrid_router.simulator import prompt_hash
+    from hybrid_router.simulator.testing import sim_stats
 
     recorder = Recorder()
     ctx.engine.consume(*queues(ctx.settings), recorder)
@@ -257,8 +257,8 @@ def test_a_revoked_message_is_cancelled_without_calling_the_upstream(
         ctx: StreamContext, sim_url: str) -> None:
     from celery.worker import state as worker_state
 
-    from simulator import prompt_hash
-    from simulator.testing import sim_stats
+    from hybrid_router.simulator import prompt_hash
+    from hybrid_router.simulator.testing import sim_stats
 
     content = f"revoked {uuid.uuid4().hex}"
     request_id = submit_stream(ctx, content)  # queued: no engine consumes yet

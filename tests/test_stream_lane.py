@@ -18,14 +18,14 @@ import openai
 import pytest
 import redis
 
-from router.keys import Keys
-from router.ledger import Ledger
-from settings import Settings
-from simulator import prompt_hash
-from simulator.testing import sim_stats
+from hybrid_router.router.core.keys import Keys
+from hybrid_router.router.core.ledger import Ledger
+from hybrid_router.settings import Settings
+from hybrid_router.simulator import prompt_hash
+from hybrid_router.simulator.testing import sim_stats
+from hybrid_router.workers.celery_app import create_celery
+from hybrid_router.workers.stream.context import StreamContext
 from tests.support import Stack, delete_prefix, wait_until
-from workers.celery_app import create_celery
-from workers.stream_context import StreamContext
 
 MODEL = "gpt-4o-mini"
 KEY_A, KEY_B = "sk-tenant-a", "sk-tenant-b"

@@ -13,14 +13,14 @@ from pathlib import Path
 import redis
 import redis.asyncio as aioredis
 
-from router import events as ev
-from router.intake import accept_sync, prepare
-from router.redis_pipe import RedisPipe
-from router.schemas import SubmitRequest
-from router.store import AsyncRequestStore, RequestStore
-from settings import Settings
+from hybrid_router.router.core import events as ev
+from hybrid_router.router.core.intake import accept_sync, prepare
+from hybrid_router.router.core.redis_pipe import RedisPipe
+from hybrid_router.router.core.schemas import SubmitRequest
+from hybrid_router.router.core.store import AsyncRequestStore, RequestStore
+from hybrid_router.settings import Settings
+from hybrid_router.workers.stream.publisher import StreamPublisher
 from tests.support import start_redis_server
-from workers.stream_publisher import StreamPublisher
 
 OWNER = "worker-under-test"
 

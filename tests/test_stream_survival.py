@@ -21,13 +21,13 @@ import httpx
 import openai
 import pytest
 
-from router.keys import Keys
-from router.ledger import Ledger
-from router.subscribe import follow_events
-from settings import Settings
+from hybrid_router.router.core.keys import Keys
+from hybrid_router.router.core.ledger import Ledger
+from hybrid_router.router.core.subscribe import follow_events
+from hybrid_router.settings import Settings
+from hybrid_router.workers.stream.context import StreamContext
 from tests.support import Stack, start_redis_server, wait_until
 from tests.test_stream_lane import AUTH, KEY_A, MODEL, direct_answer, lane_settings, sse, token_text
-from workers.stream_context import StreamContext
 
 FINAL = ("done", "error", "cancelled")
 TERMINAL = ("completed", "failed", "cancelled")

@@ -13,8 +13,8 @@ from urllib.parse import parse_qs, urlparse
 import httpx
 import pytest
 
-from router.stream_url import StreamTokenError, sign, verify
-from settings import Settings, settings_to_env
+from hybrid_router.router.core.stream_url import StreamTokenError, sign, verify
+from hybrid_router.settings import Settings, settings_to_env
 from tests.support import Stack
 
 KEY_A, KEY_B = "key-tenant-a-0123456789", "key-tenant-b-0123456789"

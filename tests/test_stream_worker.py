@@ -1,7 +1,7 @@
 """The plain streaming function (no Celery): claim, relay, retries, resume, cancel, taking over a
 stream whose worker was lost.
 
-Runs `workers.streaming.run_stream` in the test process against the real simulator over HTTP and
+Runs `hybrid_router.workers.stream.relay.run_stream` in the test process against the real simulator over HTTP and
 the private Redis; each test uses its own prompt so simulator counters do not mix.
 """
 
@@ -17,18 +17,18 @@ from typing import Any
 import openai
 import pytest
 
-from router import events as ev
-from router.intake import accept_sync, prepare
-from router.ledger import Ledger
-from router.schemas import SubmitRequest
-from settings import Settings
-from simulator import prompt_hash
-from simulator.testing import sim_stats
+from hybrid_router.router.core import events as ev
+from hybrid_router.router.core.intake import accept_sync, prepare
+from hybrid_router.router.core.ledger import Ledger
+from hybrid_router.router.core.schemas import SubmitRequest
+from hybrid_router.settings import Settings
+from hybrid_router.simulator import prompt_hash
+from hybrid_router.simulator.testing import sim_stats
+from hybrid_router.workers.stream.claim import ClaimOutcome, aclaim
+from hybrid_router.workers.stream.context import StreamContext
+from hybrid_router.workers.stream.relay import run_stream
+from hybrid_router.workers.stream.sweep import sweep_streams
 from tests.support import wait_until
-from workers.stream_claim import ClaimOutcome, aclaim
-from workers.stream_context import StreamContext
-from workers.stream_sweep import sweep_streams
-from workers.streaming import run_stream
 
 MODEL = "gpt-4o-mini"
 
@@ -396,7 +396,7 @@ def test_a_stream_runs_end_counts_its_cost_once(ctx: StreamContext) -> None:
     """`END_STREAM_RUN_SCRIPT`: the lease goes back only if still ours, the running index is
     left, and a run's increments count once however often its end is written (a retry after a
     lost reply, or an end repeated after a later error: the chaos test's double count)."""
-    from router.lua import END_STREAM_RUN_SCRIPT
+    from hybrid_router.router.core.lua import END_STREAM_RUN_SCRIPT
 
     keys = ctx.keys
     mine, theirs, run = uuid.uuid4().hex, uuid.uuid4().hex, uuid.uuid4().hex
@@ -438,7 +438,7 @@ def test_a_stream_runs_end_is_written_with_the_records_last_write(ctx: StreamCon
     """The record's cost and the ledger move in one script (`RunEnd` on TRANSITION/ANNOTATE):
     a worker killed right after the record became `completed` cannot leave the ledger without
     that run. A refused move writes nothing; an annotation ends the run either way."""
-    from router.store import RunEnd
+    from hybrid_router.router.core.store import RunEnd
 
     keys = ctx.keys
 

@@ -1,4 +1,4 @@
-"""`router.subscribe`: following a request straight from Redis (sync and async), however late.
+"""`hybrid_router.router.core.subscribe`: following a request straight from Redis (sync and async), however late.
 
 Requests are accepted the way `enqueue()` does it (intake + the Celery stream queue) and streamed
 by a real stream worker subprocess; the subscriber reads only Redis.
@@ -16,15 +16,15 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from router import events as ev
-from router.intake import accept_sync, prepare
-from router.schemas import SubmitRequest
-from router.store import RequestStore
-from router.subscribe import afollow_events, follow_events
-from settings import Settings
+from hybrid_router.router.core import events as ev
+from hybrid_router.router.core.dispatch import CeleryStreamDispatcher
+from hybrid_router.router.core.intake import accept_sync, prepare
+from hybrid_router.router.core.schemas import SubmitRequest
+from hybrid_router.router.core.store import RequestStore
+from hybrid_router.router.core.subscribe import afollow_events, follow_events
+from hybrid_router.settings import Settings
+from hybrid_router.workers.celery_app import create_celery
 from tests.support import Stack, delete_prefix
-from workers.celery_app import create_celery
-from workers.dispatch import CeleryStreamDispatcher
 
 MODEL = "gpt-4o-mini"
 

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from settings import Settings
+from hybrid_router.settings import Settings
 from tests.support import Stack, wait_until
 
 KEY_A = "sk-tenant-alpha"

@@ -17,9 +17,9 @@ from typing import Any
 import httpx
 import pytest
 
-from router import redis_plan
-from router.live_stats import SET_AT, SET_BY, live_plan
-from settings import Settings
+from hybrid_router.router.core import redis_plan
+from hybrid_router.router.core.live_stats import SET_AT, SET_BY, live_plan
+from hybrid_router.settings import Settings
 from tests.browser import chromium
 from tests.support import Stack, wait_until
 
@@ -217,8 +217,8 @@ def test_live_plan_windows_come_from_checkpoints(make_settings: Any, redis_clien
     """TTFT over the last minutes and today's cost count from the oldest checkpoint in the
     window; the flush's source and who set it come from the runtime config."""
     settings = make_settings(flush_interval_s=60)
-    from router.keys import Keys
-    from router.live_stats import TTFT_WINDOW_MIN
+    from hybrid_router.router.core.keys import Keys
+    from hybrid_router.router.core.live_stats import TTFT_WINDOW_MIN
 
     keys = Keys(settings.key_prefix)
     t0 = 1_800_000_000.0
@@ -264,8 +264,8 @@ def test_the_poll_records_a_batch_s_progress_for_the_live_view(
     the live view shows them as its progress."""
     from types import SimpleNamespace
 
-    from workers.batch_poll import PollContext, check_batch
-    from workers.batch_record import record_batch
+    from hybrid_router.workers.batch.poll import PollContext, check_batch
+    from hybrid_router.workers.batch.record import record_batch
 
     settings = make_settings()
     record_batch(redis_client, settings, "batch_progress", "gpt-4o-mini", "native", 10)

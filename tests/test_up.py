@@ -21,9 +21,9 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from router.client import RouterClient
-from router.runtime_config import set_flush_interval
-from settings import Settings
+from hybrid_router.router.client import RouterClient
+from hybrid_router.router.core.runtime_config import set_flush_interval
+from hybrid_router.settings import Settings
 from tests.support import REPO_ROOT, delete_prefix, free_port, wait_until
 
 BANNER_READY = "hybrid-router is up."
@@ -75,7 +75,7 @@ class UpRun:
     def start(self) -> UpRun:
         with self.out_path.open("wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "router.cli", "up", *self.args], env=self.env,
+                [sys.executable, "-m", "hybrid_router.router.cli.main", "up", *self.args], env=self.env,
                 cwd=str(REPO_ROOT), stdout=out, stderr=subprocess.STDOUT,
             )
         return self

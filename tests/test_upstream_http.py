@@ -1,4 +1,4 @@
-"""The stream lane's upstream client (`workers.upstream_sse` over `workers.upstream_http`),
+"""The stream lane's upstream client (`hybrid_router.workers.upstream.sse` over `hybrid_router.workers.upstream.http`),
 against the real simulator over HTTP and, for connection handling, a tiny real server."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import httpx
 import openai
 import pytest
 
-from settings import Settings
-from workers.upstream_http import ConnectionPool
-from workers.upstream_sse import UpstreamStreamer
+from hybrid_router.settings import Settings
+from hybrid_router.workers.upstream.http import ConnectionPool
+from hybrid_router.workers.upstream.sse import UpstreamStreamer
 
 TIMEOUT = httpx.Timeout(10.0, read=5.0)
 

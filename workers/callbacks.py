@@ -1,10 +1,10 @@
 """Terminal callbacks: one signed POST of a request's final record to its `callback_url`.
 
-Only hosts allowed by `router.callback_policy` are called (no open relay). A host name that only a
+Only hosts allowed by `hybrid_router.router.core.callback_policy` are called (no open relay). A host name that only a
 wildcard allowed is resolved here, refused when it points at a private or local address, and
 called at the address that was checked (`callback_target`). With a `callback_secret` the body
 and the time of sending are signed (``X-Hybrid-Router-Signature: t=...,v1=...``,
-`router.callback_signature`); failures are retried with exponential backoff up to
+`hybrid_router.router.core.callback_signature`); failures are retried with exponential backoff up to
 `callback_max_attempts`, each attempt signed afresh.
 """
 
@@ -20,19 +20,19 @@ import httpx
 import redis
 from celery import Celery
 
-from router.callback_policy import (
+from hybrid_router.router.core.callback_policy import (
     address_refusal,
     callback_host,
     callback_port,
     callback_refusal,
     trusted_as_named,
 )
-from router.callback_signature import SIGNATURE_HEADER, sign
-from router.keys import Keys
-from router.logs import get_logger
-from router.records import RequestRecord, dumps
-from settings import Settings
-from workers.retry import RetryPolicy
+from hybrid_router.router.core.callback_signature import SIGNATURE_HEADER, sign
+from hybrid_router.router.core.keys import Keys
+from hybrid_router.router.core.logs import get_logger
+from hybrid_router.router.core.records import RequestRecord, dumps
+from hybrid_router.settings import Settings
+from hybrid_router.workers.retry import RetryPolicy
 
 log = get_logger(__name__)
 
@@ -151,7 +151,7 @@ def callback_backoff(settings: Settings, attempt: int) -> float:
 def schedule_callback(app: Celery, request_id: str, attempt: int = 1,
                       countdown: float = 0.0) -> None:
     """Send the task that POSTs the terminal record of `request_id` to its callback_url."""
-    from workers.celery_app import settings_of
+    from hybrid_router.workers.celery_app import settings_of
 
     queue = Keys(settings_of(app).key_prefix).batch_queue()
     app.send_task(CALLBACK_TASK, args=[request_id, attempt], queue=queue, routing_key=queue,

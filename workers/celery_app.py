@@ -1,14 +1,14 @@
 """The Celery application, configured from `Settings` (broker, queues, routes, events).
 
 `create_celery(settings)` builds an app for any settings (tests use private prefixes; the CLI
-builds one from the settings it has checked). ``celery -A workers.celery_app`` finds the
+builds one from the settings it has checked). ``celery -A hybrid_router.workers.celery_app`` finds the
 module's `app`, which is built on first access (module ``__getattr__``), not at import: a
 module that imports this one builds no app and reads no settings, and a bad setting stops
-``celery -A workers.celery_app ...`` with one line naming it (exit code 2), like the CLI.
+``celery -A hybrid_router.workers.celery_app ...`` with one line naming it (exit code 2), like the CLI.
 
-Every worker of an app gets the stream engine's bootstep (`workers.stream_worker`), which acts
+Every worker of an app gets the stream engine's bootstep (`hybrid_router.workers.stream.bootstep`), which acts
 only in a worker asked to consume the stream queue; logging goes through structlog
-(`router.logs`) in any worker or beat started by Celery itself.
+(`hybrid_router.router.core.logs`) in any worker or beat started by Celery itself.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from celery import Celery, current_app
 from celery.signals import setup_logging, worker_ready
 from kombu import Queue
 
-from router.keys import Keys
-from settings import Settings, get_settings
-from settings.config import describe_settings_error
-from workers.broker_transport import SCHEMES, TRANSPORT
+from hybrid_router.router.core.broker_transport import SCHEMES, TRANSPORT
+from hybrid_router.router.core.keys import Keys
+from hybrid_router.settings import Settings, get_settings
+from hybrid_router.settings.config import describe_settings_error
 
 # Task names: Flower shows these; the beat schedule and dispatchers refer to them.
 STREAM_TASK = "hr.stream.run"
@@ -38,9 +38,9 @@ def create_celery(settings: Settings) -> Celery:
     app = Celery(
         "hybrid-router",
         broker=settings.redis_url,
-        include=["workers.stream_tasks", "workers.batch_tasks"],
+        include=["hybrid_router.workers.stream.tasks", "hybrid_router.workers.batch.tasks"],
     )
-    app.steps["worker"].add("workers.stream_worker:StreamEngineStep")
+    app.steps["worker"].add("hybrid_router.workers.stream.bootstep:StreamEngineStep")
     stream_q, batch_q = keys.stream_queue(), keys.batch_queue()
     control_q = keys.stream_control_queue()
     app.conf.update(
@@ -50,7 +50,7 @@ def create_celery(settings: Settings) -> Celery:
         task_routes={"hr.stream.*": {"queue": stream_q},
                      "hr.batch.*": {"queue": batch_q}},
         # kombu's Redis transport with a guard against a kombu defect that made a worker exit
-        # when Redis went away under a running task (workers.broker_transport).
+        # when Redis went away under a running task (hybrid_router.router.core.broker_transport).
         broker_transport=(TRANSPORT if urlsplit(settings.redis_url).scheme in SCHEMES
                           else None),
         task_serializer="json",
@@ -75,8 +75,8 @@ def create_celery(settings: Settings) -> Celery:
         timezone="UTC",
     )
     # Housekeeping is sent only when it has something to do (Flower lists what was sent).
-    from router.runtime_config import beat_settings
-    from workers.batch_schedule import PollSchedule, RuntimeFlushSchedule
+    from hybrid_router.router.core.runtime_config import beat_settings
+    from hybrid_router.workers.batch.schedule import PollSchedule, RuntimeFlushSchedule
 
     flush_schedule = RuntimeFlushSchedule(settings.redis_url, settings.key_prefix,
                                           settings.flush_interval_s,
@@ -105,12 +105,12 @@ def _freeze_startup_objects(**_: object) -> None:
 
 @setup_logging.connect
 def _structlog(**_: object) -> None:
-    """A worker or beat started by Celery itself (``celery -A workers.celery_app worker``) logs
+    """A worker or beat started by Celery itself (``celery -A hybrid_router.workers.celery_app worker``) logs
     through structlog like the CLI's (connecting here also keeps Celery's own logging setup
     off); a no-op where the CLI configured it already."""
     settings = getattr(current_app.conf, "hr_settings", None)
     if isinstance(settings, Settings):
-        from router.logs import configure_logging
+        from hybrid_router.router.core.logs import configure_logging
 
         configure_logging(settings)
 

@@ -16,15 +16,15 @@ from collections.abc import Callable
 
 import redis
 
-from router import events as ev
-from router.keys import Keys
-from router.logs import get_logger
-from router.records import now
-from router.redis_text import text
-from router.replay import replay_policy
-from router.runtime_config import get_flush_interval
-from settings import Settings
-from workers.batch_lua import ESCALATE_SCRIPT
+from hybrid_router.router.core import events as ev
+from hybrid_router.router.core.keys import Keys
+from hybrid_router.router.core.logs import get_logger
+from hybrid_router.router.core.records import now
+from hybrid_router.router.core.redis_text import text
+from hybrid_router.router.core.replay import replay_policy
+from hybrid_router.router.core.runtime_config import get_flush_interval
+from hybrid_router.settings import Settings
+from hybrid_router.workers.batch.lua import ESCALATE_SCRIPT
 
 log = get_logger(__name__)
 

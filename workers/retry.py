@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import openai
 
-from settings import Settings
+from hybrid_router.settings import Settings
 
 RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 

@@ -10,16 +10,16 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from router.api.body_limit import BodySizeLimit
-from router.api.errors import install_error_handlers
-from router.api.fast_path import FastPaths
-from router.api.routes import admin, chat, events, health, metrics, requests, ui
-from router.api.slow_clients import BodyReadTimeout
-from router.event_hub import event_follower
-from router.intake import StreamDispatcher
-from router.logs import configure_logging, get_logger
-from router.store import AsyncRequestStore
-from settings import Settings
+from hybrid_router.router.api.body_limit import BodySizeLimit
+from hybrid_router.router.api.errors import install_error_handlers
+from hybrid_router.router.api.fast_path import FastPaths
+from hybrid_router.router.api.routes import admin, chat, events, health, metrics, requests, ui
+from hybrid_router.router.api.slow_clients import BodyReadTimeout
+from hybrid_router.router.core.event_hub import event_follower
+from hybrid_router.router.core.intake import StreamDispatcher
+from hybrid_router.router.core.logs import configure_logging, get_logger
+from hybrid_router.router.core.store import AsyncRequestStore
+from hybrid_router.settings import Settings
 
 log = get_logger(__name__)
 
@@ -36,8 +36,8 @@ def create_app(settings: Settings, dispatcher: StreamDispatcher | None = None) -
         app.state.store = AsyncRequestStore(app.state.redis, settings)
         app.state.events = event_follower(app.state.redis, settings)
         if dispatcher is None:
-            from workers.celery_app import create_celery
-            from workers.dispatch import CeleryStreamDispatcher
+            from hybrid_router.router.core.dispatch import CeleryStreamDispatcher
+            from hybrid_router.workers.celery_app import create_celery
 
             app.state.dispatcher = CeleryStreamDispatcher(create_celery(settings))
         else:
@@ -79,7 +79,7 @@ def create_app(settings: Settings, dispatcher: StreamDispatcher | None = None) -
     # Added first, so it runs inside the body size limit (the last one added runs outermost).
     app.add_middleware(FastPaths, routes=[r for m in modules for r in m.router.routes])
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    # The body's deadline holds whoever reads it (see router.api.slow_clients).
+    # The body's deadline holds whoever reads it (see hybrid_router.router.api.slow_clients).
     app.add_middleware(BodyReadTimeout, timeout_s=settings.http_body_timeout_s)
     if settings.cors_origins:
         # Outermost, so every answer a browser gets (a 401, a 413, a 408 too) carries the CORS

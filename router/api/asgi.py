@@ -1,9 +1,9 @@
-"""ASGI entry point for multi-process servers: ``uvicorn router.api.asgi:app``
-(with ``--http router.api.slow_clients:GuardedHttpProtocol`` for the request-head deadline)."""
+"""ASGI entry point for multi-process servers: ``uvicorn hybrid_router.router.api.asgi:app``
+(with ``--http hybrid_router.router.api.slow_clients:GuardedHttpProtocol`` for the request-head deadline)."""
 
-from router.api import slow_clients
-from router.api.app import create_app
-from settings import get_settings
+from hybrid_router.router.api import slow_clients
+from hybrid_router.router.api.app import create_app
+from hybrid_router.settings import get_settings
 
 slow_clients.configure(get_settings())
 app = create_app(get_settings())

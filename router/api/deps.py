@@ -16,10 +16,10 @@ from typing import Annotated
 import redis.asyncio as aioredis
 from fastapi import Depends, Header, Request
 
-from router.event_hub import EventFollower
-from router.intake import IntakeError, StreamDispatcher
-from router.store import AsyncRequestStore
-from settings import Settings
+from hybrid_router.router.core.event_hub import EventFollower
+from hybrid_router.router.core.intake import IntakeError, StreamDispatcher
+from hybrid_router.router.core.store import AsyncRequestStore
+from hybrid_router.settings import Settings
 
 DEV_TENANT = "default"
 

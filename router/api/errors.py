@@ -10,8 +10,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from router.intake import IntakeError
-from router.logs import get_logger
+from hybrid_router.router.core.intake import IntakeError
+from hybrid_router.router.core.logs import get_logger
 
 log = get_logger(__name__)
 
@@ -98,7 +98,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 413:
             return error_response(413, str(exc.detail), param="body", code="body_too_large")
-        if exc.status_code == 408:  # router.api.slow_clients: the body did not arrive in time
+        if exc.status_code == 408:  # hybrid_router.router.api.slow_clients: the body did not arrive in time
             return error_response(408, str(exc.detail), param="body", code="request_timeout",
                                   headers=dict(exc.headers or {}))
         if exc.status_code == 400 and exc.detail == "There was an error parsing the body":

@@ -35,9 +35,9 @@ from starlette.convertors import Convertor
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from router.api.deps import Caller, get_caller
-from router.api.ratelimit import enforce_rate_limit
-from router.intake import IntakeError
+from hybrid_router.router.api.deps import Caller, get_caller
+from hybrid_router.router.api.ratelimit import enforce_rate_limit
+from hybrid_router.router.core.intake import IntakeError
 
 M = TypeVar("M", bound=BaseModel)
 FastHandler = Callable[[Request], Awaitable[Response | None]]

@@ -10,8 +10,8 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
-from router.logs import get_logger
-from router.records import RequestRecord
+from hybrid_router.router.core.logs import get_logger
+from hybrid_router.router.core.records import RequestRecord
 
 log = get_logger(__name__)
 
@@ -22,7 +22,7 @@ async def cancel_and_notify(app_state: Any, record: RequestRecord) -> tuple[str,
     if outcome == "cancelled" and record.callback_url:
         celery_app = getattr(app_state.dispatcher, "app", None)
         if celery_app is not None:
-            from workers.callbacks import schedule_callback
+            from hybrid_router.workers.callbacks import schedule_callback
 
             try:
                 await run_in_threadpool(schedule_callback, celery_app, record.id)

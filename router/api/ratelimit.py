@@ -13,10 +13,10 @@ from typing import Any
 import orjson
 from fastapi import Request
 
-from router.api.deps import CallerDep, RedisDep, SettingsDep
-from router.intake import IntakeError
-from router.logs import get_logger
-from router.ratelimit import RateLimiter, estimate_request_tokens, limits_enabled
+from hybrid_router.router.api.deps import CallerDep, RedisDep, SettingsDep
+from hybrid_router.router.core.intake import IntakeError
+from hybrid_router.router.core.logs import get_logger
+from hybrid_router.router.core.ratelimit import RateLimiter, estimate_request_tokens, limits_enabled
 
 log = get_logger(__name__)
 

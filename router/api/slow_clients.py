@@ -41,10 +41,10 @@ except ImportError:  # pragma: no cover - uvicorn without httptools speaks h11
         H11Protocol as _HttpProtocol,
     )
 
-from settings import Settings
+from hybrid_router.settings import Settings
 
 # What uvicorn is given as ``http=``: an import string, so multi-process workers load it too.
-PROTOCOL = "router.api.slow_clients:GuardedHttpProtocol"
+PROTOCOL = "hybrid_router.router.api.slow_clients:GuardedHttpProtocol"
 
 
 def _timeout_body(message: str, param: str) -> bytes:

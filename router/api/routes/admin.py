@@ -12,18 +12,18 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from router.api.deps import Caller, CallerDep, RedisDep, SettingsDep
-from router.intake import IntakeError
-from router.logs import get_logger
-from router.runtime_config import (
+from hybrid_router.router.api.deps import Caller, CallerDep, RedisDep, SettingsDep
+from hybrid_router.router.core.intake import IntakeError
+from hybrid_router.router.core.logs import get_logger
+from hybrid_router.router.core.runtime_config import (
     MAX_FLUSH_INTERVAL_S,
     read_flush_interval_async,
     runtime_view,
     set_flush_interval_async,
 )
-from router.schemas import ErrorResponse
-from settings import Settings
-from settings.config import MIN_FLUSH_INTERVAL_S
+from hybrid_router.router.core.schemas import ErrorResponse
+from hybrid_router.settings import Settings
+from hybrid_router.settings.config import MIN_FLUSH_INTERVAL_S
 
 log = get_logger(__name__)
 
@@ -46,7 +46,7 @@ AdminDep = Annotated[Caller, Depends(require_admin)]
 
 
 class RuntimeConfigView(BaseModel):
-    """The running service's values as beat reports them (`router.runtime_config`)."""
+    """The running service's values as beat reports them (`hybrid_router.router.core.runtime_config`)."""
 
     flush_interval_s: float
     flush_interval_overridden: bool
@@ -92,12 +92,12 @@ async def put_config(body: RuntimeConfigUpdate, caller: AdminDep, settings: Sett
 @router.post("/flush", status_code=202, response_model=FlushQueued, responses=_ERRORS)
 async def flush_now(request: Request, caller: AdminDep, settings: SettingsDep) -> FlushQueued:
     """Send a flush to the batch worker now (it skips if a flush is already running)."""
-    from router.keys import Keys
-    from workers.celery_app import FLUSH_TASK
+    from hybrid_router.router.core.keys import Keys
+    from hybrid_router.workers.celery_app import FLUSH_TASK
 
     celery_app = getattr(request.app.state.dispatcher, "app", None)
     if celery_app is None:
-        from workers.celery_app import create_celery
+        from hybrid_router.workers.celery_app import create_celery
 
         celery_app = create_celery(settings)
     queue = Keys(settings.key_prefix).batch_queue()

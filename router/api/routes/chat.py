@@ -25,17 +25,17 @@ from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from router.api.deps import CallerDep, DispatcherDep, EventsDep, SettingsDep, StoreDep
-from router.api.errors import error_response
-from router.api.fast_path import admitted, with_fast_path
-from router.api.notify import cancel_and_notify
-from router.api.ratelimit import enforce_rate_limit
-from router.event_hub import EventFollower
-from router.intake import IntakeError, accept_async, prepare
-from router.records import Priority, RequestRecord, RequestResult
-from router.schemas import IDEMPOTENCY_KEY_PATTERN, ErrorResponse, SubmitRequest
-from router.sse import SSEResponse, format_data
-from router.store import AsyncRequestStore
+from hybrid_router.router.api.deps import CallerDep, DispatcherDep, EventsDep, SettingsDep, StoreDep
+from hybrid_router.router.api.errors import error_response
+from hybrid_router.router.api.fast_path import admitted, with_fast_path
+from hybrid_router.router.api.notify import cancel_and_notify
+from hybrid_router.router.api.ratelimit import enforce_rate_limit
+from hybrid_router.router.api.sse import SSEResponse, format_data
+from hybrid_router.router.core.event_hub import EventFollower
+from hybrid_router.router.core.intake import IntakeError, accept_async, prepare
+from hybrid_router.router.core.records import Priority, RequestRecord, RequestResult
+from hybrid_router.router.core.schemas import IDEMPOTENCY_KEY_PATTERN, ErrorResponse, SubmitRequest
+from hybrid_router.router.core.store import AsyncRequestStore
 
 router = APIRouter(prefix="/v1/chat", tags=["openai-compatible"])
 
@@ -236,7 +236,7 @@ async def chat_completions(
 async def chat_completions_fast(request: Request) -> Response | None:
     """`chat_completions` without FastAPI's per-request parameter solving (an eighth of the
     API's CPU at 50 streams, benchmark 1), for a well-formed request with a known key; None
-    hands anything else to the general path (see router.api.fast_path)."""
+    hands anything else to the general path (see hybrid_router.router.api.fast_path)."""
     admission = await admitted(request, SubmitRequest)
     if admission is None:
         return None

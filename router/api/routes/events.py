@@ -4,7 +4,7 @@ Wire format (docs/STREAMING.md, /work/notes/CONTRACTS.md): ``id: <seq>``, ``even
 ``data: <event JSON>`` per event; ``: keep-alive`` comments every ``Settings.sse_keepalive_s``;
 resumes after ``Last-Event-ID`` (or ``?after=<seq>``); closes after ``done``, ``error`` or
 ``cancelled``. Events are replayed from the request's log, then taken live from one pub/sub
-connection shared by the process (`router.event_hub`), so a client that joins late or
+connection shared by the process (`hybrid_router.router.core.event_hub`), so a client that joins late or
 reconnects gets every event, and a slow client only delays its own reads: the producer writes
 to Redis and never waits for any subscriber.
 """
@@ -16,17 +16,17 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
 
-from router.api.deps import EventsDep, SettingsDep, StoreDep, get_caller
-from router.api.fast_path import known_caller, with_fast_path
-from router.api.routes.requests import check_owned
-from router.event_hub import EventFollower
-from router.events import MAX_SEQ
-from router.intake import IntakeError
-from router.schemas import ErrorResponse
-from router.sse import KEEPALIVE, SSEResponse, format_event
-from router.store import AsyncRequestStore
-from router.stream_url import TOKEN_PARAM, StreamTokenError, verify
-from settings import Settings
+from hybrid_router.router.api.deps import EventsDep, SettingsDep, StoreDep, get_caller
+from hybrid_router.router.api.fast_path import known_caller, with_fast_path
+from hybrid_router.router.api.routes.requests import check_owned
+from hybrid_router.router.api.sse import KEEPALIVE, SSEResponse, format_event
+from hybrid_router.router.core.event_hub import EventFollower
+from hybrid_router.router.core.events import MAX_SEQ
+from hybrid_router.router.core.intake import IntakeError
+from hybrid_router.router.core.schemas import ErrorResponse
+from hybrid_router.router.core.store import AsyncRequestStore
+from hybrid_router.router.core.stream_url import TOKEN_PARAM, StreamTokenError, verify
+from hybrid_router.settings import Settings
 
 router = APIRouter(prefix="/v1/requests", tags=["requests"])
 
@@ -98,7 +98,7 @@ async def request_events_fast(request: Request) -> Response | None:
     """`request_events` without FastAPI's per-request parameter solving (an eighth of the API's
     CPU at 50 streams, benchmark 1), for a plain follow with a known key or a signed URL's
     token alone; None hands anything else (``?after=``, a missing or wrong key) to the general
-    path (see router.api.fast_path). A bad token is answered here (its 401, no Redis)."""
+    path (see hybrid_router.router.api.fast_path). A bad token is answered here (its 401, no Redis)."""
     state = request.app.state
     request_id = request.path_params["request_id"]
     query = request.scope["query_string"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from router.api.deps import RedisDep
+from hybrid_router.router.api.deps import RedisDep
 
 router = APIRouter(tags=["health"])
 

@@ -1,6 +1,6 @@
 """`GET /metrics` (Prometheus text) and `GET /v1/stats` (the same snapshot as JSON).
 
-Both read Redis at request time (`router.stats`), so any API replica answers for the whole
+Both read Redis at request time (`hybrid_router.router.core.stats`), so any API replica answers for the whole
 deployment. `/metrics` carries counts only (no tenant data, no ids, and models only as the
 operator named them, else `other`: `Settings.model_label`). Like most exporters it is open by
 default so a scraper can reach it; with `ROUTER_METRICS_TOKEN` set it answers 401 unless sent
@@ -18,12 +18,12 @@ from fastapi import APIRouter, Depends, Header
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from router.api.deps import RedisDep, SettingsDep, bearer_token
-from router.api.routes.admin import AdminDep
-from router.intake import IntakeError
-from router.live_stats import take_live_async
-from router.metrics import RouterCollector
-from router.stats import take_snapshot_async
+from hybrid_router.router.api.deps import RedisDep, SettingsDep, bearer_token
+from hybrid_router.router.api.routes.admin import AdminDep
+from hybrid_router.router.core.intake import IntakeError
+from hybrid_router.router.core.live_stats import take_live_async
+from hybrid_router.router.core.metrics import RouterCollector
+from hybrid_router.router.core.stats import take_snapshot_async
 
 router = APIRouter(tags=["monitoring"])
 
@@ -54,7 +54,7 @@ async def metrics(redis: RedisDep, settings: SettingsDep) -> Response:
 async def stats(redis: RedisDep, settings: SettingsDep, caller: AdminDep) -> dict[str, Any]:
     """Queues by lane and model, batches in flight, latency summaries and the cost ledger;
     ``live``: batches one by one, the flush, streams per worker, recent TTFT and today's cost
-    (`router.live_stats`, what ``GET /ui`` shows)."""
+    (`hybrid_router.router.core.live_stats`, what ``GET /ui`` shows)."""
     data = (await take_snapshot_async(redis, settings)).as_dict()
     data["live"] = (await take_live_async(redis, settings)).as_dict()
     return data

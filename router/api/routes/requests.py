@@ -8,19 +8,19 @@ import orjson
 from fastapi import APIRouter, Depends, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from router.api.deps import CallerDep, StoreDep
-from router.api.fast_path import admitted, with_fast_path
-from router.api.notify import cancel_and_notify
-from router.api.ratelimit import enforce_rate_limit
-from router.classify import deadline_depends_on_flush
-from router.intake import IntakeError, accept_async, prepare
-from router.keys import Keys
-from router.records import RequestRecord
-from router.runtime_config import get_flush_interval_async
-from router.schemas import CancelResponse, ErrorResponse, RequestView, SubmitRequest, SubmitResponse
-from router.store import AsyncRequestStore
-from router.stream_url import stream_url
-from settings import Settings
+from hybrid_router.router.api.deps import CallerDep, StoreDep
+from hybrid_router.router.api.fast_path import admitted, with_fast_path
+from hybrid_router.router.api.notify import cancel_and_notify
+from hybrid_router.router.api.ratelimit import enforce_rate_limit
+from hybrid_router.router.core.classify import deadline_depends_on_flush
+from hybrid_router.router.core.intake import IntakeError, accept_async, prepare
+from hybrid_router.router.core.keys import Keys
+from hybrid_router.router.core.records import RequestRecord
+from hybrid_router.router.core.runtime_config import get_flush_interval_async
+from hybrid_router.router.core.schemas import CancelResponse, ErrorResponse, RequestView, SubmitRequest, SubmitResponse
+from hybrid_router.router.core.store import AsyncRequestStore
+from hybrid_router.router.core.stream_url import stream_url
+from hybrid_router.settings import Settings
 
 router = APIRouter(prefix="/v1/requests", tags=["requests"])
 
@@ -121,7 +121,7 @@ async def submit(body: SubmitRequest, request: Request, caller: CallerDep) -> Re
 
 async def submit_fast(request: Request) -> Response | None:
     """`submit` without FastAPI's per-request parameter solving, for a well-formed request with
-    a known key; None hands anything else to the general path (see router.api.fast_path)."""
+    a known key; None hands anything else to the general path (see hybrid_router.router.api.fast_path)."""
     admission = await admitted(request, SubmitRequest)
     if admission is None:
         return None

@@ -12,7 +12,7 @@ from importlib import resources
 from fastapi import APIRouter
 from fastapi.responses import Response
 
-from router.intake import IntakeError
+from hybrid_router.router.core.intake import IntakeError
 
 router = APIRouter(tags=["ui"])
 
@@ -27,7 +27,7 @@ _HEADERS = {
 
 
 def _read(name: str) -> bytes:
-    return resources.files("router").joinpath("ui", name).read_bytes()
+    return resources.files("hybrid_router.router.api").joinpath("ui", name).read_bytes()
 
 
 @router.get("/ui", response_class=Response, include_in_schema=True,

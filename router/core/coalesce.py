@@ -1,0 +1,107 @@
+"""Send the Lua script calls that one event-loop iteration makes as one Redis pipeline.
+
+Why: under load the intake API reaches `AsyncRequestStore.create` for many requests in the same
+loop iteration (uvloop reads every ready connection, then runs their handlers). Sent one by one,
+each call costs a send system call, a wake-up for its reply and redis-py's per-command
+machinery, in the API and in Redis: the largest part of a ``POST /v1/requests`` after the HTTP
+floor (benchmark 3, issue 7). Sent together, they share one of each.
+
+The first call of an iteration leads: it yields to the loop once, so that the calls made in the
+same iteration can join it, then sends them all in one non-transactional pipeline (each script
+is atomic on its own, exactly as when sent alone). A call nobody joined goes out as the plain
+EVALSHA it always was, so a lightly loaded API pays only that one yield.
+
+Given a `PipePool` (a plain ``redis://`` URL), the calls go over its raw hiredis connections
+instead of redis-py's (`hybrid_router.router.core.lua.run_scripts_raw`): redis-py's per-command machinery was a
+third of the stream worker's Python time (benchmark 1, issue 7).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+from hybrid_router.router.core.lua import LuaScript, run_scripts_raw
+from hybrid_router.router.core.redis_pipe import PipePool
+
+_Call = tuple[LuaScript, list[str], list[Any], "asyncio.Future[Any]"]
+
+
+class ScriptCoalescer:
+    """Runs `LuaScript`s on an async client, coalescing the calls of one loop iteration."""
+
+    def __init__(self, client: aioredis.Redis, pool: PipePool | None = None) -> None:
+        self.client = client
+        self.pool = pool
+        self._gathering: list[_Call] | None = None  # the followers of the current leader
+        self._tasks: set[asyncio.Task[None]] = set()  # pipelines in flight (strong references)
+
+    async def run(self, script: LuaScript, keys: list[str], args: list[Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        if self._gathering is not None:
+            future: asyncio.Future[Any] = loop.create_future()
+            self._gathering.append((script, keys, args, future))
+            return await future
+        followers: list[_Call] = []
+        self._gathering = followers
+        try:
+            await asyncio.sleep(0)  # the other handlers of this iteration run and join
+        except asyncio.CancelledError:
+            self._gathering = None
+            if followers:
+                self._spawn(followers)  # this leader was cancelled: its followers still go
+            raise
+        self._gathering = None
+        if not followers:
+            if self.pool is not None:
+                result = (await run_scripts_raw(self.pool, [(script, keys, args)]))[0]
+                if isinstance(result, Exception):
+                    raise result
+                return result
+            return await script.run_async(self.client, keys, args)
+        own: asyncio.Future[Any] = loop.create_future()
+        # In a task of its own, so that a cancelled leader cannot leave its followers waiting.
+        self._spawn([(script, keys, args, own), *followers])
+        return await own
+
+    def _spawn(self, calls: list[_Call]) -> None:
+        task = asyncio.get_running_loop().create_task(self._execute(calls))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _execute(self, calls: list[_Call]) -> None:
+        try:
+            if self.pool is not None:
+                results = await run_scripts_raw(self.pool, [call[:3] for call in calls])
+            else:
+                pipe = self.client.pipeline(transaction=False)
+                for script, keys, args, _ in calls:
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                results = await pipe.execute(raise_on_error=False)
+        except asyncio.CancelledError:
+            for *_, future in calls:
+                future.cancel()
+            raise
+        except Exception as exc:  # Redis away, a timeout: every caller gets the error, as alone
+            for *_, future in calls:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (script, keys, args, future), result in zip(calls, results, strict=True):
+            if future.done():
+                continue
+            if isinstance(result, redis.exceptions.NoScriptError):
+                # Redis lost its script cache (a restart): the plain call loads the script.
+                try:
+                    result = await script.run_async(self.client, keys, args)
+                except Exception as exc:
+                    future.set_exception(exc)
+                    continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+

@@ -1,0 +1,416 @@
+"""One pub/sub connection per API process that carries the live events of every followed request.
+
+Why: following a request with ``XREAD BLOCK`` on its replay log (`hybrid_router.router.core.subscribe.tail_log`)
+costs one Redis round trip per relayed token per stream: a command written, a reply read, a
+wake-up of that follower's connection, and the matching work in Redis (benchmark 1, issue 7:
+the API's and Redis's largest costs at 50 streams were those syscalls). Here all followers of a
+process share one subscribed connection: Redis pushes each event once, events that arrive
+together are read in one go and handed to their followers, and a token costs no command at all.
+
+The protocol is the raw one of `hybrid_router.router.core.subscribe` (SUBSCRIBE, wait for the confirmation, read
+the log after the last seq, then take live events, drop seqs already seen, fill a gap from the
+log), so nothing is missed however late a follower joins:
+
+- a follower's first events come from the log (``XRANGE``), read after its subscription is
+  confirmed, so an event is either in that read or published after it;
+- a follower that falls behind (more than `MAX_BUFFERED` events waiting) or a lost hub
+  connection drops what is buffered and marks the follower `lost`: it subscribes again and reads
+  the log after its last seq;
+- if Redis cannot be reached, `follow` raises `redis.ConnectionError`, as `tail_log` does.
+
+Only plain ``redis://`` URLs are served here (`RedisPipe.supports`); for others the API follows
+with `tail_log` (see `LogTailer`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any, Protocol, cast
+
+import hiredis
+import redis
+import redis.asyncio as aioredis
+from redis.connection import parse_url
+
+from hybrid_router.router.core.events import FINAL_EVENT_TYPES, parse_event, stream_id_after
+from hybrid_router.router.core.keys import Keys
+from hybrid_router.router.core.logs import get_logger
+from hybrid_router.router.core.records import PACKED_FIELD
+from hybrid_router.router.core.redis_pipe import PipePool, RedisPipe, reply_error
+from hybrid_router.router.core.replay import compacted_events
+from hybrid_router.router.core.subscribe import event_data, finished, tail_log
+from hybrid_router.settings import Settings
+
+log = get_logger(__name__)
+
+# Events buffered for one follower before it is made to catch up from the log instead (a
+# client that reads slower than its stream is produced must not grow the API's memory).
+MAX_BUFFERED = 2048
+CONNECT_TIMEOUT_S = 5.0
+
+
+class EventFollower(Protocol):
+    """How the API follows a request's events: replay from `after_seq`, then live, until the
+    final event; None after every `idle_s` without one (time for an SSE keep-alive)."""
+
+    def follow(self, request_id: str, after_seq: int, idle_s: float
+               ) -> AsyncIterator[dict[str, Any] | None]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class LogTailer:
+    """Follows with ``XREAD BLOCK`` on the replay log (`tail_log`): for Redis URLs the hub does
+    not serve (TLS, unix sockets)."""
+
+    def __init__(self, client: aioredis.Redis, settings: Settings) -> None:
+        self.client = client
+        self.settings = settings
+
+    def follow(self, request_id: str, after_seq: int, idle_s: float
+               ) -> AsyncIterator[dict[str, Any] | None]:
+        return tail_log(self.client, self.settings, request_id, after_seq, idle_s)
+
+    async def aclose(self) -> None:
+        return None
+
+
+def event_follower(client: aioredis.Redis, settings: Settings) -> EventFollower:
+    """The hub where it can serve the URL, else the log tailer; either rides out a Redis outage
+    of up to `Settings.stream_redis_grace_s`."""
+    inner: EventFollower = (EventHub(settings) if RedisPipe.supports(settings.redis_url)
+                            else LogTailer(client, settings))
+    return OutageTolerantFollower(inner, settings.stream_redis_grace_s)
+
+
+class OutageTolerantFollower:
+    """A follower whose followers outlive a Redis restart: while Redis cannot be reached it
+    yields keep-alive ticks (None) and tries again, then goes on from the last seq it gave out,
+    so an SSE client sees one unbroken sequence. After `grace_s` without Redis it gives up
+    (raises), and the client reconnects with ``Last-Event-ID`` as after any drop."""
+
+    RETRY_S = 0.5
+
+    def __init__(self, inner: EventFollower, grace_s: float) -> None:
+        self.inner = inner
+        self.grace_s = grace_s
+
+    async def follow(self, request_id: str, after_seq: int, idle_s: float
+                     ) -> AsyncIterator[dict[str, Any] | None]:
+        last = after_seq
+        outage_since: float | None = None
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                async for event in self.inner.follow(request_id, last, idle_s):
+                    if event is not None:
+                        outage_since = None
+                        last = int(event["seq"])
+                    yield event
+                return
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                now = loop.time()
+                outage_since = outage_since if outage_since is not None else now
+                if now - outage_since > self.grace_s:
+                    raise
+                log.warning("following events: Redis unreachable; trying again",
+                            request_id=request_id, error=str(exc))
+                yield None
+                await asyncio.sleep(self.RETRY_S)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class _Inbox:
+    """A follower's live events not yet taken, and a way to wait for the next ones."""
+
+    __slots__ = ("_waiter", "items", "lost")
+
+    def __init__(self) -> None:
+        self.items: list[bytes] = []
+        self.lost = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def push(self, data: bytes) -> None:
+        if len(self.items) >= MAX_BUFFERED:
+            self.mark_lost()
+            return
+        self.items.append(data)
+        self._wake()
+
+    def mark_lost(self) -> None:
+        self.items.clear()
+        self.lost = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None:
+            _resolve(self._waiter)
+
+    async def take(self, timeout_s: float) -> list[bytes] | None:
+        """What arrived (at once if something is waiting); None after `timeout_s` of nothing.
+        After `mark_lost` it returns [] with `lost` set."""
+        if not self.items and not self.lost:
+            loop = asyncio.get_running_loop()
+            self._waiter = waiter = loop.create_future()
+            timer = loop.call_later(timeout_s, _resolve, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+            if not self.items and not self.lost:
+                return None
+        items, self.items = self.items, []
+        return items
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+class _HubProtocol(asyncio.Protocol):
+    """The hub's connection: parses what Redis pushes and hands it to the hub."""
+
+    def __init__(self, hub: EventHub) -> None:
+        self.hub = hub
+        self.parser = hiredis.Reader()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's TCP transport is not an asyncio.Transport subclass, but has its interface.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.feed(data)
+        hub = self.hub
+        while True:
+            reply = self.parser.gets()
+            if reply is False:
+                return
+            hub._on_reply(self, reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.hub._on_lost(self, exc)
+
+
+class _Channel:
+    """The inboxes following one channel, and the confirmation of its SUBSCRIBE."""
+
+    __slots__ = ("inboxes", "ready")
+
+    def __init__(self, ready: asyncio.Future[None]) -> None:
+        self.inboxes: set[_Inbox] = set()
+        self.ready = ready
+
+
+class EventHub:
+    """Live events of all of this process's followers over one subscribed Redis connection."""
+
+    def __init__(self, settings: Settings) -> None:
+        options = parse_url(settings.redis_url)
+        self.host = str(options.get("host") or "localhost")
+        self.port = int(options.get("port") or 6379)
+        self.username = options.get("username")
+        self.password = options.get("password")
+        self.keys = Keys(settings.key_prefix)
+        self.pool = PipePool(settings.redis_url)
+        self._protocol: _HubProtocol | None = None
+        self._connecting: asyncio.Future[_HubProtocol] | None = None
+        self._channels: dict[bytes, _Channel] = {}
+        # Per channel, one future per SUBSCRIBE sent and not yet confirmed, in the order sent
+        # (a channel dropped and followed again has two; each reply confirms the oldest).
+        self._confirmations: dict[bytes, deque[asyncio.Future[None]]] = {}
+        self._auth_replies: deque[asyncio.Future[Any]] = deque()
+        self._closed = False
+
+    # -- the connection -------------------------------------------------------------------
+
+    async def _connection(self) -> _HubProtocol:
+        if self._protocol is not None:
+            return self._protocol
+        if self._closed:
+            raise redis.ConnectionError("the event hub is closed")
+        if self._connecting is None or self._connecting.done():
+            self._connecting = asyncio.ensure_future(self._connect())
+        # Shielded: one follower cancelled (its client left) must not cancel the others' connect.
+        return await asyncio.shield(self._connecting)
+
+    async def _connect(self) -> _HubProtocol:
+        loop = asyncio.get_running_loop()
+        try:
+            transport, protocol = await asyncio.wait_for(
+                loop.create_connection(lambda: _HubProtocol(self), self.host, self.port),
+                CONNECT_TIMEOUT_S)
+            if self.password is not None:
+                auth: asyncio.Future[Any] = loop.create_future()
+                self._auth_replies.append(auth)
+                self._write(protocol, ("AUTH", self.username, self.password) if self.username
+                            else ("AUTH", self.password))
+                reply = await asyncio.wait_for(auth, CONNECT_TIMEOUT_S)
+                if isinstance(reply, hiredis.ReplyError):
+                    transport.close()
+                    raise redis.AuthenticationError(str(reply))
+        except (OSError, TimeoutError) as exc:
+            raise redis.ConnectionError(f"event hub: cannot reach Redis: {exc}") from exc
+        self._protocol = protocol
+        return protocol
+
+    @staticmethod
+    def _write(protocol: _HubProtocol, command: tuple[Any, ...]) -> None:
+        if protocol.transport is None or protocol.transport.is_closing():
+            raise redis.ConnectionError("event hub: connection closed")
+        protocol.transport.write(hiredis.pack_command(command))
+
+    def _on_reply(self, protocol: _HubProtocol, reply: Any) -> None:
+        if isinstance(reply, list) and reply:
+            kind = reply[0]
+            if kind == b"message":
+                channel = self._channels.get(reply[1])
+                if channel is not None:
+                    for inbox in channel.inboxes:
+                        inbox.push(reply[2])
+            elif kind == b"subscribe":
+                waiting = self._confirmations.get(reply[1])
+                if waiting:
+                    _resolve(waiting.popleft())
+                    if not waiting:
+                        del self._confirmations[reply[1]]
+            return  # unsubscribe confirmations need nothing
+        if self._auth_replies:
+            waiter = self._auth_replies.popleft()
+            if not waiter.done():
+                waiter.set_result(reply)
+
+    def _on_lost(self, protocol: _HubProtocol, exc: Exception | None) -> None:
+        if self._protocol is protocol:
+            self._protocol = None
+        error = redis.ConnectionError(f"event hub: connection lost: {exc or 'closed'}")
+        waiters = [*self._auth_replies, *(w for q in self._confirmations.values() for w in q)]
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(error)
+                waiter.exception()  # retrieved: nobody may be waiting on it any more
+        self._auth_replies.clear()
+        self._confirmations.clear()
+        channels, self._channels = self._channels, {}
+        for channel in channels.values():
+            for inbox in channel.inboxes:
+                inbox.mark_lost()  # each follower subscribes again and reads the log
+        if channels and not self._closed:
+            log.warning("event hub lost its Redis connection; followers catch up from the log",
+                        followers=sum(len(c.inboxes) for c in channels.values()))
+
+    # -- subscriptions --------------------------------------------------------------------
+
+    async def _subscribe(self, name: bytes, inbox: _Inbox) -> None:
+        """Register `inbox` for channel `name`; return once the subscription is in effect."""
+        protocol = await self._connection()
+        channel = self._channels.get(name)
+        if channel is None:
+            ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._write(protocol, ("SUBSCRIBE", name))
+            self._confirmations.setdefault(name, deque()).append(ready)
+            channel = self._channels[name] = _Channel(ready)
+        channel.inboxes.add(inbox)
+        if not channel.ready.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(channel.ready), CONNECT_TIMEOUT_S)
+            except TimeoutError:
+                raise redis.TimeoutError("event hub: no SUBSCRIBE confirmation from Redis "
+                                         f"within {CONNECT_TIMEOUT_S:g}s") from None
+        channel.ready.result()  # raises if the connection was lost before the confirmation
+
+    def _unsubscribe(self, name: bytes, inbox: _Inbox) -> None:
+        channel = self._channels.get(name)
+        if channel is None or inbox not in channel.inboxes:
+            return
+        channel.inboxes.discard(inbox)
+        if channel.inboxes:
+            return
+        del self._channels[name]
+        if self._protocol is not None:
+            # A gone connection took its subscriptions with it.
+            with contextlib.suppress(redis.ConnectionError):
+                self._write(self._protocol, ("UNSUBSCRIBE", name))
+
+    # -- following --------------------------------------------------------------------------
+
+    async def _log_after(self, request_id: str, last: int) -> tuple[list[dict[str, Any]], bool]:
+        """The log's events after seq `last`, and whether the request is over (or gone)."""
+        entries, status = await self.pool.execute([
+            ("XRANGE", self.keys.events(request_id), f"({stream_id_after(last)}", "+"),
+            ("HGET", self.keys.record(request_id), "status"),
+        ])
+        if isinstance(entries, hiredis.ReplyError):
+            raise reply_error(entries)
+        events = [parse_event(event_data(fields)) for _entry_id, fields in entries]
+        over = finished(status)
+        if not events and over:  # a finished request's log may be compacted (hybrid_router.router.core.replay)
+            (packed,) = await self.pool.execute([
+                ("HGET", self.keys.record(request_id), PACKED_FIELD)])
+            if isinstance(packed, hiredis.ReplyError):
+                raise reply_error(packed)
+            events = compacted_events(packed, last)
+        return events, over
+
+    async def follow(self, request_id: str, after_seq: int, idle_s: float
+                     ) -> AsyncIterator[dict[str, Any] | None]:
+        """Events after `after_seq`, replayed then live, until a final event; None after every
+        `idle_s` without one. Ends without a final event only when the request is over (or
+        gone) and its log holds nothing more (the log expired before the record)."""
+        name = self.keys.channel(request_id).encode()
+        inbox = _Inbox()
+        last = after_seq
+        try:
+            await self._subscribe(name, inbox)
+            pending, over = await self._log_after(request_id, last)
+            if not pending and over:
+                return
+            while True:
+                for event in pending:
+                    if event["seq"] <= last:
+                        continue
+                    last = event["seq"]
+                    yield event
+                    if event["type"] in FINAL_EVENT_TYPES:
+                        return
+                arrived = await inbox.take(idle_s)
+                if arrived is None:  # idle: over with nothing left, or time for a keep-alive
+                    pending, over = await self._log_after(request_id, last)
+                    if not pending:
+                        if over:
+                            return
+                        yield None
+                elif inbox.lost:  # fell behind, or the connection was lost: the log has it all
+                    inbox.lost = False
+                    await self._subscribe(name, inbox)
+                    pending, _over = await self._log_after(request_id, last)
+                else:
+                    pending = [parse_event(data) for data in arrived]
+                    if _has_gap(pending, last):
+                        pending, _over = await self._log_after(request_id, last)
+        finally:
+            self._unsubscribe(name, inbox)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        protocol, self._protocol = self._protocol, None
+        if protocol is not None and protocol.transport is not None:
+            protocol.transport.close()
+        self.pool.close()
+
+
+def _has_gap(events: list[dict[str, Any]], last: int) -> bool:
+    """Whether `events` (live, in order, maybe repeating seqs up to `last`) skip a seq."""
+    for event in events:
+        seq = event["seq"]
+        if seq > last + 1:
+            return True
+        last = max(last, seq)
+    return False

@@ -1,0 +1,81 @@
+"""Prices: what a request cost on its lane, and a dollar budget turned into a token cap."""
+
+from __future__ import annotations
+
+from decimal import ROUND_HALF_EVEN, Decimal
+from typing import Any
+
+from hybrid_router.settings import Settings
+
+MTOK = Decimal(1_000_000)
+MAX_TOKENS_CAP = 1_000_000  # no model reaches it: "the budget does not limit the answer"
+COST_QUANTUM = Decimal("0.000000000001")  # pico-dollars: exact for prices with <= 6 decimals per Mtok
+
+
+def money_text(amount: Decimal) -> str:
+    """A USD amount as JSON shows it: a decimal string in plain notation with 12 decimals
+    (the ledger's pico-dollar resolution), e.g. ``"0.000225000000"``, never ``"0E-12"``.
+    A string, not a JSON number, because a double cannot hold every such amount exactly."""
+    return f"{amount:.12f}"
+
+
+def lane_multiplier(settings: Settings, route: str, *, emulated: bool = False) -> Decimal:
+    """1 on the stream lane (and emulated batches, which pay full price), else the discount."""
+    if route == "batch" and not emulated:
+        return Decimal(1) - settings.batch_discount
+    return Decimal(1)
+
+
+def cost_usd(
+    settings: Settings,
+    model: str,
+    usage: dict[str, Any] | None,
+    route: str,
+    *,
+    emulated: bool = False,
+) -> Decimal:
+    """Cost of `usage` tokens of `model` on `route`, in USD, exact to 1e-12."""
+    if not usage:
+        return Decimal(0)
+    price = settings.price_for(model)
+    prompt = Decimal(int(usage.get("prompt_tokens") or 0))
+    completion = Decimal(int(usage.get("completion_tokens") or 0))
+    standard = (prompt * price.input_per_mtok + completion * price.output_per_mtok) / MTOK
+    return (standard * lane_multiplier(settings, route, emulated=emulated)).quantize(
+        COST_QUANTUM, rounding=ROUND_HALF_EVEN
+    )
+
+
+def estimate_prompt_tokens(messages: list[dict[str, Any]]) -> int:
+    """A cheap, deliberately generous prompt size estimate (about 4 characters a token)."""
+    chars = 0
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict) and isinstance(part.get("text"), str):
+                    chars += len(part["text"])
+        chars += 16  # role and framing
+    return max(1, chars // 4 + 1)
+
+
+def max_tokens_for_budget(
+    settings: Settings, model: str, route: str, budget_usd: Decimal, prompt_tokens: int
+) -> int:
+    """Completion tokens that `budget_usd` buys after paying for the prompt; 0 if none.
+
+    Raises nothing: the caller decides that 0 means "the budget cannot even pay the prompt".
+    """
+    price = settings.price_for(model)
+    mult = lane_multiplier(settings, route)
+    prompt_cost = Decimal(prompt_tokens) * price.input_per_mtok * mult / MTOK
+    left = budget_usd - prompt_cost
+    if left <= 0:
+        return 0
+    per_token = price.output_per_mtok * mult / MTOK
+    if per_token == 0 or left >= per_token * MAX_TOKENS_CAP:
+        # A huge budget (1e308, 1e999999) must not overflow Decimal or int64 (issue 8).
+        return MAX_TOKENS_CAP
+    return int(left / per_token)
