@@ -9,11 +9,12 @@ from datetime import UTC, datetime, timedelta
 
 import redis
 
+from hybrid_router.router.core.celery_app import FLUSH_TASK, POLL_TASK
 from hybrid_router.router.core.keys import Keys
 from hybrid_router.router.core.records import now
 from hybrid_router.settings import Settings
 from hybrid_router.workers.batch.schedule import PollSchedule, RuntimeFlushSchedule
-from hybrid_router.workers.celery_app import FLUSH_TASK, POLL_TASK, create_celery
+from hybrid_router.workers.celery_app import create_celery
 from hybrid_router.workers.stream.engine import parse_task_message
 from tests.support import Stack, wait_until
 

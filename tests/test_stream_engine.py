@@ -12,13 +12,14 @@ from typing import Any
 import pytest
 import redis
 
+from hybrid_router.router.core.celery_app import FLUSH_TASK, STREAM_TASK
 from hybrid_router.router.core.celery_message import CeleryMessageBuilder
 from hybrid_router.router.core.dispatch import CeleryStreamDispatcher
 from hybrid_router.router.core.intake import accept_sync, prepare
 from hybrid_router.router.core.keys import Keys
 from hybrid_router.router.core.schemas import SubmitRequest
 from hybrid_router.settings import Settings
-from hybrid_router.workers.celery_app import FLUSH_TASK, STREAM_TASK, create_celery
+from hybrid_router.workers.celery_app import create_celery
 from hybrid_router.workers.stream.context import StreamContext
 from hybrid_router.workers.stream.engine import parse_task_message
 from tests.support import wait_until

@@ -28,6 +28,7 @@ from hybrid_router.router.core.callback_policy import (
     trusted_as_named,
 )
 from hybrid_router.router.core.callback_signature import SIGNATURE_HEADER, sign
+from hybrid_router.router.core.celery_app import send_callback
 from hybrid_router.router.core.keys import Keys
 from hybrid_router.router.core.logs import get_logger
 from hybrid_router.router.core.records import RequestRecord, dumps
@@ -36,7 +37,6 @@ from hybrid_router.workers.retry import RetryPolicy
 
 log = get_logger(__name__)
 
-CALLBACK_TASK = "hr.batch.callback"
 CALLBACK_TIMEOUT_S = 10.0
 
 Outcome = Literal["sent", "skipped", "retry", "gave_up", "refused"]
@@ -148,16 +148,6 @@ def callback_backoff(settings: Settings, attempt: int) -> float:
     return RetryPolicy.from_settings(settings).backoff(attempt)
 
 
-def schedule_callback(app: Celery, request_id: str, attempt: int = 1,
-                      countdown: float = 0.0) -> None:
-    """Send the task that POSTs the terminal record of `request_id` to its callback_url."""
-    from hybrid_router.workers.celery_app import settings_of
-
-    queue = Keys(settings_of(app).key_prefix).batch_queue()
-    app.send_task(CALLBACK_TASK, args=[request_id, attempt], queue=queue, routing_key=queue,
-                  countdown=countdown or None, retry=True)
-
-
 def run_callback(app: Celery, settings: Settings, client: redis.Redis, http: httpx.Client,
                  request_id: str, attempt: int) -> CallbackResult:
     """Deliver, and schedule the next attempt with backoff when the receiver failed."""
@@ -167,7 +157,7 @@ def run_callback(app: Celery, settings: Settings, client: redis.Redis, http: htt
             delay = callback_backoff(settings, attempt)
             log.warning("callback failed; retrying", request_id=request_id, attempt=attempt,
                         delay_s=round(delay, 2), detail=result.detail)
-            schedule_callback(app, request_id, attempt + 1, countdown=delay)
+            send_callback(app, request_id, attempt + 1, countdown=delay)
         else:
             log.error("callback gave up", request_id=request_id, attempts=attempt,
                       detail=result.detail)

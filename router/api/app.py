@@ -15,6 +15,8 @@ from hybrid_router.router.api.errors import install_error_handlers
 from hybrid_router.router.api.fast_path import FastPaths
 from hybrid_router.router.api.routes import admin, chat, events, health, metrics, requests, ui
 from hybrid_router.router.api.slow_clients import BodyReadTimeout
+from hybrid_router.router.core.celery_app import build_celery
+from hybrid_router.router.core.dispatch import CeleryStreamDispatcher
 from hybrid_router.router.core.event_hub import event_follower
 from hybrid_router.router.core.intake import StreamDispatcher
 from hybrid_router.router.core.logs import configure_logging, get_logger
@@ -36,10 +38,7 @@ def create_app(settings: Settings, dispatcher: StreamDispatcher | None = None) -
         app.state.store = AsyncRequestStore(app.state.redis, settings)
         app.state.events = event_follower(app.state.redis, settings)
         if dispatcher is None:
-            from hybrid_router.router.core.dispatch import CeleryStreamDispatcher
-            from hybrid_router.workers.celery_app import create_celery
-
-            app.state.dispatcher = CeleryStreamDispatcher(create_celery(settings))
+            app.state.dispatcher = CeleryStreamDispatcher(build_celery(settings))
         else:
             app.state.dispatcher = dispatcher
         if not settings.auth_enabled:

@@ -10,6 +10,7 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
+from hybrid_router.router.core.celery_app import send_callback
 from hybrid_router.router.core.logs import get_logger
 from hybrid_router.router.core.records import RequestRecord
 
@@ -22,10 +23,8 @@ async def cancel_and_notify(app_state: Any, record: RequestRecord) -> tuple[str,
     if outcome == "cancelled" and record.callback_url:
         celery_app = getattr(app_state.dispatcher, "app", None)
         if celery_app is not None:
-            from hybrid_router.workers.callbacks import schedule_callback
-
             try:
-                await run_in_threadpool(schedule_callback, celery_app, record.id)
+                await run_in_threadpool(send_callback, celery_app, record.id)
             except Exception as exc:  # the cancel stands; the callback is best effort here
                 log.error("cancel callback not scheduled", request_id=record.id, error=str(exc))
     return outcome, previous

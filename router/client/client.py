@@ -473,14 +473,14 @@ class DirectEnqueuer:
     def __init__(self, settings: Settings) -> None:
         import redis
 
+        from hybrid_router.router.core.celery_app import build_celery
         from hybrid_router.router.core.dispatch import CeleryStreamDispatcher
         from hybrid_router.router.core.store import RequestStore
-        from hybrid_router.workers.celery_app import create_celery
 
         self.settings = settings
         self.redis = redis.Redis.from_url(settings.redis_url)
         self.store = RequestStore(self.redis, settings)
-        self.dispatcher = CeleryStreamDispatcher(create_celery(settings))
+        self.dispatcher = CeleryStreamDispatcher(build_celery(settings))
 
     def enqueue(self, messages: list[dict[str, Any]], *, model: str | None = None,
                 priority: str = "low", tenant: str = "default", **fields: Any) -> str:

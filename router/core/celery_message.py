@@ -22,8 +22,8 @@ import orjson
 from celery import Celery
 from kombu.serialization import dumps as kombu_dumps
 
+from hybrid_router.router.core.celery_app import settings_of
 from hybrid_router.router.core.keys import Keys
-from hybrid_router.workers.celery_app import settings_of
 
 
 class CeleryMessageBuilder:

@@ -10,10 +10,10 @@ import threading
 
 from celery import Celery
 
+from hybrid_router.router.core.celery_app import STREAM_TASK, settings_of
 from hybrid_router.router.core.celery_message import CeleryMessageBuilder
 from hybrid_router.router.core.keys import Keys
 from hybrid_router.router.core.task_events import TaskEvents, celery_event_sink
-from hybrid_router.workers.celery_app import STREAM_TASK, settings_of
 
 
 class CeleryStreamDispatcher:

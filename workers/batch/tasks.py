@@ -17,14 +17,14 @@ import openai
 import redis
 from celery import Celery, shared_task
 
+from hybrid_router.router.core.celery_app import CALLBACK_TASK, FLUSH_TASK, POLL_TASK, send_callback, settings_of
 from hybrid_router.router.core.dispatch import CeleryStreamDispatcher
 from hybrid_router.router.core.keys import Keys
 from hybrid_router.settings import Settings
 from hybrid_router.workers.batch.emulated import run_emulated_batch
 from hybrid_router.workers.batch.flush import FlushContext, flush
 from hybrid_router.workers.batch.poll import PollContext, poll
-from hybrid_router.workers.callbacks import CALLBACK_TASK, run_callback, schedule_callback
-from hybrid_router.workers.celery_app import FLUSH_TASK, POLL_TASK, settings_of
+from hybrid_router.workers.callbacks import run_callback
 from hybrid_router.workers.upstream.base import make_openai_client
 
 EMULATED_TASK = "hr.batch.emulated"
@@ -67,7 +67,7 @@ def send_emulated(app: Celery, batch_id: str) -> None:
 def _hooks(app: Celery) -> dict[str, Any]:
     dispatcher = CeleryStreamDispatcher(app)
     return {
-        "notify": lambda request_id: schedule_callback(app, request_id),
+        "notify": lambda request_id: send_callback(app, request_id),
         "dispatch_stream": dispatcher.dispatch,
         "send_emulated": lambda batch_id: send_emulated(app, batch_id),
     }
@@ -96,7 +96,7 @@ def emulated_task(self: Any, batch_id: str) -> dict[str, int]:
     """Run one emulated batch as ordinary completions (args: [batch_id])."""
     res = resources_for(self.app)
     report = run_emulated_batch(res.settings, res.redis, res.upstream, batch_id,
-                                notify=lambda rid: schedule_callback(self.app, rid))
+                                notify=lambda rid: send_callback(self.app, rid))
     return {"completed": report.completed, "failed": report.failed,
             "requeued": report.requeued}
 

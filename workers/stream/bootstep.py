@@ -17,10 +17,10 @@ from typing import Any
 
 from celery import Celery, bootsteps
 
+from hybrid_router.router.core.celery_app import settings_of
 from hybrid_router.router.core.keys import Keys
 from hybrid_router.router.core.logs import get_logger
 from hybrid_router.router.core.task_events import celery_event_sink
-from hybrid_router.workers.celery_app import settings_of
 from hybrid_router.workers.stream.tasks import app_stream_context
 
 log = get_logger(__name__)

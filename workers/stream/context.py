@@ -34,7 +34,7 @@ class StreamContext:
     leases: LeaseKeeper
     policy: RetryPolicy
     # Called with the id of every request this process moved to a terminal state that has a
-    # callback_url (the Celery task wires `hybrid_router.workers.callbacks.schedule_callback`).
+    # callback_url (the Celery task wires `core.celery_app.send_callback`).
     notify: Callable[[str], None] = field(default=lambda _request_id: None)
     # Sends the stream task of a request again (the sweep, for a dispatched request whose
     # message was lost; the Celery task wires ``send_task``). Without Celery: not sent.

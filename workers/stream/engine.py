@@ -46,13 +46,13 @@ import orjson
 import redis
 import redis.asyncio as aioredis
 
+from hybrid_router.router.core.celery_app import STREAM_TASK
 from hybrid_router.router.core.keys import Keys
 from hybrid_router.router.core.logs import get_logger
 from hybrid_router.router.core.lua import RESTORE_TAKEN_SCRIPT
 from hybrid_router.router.core.redis_pipe import RedisPipe, reply_error
 from hybrid_router.router.core.replay import compact_due
 from hybrid_router.router.core.task_events import EventSink, TaskEvents
-from hybrid_router.workers.celery_app import STREAM_TASK
 from hybrid_router.workers.stream.cancel import cancel_stream
 from hybrid_router.workers.stream.context import StreamContext
 from hybrid_router.workers.stream.relay import REDIS_DOWN, RunOutcome, stream_request

@@ -13,9 +13,8 @@ from typing import Any
 
 from celery import Celery, shared_task
 
+from hybrid_router.router.core.celery_app import STREAM_TASK, send_callback, settings_of
 from hybrid_router.router.core.keys import Keys
-from hybrid_router.workers.callbacks import schedule_callback
-from hybrid_router.workers.celery_app import STREAM_TASK, settings_of
 from hybrid_router.workers.stream.context import StreamContext, context_for
 from hybrid_router.workers.stream.relay import run_stream
 
@@ -25,7 +24,7 @@ def app_stream_context(app: Celery) -> StreamContext:
     `app`."""
     ctx = context_for(settings_of(app))
     queue = Keys(ctx.settings.key_prefix).stream_queue()
-    ctx.notify = lambda request_id: schedule_callback(app, request_id)
+    ctx.notify = lambda request_id: send_callback(app, request_id)
     ctx.redispatch = lambda request_id: app.send_task(
         STREAM_TASK, args=[request_id], queue=queue, routing_key=queue, task_id=request_id)
     return ctx

@@ -13,7 +13,9 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from hybrid_router.router.api.deps import Caller, CallerDep, RedisDep, SettingsDep
+from hybrid_router.router.core.celery_app import FLUSH_TASK, build_celery
 from hybrid_router.router.core.intake import IntakeError
+from hybrid_router.router.core.keys import Keys
 from hybrid_router.router.core.logs import get_logger
 from hybrid_router.router.core.runtime_config import (
     MAX_FLUSH_INTERVAL_S,
@@ -92,14 +94,9 @@ async def put_config(body: RuntimeConfigUpdate, caller: AdminDep, settings: Sett
 @router.post("/flush", status_code=202, response_model=FlushQueued, responses=_ERRORS)
 async def flush_now(request: Request, caller: AdminDep, settings: SettingsDep) -> FlushQueued:
     """Send a flush to the batch worker now (it skips if a flush is already running)."""
-    from hybrid_router.router.core.keys import Keys
-    from hybrid_router.workers.celery_app import FLUSH_TASK
-
     celery_app = getattr(request.app.state.dispatcher, "app", None)
     if celery_app is None:
-        from hybrid_router.workers.celery_app import create_celery
-
-        celery_app = create_celery(settings)
+        celery_app = build_celery(settings)
     queue = Keys(settings.key_prefix).batch_queue()
     try:
         await run_in_threadpool(celery_app.send_task, FLUSH_TASK, queue=queue,
