@@ -19,13 +19,9 @@ import redis
 import redis.asyncio as aioredis
 
 from hybrid_router.router.core.redis_pipe import PipePool, reply_error
+from hybrid_router.router.core.states import LUA_STATES
 
-TERMINAL_STATES = ("completed", "failed", "cancelled")
-
-_COMMON = """
-local function is_terminal(s)
-  return s == 'completed' or s == 'failed' or s == 'cancelled'
-end
+_COMMON = LUA_STATES + """
 local function is_final_event(body)
   return string.find(body, '^{"type":"done"') ~= nil or string.find(body, '^{"type":"error"') ~= nil
     or string.find(body, '^{"type":"cancelled"') ~= nil
@@ -127,7 +123,7 @@ TRANSITION = (
     + """
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return {-1, ''} end
-if is_terminal(cur) then return {0, cur} end
+if not may_move(cur, ARGV[2]) then return {0, cur} end
 if #KEYS > 3 then
   -- A stream run may end its request only while no other worker holds the lease (another
   -- worker resumed it after this one was taken for dead): 'lease_lost' refuses the move.
@@ -176,7 +172,7 @@ CANCEL = (
     + """
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return {'missing', ''} end
-if is_terminal(cur) then return {'terminal', cur} end
+if not may_move(cur, 'cancelled') then return {'terminal', cur} end
 if cur == 'queued' then
   local id = redis.call('HGET', KEYS[1], 'id')
   redis.call('LREM', KEYS[4], 0, id)
@@ -257,7 +253,7 @@ if cur == 'streaming' then
   redis.call('ZADD', KEYS[6], ARGV[4], ARGV[1])
   return with_record('lost')
 end
-if cur ~= 'dispatched' then
+if not may_move(cur, 'streaming') then
   redis.call('DEL', KEYS[2])
   return {'other', cur}
 end

@@ -1,7 +1,6 @@
 """The request record: what Redis holds for each accepted request, and its states.
 
-States (DESIGN.md): ``queued`` -> ``submitted`` -> terminal on the batch lane, ``dispatched`` ->
-``streaming`` -> terminal on the stream lane. Terminal states never change again.
+Its states and their moves are defined once, in `core.states`.
 """
 
 from __future__ import annotations
@@ -14,11 +13,11 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, Field
 
-Status = Literal["queued", "submitted", "dispatched", "streaming", "completed", "failed", "cancelled"]
+from hybrid_router.router.core.states import TERMINAL, Status
+
 Priority = Literal["high", "normal", "low"]
 RouteName = Literal["stream", "batch"]
 
-TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 
 JSON_FIELDS = ("body", "result", "error", "metadata", "usage")
 _JSON_FIELDS = JSON_FIELDS

@@ -43,9 +43,9 @@ from hybrid_router.router.core.events import FINAL_EVENT_TYPES, parse_event, seq
 from hybrid_router.router.core.keys import Keys
 from hybrid_router.router.core.records import PACKED_FIELD
 from hybrid_router.router.core.replay import compacted_events
+from hybrid_router.router.core.states import TERMINAL_BYTES
 from hybrid_router.settings import Settings
 
-TERMINAL_STATUSES = (b"completed", b"failed", b"cancelled")
 _POLL_S = 1.0
 
 
@@ -62,7 +62,7 @@ def event_data(fields: Any) -> Any:
 
 def finished(status: Any) -> bool:
     """Whether a record status (raw from Redis) means no event will follow."""
-    return status is None or status in TERMINAL_STATUSES
+    return status is None or status in TERMINAL_BYTES
 
 
 def _remaining(deadline: float | None) -> float:

@@ -80,7 +80,7 @@ local left = {}
 for i = 0, n - 1 do
   local rec, seq, events = KEYS[3 + 3 * i], KEYS[4 + 3 * i], KEYS[5 + 3 * i]
   local channel = ARGV[7 + 2 * i]
-  if redis.call('HGET', rec, 'status') == 'queued' then
+  if may_move(redis.call('HGET', rec, 'status'), 'submitted') then
     redis.call('HSET', rec, 'status', 'submitted', 'batch_id', ARGV[1], 'started_at', ARGV[2])
     emit(seq, events, channel, ARGV[3], ARGV[4], ARGV[5])
     moved = moved + 1
@@ -189,7 +189,7 @@ for k = 2, #KEYS, 3 do
   elseif paid_after_cancel then
     bill(rec, at)
     out[#out + 1] = 2; out[#out + 1] = ''; out[#out + 1] = ''
-  elseif is_terminal(cur[1]) or not allowed[cur[1]] then
+  elseif not may_move(cur[1], to_status) or not allowed[cur[1]] then
     out[#out + 1] = 0; out[#out + 1] = ''; out[#out + 1] = ''
   else
     if to_status == 'completed' then
@@ -226,7 +226,7 @@ REQUEUE = (
     _COMMON
     + """
 local cur = redis.call('HGET', KEYS[1], 'status')
-if cur ~= 'submitted' then return {0, ''} end
+if not may_move(cur, 'queued') then return {0, ''} end
 if redis.call('HGET', KEYS[1], 'batch_id') ~= ARGV[1] then return {0, ''} end
 local charge = tonumber(ARGV[13])
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', charge)
@@ -281,7 +281,7 @@ ESCALATE = (
     _COMMON
     + """
 redis.call('ZREM', KEYS[6], ARGV[1])
-if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
+if not may_move(redis.call('HGET', KEYS[1], 'status'), 'dispatched') then return 0 end
 redis.call('LREM', KEYS[4], 0, ARGV[1])
 redis.call('HSET', KEYS[1], 'status', 'dispatched', 'route', 'stream', 'route_reason', ARGV[6])
 redis.call('ZADD', KEYS[5], ARGV[5], ARGV[1])

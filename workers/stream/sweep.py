@@ -26,12 +26,12 @@ from typing import Any
 
 from hybrid_router.router.core.logs import get_logger
 from hybrid_router.router.core.records import now
+from hybrid_router.router.core.states import TERMINAL_BYTES
 from hybrid_router.workers.stream.context import StreamContext
 
 log = get_logger(__name__)
 
 SWEEP_BATCH = 1000
-_TERMINAL = (b"completed", b"failed", b"cancelled")
 
 
 @dataclass
@@ -91,7 +91,7 @@ def _sweep_streaming(ctx: StreamContext, resume: Callable[[str], None], capacity
                 seen.pop(request_id, None)
                 resume(request_id)  # the claim takes the lease: only one engine gets it
                 report.resumed += 1
-        elif status is None or status in _TERMINAL:
+        elif status is None or status in TERMINAL_BYTES:
             ctx.redis.zrem(keys.streaming(), request_id)
             report.cleaned += 1
 
