@@ -17,6 +17,7 @@ import redis
 
 from hybrid_router.router.client import AsyncRouterClient, RouterClient, RouterError, SSEDecoder, enqueue
 from hybrid_router.router.core import events as ev
+from hybrid_router.router.core.errors import Conflict, ErrorCode, InvalidRequest
 from hybrid_router.router.core.keys import Keys
 from hybrid_router.router.core.store import RequestStore
 from hybrid_router.settings import Settings
@@ -162,12 +163,14 @@ def test_enqueue_low_and_high_without_http(
     assert record is not None and record.route == "stream" and record.status == "dispatched"
     again = enqueue(settings, MSG, priority="low", idempotency_key="k-1")
     assert enqueue(settings, MSG, priority="low", idempotency_key="k-1") == again
-    with pytest.raises(RouterError) as bad:
+    # A Python caller gets the domain's exceptions (no HTTP status codes).
+    with pytest.raises(InvalidRequest) as bad:
         enqueue(settings, [{"role": "robot", "content": "x"}])
-    assert bad.value.status == 400 and bad.value.param == "messages.0.role"
-    with pytest.raises(RouterError) as conflict:
+    assert bad.value.param == "messages.0.role" and bad.value.code == ErrorCode.INVALID_REQUEST
+    with pytest.raises(Conflict) as conflict:
         enqueue(settings, [{"role": "user", "content": "other"}], idempotency_key="k-1")
-    assert conflict.value.status == 409
+    assert conflict.value.code == ErrorCode.IDEMPOTENCY_CONFLICT
+    assert not hasattr(conflict.value, "status")
 
 
 def test_wait_follows_a_record_completed_after_events(

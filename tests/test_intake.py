@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import redis
 
-from hybrid_router.router.core.intake import IntakeError, accept_sync, prepare
+from hybrid_router.router.core.errors import Conflict, ErrorCode, InvalidRequest, Unavailable
+from hybrid_router.router.core.intake import accept_sync, prepare
 from hybrid_router.router.core.schemas import SubmitRequest
 from hybrid_router.router.core.store import RequestStore
 from hybrid_router.settings import Settings
@@ -48,10 +49,11 @@ def test_prepare_builds_the_record(settings: Settings) -> None:
 
 
 def test_prepare_refuses_with_the_field_named(settings: Settings) -> None:
-    with pytest.raises(IntakeError) as not_allowed:
+    with pytest.raises(InvalidRequest) as not_allowed:
         prepare(req(model="other"), "acme", settings)
-    assert not_allowed.value.param == "model" and not_allowed.value.status == 400
-    with pytest.raises(IntakeError) as stream_low:
+    assert not_allowed.value.param == "model"
+    assert not_allowed.value.code == ErrorCode.MODEL_NOT_ALLOWED
+    with pytest.raises(InvalidRequest) as stream_low:
         prepare(req(priority="low", stream=True), "acme", settings)
     assert stream_low.value.param == "stream"
     # A low request with a short deadline streams, so stream=true is fine there.
@@ -65,7 +67,7 @@ def test_budget_caps_max_tokens(settings: Settings) -> None:
     assert batch.body["max_tokens"] > stream.body["max_tokens"] * 1.9
     lower = prepare(req(model="gpt-4o", max_tokens=10, max_cost_usd=Decimal("0.01")), "a", settings)
     assert lower.record.body["max_tokens"] == 10
-    with pytest.raises(IntakeError) as tiny:
+    with pytest.raises(InvalidRequest) as tiny:
         prepare(req(model="gpt-4o", max_cost_usd=Decimal("0.000000001")), "a", settings)
     assert tiny.value.param == "max_cost_usd"
 
@@ -95,10 +97,10 @@ def test_record_is_stored_before_the_hand_over(settings: Settings, store: Reques
 
 
 def test_failed_hand_over_fails_the_request(settings: Settings, store: RequestStore) -> None:
-    with pytest.raises(IntakeError) as exc:
+    with pytest.raises(Unavailable) as exc:
         accept_sync(prepare(req(priority="high"), "acme", settings), store,
                     RecordingDispatcher(store, fail=True))
-    assert exc.value.status == 503
+    assert exc.value.code == ErrorCode.DISPATCH_UNAVAILABLE
     ids = [key for key in store.redis.scan_iter(match=f"{settings.key_prefix}:req:*")]
     assert len(ids) == 1
     assert store.redis.hget(ids[0], "status") == b"failed"
@@ -109,6 +111,6 @@ def test_idempotent_replay_and_conflict(settings: Settings, store: RequestStore)
     first = accept_sync(prepare(req(priority="low", idempotency_key="x"), "t", settings), store, d)
     again = accept_sync(prepare(req(priority="low", idempotency_key="x"), "t", settings), store, d)
     assert again.replay and again.record.id == first.record.id
-    with pytest.raises(IntakeError) as conflict:
+    with pytest.raises(Conflict) as conflict:
         accept_sync(prepare(req(priority="high", idempotency_key="x"), "t", settings), store, d)
-    assert conflict.value.status == 409 and d.seen == []
+    assert conflict.value.code == ErrorCode.IDEMPOTENCY_CONFLICT and d.seen == []

@@ -16,8 +16,9 @@ from typing import Annotated
 import redis.asyncio as aioredis
 from fastapi import Depends, Header, Request
 
+from hybrid_router.router.core.errors import ErrorCode, Unauthenticated
 from hybrid_router.router.core.event_hub import EventFollower
-from hybrid_router.router.core.intake import IntakeError, StreamDispatcher
+from hybrid_router.router.core.intake import StreamDispatcher
 from hybrid_router.router.core.store import AsyncRequestStore
 from hybrid_router.settings import Settings
 
@@ -82,15 +83,13 @@ async def get_caller(
         return Caller(DEV_TENANT, "dev")
     token = bearer_token(authorization)
     if token is None:
-        raise IntakeError(
-            401,
-            "missing API key: send 'Authorization: Bearer <key>'",
-            code="missing_api_key",
+        raise Unauthenticated("missing API key: send 'Authorization: Bearer <key>'",
+            code=ErrorCode.MISSING_API_KEY,
         )
     for known, tenant in settings.api_keys.items():
         if hmac.compare_digest(known.encode(), token.encode()):
             return Caller(tenant, key_id(token))
-    raise IntakeError(401, "invalid API key", code="invalid_api_key")
+    raise Unauthenticated("invalid API key", code=ErrorCode.INVALID_API_KEY)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]

@@ -10,7 +10,19 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from hybrid_router.router.core.intake import IntakeError
+from hybrid_router.router.core.errors import (
+    Conflict,
+    ErrorCode,
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    RateLimited,
+    RouterRefusal,
+    TimedOut,
+    TooLarge,
+    Unauthenticated,
+    Unavailable,
+)
 from hybrid_router.router.core.logs import get_logger
 
 log = get_logger(__name__)
@@ -27,6 +39,28 @@ _TYPES = {
     422: "invalid_request_error",
     429: "rate_limit_error",
 }
+
+
+# The one place a refusal becomes an HTTP status.
+HTTP_STATUS: dict[type[RouterRefusal], int] = {
+    InvalidRequest: 400,
+    Unauthenticated: 401,
+    Forbidden: 403,
+    NotFound: 404,
+    TimedOut: 408,
+    Conflict: 409,
+    TooLarge: 413,
+    RateLimited: 429,
+    Unavailable: 503,
+}
+
+
+def status_of(exc: RouterRefusal) -> int:
+    """The HTTP status of a refusal: that of the nearest class in `HTTP_STATUS`."""
+    for cls in type(exc).__mro__:
+        if cls in HTTP_STATUS:
+            return HTTP_STATUS[cls]
+    return 400
 
 
 def error_response(
@@ -87,24 +121,24 @@ def install_error_handlers(app: FastAPI) -> None:
         if param == "body" and "json" not in content_type:
             message += f" (sent as {content_type or 'no content type'}: send JSON with " \
                        "'Content-Type: application/json')"
-        return error_response(400, message, param=param, code="invalid_request")
+        return error_response(400, message, param=param, code=ErrorCode.INVALID_REQUEST)
 
-    @app.exception_handler(IntakeError)
-    async def _intake(_: Request, exc: IntakeError) -> JSONResponse:
-        headers = getattr(exc, "headers", None)
-        return error_response(exc.status, exc.message, exc.param, exc.code, headers)
+    @app.exception_handler(RouterRefusal)
+    async def _refused(_: Request, exc: RouterRefusal) -> JSONResponse:
+        return error_response(status_of(exc), exc.message, exc.param, exc.code,
+                              exc.headers or None)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 413:
-            return error_response(413, str(exc.detail), param="body", code="body_too_large")
+            return error_response(413, str(exc.detail), param="body", code=ErrorCode.BODY_TOO_LARGE)
         if exc.status_code == 408:  # hybrid_router.router.api.slow_clients: the body did not arrive in time
-            return error_response(408, str(exc.detail), param="body", code="request_timeout",
+            return error_response(408, str(exc.detail), param="body", code=ErrorCode.REQUEST_TIMEOUT,
                                   headers=dict(exc.headers or {}))
         if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
             # FastAPI's answer when the JSON parser itself gives up (e.g. nesting 10,000 deep).
             return error_response(400, "body could not be parsed as JSON (malformed, or nested "
-                                  "too deeply)", param="body", code="invalid_json")
+                                  "too deeply)", param="body", code=ErrorCode.INVALID_JSON)
         return error_response(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
 
     @app.exception_handler(redis.exceptions.ConnectionError)
@@ -114,9 +148,9 @@ def install_error_handlers(app: FastAPI) -> None:
         log.warning("redis unavailable", path=request.url.path, error=str(exc)[:200])
         return error_response(503, "the request store (Redis) is unavailable; retry shortly "
                               "(with the same idempotency_key, to be safe)",
-                              code="store_unavailable", headers={"retry-after": "1"})
+                              code=ErrorCode.STORE_UNAVAILABLE, headers={"retry-after": "1"})
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", path=request.url.path)
-        return error_response(500, "internal error; it has been logged", code="internal_error")
+        return error_response(500, "internal error; it has been logged", code=ErrorCode.INTERNAL_ERROR)

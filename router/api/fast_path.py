@@ -37,7 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hybrid_router.router.api.deps import Caller, get_caller
 from hybrid_router.router.api.ratelimit import enforce_rate_limit
-from hybrid_router.router.core.intake import IntakeError
+from hybrid_router.router.core.errors import RouterRefusal
 
 M = TypeVar("M", bound=BaseModel)
 FastHandler = Callable[[Request], Awaitable[Response | None]]
@@ -171,7 +171,7 @@ async def known_caller(request: Request) -> Caller | None:
     answers the 401 with its own message."""
     try:
         return await get_caller(request, request.headers.get("authorization"))
-    except IntakeError:
+    except RouterRefusal:
         return None
 
 

@@ -14,19 +14,11 @@ import orjson
 from fastapi import Request
 
 from hybrid_router.router.api.deps import CallerDep, RedisDep, SettingsDep
-from hybrid_router.router.core.intake import IntakeError
+from hybrid_router.router.core.errors import ErrorCode, InvalidRequest, RateLimited
 from hybrid_router.router.core.logs import get_logger
 from hybrid_router.router.core.ratelimit import RateLimiter, estimate_request_tokens, limits_enabled
 
 log = get_logger(__name__)
-
-
-class RateLimited(IntakeError):
-    """A 429 with the headers that tell the client when to come back (see errors.py)."""
-
-    def __init__(self, message: str, code: str, headers: dict[str, str]) -> None:
-        super().__init__(429, message, code=code)
-        self.headers = headers
 
 
 async def _body_json(request: Request) -> Any:
@@ -47,19 +39,17 @@ async def enforce_rate_limit(
     if decision.allowed:
         return
     if decision.too_large:
-        raise IntakeError(
-            400,
-            f"this request may use about {tokens} tokens, more than the limit of "
+        raise InvalidRequest(f"this request may use about {tokens} tokens, more than the limit of "
             f"{decision.limit} tokens per minute of this API key; lower max_tokens or shorten "
             "the messages",
             param="max_tokens",
-            code="request_too_large",
+            code=ErrorCode.REQUEST_TOO_LARGE,
         )
     log.info("rate limited", key_id=caller.key_id, kind=decision.kind, limit=decision.limit)
     raise RateLimited(
         f"rate limit reached: {decision.limit} {decision.kind} per minute for this API key; "
         f"retry after {decision.retry_after_s} s",
-        code=f"rate_limit_{decision.kind}",
+        code=ErrorCode(f"rate_limit_{decision.kind}"),
         headers={
             "retry-after": str(decision.retry_after_s),
             f"x-ratelimit-limit-{decision.kind}": str(decision.limit),

@@ -487,7 +487,8 @@ class DirectEnqueuer:
         from pydantic import ValidationError
 
         from hybrid_router.router.core.classify import deadline_depends_on_flush
-        from hybrid_router.router.core.intake import IntakeError, accept_sync, prepare
+        from hybrid_router.router.core.errors import InvalidRequest
+        from hybrid_router.router.core.intake import accept_sync, prepare
         from hybrid_router.router.core.runtime_config import get_flush_interval
         from hybrid_router.router.core.schemas import SubmitRequest
 
@@ -503,10 +504,7 @@ class DirectEnqueuer:
         except ValidationError as exc:
             first = exc.errors()[0]
             param = ".".join(str(p) for p in first.get("loc", ())) or "body"
-            raise RouterError(400, f"{param}: {first.get('msg')}", param,
-                              "invalid_request") from exc
-        except IntakeError as exc:
-            raise RouterError(exc.status, exc.message, exc.param, exc.code) from exc
+            raise InvalidRequest(f"{param}: {first.get('msg')}", param) from exc
         return accepted.record.id
 
     def close(self) -> None:
@@ -521,6 +519,9 @@ _enqueuers_lock = threading.Lock()
 def enqueue(settings: Settings, messages: list[dict[str, Any]], *, model: str | None = None,
             priority: str = "low", **fields: Any) -> str:
     """Accept a request without HTTP (same checks, route and storage as the API); its id.
+
+    A refused request raises a `core.errors.RouterRefusal` subclass (`InvalidRequest`,
+    `Conflict`, `Unavailable`...) with the `code`, `param` and message the API would send.
 
     The Redis connection and Celery producer are reused per settings. Pass ``tenant=`` to file
     the request under a tenant other than ``default`` (auth is the caller's business here).

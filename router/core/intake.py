@@ -17,6 +17,7 @@ import orjson
 from hybrid_router.router.core import events as ev
 from hybrid_router.router.core.callback_policy import callback_refusal
 from hybrid_router.router.core.classify import classify
+from hybrid_router.router.core.errors import Conflict, ErrorCode, InvalidRequest, Unavailable
 from hybrid_router.router.core.logs import get_logger
 from hybrid_router.router.core.pricing import estimate_prompt_tokens, max_tokens_for_budget
 from hybrid_router.router.core.records import RequestRecord, Status, now
@@ -25,17 +26,6 @@ from hybrid_router.router.core.store import AsyncRequestStore, RequestStore, bod
 from hybrid_router.settings import Settings
 
 log = get_logger(__name__)
-
-
-class IntakeError(Exception):
-    """A request that cannot be accepted: becomes a 4xx with OpenAI's error shape."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code or "invalid_request"
 
 
 class StreamDispatcher(Protocol):
@@ -75,22 +65,18 @@ def prepare(
     chat-completion field); on ``POST /v1/requests`` it is the router's, kept on the record."""
     model = req.model or settings.default_model
     if settings.allowed_models and model not in settings.allowed_models:
-        raise IntakeError(
-            400,
-            f"model {model!r} is not allowed here; allowed models: "
+        raise InvalidRequest(f"model {model!r} is not allowed here; allowed models: "
             + ", ".join(settings.allowed_models),
             param="model",
-            code="model_not_allowed",
+            code=ErrorCode.MODEL_NOT_ALLOWED,
         )
     if req.callback_url is not None:
         refusal = callback_refusal(req.callback_url, settings.callback_allowed_hosts)
         if refusal:
-            raise IntakeError(400, refusal, param="callback_url", code="callback_not_allowed")
+            raise InvalidRequest(refusal, param="callback_url", code=ErrorCode.CALLBACK_NOT_ALLOWED)
     decision = classify(req.priority, req.deadline_s, settings, flush_interval_s)
     if decision.route == "batch" and req.stream:
-        raise IntakeError(
-            400,
-            f"stream=true cannot be used with priority {req.priority}: it goes to the batch lane, "
+        raise InvalidRequest(f"stream=true cannot be used with priority {req.priority}: it goes to the batch lane, "
             "which returns one result. Use priority high (or a short deadline_s) to stream, or "
             "drop stream and follow the events channel.",
             param="stream",
@@ -110,7 +96,7 @@ def prepare(
     try:
         orjson.dumps(body)
     except TypeError as exc:
-        raise IntakeError(400, f"request body cannot be encoded: {exc}", param="messages") from exc
+        raise InvalidRequest(f"request body cannot be encoded: {exc}", param="messages") from exc
     if req.max_cost_usd is not None:
         cap = max_tokens_for_budget(
             settings,
@@ -120,12 +106,10 @@ def prepare(
             estimate_prompt_tokens(body["messages"]),
         )
         if cap <= 0:
-            raise IntakeError(
-                400,
-                f"max_cost_usd {req.max_cost_usd} does not cover the prompt of this request on "
+            raise InvalidRequest(f"max_cost_usd {req.max_cost_usd} does not cover the prompt of this request on "
                 f"the {decision.route} lane; raise the budget",
                 param="max_cost_usd",
-                code="budget_too_small",
+                code=ErrorCode.BUDGET_TOO_SMALL,
             )
         for field in ("max_tokens", "max_completion_tokens"):
             if field in body:
@@ -161,15 +145,13 @@ def _replay_or_conflict(
     prepared: Prepared, existing: RequestRecord | None, fingerprint: str | None
 ) -> Accepted:
     if existing is None:
-        raise IntakeError(409, "idempotency key is being used by a request that expired; retry",
-                          param="idempotency_key", code="idempotency_conflict")
+        raise Conflict("idempotency key is being used by a request that expired; retry",
+                          param="idempotency_key", code=ErrorCode.IDEMPOTENCY_CONFLICT)
     if fingerprint != prepared.fingerprint:
-        raise IntakeError(
-            409,
-            f"idempotency_key {prepared.record.idempotency_key!r} was already used with a "
+        raise Conflict(f"idempotency_key {prepared.record.idempotency_key!r} was already used with a "
             "different body; use a new key for a new request",
             param="idempotency_key",
-            code="idempotency_conflict",
+            code=ErrorCode.IDEMPOTENCY_CONFLICT,
         )
     return Accepted(existing, replay=True)
 
@@ -211,10 +193,10 @@ def _accepted(record: RequestRecord) -> Accepted:
     return Accepted(record, replay=False)
 
 
-def _dispatch_failed(request_id: str, exc: Exception) -> IntakeError:
+def _dispatch_failed(request_id: str, exc: Exception) -> Unavailable:
     log.error("stream dispatch failed", request_id=request_id, error=str(exc))
-    return IntakeError(503, "the stream queue is unavailable; the request was not accepted, retry",
-                       code="dispatch_unavailable")
+    return Unavailable("the stream queue is unavailable; the request was not accepted, retry",
+                       code=ErrorCode.DISPATCH_UNAVAILABLE)
 
 
 async def accept_async(

@@ -25,17 +25,16 @@ import hmac
 import time
 from dataclasses import dataclass
 
+from hybrid_router.router.core.errors import ErrorCode, Unauthenticated
 from hybrid_router.settings import Settings
 
 TOKEN_PARAM = "token"
 
 
-class StreamTokenError(ValueError):
-    """A token that does not open the request's events; the message says why (for the 401)."""
+class StreamTokenError(Unauthenticated):
+    """A token that does not open the request's events; the message says why (a 401)."""
 
-    def __init__(self, message: str, code: str) -> None:
-        super().__init__(message)
-        self.code = code
+    default_code = ErrorCode.INVALID_STREAM_TOKEN
 
 
 @dataclass(frozen=True)
@@ -86,19 +85,17 @@ def verify(settings: Settings, request_id: str, token: str, now: float | None = 
     The signature is checked before the expiry, so an altered expiry reads as altered."""
     if not settings.stream_url_secrets:
         raise StreamTokenError("stream URLs are turned off on this router "
-                               "(ROUTER_STREAM_URL_SECRETS is empty)", "stream_urls_off")
+                               "(ROUTER_STREAM_URL_SECRETS is empty)", code=ErrorCode.STREAM_URLS_OFF)
     parts = token.split(".")
     if len(parts) != 3 or len(token) > 1024:
-        raise StreamTokenError("malformed stream token: expected <tenant>.<expiry>.<signature>",
-                               "invalid_stream_token")
+        raise StreamTokenError("malformed stream token: expected <tenant>.<expiry>.<signature>")
     tenant_b64, expiry_text, mac_b64 = parts
     try:
         tenant = _unb64(tenant_b64).decode()
         expires_at = int(expiry_text)
         mac = _unb64(mac_b64)
     except (binascii.Error, ValueError, UnicodeDecodeError):
-        raise StreamTokenError("malformed stream token: expected <tenant>.<expiry>.<signature>",
-                               "invalid_stream_token") from None
+        raise StreamTokenError("malformed stream token: expected <tenant>.<expiry>.<signature>") from None
     valid = False
     for secret in settings.stream_url_secrets:  # every one: no early exit to time
         expected = _mac(secret.get_secret_value(), request_id, tenant, expires_at)
@@ -106,9 +103,10 @@ def verify(settings: Settings, request_id: str, token: str, now: float | None = 
     if not valid:
         raise StreamTokenError("invalid stream token: it was altered, or it was issued for "
                                "another request (a stream URL opens only its own request's "
-                               "events)", "invalid_stream_token")
+                               "events)")
     if (time.time() if now is None else now) >= expires_at:
         raise StreamTokenError(f"stream token expired at {expires_at} (Unix time): ask the "
                                "web app's backend for a fresh stream URL "
-                               "(GET /v1/requests/{id} gives one)", "stream_token_expired")
+                               "(GET /v1/requests/{id} gives one)",
+                               code=ErrorCode.STREAM_TOKEN_EXPIRED)
     return StreamGrant(request_id, tenant, expires_at)

@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from hybrid_router.router.api.deps import Caller, CallerDep, RedisDep, SettingsDep
 from hybrid_router.router.core.celery_app import FLUSH_TASK, build_celery
-from hybrid_router.router.core.intake import IntakeError
+from hybrid_router.router.core.errors import ErrorCode, Forbidden, Unavailable
 from hybrid_router.router.core.keys import Keys
 from hybrid_router.router.core.logs import get_logger
 from hybrid_router.router.core.runtime_config import (
@@ -39,8 +39,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 def require_admin(request: Request, caller: CallerDep) -> Caller:
     settings: Settings = request.app.state.settings
     if settings.auth_enabled and caller.tenant not in settings.admin_tenants:
-        raise IntakeError(403, "admin routes are for admin tenants only (ROUTER_ADMIN_TENANTS)",
-                          code="not_admin")
+        raise Forbidden("admin routes are for admin tenants only (ROUTER_ADMIN_TENANTS)",
+                          code=ErrorCode.NOT_ADMIN)
     return caller
 
 
@@ -103,7 +103,7 @@ async def flush_now(request: Request, caller: AdminDep, settings: SettingsDep) -
                                 routing_key=queue, retry=True)
     except Exception as exc:
         log.error("flush could not be queued", error=str(exc))
-        raise IntakeError(503, "the batch queue is unavailable; retry",
-                          code="queue_unavailable") from exc
+        raise Unavailable("the batch queue is unavailable; retry",
+                          code=ErrorCode.QUEUE_UNAVAILABLE) from exc
     log.info("flush requested", tenant=caller.tenant)
     return FlushQueued(queued=True, task=FLUSH_TASK)

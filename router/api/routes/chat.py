@@ -31,8 +31,9 @@ from hybrid_router.router.api.fast_path import admitted, with_fast_path
 from hybrid_router.router.api.notify import cancel_and_notify
 from hybrid_router.router.api.ratelimit import enforce_rate_limit
 from hybrid_router.router.api.sse import SSEResponse, format_data
+from hybrid_router.router.core.errors import ErrorCode, InvalidRequest
 from hybrid_router.router.core.event_hub import EventFollower
-from hybrid_router.router.core.intake import IntakeError, accept_async, prepare
+from hybrid_router.router.core.intake import accept_async, prepare
 from hybrid_router.router.core.records import Priority, RequestRecord, RequestResult
 from hybrid_router.router.core.schemas import IDEMPOTENCY_KEY_PATTERN, ErrorResponse, SubmitRequest
 from hybrid_router.router.core.store import AsyncRequestStore
@@ -56,17 +57,15 @@ def effective_priority(body: SubmitRequest, header: str | None) -> Priority:
     elif header is not None and header.strip():
         priority, param = header.strip().lower(), "X-Priority"
         if priority not in _PRIORITIES:
-            raise IntakeError(400, f"X-Priority must be one of {', '.join(_PRIORITIES)}; got "
+            raise InvalidRequest(f"X-Priority must be one of {', '.join(_PRIORITIES)}; got "
                               f"{header[:40]!r}", param="X-Priority")
     else:
         return "normal"
     if priority == "low":
-        raise IntakeError(
-            400,
-            "priority low is not served by /v1/chat/completions: low requests wait for a "
+        raise InvalidRequest("priority low is not served by /v1/chat/completions: low requests wait for a "
             "discounted batch and cannot answer this call. Submit them with POST /v1/requests "
             "(priority low) and read the result by id, or use priority high or normal here.",
-            param=param, code="priority_not_supported",
+            param=param, code=ErrorCode.PRIORITY_NOT_SUPPORTED,
         )
     return priority  # type: ignore[return-value]
 
@@ -199,7 +198,7 @@ async def chat_completions(
     updates: dict[str, Any] = {"priority": priority}
     if idempotency_key and not body.idempotency_key:
         if not _IDEMPOTENCY_KEY.fullmatch(idempotency_key):
-            raise IntakeError(400, "Idempotency-Key header must be 1 to 200 characters from "
+            raise InvalidRequest("Idempotency-Key header must be 1 to 200 characters from "
                               "A-Z a-z 0-9 _ . : -", param="Idempotency-Key")
         updates["idempotency_key"] = idempotency_key
     # The validated body is kept as is (never dumped and validated again: that once dropped an
@@ -211,17 +210,15 @@ async def chat_completions(
     prepared = prepare(submit.model_copy(update={"stream": False}), caller.tenant, settings,
                        send_metadata=True)
     if prepared.record.route != "stream":
-        raise IntakeError(
-            400,
-            f"priority {priority} is routed to the batch lane here ({prepared.record.route_reason}"
+        raise InvalidRequest(f"priority {priority} is routed to the batch lane here ({prepared.record.route_reason}"
             "), which cannot answer /v1/chat/completions; use priority high, or POST /v1/requests",
-            param="priority", code="priority_not_supported",
+            param="priority", code=ErrorCode.PRIORITY_NOT_SUPPORTED,
         )
     record = (await accept_async(prepared, store, dispatcher, run_in_threadpool)).record
     if not stream:
         final = await _wait_final(request, store, events, record)
         if final is None:
-            return error_response(499, "client closed the request", code="client_closed")
+            return error_response(499, "client closed the request", code=ErrorCode.CLIENT_CLOSED)
         return _completion(final)
     state = {"final": False}
 

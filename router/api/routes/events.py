@@ -20,9 +20,9 @@ from hybrid_router.router.api.deps import EventsDep, SettingsDep, StoreDep, get_
 from hybrid_router.router.api.fast_path import known_caller, with_fast_path
 from hybrid_router.router.api.routes.requests import check_owned
 from hybrid_router.router.api.sse import KEEPALIVE, SSEResponse, format_event
+from hybrid_router.router.core.errors import InvalidRequest
 from hybrid_router.router.core.event_hub import EventFollower
 from hybrid_router.router.core.events import MAX_SEQ
-from hybrid_router.router.core.intake import IntakeError
 from hybrid_router.router.core.schemas import ErrorResponse
 from hybrid_router.router.core.store import AsyncRequestStore
 from hybrid_router.router.core.stream_url import TOKEN_PARAM, StreamTokenError, verify
@@ -43,7 +43,7 @@ def resume_point(last_event_id: str | None, after: int | None) -> int:
         text = last_event_id.strip()
         if not text.isascii() or not text.isdigit() or len(text) > len(str(MAX_SEQ)) \
                 or int(text) > MAX_SEQ:
-            raise IntakeError(400, f"Last-Event-ID must be an event seq (an integer from 0 to "
+            raise InvalidRequest(f"Last-Event-ID must be an event seq (an integer from 0 to "
                               f"{MAX_SEQ}), got {last_event_id[:40]!r}", param="Last-Event-ID")
         return int(text)
     return after or 0
@@ -54,7 +54,8 @@ def token_tenant(settings: Settings, request_id: str, token: str) -> str:
     try:
         return verify(settings, request_id, token).tenant
     except StreamTokenError as exc:
-        raise IntakeError(401, str(exc), param=TOKEN_PARAM, code=exc.code) from None
+        exc.param = TOKEN_PARAM
+        raise
 
 
 async def request_events(

@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from hybrid_router.router.api.deps import RedisDep, SettingsDep, bearer_token
 from hybrid_router.router.api.routes.admin import AdminDep
-from hybrid_router.router.core.intake import IntakeError
+from hybrid_router.router.core.errors import ErrorCode, Unauthenticated
 from hybrid_router.router.core.live_stats import take_live_async
 from hybrid_router.router.core.metrics import RouterCollector
 from hybrid_router.router.core.stats import take_snapshot_async
@@ -36,8 +36,8 @@ async def require_metrics_token(settings: SettingsDep,
     expected = settings.metrics_token.get_secret_value().encode()
     token = bearer_token(authorization)
     if token is None or not hmac.compare_digest(expected, token.encode()):
-        raise IntakeError(401, "GET /metrics needs 'Authorization: Bearer <ROUTER_METRICS_TOKEN>'",
-                          code="invalid_metrics_token")
+        raise Unauthenticated("GET /metrics needs 'Authorization: Bearer <ROUTER_METRICS_TOKEN>'",
+                          code=ErrorCode.INVALID_METRICS_TOKEN)
 
 
 @router.get("/metrics", response_class=Response,

@@ -13,7 +13,8 @@ from hybrid_router.router.api.fast_path import admitted, with_fast_path
 from hybrid_router.router.api.notify import cancel_and_notify
 from hybrid_router.router.api.ratelimit import enforce_rate_limit
 from hybrid_router.router.core.classify import deadline_depends_on_flush
-from hybrid_router.router.core.intake import IntakeError, accept_async, prepare
+from hybrid_router.router.core.errors import Conflict, ErrorCode, NotFound
+from hybrid_router.router.core.intake import accept_async, prepare
 from hybrid_router.router.core.keys import Keys
 from hybrid_router.router.core.records import RequestRecord
 from hybrid_router.router.core.runtime_config import get_flush_interval_async
@@ -45,8 +46,8 @@ def base_for(request: Request) -> str:
     return base
 
 
-def _not_found(request_id: str) -> IntakeError:
-    return IntakeError(404, f"no request {request_id!r}", param="id", code="not_found")
+def _not_found(request_id: str) -> NotFound:
+    return NotFound(f"no request {request_id!r}", param="id", code=ErrorCode.NOT_FOUND)
 
 
 # Never given out (a uuid4's 13th hex digit is 4): a malformed id is looked up as this one, so
@@ -155,12 +156,10 @@ async def cancel_request(
     record = await load_owned(store, request_id, caller.tenant)
     outcome, previous = await cancel_and_notify(request.app.state, record)
     if outcome == "terminal":
-        raise IntakeError(
-            409,
-            f"request {request_id} is already {previous}; a finished request cannot be cancelled",
+        raise Conflict(f"request {request_id} is already {previous}; a finished request cannot be cancelled",
             param="id",
-            code="already_terminal",
+            code=ErrorCode.ALREADY_TERMINAL,
         )
     if outcome == "missing":
-        raise IntakeError(404, f"no request {request_id!r}", param="id", code="not_found")
+        raise NotFound(f"no request {request_id!r}", param="id", code=ErrorCode.NOT_FOUND)
     return CancelResponse(id=request_id, status="cancelled", previous_status=previous)

@@ -12,7 +12,7 @@ from importlib import resources
 from fastapi import APIRouter
 from fastapi.responses import Response
 
-from hybrid_router.router.core.intake import IntakeError
+from hybrid_router.router.core.errors import ErrorCode, NotFound
 
 router = APIRouter(tags=["ui"])
 
@@ -41,5 +41,5 @@ async def ui_page() -> Response:
 async def ui_asset(name: str) -> Response:
     media_type = _FILES.get(name)
     if media_type is None:
-        raise IntakeError(404, f"no UI file {name[:64]!r}", param="name", code="not_found")
+        raise NotFound(f"no UI file {name[:64]!r}", param="name", code=ErrorCode.NOT_FOUND)
     return Response(_read(name), media_type=media_type, headers=_HEADERS)
