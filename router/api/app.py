@@ -10,11 +10,10 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from hybrid_router.router.api.body_limit import BodySizeLimit
 from hybrid_router.router.api.errors import install_error_handlers
 from hybrid_router.router.api.fast_path import FastPaths
+from hybrid_router.router.api.http_guards import BodyGuard
 from hybrid_router.router.api.routes import admin, chat, events, health, metrics, requests, ui
-from hybrid_router.router.api.slow_clients import BodyReadTimeout
 from hybrid_router.router.core.celery_app import build_celery
 from hybrid_router.router.core.dispatch import CeleryStreamDispatcher
 from hybrid_router.router.core.event_hub import event_follower
@@ -77,9 +76,9 @@ def create_app(settings: Settings, dispatcher: StreamDispatcher | None = None) -
         app.include_router(module.router)  # at the root: their routes' paths are the app's
     # Added first, so it runs inside the body size limit (the last one added runs outermost).
     app.add_middleware(FastPaths, routes=[r for m in modules for r in m.router.routes])
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    # The body's deadline holds whoever reads it (see hybrid_router.router.api.slow_clients).
-    app.add_middleware(BodyReadTimeout, timeout_s=settings.http_body_timeout_s)
+    # The body's size limit and deadline hold whoever reads it (`api.http_guards`).
+    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes,
+                       timeout_s=settings.http_body_timeout_s)
     if settings.cors_origins:
         # Outermost, so every answer a browser gets (a 401, a 413, a 408 too) carries the CORS
         # headers and its page can read the error. Not installed at all when no origin is

@@ -132,7 +132,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 413:
             return error_response(413, str(exc.detail), param="body", code=ErrorCode.BODY_TOO_LARGE)
-        if exc.status_code == 408:  # hybrid_router.router.api.slow_clients: the body did not arrive in time
+        if exc.status_code == 408:  # hybrid_router.router.api.http_guards: the body did not arrive in time
             return error_response(408, str(exc.detail), param="body", code=ErrorCode.REQUEST_TIMEOUT,
                                   headers=dict(exc.headers or {}))
         if exc.status_code == 400 and exc.detail == "There was an error parsing the body":

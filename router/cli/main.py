@@ -51,18 +51,18 @@ def api(
     settings = load_settings()
     host = host or settings.api_host
     port = port if port is not None else settings.api_port
-    from hybrid_router.router.api import slow_clients
+    from hybrid_router.router.api import http_guards
 
     if workers > 1:  # each worker process configures the protocol in hybrid_router.router.api.asgi
         uvicorn.run("hybrid_router.router.api.asgi:app", host=host, port=port, workers=workers,
                     log_level="warning", access_log=False, factory=False,
-                    http=slow_clients.PROTOCOL)
+                    http=http_guards.PROTOCOL)
         return
     from hybrid_router.router.api.app import create_app
 
-    slow_clients.configure(settings)
+    http_guards.configure(settings)
     uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", access_log=False,
-                http=slow_clients.PROTOCOL)
+                http=http_guards.PROTOCOL)
 
 
 @app.command(short_help="Run a Celery worker for one lane (stream or batch).")

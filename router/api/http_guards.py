@@ -1,5 +1,7 @@
-"""Slow clients: a request's head must arrive within `ROUTER_HTTP_HEADER_TIMEOUT_S` and its body
-within `ROUTER_HTTP_BODY_TIMEOUT_S`; a client that is slower gets a 408 and its connection closed.
+"""What a request must do before the app reads it: its head must arrive within
+`ROUTER_HTTP_HEADER_TIMEOUT_S`, its body within `ROUTER_HTTP_BODY_TIMEOUT_S` (a client that is
+slower gets a 408 and its connection closed), and its body must be at most
+`ROUTER_MAX_BODY_BYTES` (a 413 before any parsing).
 
 Why: uvicorn has a keep-alive timeout (armed once a response is sent, and cancelled by any byte
 received) but no read timeout (proposed as ``--timeout-request-start`` and
@@ -17,8 +19,8 @@ Two layers, because the two deadlines live in different places:
   the next request's head); when it fires and no new request has started since, the connection
   is closed, with a 408 if part of a request had arrived. An idle keep-alive connection is closed earlier by
   uvicorn's own keep-alive timeout; a request being served (a long SSE stream) is never cut.
-* The body is read through ASGI `receive()`, so its deadline is an ASGI middleware
-  (`BodyReadTimeout`): `receive()` fails with a 408 once the body has not arrived in full by
+* The body is read through ASGI `receive()`, so its deadline and its size limit are one ASGI
+  middleware (`BodyGuard`): `receive()` fails with a 408 once the body has not arrived in full by
   its deadline (the app's error handlers answer it, or this middleware when the app did not),
   with ``connection: close``. Requests without a body (no length, no transfer coding) pass
   untouched, and so does everything after the body's last byte (an SSE response waits in
@@ -44,17 +46,17 @@ except ImportError:  # pragma: no cover - uvicorn without httptools speaks h11
 from hybrid_router.settings import Settings
 
 # What uvicorn is given as ``http=``: an import string, so multi-process workers load it too.
-PROTOCOL = "hybrid_router.router.api.slow_clients:GuardedHttpProtocol"
+PROTOCOL = "hybrid_router.router.api.http_guards:GuardedHttpProtocol"
 
 
-def _timeout_body(message: str, param: str) -> bytes:
+def _error_body(message: str, param: str, code: str) -> bytes:
     return orjson.dumps({"error": {"message": message, "type": "invalid_request_error",
-                                   "param": param, "code": "request_timeout"}})
+                                   "param": param, "code": code}})
 
 
 def _head_timeout_response(seconds: float) -> bytes:
-    body = _timeout_body(f"the request head was not received within {seconds:g} s "
-                         "(ROUTER_HTTP_HEADER_TIMEOUT_S)", "headers")
+    body = _error_body(f"the request head was not received within {seconds:g} s "
+                       "(ROUTER_HTTP_HEADER_TIMEOUT_S)", "headers", "request_timeout")
     return (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
             b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n"
             + body)
@@ -114,46 +116,85 @@ def configure(settings: Settings) -> None:
     GuardedHttpProtocol.header_timeout_s = settings.http_header_timeout_s
 
 
-class BodyTimedOut(HTTPException):
-    """Raised from `receive` when the body is late; FastAPI re-raises HTTPExceptions from body
-    parsing, so the app's error handlers render it (as a 408, `request_timeout`)."""
+class BodyRefused(HTTPException):
+    """Raised from `receive` when the body is too large (413) or late (408); FastAPI re-raises
+    HTTPExceptions from body parsing, so the app's error handlers render it."""
 
-    def __init__(self, seconds: float) -> None:
-        super().__init__(408, f"the request body was not received within {seconds:g} s "
-                              "(ROUTER_HTTP_BODY_TIMEOUT_S)", headers={"connection": "close"})
-
-
-def _has_body(scope: Scope) -> bool:
-    return any(name in (b"content-length", b"transfer-encoding") and value not in (b"0",)
-               for name, value in scope.get("headers", ()))
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(status, message, headers=headers)
 
 
-class BodyReadTimeout:
-    """ASGI middleware: the whole request body must arrive within `timeout_s` (see module doc)."""
+def _too_large(limit: int) -> BodyRefused:
+    return BodyRefused(413, f"request body is larger than the limit of {limit} bytes "
+                            "(ROUTER_MAX_BODY_BYTES); send a smaller request")
 
-    def __init__(self, app: ASGIApp, timeout_s: float) -> None:
+
+def _too_late(seconds: float) -> BodyRefused:
+    return BodyRefused(408, f"the request body was not received within {seconds:g} s "
+                            "(ROUTER_HTTP_BODY_TIMEOUT_S)", headers={"connection": "close"})
+
+
+def _declared_length(scope: Scope) -> tuple[bool, int | None]:
+    """(whether a body comes, its one trustworthy Content-Length or None when the bytes must
+    be counted: a transfer coding, several or invalid lengths)."""
+    declared: int | None = None
+    length_headers = 0
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            length_headers += 1
+            try:
+                declared = int(value)
+            except ValueError:
+                declared = None
+        elif name == b"transfer-encoding":
+            length_headers += 2  # a transfer coding next to a length: count the bytes
+    if length_headers == 0 or (length_headers == 1 and declared == 0):
+        return False, 0  # no length and no transfer coding means no body (a GET, say)
+    return True, declared if length_headers == 1 and declared is not None and declared >= 0 \
+        else None
+
+
+class BodyGuard:
+    """ASGI middleware: a request body is at most `max_bytes` (else 413, before parsing) and
+    arrives in full within `timeout_s` (else 408 and ``connection: close``; see module doc).
+
+    Requests without a body pass untouched, and so does everything after the body's last byte
+    (an SSE response waits in `receive()` for the client to go away)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
         self.app = app
+        self.max_bytes = max_bytes
         self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not _has_body(scope):
+        has_body, declared = _declared_length(scope) if scope["type"] == "http" else (False, 0)
+        if not has_body:
             await self.app(scope, receive, send)
             return
+        if declared is not None and declared > self.max_bytes:
+            await _answer(send, _too_large(self.max_bytes), "body_too_large")
+            return
+        count = declared is None  # with one valid length the server hands over exactly that
         deadline = asyncio.get_running_loop().time() + self.timeout_s
+        seen = 0
         body_done = False
         started = False
 
-        async def timed_receive() -> Message:
-            nonlocal body_done
+        async def guarded_receive() -> Message:
+            nonlocal body_done, seen
             if body_done:
                 return await receive()
             try:
                 async with asyncio.timeout_at(deadline):
                     message = await receive()
             except TimeoutError:
-                raise BodyTimedOut(self.timeout_s) from None
+                raise _too_late(self.timeout_s) from None
             if message["type"] != "http.request" or not message.get("more_body", False):
                 body_done = True
+            if count and message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _too_large(self.max_bytes)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -163,12 +204,19 @@ class BodyReadTimeout:
             await send(message)
 
         try:
-            await self.app(scope, timed_receive, tracking_send)
-        except BodyTimedOut as exc:
+            await self.app(scope, guarded_receive, tracking_send)
+        except BodyRefused as exc:
             if started:
                 raise
-            body = _timeout_body(str(exc.detail), "body")
-            await send({"type": "http.response.start", "status": 408, "headers": [
-                (b"content-type", b"application/json"), (b"connection", b"close"),
-                (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
+            await _answer(send, exc, "body_too_large" if exc.status_code == 413
+                          else "request_timeout")
+
+
+async def _answer(send: Send, exc: BodyRefused, code: str) -> None:
+    """The error answer when the app did not give one (OpenAI's shape, like `api.errors`)."""
+    body = _error_body(str(exc.detail), "body", code)
+    headers = [(b"content-type", b"application/json"),
+               (b"content-length", str(len(body)).encode())]
+    headers += [(k.encode(), v.encode()) for k, v in (exc.headers or {}).items()]
+    await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
