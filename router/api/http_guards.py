@@ -174,28 +174,8 @@ class BodyGuard:
         if declared is not None and declared > self.max_bytes:
             await _answer(send, _too_large(self.max_bytes), "body_too_large")
             return
-        count = declared is None  # with one valid length the server hands over exactly that
-        deadline = asyncio.get_running_loop().time() + self.timeout_s
-        seen = 0
-        body_done = False
+        reader = _GuardedBody(receive, self.max_bytes, self.timeout_s, count=declared is None)
         started = False
-
-        async def guarded_receive() -> Message:
-            nonlocal body_done, seen
-            if body_done:
-                return await receive()
-            try:
-                async with asyncio.timeout_at(deadline):
-                    message = await receive()
-            except TimeoutError:
-                raise _too_late(self.timeout_s) from None
-            if message["type"] != "http.request" or not message.get("more_body", False):
-                body_done = True
-            if count and message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _too_large(self.max_bytes)
-            return message
 
         async def tracking_send(message: Message) -> None:
             nonlocal started
@@ -204,12 +184,42 @@ class BodyGuard:
             await send(message)
 
         try:
-            await self.app(scope, guarded_receive, tracking_send)
+            await self.app(scope, reader.receive, tracking_send)
         except BodyRefused as exc:
             if started:
                 raise
             await _answer(send, exc, "body_too_large" if exc.status_code == 413
                           else "request_timeout")
+
+
+class _GuardedBody:
+    """One request's `receive`, with the body's deadline and (where the server does not hand
+    over a declared length) its byte count."""
+
+    def __init__(self, receive: Receive, max_bytes: int, timeout_s: float, count: bool) -> None:
+        self._receive = receive
+        self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
+        self.count = count
+        self.deadline = asyncio.get_running_loop().time() + timeout_s
+        self.seen = 0
+        self.body_done = False
+
+    async def receive(self) -> Message:
+        if self.body_done:
+            return await self._receive()
+        try:
+            async with asyncio.timeout_at(self.deadline):
+                message = await self._receive()
+        except TimeoutError:
+            raise _too_late(self.timeout_s) from None
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            self.body_done = True
+        if self.count and message["type"] == "http.request":
+            self.seen += len(message.get("body", b""))
+            if self.seen > self.max_bytes:
+                raise _too_large(self.max_bytes)
+        return message
 
 
 async def _answer(send: Send, exc: BodyRefused, code: str) -> None:

@@ -23,7 +23,7 @@ import httpx
 import orjson
 
 from hybrid_router.router.core.events import FINAL_EVENT_TYPES
-from hybrid_router.router.core.records import TERMINAL
+from hybrid_router.router.core.states import TERMINAL
 
 if TYPE_CHECKING:
     from hybrid_router.settings import Settings

@@ -20,8 +20,9 @@ from hybrid_router.router.core.classify import classify
 from hybrid_router.router.core.errors import Conflict, ErrorCode, InvalidRequest, Unavailable
 from hybrid_router.router.core.logs import get_logger
 from hybrid_router.router.core.pricing import estimate_prompt_tokens, max_tokens_for_budget
-from hybrid_router.router.core.records import RequestRecord, Status, now
+from hybrid_router.router.core.records import RequestRecord, now
 from hybrid_router.router.core.schemas import ROUTER_FIELDS, SubmitRequest
+from hybrid_router.router.core.states import Status
 from hybrid_router.router.core.store import AsyncRequestStore, RequestStore, body_fingerprint
 from hybrid_router.settings import Settings
 

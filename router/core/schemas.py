@@ -9,7 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_core import PydanticCustomError
 
 from hybrid_router.router.core.callback_policy import callback_url_problem
-from hybrid_router.router.core.records import Priority, RequestError, RequestResult, RouteName, Status, UsageInfo
+from hybrid_router.router.core.records import Priority, RequestError, RequestResult, RouteName, UsageInfo
+from hybrid_router.router.core.states import Status
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 

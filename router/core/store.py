@@ -31,10 +31,11 @@ from hybrid_router.router.core.lua import (
     TRANSITION_SCRIPT,
     LuaScript,
 )
-from hybrid_router.router.core.records import PACKED_FIELD, TERMINAL, RequestRecord, dumps, now
+from hybrid_router.router.core.records import PACKED_FIELD, RequestRecord, dumps, now
 from hybrid_router.router.core.redis_pipe import PipePool, RedisPipe, client_retry, reply_error
 from hybrid_router.router.core.redis_text import text, text_or_none
 from hybrid_router.router.core.replay import compacted_events, replay_policy
+from hybrid_router.router.core.states import TERMINAL
 from hybrid_router.settings import Settings
 
 T = TypeVar("T")

@@ -35,8 +35,9 @@ from hybrid_router.router.core.ledger import ledger_increments
 from hybrid_router.router.core.logs import get_logger
 from hybrid_router.router.core.metrics import BUCKETS, timing_increments
 from hybrid_router.router.core.pricing import lane_multiplier
-from hybrid_router.router.core.records import RequestRecord, Status, dumps, dumps_bytes, now
+from hybrid_router.router.core.records import RequestRecord, dumps, dumps_bytes, now
 from hybrid_router.router.core.replay import replay_policy
+from hybrid_router.router.core.states import Status
 from hybrid_router.settings import Settings
 from hybrid_router.workers.batch.lua import (
     FINISH_MANY_SCRIPT,

@@ -45,7 +45,7 @@ class StreamEngineStep(bootsteps.StartStopStep):
         keys = Keys(settings_of(app).key_prefix)
         queues = app.amqp.queues
         queues.deselect([keys.stream_queue()])
-        queues.select_add(keys.stream_control_queue())
+        queues.select_add(queues[keys.stream_control_queue()])
 
     def start(self, worker: Any) -> None:
         app: Celery = worker.app

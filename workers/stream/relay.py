@@ -53,7 +53,8 @@ from hybrid_router.router.core.logs import get_logger
 from hybrid_router.router.core.lua import END_STREAM_RUN_SCRIPT
 from hybrid_router.router.core.metrics import queue_timing
 from hybrid_router.router.core.pricing import estimate_prompt_tokens
-from hybrid_router.router.core.records import RequestRecord, Status, now
+from hybrid_router.router.core.records import RequestRecord, now
+from hybrid_router.router.core.states import Status
 from hybrid_router.router.core.store import RunEnd, TransitionOutcome
 from hybrid_router.router.core.tool_calls import ToolCalls
 from hybrid_router.workers.retry import is_retryable, retry_after_seconds

@@ -25,8 +25,12 @@ def app_stream_context(app: Celery) -> StreamContext:
     ctx = context_for(settings_of(app))
     queue = Keys(ctx.settings.key_prefix).stream_queue()
     ctx.notify = lambda request_id: send_callback(app, request_id)
-    ctx.redispatch = lambda request_id: app.send_task(
-        STREAM_TASK, args=[request_id], queue=queue, routing_key=queue, task_id=request_id)
+
+    def redispatch(request_id: str) -> None:
+        app.send_task(STREAM_TASK, args=[request_id], queue=queue, routing_key=queue,
+                      task_id=request_id)
+
+    ctx.redispatch = redispatch
     return ctx
 
 
