@@ -259,8 +259,10 @@ async def run_scripts(executor: Executor, calls: list[ScriptCall]) -> list[Any]:
     does not know (a restart emptied its cache) did not run: its script is loaded and it runs
     again. Raises `redis.ConnectionError` / `redis.TimeoutError` when Redis cannot be reached."""
     results = await executor.execute([("EVALSHA", s.sha, len(k), *k, *a) for s, k, a in calls])
-    unknown = [i for i, r in enumerate(results)
-               if isinstance(r, hiredis.ReplyError) and str(r).startswith("NOSCRIPT")]
+    failed = [i for i, r in enumerate(results) if isinstance(r, hiredis.ReplyError)]
+    if not failed:  # the usual case: the replies as they are
+        return results
+    unknown = [i for i in failed if str(results[i]).startswith("NOSCRIPT")]
     if unknown:
         scripts = {calls[i][0].sha: calls[i][0] for i in unknown}
         again = await executor.execute(
@@ -269,7 +271,10 @@ async def run_scripts(executor: Executor, calls: list[ScriptCall]) -> list[Any]:
                for i in unknown])
         for i, result in zip(unknown, again[len(scripts):], strict=True):
             results[i] = result
-    return [reply_error(r) if isinstance(r, hiredis.ReplyError) else r for r in results]
+    for i in failed:
+        if isinstance(results[i], hiredis.ReplyError):
+            results[i] = reply_error(results[i])
+    return results
 
 
 class RedisPipe:
