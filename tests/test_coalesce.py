@@ -51,11 +51,16 @@ class CountingPool(PipePool):
         return await super().execute(commands, timeout_s)
 
 
-def test_one_iteration_shares_one_batch_and_a_lone_call_is_a_batch_of_one(url: str) -> None:
+@pytest.mark.parametrize("flushed", [False, True], ids=["loaded", "flushed"])
+def test_one_iteration_shares_one_batch_and_each_caller_gets_its_answer(url: str, flushed: bool
+                                                                         ) -> None:
+    """The calls of one iteration are one raw batch (with Redis's script cache flushed: that
+    batch, then the script load with the calls again); errors are redis-py's exception classes;
+    a lone call is a batch of one."""
     key = f"t{uuid.uuid4().hex}:n"
 
     async def scenario(client: aioredis.Redis) -> tuple[list[Any], int, list[Any], int]:
-        await client.script_load(INCR.source)
+        await (client.script_flush() if flushed else client.script_load(INCR.source))
         pool = CountingPool(url)
         coalescer = ScriptCoalescer(pool)
         try:
@@ -69,35 +74,10 @@ def test_one_iteration_shares_one_batch_and_a_lone_call_is_a_batch_of_one(url: s
 
     together, batches, alone, lone_batches = run(scenario, url)
     assert isinstance(together[3], redis.exceptions.ResponseError)
-    assert sorted(r for i, r in enumerate(together) if i != 3) == [1, 2, 3, 4, 5, 6, 7]
-    assert batches == 1
-    assert alone == [8, 9, 10] and lone_batches == 3
-
-
-def test_a_flushed_script_cache_is_reloaded(url: str) -> None:
-    """Calls of one iteration sent while Redis lost its scripts: errors are redis-py's
-    exception classes, the script is loaded and the calls that did not run run again."""
-    key = f"t{uuid.uuid4().hex}:n"
-
-    async def scenario(client: aioredis.Redis) -> tuple[list[Any], list[Any], int]:
-        await client.script_flush()
-        pool = CountingPool(url)
-        coalescer = ScriptCoalescer(pool)
-        try:
-            calls = [coalescer.run(INCR, [key], ["fail" if i == 3 else "ok"]) for i in range(8)]
-            together = await asyncio.gather(*calls, return_exceptions=True)
-            batches = pool.batches
-            alone = [await coalescer.run(INCR, [key], ["ok"]) for _ in range(2)]
-            return list(together), alone, batches
-        finally:
-            pool.close()
-
-    together, alone, batches = run(scenario, url)
-    assert isinstance(together[3], redis.exceptions.ResponseError)
     assert "asked to fail" in str(together[3])
     assert sorted(r for i, r in enumerate(together) if i != 3) == [1, 2, 3, 4, 5, 6, 7]
-    assert batches == 2  # the batch, then the script load with the batch again
-    assert alone == [8, 9]
+    assert batches == (2 if flushed else 1)
+    assert alone == [8, 9, 10] and lone_batches == 3
 
 
 def test_redis_away_reaches_every_caller() -> None:
