@@ -181,15 +181,6 @@ async def open_transport(target: RedisTarget, factory: Callable[[], P]
     return transport, protocol
 
 
-async def _open_stream(target: RedisTarget
-                       ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    if target.path is not None:
-        return await asyncio.open_unix_connection(target.path)
-    context = None if target.tls is None else target.tls.context
-    return await asyncio.open_connection(target.host, target.port, ssl=context,
-                                         server_hostname=None if context is None else target.host)
-
-
 _ERRORS: dict[str, type[redis.RedisError]] = {
     "NOSCRIPT": redis.exceptions.NoScriptError, "READONLY": redis.exceptions.ReadOnlyError,
     "LOADING": redis.exceptions.BusyLoadingError, "NOPERM": redis.exceptions.NoPermissionError,
@@ -337,7 +328,12 @@ class RedisPipe:
 
     async def _connect(self) -> None:
         self._parser = hiredis.Reader()
-        self._reader, self._writer = await _open_stream(self.target)
+        reader = asyncio.StreamReader()
+        transport, protocol = await open_transport(
+            self.target, lambda: asyncio.StreamReaderProtocol(reader))
+        self._reader = reader
+        self._writer = asyncio.StreamWriter(transport, protocol, reader,
+                                            asyncio.get_running_loop())
         setup = self.target.setup_commands()
         if setup:
             _check_setup(await self._roundtrip(setup))
