@@ -77,6 +77,7 @@ def test_every_url_kind_maps_to_one_target() -> None:
                               "ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_check_hostname": True})
     assert redis_target("unix://:pw@/s.sock?db=1").broker() == (
         "redis+socket://:pw@/s.sock?virtual_host=1", None)
+    assert redis_target("redis://u:p%40ss@h:7/3").broker() == ("redis://u:p%40ss@h:7/3", None)
     for bad in ("redis://h/0?socket_timeout=1", "http://h/0", "rediss://h/0?ssl_cert_reqs=maybe"):
         with pytest.raises(ValueError):
             redis_target(bad)

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Protocol, TypeVar
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import hiredis
 import redis
@@ -108,7 +108,8 @@ class RedisTarget:
 
     def broker(self) -> tuple[str, dict[str, Any] | None]:
         """The Celery broker URL in kombu's spelling, and its TLS options (None: plain)."""
-        login = f"{self.username or ''}:{self.password}@" if self.password is not None else ""
+        login = (f"{quote(self.username or '', safe='')}:{quote(self.password, safe='')}@"
+                 if self.password is not None else "")
         if self.path is not None:
             return f"redis+socket://{login}{self.path}?virtual_host={self.db}", None
         scheme = "rediss" if self.tls is not None else "redis"
