@@ -167,11 +167,12 @@ def start_redis_server(workdir: Path, appendonly: bool = False, port: int | None
     return proc, url
 
 
-def start_tls_redis_server(workdir: Path) -> tuple[ManagedProcess, str, str]:
+def start_tls_redis_server(workdir: Path, password: str | None = None
+                           ) -> tuple[ManagedProcess, str, str]:
     """A private redis-server reachable only over TLS and a unix socket (no plain TCP port),
-    with a self-signed certificate made here by ``openssl``; returns the process, a
-    ``rediss://`` base URL (that trusts the certificate: ``?ssl_ca_certs=``) and a
-    ``unix://`` socket URL, both of database 0."""
+    with a self-signed certificate made here by ``openssl`` (and `password` required, if
+    given); returns the process, a ``rediss://`` URL (that trusts the certificate:
+    ``?ssl_ca_certs=``) and a ``unix://`` socket URL, both of database 0."""
     cert, key = workdir / "redis-cert.pem", workdir / "redis-key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
                     "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
@@ -182,9 +183,11 @@ def start_tls_redis_server(workdir: Path) -> tuple[ManagedProcess, str, str]:
     proc, _url = start_redis_server(workdir, port=0, extra_args=(
         "--tls-port", str(port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
         "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no",
-        "--unixsocket", str(socket_path), "--unixsocketperm", "700"), wait=False)
-    tls_url = f"rediss://127.0.0.1:{port}"
-    unix_url = f"unix://{socket_path}"
+        "--unixsocket", str(socket_path), "--unixsocketperm", "700",
+        *(("--requirepass", password) if password else ())), wait=False)
+    login = f":{password}@" if password else ""
+    tls_url = f"rediss://{login}127.0.0.1:{port}"
+    unix_url = f"unix://{login}{socket_path}"
     from hybrid_router.router.core.redis_io import sync_client
 
     def pings(url: str) -> bool:

@@ -1,5 +1,6 @@
 """The lanes over every kind of Redis URL: TLS (``rediss://``, a self-signed certificate) and a
-unix socket, on a private redis-server that has no plain TCP port at all.
+unix socket, on a private redis-server that has no plain TCP port at all and requires a
+password (so every connection, redis-py's, Celery's and the raw ones, logs in from the URL).
 
 Each runs the router end to end: a high request streamed over SSE and through the drop-in with
 the openai SDK, and a low request through the batch lane (beat, flush, poll, write-back). The
@@ -31,7 +32,8 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 @pytest.fixture(scope="module")
 def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    proc, tls_url, unix_url = start_tls_redis_server(Path(tmp_path_factory.mktemp("tls-redis")))
+    proc, tls_url, unix_url = start_tls_redis_server(Path(tmp_path_factory.mktemp("tls-redis")),
+                                                     password="s3cret-transports")
     try:
         yield {"rediss": tls_url, "unix": unix_url}
     finally:
