@@ -53,6 +53,7 @@ from hybrid_router.router.core.keys import Keys
 from hybrid_router.router.core.ledger import Ledger, ledger_increments
 from hybrid_router.router.core.metrics import histograms_from_hash
 from hybrid_router.router.core.records import RequestRecord, dumps, now
+from hybrid_router.router.core.redis_io import sync_client
 from hybrid_router.router.core.redis_text import text
 from hybrid_router.router.core.store import StoreOps
 from hybrid_router.settings import Settings
@@ -262,7 +263,7 @@ def run(n: int, writeback: bool) -> tuple[list[Phase], dict[str, Any]]:
             settings = Settings(redis_url=f"{redis_url}/0", key_prefix="benchflush",
                                 upstream_base_url=sim, upstream_api_key="sk-bench",
                                 batch_mode="native", log_format="json", log_level="WARNING")
-            client = redis.Redis.from_url(settings.redis_url)
+            client = sync_client(settings.redis_url)
             keys = Keys(settings.key_prefix)
             t0 = time.perf_counter()
             create_many(client, settings, n)

@@ -18,6 +18,8 @@ measured windows, and the client's event-loop lag (if it grows, the client is no
 
     python -m bench.bench_ttft            # full run (about 3 minutes)
     python -m bench.bench_ttft --quick    # smoke size
+    python -m bench.bench_ttft --redis tls   # the router on TLS Redis (rediss://, self-signed)
+    python -m bench.bench_ttft --redis unix  # the router on Redis over a unix socket
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from bench.common import ClosedLoopRun, CpuMeter, closed_loop, percentile, run_f
 from bench.sseclient import request_json, stream_lines
 from hybrid_router.settings import Settings
 from hybrid_router.simulator.testing import running_simulator
-from tests.support import Stack, start_redis_server
+from tests.support import Stack, start_redis_server, start_tls_redis_server
 
 TARGET_LEVEL = 50
 TARGET_P50_MS = 3.0
@@ -209,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tps", type=float, default=50.0, help="simulator tokens per second")
     parser.add_argument("--tokens", type=int, default=20)
     parser.add_argument("--api-workers", type=int, default=1, help="API processes")
+    parser.add_argument("--redis", choices=("tcp", "tls", "unix"), default="tcp",
+                        help="how the router reaches its private Redis: plain TCP, TLS "
+                             "(rediss://, a self-signed certificate) or a unix socket")
     args = parser.parse_args(argv)
     if args.quick:
         levels, burst_levels, args.slices, args.slice_s = [1, 5], [5], 1, 0.6
@@ -222,14 +227,19 @@ def main(argv: list[str] | None = None) -> int:
     from pathlib import Path
 
     workdir = Path(tempfile.mkdtemp(prefix="hr-bench-ttft-"))
-    redis_proc, redis_url = start_redis_server(workdir)
+    if args.redis == "tcp":
+        redis_proc, redis_base = start_redis_server(workdir)
+        redis_url = f"{redis_base}/0"
+    else:
+        redis_proc, tls_url, unix_url = start_tls_redis_server(workdir)
+        redis_url = tls_url if args.redis == "tls" else unix_url
     sustained: dict[int, dict[str, ClosedLoopRun[StreamSample]]] = {}
     burst: dict[int, dict[str, list[StreamSample]]] = {}
     timings: dict[str, float] = {}
     try:
         with running_simulator(ttft_s=args.ttft_s, tokens_per_s=args.tps,
                                min_tokens=args.tokens, max_tokens=args.tokens) as sim_url:
-            settings = Settings(redis_url=f"{redis_url}/0", key_prefix="bench",
+            settings = Settings(redis_url=redis_url, key_prefix="bench",
                                 upstream_base_url=sim_url, upstream_api_key="sk-bench",
                                 api_keys={API_KEY: "bench"}, log_level="WARNING")
             stack = Stack(settings)
@@ -318,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
                             and target[way]["errors"] == 0)  # type: ignore[index]
         print(f"  {way}: added p50 {added['p50']:.1f} ms, p99 {added['p99']:.1f} ms -> "
               f"{'met' if verdict[way] else 'NOT met'}")
-    path = write_result("ttft_quick" if args.quick else "ttft", {
+    name = "ttft_quick" if args.quick else "ttft"
+    path = write_result(name if args.redis == "tcp" else f"{name}_{args.redis}", {
         "quick": args.quick, "sim": vars(args), "timings_s": timings,
         "sustained": sus_data, "burst": burst_data,
         "targets": {"level": TARGET_LEVEL, "mode": "sustained", "added_p50_ms": TARGET_P50_MS,

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import redis
 
+from hybrid_router.router.core.redis_io import sync_client
 from hybrid_router.settings import Settings
 from tests.support import Stack, delete_prefix, start_redis_server
 
@@ -71,7 +72,7 @@ def settings(make_settings: Callable[..., Settings], sim_url: str) -> Settings:
 
 @pytest.fixture
 def redis_client(redis_base_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(f"{redis_base_url}/0")
+    client = sync_client(f"{redis_base_url}/0")
     yield client
     client.close()
 

@@ -137,7 +137,8 @@ def celery_argv(*args: str) -> list[str]:
 
 
 def start_redis_server(workdir: Path, appendonly: bool = False, port: int | None = None,
-                       extra_args: tuple[str, ...] = ()) -> tuple[ManagedProcess, str]:
+                       extra_args: tuple[str, ...] = (), wait: bool = True,
+                       ) -> tuple[ManagedProcess, str]:
     """A private redis-server on a free port; returns the process and its base URL.
 
     `port` (with the same `workdir`) restarts a server where a stopped one was, reloading its
@@ -146,7 +147,7 @@ def start_redis_server(workdir: Path, appendonly: bool = False, port: int | None
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server is not on PATH (apt-get install redis-server)")
-    port = port or free_port()
+    port = free_port() if port is None else port
     argv = [
         binary,
         "--port", str(port),
@@ -161,8 +162,44 @@ def start_redis_server(workdir: Path, appendonly: bool = False, port: int | None
     url = f"redis://127.0.0.1:{port}"
     import redis
 
-    wait_until(lambda: redis.Redis.from_url(url).ping(), 10, message="private redis-server")
+    if wait:  # else the caller waits on the server its own way (no plain port: `port=0`)
+        wait_until(lambda: redis.Redis.from_url(url).ping(), 10, message="private redis-server")
     return proc, url
+
+
+def start_tls_redis_server(workdir: Path, password: str | None = None
+                           ) -> tuple[ManagedProcess, str, str]:
+    """A private redis-server reachable only over TLS and a unix socket (no plain TCP port),
+    with a self-signed certificate made here by ``openssl`` (and `password` required, if
+    given); returns the process, a ``rediss://`` URL (that trusts the certificate:
+    ``?ssl_ca_certs=``) and a ``unix://`` socket URL, both of database 0."""
+    cert, key = workdir / "redis-cert.pem", workdir / "redis-key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True)
+    socket_path = workdir / "redis.sock"
+    port = free_port()
+    proc, _url = start_redis_server(workdir, port=0, extra_args=(
+        "--tls-port", str(port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+        "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no",
+        "--unixsocket", str(socket_path), "--unixsocketperm", "700",
+        *(("--requirepass", password) if password else ())), wait=False)
+    login = f":{password}@" if password else ""
+    tls_url = f"rediss://{login}127.0.0.1:{port}"
+    unix_url = f"unix://{login}{socket_path}"
+    from hybrid_router.router.core.redis_io import sync_client
+
+    def pings(url: str) -> bool:
+        try:
+            return bool(sync_client(url).ping())
+        except redis.ConnectionError:
+            return False
+
+    wait_until(lambda: pings(f"{unix_url}?db=0"), 10, message="redis-server (unix socket)")
+    wait_until(lambda: pings(f"{tls_url}/0?ssl_ca_certs={cert}"), 10,
+               message="redis-server (TLS)")
+    return proc, f"{tls_url}/0?ssl_ca_certs={cert}", f"{unix_url}?db=0"
 
 
 @dataclass

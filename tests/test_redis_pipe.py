@@ -1,10 +1,11 @@
-"""`hybrid_router.router.core.redis_pipe.RedisPipe` and `PipePool` (the raw connections of the publisher, the
+"""`hybrid_router.router.core.redis_io.RedisPipe` and `PipePool` (the raw connections of the publisher, the
 API's event hub and the scripts) against real Redis servers: replies in order, errors as values,
-AUTH and SELECT, a lost server; and `tail_log`, the follower for URLs they cannot serve."""
+AUTH and SELECT, a lost server; URL parsing (`redis_target`); and `tail_log`."""
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ import redis.asyncio as aioredis
 
 from hybrid_router.router.core import events as ev
 from hybrid_router.router.core import subscribe
-from hybrid_router.router.core.redis_pipe import PipePool, RedisPipe
+from hybrid_router.router.core.redis_io import TLS, PipePool, RedisPipe, RedisTarget, redis_target
 from hybrid_router.router.core.store import RequestStore
 from hybrid_router.settings import Settings
 from tests.support import start_redis_server
@@ -64,10 +65,22 @@ def test_password_and_a_lost_server(tmp_path: Path) -> None:
         proc.stop()
 
 
-def test_only_plain_tcp_urls() -> None:
-    for url in ("unix:///tmp/redis.sock", "rediss://example.com:6380/0"):
+def test_every_url_kind_maps_to_one_target() -> None:
+    """`redis_target`: the one reading of a Redis URL that every connection is opened from."""
+    assert redis_target("redis://u:p%40ss@h:7/3") == RedisTarget("h", 7, db=3, username="u",
+                                                                   password="p@ss")
+    assert redis_target("unix:///run/redis.sock?db=2") == RedisTarget(path="/run/redis.sock", db=2)
+    tls = redis_target("rediss://h/0?ssl_ca_certs=/ca.pem&ssl_cert_reqs=optional").tls
+    assert tls == TLS(ca_certs="/ca.pem", cert_reqs="optional")
+    assert redis_target("rediss://h/0").broker() == (
+        "rediss://h:6379/0", {"ssl_ca_certs": None, "ssl_certfile": None, "ssl_keyfile": None,
+                              "ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_check_hostname": True})
+    assert redis_target("unix://:pw@/s.sock?db=1").broker() == (
+        "redis+socket://:pw@/s.sock?virtual_host=1", None)
+    assert redis_target("redis://u:p%40ss@h:7/3").broker() == ("redis://u:p%40ss@h:7/3", None)
+    for bad in ("redis://h/0?socket_timeout=1", "http://h/0", "rediss://h/0?ssl_cert_reqs=maybe"):
         with pytest.raises(ValueError):
-            RedisPipe(url)
+            redis_target(bad)
 
 
 def test_tail_log_reads_every_event_after_a_seq(make_settings: Callable[..., Settings]) -> None:
@@ -148,7 +161,7 @@ def test_a_pooled_connection_dead_since_a_restart_is_replaced(tmp_path: Path) ->
 
 
 def test_reply_errors_are_redis_py_exceptions(redis_base_url: str) -> None:
-    from hybrid_router.router.core.lua import LuaScript, run_scripts_raw
+    from hybrid_router.router.core.lua import LuaScript, run_scripts
 
     key = f"pipe-test-{uuid.uuid4().hex}"
     script = LuaScript("return redis.call('INCR', KEYS[1])")
@@ -157,7 +170,7 @@ def test_reply_errors_are_redis_py_exceptions(redis_base_url: str) -> None:
         pool = PipePool(f"{redis_base_url}/0")
         try:
             await pool.execute([("SET", key, "text")])
-            return await run_scripts_raw(pool, [(script, [key], []), (script, [key + "n"], [])])
+            return await run_scripts(pool, [(script, [key], []), (script, [key + "n"], [])])
         finally:
             await pool.execute([("DEL", key, key + "n")])
             pool.close()

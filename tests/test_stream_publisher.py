@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 
 from hybrid_router.router.core import events as ev
 from hybrid_router.router.core.intake import accept_sync, prepare
-from hybrid_router.router.core.redis_pipe import RedisPipe
+from hybrid_router.router.core.redis_io import RedisPipe
 from hybrid_router.router.core.schemas import SubmitRequest
 from hybrid_router.router.core.store import AsyncRequestStore, RequestStore
 from hybrid_router.settings import Settings
@@ -51,7 +51,7 @@ async def _running_publisher(settings: Settings) -> AsyncIterator[StreamPublishe
     """A publisher and its task on the running loop, as a stream engine has them."""
     client = aioredis.Redis.from_url(settings.redis_url)
     store = AsyncRequestStore(client, settings)
-    publisher = StreamPublisher(client, store.ops, RedisPipe(settings.redis_url))
+    publisher = StreamPublisher(store.ops, RedisPipe(settings.redis_url))
     runner = asyncio.create_task(publisher.run())
     try:
         yield publisher

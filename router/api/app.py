@@ -6,7 +6,6 @@ import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import redis.asyncio as aioredis
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
@@ -19,6 +18,7 @@ from hybrid_router.router.core.dispatch import CeleryStreamDispatcher
 from hybrid_router.router.core.event_hub import event_follower
 from hybrid_router.router.core.intake import StreamDispatcher
 from hybrid_router.router.core.logs import configure_logging, get_logger
+from hybrid_router.router.core.redis_io import async_client
 from hybrid_router.router.core.store import AsyncRequestStore
 from hybrid_router.settings import Settings
 
@@ -31,11 +31,10 @@ def create_app(settings: Settings, dispatcher: StreamDispatcher | None = None) -
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.redis = aioredis.Redis.from_url(
-            settings.redis_url, max_connections=2048, health_check_interval=30
-        )
+        app.state.redis = async_client(settings.redis_url, max_connections=2048,
+                                       health_check_interval=30)
         app.state.store = AsyncRequestStore(app.state.redis, settings)
-        app.state.events = event_follower(app.state.redis, settings)
+        app.state.events = event_follower(settings)
         if dispatcher is None:
             app.state.dispatcher = CeleryStreamDispatcher(build_celery(settings))
         else:

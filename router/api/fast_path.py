@@ -186,5 +186,5 @@ async def admitted(request: Request, model: type[M]) -> tuple[M, Caller] | None:
     if caller is None:
         return None
     state = request.app.state
-    await enforce_rate_limit(request, caller, state.settings, state.redis)
+    await enforce_rate_limit(request, caller, state.settings, state.store)
     return body, caller

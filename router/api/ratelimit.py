@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 from fastapi import Request
 
-from hybrid_router.router.api.deps import CallerDep, RedisDep, SettingsDep
+from hybrid_router.router.api.deps import CallerDep, SettingsDep, StoreDep
 from hybrid_router.router.core.errors import ErrorCode, InvalidRequest, RateLimited
 from hybrid_router.router.core.logs import get_logger
 from hybrid_router.router.core.ratelimit import RateLimiter, estimate_request_tokens, limits_enabled
@@ -29,13 +29,13 @@ async def _body_json(request: Request) -> Any:
 
 
 async def enforce_rate_limit(
-    request: Request, caller: CallerDep, settings: SettingsDep, redis: RedisDep
+    request: Request, caller: CallerDep, settings: SettingsDep, store: StoreDep
 ) -> None:
     """Count this request against its API key's limits, or refuse it with a 429."""
     if not limits_enabled(settings):
         return
     tokens = estimate_request_tokens(await _body_json(request))
-    decision = await RateLimiter(settings).check_async(redis, caller.key_id, tokens)
+    decision = await RateLimiter(settings).check_async(store.scripts, caller.key_id, tokens)
     if decision.allowed:
         return
     if decision.too_large:

@@ -20,6 +20,7 @@ from typing import Annotated
 import redis
 import typer
 
+from hybrid_router.router.core.redis_io import sync_client
 from hybrid_router.router.core.runtime_config import (
     read_flush_interval,
     reset_flush_interval,
@@ -56,7 +57,7 @@ def get_config() -> None:
     from hybrid_router.router.cli.main import load_settings
 
     settings = load_settings()
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+    client = sync_client(settings.redis_url, socket_timeout=5)
     try:
         view = runtime_view(*read_flush_interval(client, settings), settings)
     except redis.RedisError as exc:
@@ -82,7 +83,7 @@ def set_config(
                    err=True)
         raise typer.Exit(2) from exc
     settings = load_settings()
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+    client = sync_client(settings.redis_url, socket_timeout=5)
     try:
         applied = set_flush_interval(client, settings, seconds, by=_who())
     except ValueError as exc:
@@ -103,7 +104,7 @@ def reset_config(
 
     _check_name(name)
     settings = load_settings()
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+    client = sync_client(settings.redis_url, socket_timeout=5)
     try:
         removed = reset_flush_interval(client, settings)
         interval, _beat = read_flush_interval(client, settings)

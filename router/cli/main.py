@@ -136,9 +136,10 @@ def _beat_check(settings: Settings, max_age_s: float) -> int:
     import redis
 
     from hybrid_router.router.core.keys import Keys
+    from hybrid_router.router.core.redis_io import sync_client
     from hybrid_router.router.core.runtime_config import BeatReport
 
-    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2)
+    client = sync_client(settings.redis_url, socket_connect_timeout=2, socket_timeout=2)
     try:
         report = BeatReport.from_hash(client.hgetall(Keys(settings.key_prefix).beat()))
     except redis.RedisError as exc:

@@ -314,10 +314,11 @@ def status(
 
     from hybrid_router.router.cli.up import safe_url
     from hybrid_router.router.core.live_stats import take_live
+    from hybrid_router.router.core.redis_io import sync_client
     from hybrid_router.router.core.stats import take_snapshot
 
     settings = load_settings()
-    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
+    client = sync_client(settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
     try:
         snap = take_snapshot(client, settings)
         live = take_live(client, settings)

@@ -33,6 +33,7 @@ import redis
 from pydantic import SecretStr
 
 from hybrid_router.router.core.logs import get_logger
+from hybrid_router.router.core.redis_io import sync_client
 from hybrid_router.settings import Settings, settings_to_env
 
 log = get_logger(__name__)
@@ -119,7 +120,7 @@ def is_simulator(base_url: str, timeout: float = 1.0) -> bool:
 
 
 def redis_answers(url: str, timeout: float = 1.0) -> bool:
-    client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+    client = sync_client(url, socket_connect_timeout=timeout, socket_timeout=timeout)
     try:
         return bool(client.ping())
     except (redis.RedisError, OSError):
@@ -368,7 +369,7 @@ class Supervisor:
         from hybrid_router.router.core.runtime_config import BeatReport
 
         def ready(child: Child) -> bool:
-            client = redis.Redis.from_url(settings.redis_url, socket_timeout=1)
+            client = sync_client(settings.redis_url, socket_timeout=1)
             try:
                 report = BeatReport.from_hash(client.hgetall(Keys(settings.key_prefix).beat()))
             finally:
@@ -497,7 +498,7 @@ class Supervisor:
         run-time override left in Redis outlives restarts: the banner must not hide it)."""
         from hybrid_router.router.core.runtime_config import read_flush_interval
 
-        client = redis.Redis.from_url(settings.redis_url, socket_timeout=2)
+        client = sync_client(settings.redis_url, socket_timeout=2)
         try:
             return read_flush_interval(client, settings)[0].describe()
         except redis.RedisError as exc:

@@ -471,14 +471,13 @@ class DirectEnqueuer:
     """Accepts requests straight into the shared Redis, exactly as the API would."""
 
     def __init__(self, settings: Settings) -> None:
-        import redis
-
         from hybrid_router.router.core.celery_app import build_celery
         from hybrid_router.router.core.dispatch import CeleryStreamDispatcher
+        from hybrid_router.router.core.redis_io import sync_client
         from hybrid_router.router.core.store import RequestStore
 
         self.settings = settings
-        self.redis = redis.Redis.from_url(settings.redis_url)
+        self.redis = sync_client(settings.redis_url)
         self.store = RequestStore(self.redis, settings)
         self.dispatcher = CeleryStreamDispatcher(build_celery(settings))
 

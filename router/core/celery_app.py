@@ -9,13 +9,13 @@ bootstep and beat's schedule to it, so the sending side never imports a lane.
 from __future__ import annotations
 
 import sys
-from urllib.parse import urlsplit
 
 from celery import Celery
 from kombu import Queue
 
-from hybrid_router.router.core.broker_transport import SCHEMES, TRANSPORT
+from hybrid_router.router.core.broker_transport import TRANSPORT
 from hybrid_router.router.core.keys import Keys
+from hybrid_router.router.core.redis_io import redis_target
 from hybrid_router.settings import Settings, get_settings
 from hybrid_router.settings.config import describe_settings_error
 
@@ -29,7 +29,8 @@ CALLBACK_TASK = "hr.batch.callback"
 def build_celery(settings: Settings) -> Celery:
     """An app configured for `settings`: enough to send any of the router's tasks."""
     keys = Keys(settings.key_prefix)
-    app = Celery("hybrid-router", broker=settings.redis_url)
+    broker_url, broker_tls = redis_target(settings.redis_url).broker()
+    app = Celery("hybrid-router", broker=broker_url)
     stream_q, batch_q = keys.stream_queue(), keys.batch_queue()
     control_q = keys.stream_control_queue()
     app.conf.update(
@@ -40,8 +41,8 @@ def build_celery(settings: Settings) -> Celery:
                      "hr.batch.*": {"queue": batch_q}},
         # kombu's Redis transport with a guard against a kombu defect that made a worker exit
         # when Redis went away under a running task (hybrid_router.router.core.broker_transport).
-        broker_transport=(TRANSPORT if urlsplit(settings.redis_url).scheme in SCHEMES
-                          else None),
+        broker_transport=TRANSPORT,
+        broker_use_ssl=broker_tls,
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,

@@ -11,9 +11,9 @@ same iteration can join it, then sends them all in one non-transactional pipelin
 is atomic on its own, exactly as when sent alone). A call nobody joined goes out as the plain
 EVALSHA it always was, so a lightly loaded API pays only that one yield.
 
-Given a `PipePool` (a plain ``redis://`` URL), the calls go over its raw hiredis connections
-instead of redis-py's (`hybrid_router.router.core.lua.run_scripts_raw`): redis-py's per-command machinery was a
-third of the stream worker's Python time (benchmark 1, issue 7).
+The calls go over a `PipePool`'s raw connections (`hybrid_router.router.core.redis_io.run_scripts`,
+which also reloads a script Redis lost): redis-py's per-command machinery costs more CPU than
+the call itself on this path.
 """
 
 from __future__ import annotations
@@ -21,20 +21,15 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import redis
-import redis.asyncio as aioredis
-
-from hybrid_router.router.core.lua import LuaScript, run_scripts_raw
-from hybrid_router.router.core.redis_pipe import PipePool
+from hybrid_router.router.core.redis_io import LuaScript, PipePool, run_scripts
 
 _Call = tuple[LuaScript, list[str], list[Any], "asyncio.Future[Any]"]
 
 
 class ScriptCoalescer:
-    """Runs `LuaScript`s on an async client, coalescing the calls of one loop iteration."""
+    """Runs `LuaScript`s on a `PipePool`, coalescing the calls of one loop iteration."""
 
-    def __init__(self, client: aioredis.Redis, pool: PipePool | None = None) -> None:
-        self.client = client
+    def __init__(self, pool: PipePool) -> None:
         self.pool = pool
         self._gathering: list[_Call] | None = None  # the followers of the current leader
         self._tasks: set[asyncio.Task[None]] = set()  # pipelines in flight (strong references)
@@ -56,12 +51,10 @@ class ScriptCoalescer:
             raise
         self._gathering = None
         if not followers:
-            if self.pool is not None:
-                result = (await run_scripts_raw(self.pool, [(script, keys, args)]))[0]
-                if isinstance(result, Exception):
-                    raise result
-                return result
-            return await script.run_async(self.client, keys, args)
+            result = (await run_scripts(self.pool, [(script, keys, args)]))[0]
+            if isinstance(result, Exception):
+                raise result
+            return result
         own: asyncio.Future[Any] = loop.create_future()
         # In a task of its own, so that a cancelled leader cannot leave its followers waiting.
         self._spawn([(script, keys, args, own), *followers])
@@ -74,13 +67,7 @@ class ScriptCoalescer:
 
     async def _execute(self, calls: list[_Call]) -> None:
         try:
-            if self.pool is not None:
-                results = await run_scripts_raw(self.pool, [call[:3] for call in calls])
-            else:
-                pipe = self.client.pipeline(transaction=False)
-                for script, keys, args, _ in calls:
-                    pipe.evalsha(script.sha, len(keys), *keys, *args)
-                results = await pipe.execute(raise_on_error=False)
+            results = await run_scripts(self.pool, [call[:3] for call in calls])
         except asyncio.CancelledError:
             for *_, future in calls:
                 future.cancel()
@@ -90,18 +77,10 @@ class ScriptCoalescer:
                 if not future.done():
                     future.set_exception(exc)
             return
-        for (script, keys, args, future), result in zip(calls, results, strict=True):
+        for (*_, future), result in zip(calls, results, strict=True):
             if future.done():
                 continue
-            if isinstance(result, redis.exceptions.NoScriptError):
-                # Redis lost its script cache (a restart): the plain call loads the script.
-                try:
-                    result = await script.run_async(self.client, keys, args)
-                except Exception as exc:
-                    future.set_exception(exc)
-                    continue
             if isinstance(result, Exception):
                 future.set_exception(result)
             else:
                 future.set_result(result)
-

@@ -18,8 +18,7 @@ log), so nothing is missed however late a follower joins:
   the log after its last seq;
 - if Redis cannot be reached, `follow` raises `redis.ConnectionError`, as `tail_log` does.
 
-Only plain ``redis://`` URLs are served here (`RedisPipe.supports`); for others the API follows
-with `tail_log` (see `LogTailer`).
+Every Redis URL is served here (TCP, TLS, unix sockets: `hybrid_router.router.core.redis_io`).
 """
 
 from __future__ import annotations
@@ -32,16 +31,14 @@ from typing import Any, Protocol, cast
 
 import hiredis
 import redis
-import redis.asyncio as aioredis
-from redis.connection import parse_url
 
 from hybrid_router.router.core.events import FINAL_EVENT_TYPES, parse_event, stream_id_after
 from hybrid_router.router.core.keys import Keys
 from hybrid_router.router.core.logs import get_logger
 from hybrid_router.router.core.records import PACKED_FIELD
-from hybrid_router.router.core.redis_pipe import PipePool, RedisPipe, reply_error
+from hybrid_router.router.core.redis_io import PipePool, open_transport, raise_errors, redis_target
 from hybrid_router.router.core.replay import compacted_events
-from hybrid_router.router.core.subscribe import event_data, finished, tail_log
+from hybrid_router.router.core.subscribe import event_data, finished
 from hybrid_router.settings import Settings
 
 log = get_logger(__name__)
@@ -62,28 +59,9 @@ class EventFollower(Protocol):
     async def aclose(self) -> None: ...
 
 
-class LogTailer:
-    """Follows with ``XREAD BLOCK`` on the replay log (`tail_log`): for Redis URLs the hub does
-    not serve (TLS, unix sockets)."""
-
-    def __init__(self, client: aioredis.Redis, settings: Settings) -> None:
-        self.client = client
-        self.settings = settings
-
-    def follow(self, request_id: str, after_seq: int, idle_s: float
-               ) -> AsyncIterator[dict[str, Any] | None]:
-        return tail_log(self.client, self.settings, request_id, after_seq, idle_s)
-
-    async def aclose(self) -> None:
-        return None
-
-
-def event_follower(client: aioredis.Redis, settings: Settings) -> EventFollower:
-    """The hub where it can serve the URL, else the log tailer; either rides out a Redis outage
-    of up to `Settings.stream_redis_grace_s`."""
-    inner: EventFollower = (EventHub(settings) if RedisPipe.supports(settings.redis_url)
-                            else LogTailer(client, settings))
-    return OutageTolerantFollower(inner, settings.stream_redis_grace_s)
+def event_follower(settings: Settings) -> EventFollower:
+    """The hub, riding out a Redis outage of up to `Settings.stream_redis_grace_s`."""
+    return OutageTolerantFollower(EventHub(settings), settings.stream_redis_grace_s)
 
 
 class OutageTolerantFollower:
@@ -213,11 +191,7 @@ class EventHub:
     """Live events of all of this process's followers over one subscribed Redis connection."""
 
     def __init__(self, settings: Settings) -> None:
-        options = parse_url(settings.redis_url)
-        self.host = str(options.get("host") or "localhost")
-        self.port = int(options.get("port") or 6379)
-        self.username = options.get("username")
-        self.password = options.get("password")
+        self.target = redis_target(settings.redis_url)
         self.keys = Keys(settings.key_prefix)
         self.pool = PipePool(settings.redis_url)
         self._protocol: _HubProtocol | None = None
@@ -245,13 +219,11 @@ class EventHub:
         loop = asyncio.get_running_loop()
         try:
             transport, protocol = await asyncio.wait_for(
-                loop.create_connection(lambda: _HubProtocol(self), self.host, self.port),
-                CONNECT_TIMEOUT_S)
-            if self.password is not None:
+                open_transport(self.target, lambda: _HubProtocol(self)), CONNECT_TIMEOUT_S)
+            for command in self.target.setup_commands(select=False):  # pub/sub has no db
                 auth: asyncio.Future[Any] = loop.create_future()
                 self._auth_replies.append(auth)
-                self._write(protocol, ("AUTH", self.username, self.password) if self.username
-                            else ("AUTH", self.password))
+                self._write(protocol, command)
                 reply = await asyncio.wait_for(auth, CONNECT_TIMEOUT_S)
                 if isinstance(reply, hiredis.ReplyError):
                     transport.close()
@@ -343,19 +315,15 @@ class EventHub:
 
     async def _log_after(self, request_id: str, last: int) -> tuple[list[dict[str, Any]], bool]:
         """The log's events after seq `last`, and whether the request is over (or gone)."""
-        entries, status = await self.pool.execute([
+        entries, status = raise_errors(await self.pool.execute([
             ("XRANGE", self.keys.events(request_id), f"({stream_id_after(last)}", "+"),
             ("HGET", self.keys.record(request_id), "status"),
-        ])
-        if isinstance(entries, hiredis.ReplyError):
-            raise reply_error(entries)
+        ]))
         events = [parse_event(event_data(fields)) for _entry_id, fields in entries]
         over = finished(status)
         if not events and over:  # a finished request's log may be compacted (hybrid_router.router.core.replay)
-            (packed,) = await self.pool.execute([
-                ("HGET", self.keys.record(request_id), PACKED_FIELD)])
-            if isinstance(packed, hiredis.ReplyError):
-                raise reply_error(packed)
+            (packed,) = raise_errors(await self.pool.execute([
+                ("HGET", self.keys.record(request_id), PACKED_FIELD)]))
             events = compacted_events(packed, last)
         return events, over
 

@@ -10,16 +10,10 @@ the API, the stream worker and the batch worker share one strictly increasing se
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass, field
-from typing import Any
-
-import hiredis
-import redis
-import redis.asyncio as aioredis
-
-from hybrid_router.router.core.redis_pipe import PipePool, reply_error
+from hybrid_router.router.core.redis_io import LuaScript, ScriptCall, run_scripts
 from hybrid_router.router.core.states import LUA_STATES
+
+__all__ = ["LuaScript", "ScriptCall", "run_scripts"]
 
 _COMMON = LUA_STATES + """
 local function is_final_event(body)
@@ -375,50 +369,6 @@ redis.call('ZREM', KEYS[4], ARGV[1])
 return 1
 """
 )
-
-
-@dataclass
-class LuaScript:
-    """A script run by SHA with a fallback to EVAL, on a sync or async client or pipeline."""
-
-    source: str
-    sha: str = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
-
-    def __call__(self, client: redis.Redis, keys: list[str], args: list[Any]) -> Any:
-        try:
-            return client.evalsha(self.sha, len(keys), *keys, *args)
-        except redis.exceptions.NoScriptError:
-            return client.eval(self.source, len(keys), *keys, *args)
-
-    async def run_async(self, client: aioredis.Redis, keys: list[str], args: list[Any]) -> Any:
-        try:
-            return await client.evalsha(self.sha, len(keys), *keys, *args)
-        except redis.exceptions.NoScriptError:
-            return await client.eval(self.source, len(keys), *keys, *args)
-
-
-ScriptCall = tuple[LuaScript, list[str], list[Any]]
-
-
-async def run_scripts_raw(pool: PipePool, calls: list[ScriptCall]) -> list[Any]:
-    """Run `calls` in one round trip on a raw connection (`hybrid_router.router.core.redis_pipe`); each result in
-    place, an error as the exception redis-py would raise (as ``raise_on_error=False``). A call
-    whose script Redis does not know (a restart emptied its cache) is loaded and run again.
-    Raises `redis.ConnectionError` / `redis.TimeoutError` when Redis cannot be reached."""
-    results = await pool.execute([("EVALSHA", s.sha, len(k), *k, *a) for s, k, a in calls])
-    unknown = [i for i, r in enumerate(results)
-               if isinstance(r, hiredis.ReplyError) and str(r).startswith("NOSCRIPT")]
-    if unknown:
-        scripts = {calls[i][0].sha: calls[i][0] for i in unknown}
-        again = await pool.execute([("SCRIPT", "LOAD", s.source) for s in scripts.values()]
-                                   + [("EVALSHA", calls[i][0].sha, len(calls[i][1]),
-                                       *calls[i][1], *calls[i][2]) for i in unknown])
-        for i, result in zip(unknown, again[len(scripts):], strict=True):
-            results[i] = result
-    return [reply_error(r) if isinstance(r, hiredis.ReplyError) else r for r in results]
 
 
 CREATE_SCRIPT = LuaScript(CREATE)

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import redis
-import redis.asyncio as aioredis
 
+from hybrid_router.router.core.coalesce import ScriptCoalescer
 from hybrid_router.router.core.keys import Keys
 from hybrid_router.router.core.lua import LuaScript
 from hybrid_router.router.core.pricing import estimate_prompt_tokens
@@ -135,11 +135,10 @@ class RateLimiter:
         keys, args, retry_after = self._call(key_id, tokens, time.time() if now is None else now)
         return self._decide(CHECK_AND_COUNT_SCRIPT(client, keys, args), retry_after)
 
-    async def check_async(self, client: aioredis.Redis, key_id: str, tokens: int,
+    async def check_async(self, scripts: ScriptCoalescer, key_id: str, tokens: int,
                           now: float | None = None) -> RateDecision:
         early = self._precheck(tokens)
         if early is not None:
             return early
         keys, args, retry_after = self._call(key_id, tokens, time.time() if now is None else now)
-        return self._decide(await CHECK_AND_COUNT_SCRIPT.run_async(client, keys, args),
-                            retry_after)
+        return self._decide(await scripts.run(CHECK_AND_COUNT_SCRIPT, keys, args), retry_after)

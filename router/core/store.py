@@ -13,7 +13,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-import hiredis
 import orjson
 import redis
 import redis.asyncio as aioredis
@@ -32,7 +31,7 @@ from hybrid_router.router.core.lua import (
     LuaScript,
 )
 from hybrid_router.router.core.records import PACKED_FIELD, RequestRecord, dumps, now
-from hybrid_router.router.core.redis_pipe import PipePool, RedisPipe, client_retry, reply_error
+from hybrid_router.router.core.redis_io import PipePool, client_retry, raise_errors
 from hybrid_router.router.core.redis_text import text, text_or_none
 from hybrid_router.router.core.replay import compacted_events, replay_policy
 from hybrid_router.router.core.states import TERMINAL
@@ -348,18 +347,16 @@ class AsyncRequestStore:
         self.settings = settings
         self.ops = StoreOps(settings)
         self.keys = self.ops.keys
-        # Raw hiredis connections for the scripts where the URL allows (see hybrid_router.router.core.coalesce).
-        self.pool = (PipePool(settings.redis_url, retry=client_retry())
-                     if RedisPipe.supports(settings.redis_url) else None)
-        self.scripts = ScriptCoalescer(client, self.pool)
+        # Raw hiredis connections for the scripts (see hybrid_router.router.core.coalesce).
+        self.pool = PipePool(settings.redis_url, retry=client_retry())
+        self.scripts = ScriptCoalescer(self.pool)
 
     async def run(self, op: StoreOp[T]) -> T:
         return op.parse(await self.scripts.run(op.script, op.keys, op.args))
 
     def close(self) -> None:
         """Close the idle raw connections (the redis-py client is its owner's to close)."""
-        if self.pool is not None:
-            self.pool.close()
+        self.pool.close()
 
     async def create(
         self, record: RequestRecord, events: Sequence[str], fingerprint: str | None = None,
@@ -379,12 +376,8 @@ class AsyncRequestStore:
         """The request's tenant, None when there is no such request: one field, for a route
         that checks ownership and needs nothing else of the record (the whole record is read
         and validated otherwise, on every follow of a stream, benchmark 1)."""
-        key = self.keys.record(request_id)
-        if self.pool is None:
-            return text_or_none(await self.redis.hget(key, "tenant"))
-        (raw,) = await self.pool.execute([("HGET", key, "tenant")])
-        if isinstance(raw, hiredis.ReplyError):
-            raise reply_error(raw)
+        (raw,) = raise_errors(await self.pool.execute([("HGET", self.keys.record(request_id),
+                                                         "tenant")]))
         return text_or_none(raw)
 
     async def transition(self, request_id: str, to_status: str, **kw: Any) -> TransitionOutcome:

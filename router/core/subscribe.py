@@ -26,8 +26,8 @@ subscriber that falls too far behind is disconnected by Redis — not the produc
 resumes from the log with its last seq.
 
 `tail_log` is the other way to follow: ``XREAD BLOCK`` on the log alone (no pub/sub), race-free
-because the log is the source of truth. The HTTP API uses it where its shared pub/sub follower
-(`hybrid_router.router.core.event_hub`) cannot serve the Redis URL (TLS, unix sockets).
+because the log is the source of truth. (The HTTP API follows with its shared pub/sub connection,
+`hybrid_router.router.core.event_hub`, on every kind of Redis URL.)
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import hiredis
 import redis
 
 from hybrid_router.router.core.lua import _COMMON, LuaScript
+from hybrid_router.router.core.redis_io import SyncClient, SyncPipe, reply_error
 
 T = TypeVar("T")
 ScriptCall = tuple[list[str], list[Any]]
@@ -349,23 +350,28 @@ def run_overlapped(client: redis.Redis, script: LuaScript,
     call yields `None`. A call answered NOSCRIPT did not run at all, so it is run again (loading
     the script); with depth > 1 it then runs after calls sent later, so the calls must not
     depend on each other's order. If `items` raises, the calls already sent are answered first.
-    The connection is dropped, not reused, if we stop with replies still unread.
+    The calls go over a raw connection of their own (`SyncPipe`, packed by hiredis straight
+    from the arguments), opened to `client`'s server and closed at the end.
     """
-    pool = client.connection_pool
-    conn = pool.get_connection()
+    if not isinstance(client, SyncClient):
+        raise TypeError("run_overlapped needs a client from hybrid_router.router.core.redis_io"
+                        ".sync_client (it opens a raw connection to the same server)")
     in_flight: deque[tuple[T, ScriptCall | None]] = deque()
-    clean = False
+    client.script_load(script.source)
+    pipe = SyncPipe(client.url)
 
     def answer(item: T, call: ScriptCall | None) -> tuple[T, Any]:
         if call is None:
             return item, None
-        try:
-            return item, conn.read_response()
-        except redis.exceptions.NoScriptError:
+        reply = pipe.read()
+        if isinstance(reply, hiredis.ReplyError):
+            error = reply_error(reply)
+            if not isinstance(error, redis.exceptions.NoScriptError):
+                raise error
             return item, run_pipelined(client, script, [call])[0]
+        return item, reply
 
     try:
-        client.script_load(script.source)
         iterator = iter(items)
         while True:
             try:
@@ -380,18 +386,11 @@ def run_overlapped(client: redis.Redis, script: LuaScript,
                 raise
             if call is not None:
                 keys, args = call
-                # Packed by hiredis straight from the arguments: redis-py's per-argument
-                # encoding was a sixth of a 50,000-result write-back.
-                conn.send_packed_command(
-                    [hiredis.pack_command(("EVALSHA", script.sha, len(keys), *keys, *args))],
-                    check_health=not in_flight)
+                pipe.send([("EVALSHA", script.sha, len(keys), *keys, *args)])
             in_flight.append((item, call))
             if len(in_flight) > depth:
                 yield answer(*in_flight.popleft())
         while in_flight:
             yield answer(*in_flight.popleft())
-        clean = True
     finally:
-        if not clean:
-            conn.disconnect()
-        pool.release(conn)
+        pipe.close()

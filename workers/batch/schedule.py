@@ -31,6 +31,7 @@ from celery.schedules import schedstate, schedule
 from hybrid_router.router.core.keys import Keys
 from hybrid_router.router.core.logs import get_logger
 from hybrid_router.router.core.records import now
+from hybrid_router.router.core.redis_io import sync_client
 from hybrid_router.router.core.redis_text import text
 from hybrid_router.router.core.runtime_config import FLUSH_INTERVAL, validate_flush_interval
 
@@ -99,7 +100,7 @@ class RuntimeFlushSchedule(schedule):
     @property
     def client(self) -> redis.Redis:
         if self._client is None:
-            self._client = redis.Redis.from_url(self.redis_url, socket_timeout=2)
+            self._client = sync_client(self.redis_url, socket_timeout=2)
         return self._client
 
     def interval(self) -> float:
@@ -181,7 +182,7 @@ class PollSchedule(schedule):
     @property
     def client(self) -> redis.Redis:
         if self._client is None:
-            self._client = redis.Redis.from_url(self.redis_url, socket_timeout=2)
+            self._client = sync_client(self.redis_url, socket_timeout=2)
         return self._client
 
     def has_work(self) -> bool:

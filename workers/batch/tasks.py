@@ -20,6 +20,7 @@ from celery import Celery, shared_task
 from hybrid_router.router.core.celery_app import CALLBACK_TASK, FLUSH_TASK, POLL_TASK, send_callback, settings_of
 from hybrid_router.router.core.dispatch import CeleryStreamDispatcher
 from hybrid_router.router.core.keys import Keys
+from hybrid_router.router.core.redis_io import sync_client
 from hybrid_router.settings import Settings
 from hybrid_router.workers.batch.emulated import run_emulated_batch
 from hybrid_router.workers.batch.flush import FlushContext, flush
@@ -51,7 +52,7 @@ def resources_for(app: Celery) -> BatchResources:
             settings = settings_of(app)
             found = BatchResources(
                 settings,
-                redis.Redis.from_url(settings.redis_url, health_check_interval=30),
+                sync_client(settings.redis_url, health_check_interval=30),
                 make_openai_client(settings, max_retries=2),
                 httpx.Client(),
             )

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import redis
 
 from hybrid_router.router.core.keys import Keys
+from hybrid_router.router.core.redis_io import sync_client
 from hybrid_router.router.core.store import RequestStore
 from hybrid_router.settings import Settings
 from hybrid_router.workers.retry import RetryPolicy
@@ -59,7 +60,7 @@ class StreamContext:
 
     @classmethod
     def build(cls, settings: Settings) -> StreamContext:
-        client = redis.Redis.from_url(settings.redis_url, max_connections=64,
+        client = sync_client(settings.redis_url, max_connections=64,
                                       health_check_interval=30)
         store = RequestStore(client, settings)
         return cls(

@@ -41,16 +41,14 @@ import uuid
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-import hiredis
 import orjson
 import redis
-import redis.asyncio as aioredis
 
 from hybrid_router.router.core.celery_app import STREAM_TASK
 from hybrid_router.router.core.keys import Keys
 from hybrid_router.router.core.logs import get_logger
 from hybrid_router.router.core.lua import RESTORE_TAKEN_SCRIPT
-from hybrid_router.router.core.redis_pipe import RedisPipe, reply_error
+from hybrid_router.router.core.redis_io import RedisPipe, raise_errors
 from hybrid_router.router.core.replay import compact_due
 from hybrid_router.router.core.task_events import EventSink, TaskEvents
 from hybrid_router.workers.stream.cancel import cancel_stream
@@ -197,10 +195,9 @@ class StreamEngine:
         rt = self._runtime()
         slots = asyncio.Semaphore(self.max_streams)
         failures = 0
-        # A raw connection of its own where the URL allows: a pop through redis-py cost as
-        # much CPU as the claim that follows it.
-        url = rt.settings.redis_url
-        pipe = RedisPipe(url, timeout_s=POP_TIMEOUT_S + 10) if RedisPipe.supports(url) else None
+        # A raw connection of its own: a pop through redis-py cost as much CPU as the claim
+        # that follows it.
+        pipe = RedisPipe(rt.settings.redis_url, timeout_s=POP_TIMEOUT_S + 10)
         try:
             while self._consuming:
                 await slots.acquire()
@@ -223,10 +220,9 @@ class StreamEngine:
                     self._track(task)
                     task.add_done_callback(lambda _t: slots.release())
         finally:
-            if pipe is not None:
-                pipe.close()
+            pipe.close()
 
-    async def _take(self, pipe: RedisPipe | None, list_key: str, count: int) -> list[bytes]:
+    async def _take(self, pipe: RedisPipe, list_key: str, count: int) -> list[bytes]:
         """Up to `count` messages in queue order, each moved onto this engine's taken list:
         what is queued now in one round trip (pipelined ``RPOPLPUSH``), else one, waiting for
         it up to `POP_TIMEOUT_S` (``BRPOPLPUSH``).
@@ -234,14 +230,14 @@ class StreamEngine:
         Why batches: one blocking move per message made a backlog of new streams wait one loop
         turn each, on a loop busy relaying tokens.
         """
-        client = self._runtime().redis
         if count > 1:
-            moved = await _commands(pipe, client, [("RPOPLPUSH", list_key, self.taken_key)] * count)
+            moved = raise_errors(await pipe.execute([("RPOPLPUSH", list_key, self.taken_key)]
+                                                    * count))
             queued = [m for m in moved if m is not None]
             if queued:
                 return queued
-        moved_one = await _commands(pipe, client, [("BRPOPLPUSH", list_key, self.taken_key,
-                                                     POP_TIMEOUT_S)])
+        moved_one = raise_errors(await pipe.execute([("BRPOPLPUSH", list_key, self.taken_key,
+                                                       POP_TIMEOUT_S)]))
         return [] if moved_one[0] is None else [moved_one[0]]
 
     async def _handle(self, raw: bytes, forward_key: str) -> None:
@@ -250,13 +246,12 @@ class StreamEngine:
             name, task_id, args = parse_task_message(raw)
         except (ValueError, KeyError, TypeError, IndexError) as exc:
             log.error("dropped a message that is not a Celery task message", error=str(exc))
-            await rt.redis.execute_command("LREM", self.taken_key, 1, raw)
+            raise_errors(await rt.store.pool.execute([("LREM", self.taken_key, 1, raw)]))
             return
         if name != STREAM_TASK or not args:
-            async with rt.redis.pipeline(transaction=True) as forward:
-                forward.lpush(forward_key, raw)
-                forward.execute_command("LREM", self.taken_key, 1, raw)
-                await forward.execute()
+            raise_errors(await rt.store.pool.execute([
+                ("MULTI",), ("LPUSH", forward_key, raw), ("LREM", self.taken_key, 1, raw),
+                ("EXEC",)]))
             return
         request_id = str(args[0])
         stall = rt.settings.fault_stall_after_take_s
@@ -274,7 +269,7 @@ class StreamEngine:
             await asyncio.get_running_loop().run_in_executor(
                 None, cancel_stream, self.ctx, request_id, "its Celery task was revoked")
             if taken is not None:
-                await rt.redis.execute_command("LREM", self.taken_key, 1, taken)
+                raise_errors(await rt.store.pool.execute([("LREM", self.taken_key, 1, taken)]))
             view.received_revoked(task_id, name, args)
             return
         run = StreamRun(task_id, request_id, name, args, view.hostname if view else None,
@@ -423,22 +418,6 @@ class StreamEngine:
             await self._rt.aclose()
         if self._publisher_task is not None:
             self._publisher_task.cancel()
-
-
-async def _commands(pipe: RedisPipe | None, client: aioredis.Redis,
-                    commands: list[tuple[Any, ...]]) -> list[Any]:
-    """Commands in one round trip on the consumer's raw pipe when it has one, else through a
-    redis-py pipeline (TLS and unix socket URLs); an error reply raises what redis-py raises."""
-    if pipe is None:
-        async with client.pipeline(transaction=False) as p:
-            for command in commands:
-                p.execute_command(*command)
-            return list(await p.execute())
-    replies = await pipe.execute(commands)
-    for reply in replies:
-        if isinstance(reply, hiredis.ReplyError):
-            raise reply_error(reply)
-    return replies
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:

@@ -31,14 +31,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import hiredis
 import redis
-import redis.asyncio as aioredis
 
 from hybrid_router.router.core import events as ev
 from hybrid_router.router.core.logs import get_logger
-from hybrid_router.router.core.redis_pipe import RedisPipe
-from hybrid_router.router.core.store import StoreOp, StoreOps
+from hybrid_router.router.core.redis_io import RedisPipe, run_scripts
+from hybrid_router.router.core.store import StoreOps
 
 log = get_logger(__name__)
 
@@ -78,8 +76,7 @@ class StreamPublisher:
     connection error may have run in part; it is sent again as it was (see the module doc).
     """
 
-    def __init__(self, client: aioredis.Redis, ops: StoreOps, pipe: RedisPipe | None = None) -> None:
-        self.redis = client
+    def __init__(self, ops: StoreOps, pipe: RedisPipe) -> None:
         self.ops = ops
         self.pipe = pipe
         self.grace_s = ops.settings.stream_redis_grace_s
@@ -248,32 +245,10 @@ class StreamPublisher:
         ops = [self.ops.emit_tokens(h.request_id, h.owner, h.relayed, len(parts),
                                     _events(parts))
                for h, parts in batch.items()]
-        if self.pipe is not None:
-            return await self._send_raw(self.pipe, ops)
-        results: list[Any] = []
-        for _ in range(2):
-            pipe = self.redis.pipeline(transaction=False)
-            for op in ops:
-                pipe.evalsha(op.script.sha, len(op.keys), *op.keys, *op.args)
-            results = await pipe.execute(raise_on_error=False)
-            if not any(isinstance(r, redis.exceptions.NoScriptError) for r in results):
-                break
-            await self.redis.script_load(ops[0].script.source)
+        results = await run_scripts(self.pipe, [(op.script, op.keys, op.args) for op in ops])
         for r in results:
             if isinstance(r, Exception):
-                raise redis.RedisError(str(r))
-        return results
-
-    async def _send_raw(self, pipe: RedisPipe, ops: list[StoreOp[int]]) -> list[Any]:
-        commands = [("EVALSHA", op.script.sha, len(op.keys), *op.keys, *op.args) for op in ops]
-        results = await pipe.execute(commands)
-        if any(isinstance(r, hiredis.ReplyError) and str(r).startswith("NOSCRIPT") for r in results):
-            # Nothing ran (every command is the same script): load it and send the batch again.
-            await pipe.execute([("SCRIPT", "LOAD", ops[0].script.source)])
-            results = await pipe.execute(commands)
-        for r in results:
-            if isinstance(r, hiredis.ReplyError):
-                raise redis.ResponseError(str(r))
+                raise r
         return results
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from hybrid_router.router.core.keys import Keys
-from hybrid_router.router.core.redis_pipe import RedisPipe
+from hybrid_router.router.core.redis_io import RedisPipe, async_client
 from hybrid_router.router.core.store import AsyncRequestStore
 from hybrid_router.settings import Settings
 from hybrid_router.workers.stream.context import StreamContext
@@ -42,20 +42,16 @@ class StreamRuntime:
         """Call inside the engine's loop."""
         settings = ctx.settings
         # Blocking pool: a burst of stream starts waits for a connection instead of failing.
-        pool = aioredis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=64,
-                                                        timeout=30, health_check_interval=30)
-        client = aioredis.Redis(connection_pool=pool)
+        client = async_client(settings.redis_url, blocking=True, max_connections=64, timeout=30,
+                              health_check_interval=30)
         store = AsyncRequestStore(client, settings)
-        # Where a raw connection cannot serve the URL, the publisher uses redis-py's pipeline.
-        pipe = RedisPipe(settings.redis_url) if RedisPipe.supports(settings.redis_url) else None
         return cls(ctx=ctx, redis=client, store=store,
-                   publisher=StreamPublisher(client, store.ops, pipe),
+                   publisher=StreamPublisher(store.ops, RedisPipe(settings.redis_url)),
                    upstream=UpstreamStreamer(settings, max_connections=max_streams))
 
     async def aclose(self) -> None:
         self.publisher.shutdown()
-        if self.publisher.pipe is not None:
-            self.publisher.pipe.close()
+        self.publisher.pipe.close()
         await self.upstream.aclose()
         self.store.close()
         await self.redis.aclose()
