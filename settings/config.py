@@ -23,19 +23,59 @@ Route = Literal["stream", "batch"]
 
 
 class ModelPrice(BaseModel):
-    """Standard (non-batch) price of a model, in USD per one million tokens."""
+    """Price of a model, in USD per one million tokens: the standard tier, and the `flex` and
+    `priority` tiers where the model has them. A model supports flex exactly when it has a flex
+    rate (a model without one is never sent at flex unless a client asks)."""
 
     input_per_mtok: Decimal = Field(ge=0)
     output_per_mtok: Decimal = Field(ge=0)
+    flex_input_per_mtok: Decimal | None = Field(None, ge=0)
+    flex_output_per_mtok: Decimal | None = Field(None, ge=0)
+    priority_input_per_mtok: Decimal | None = Field(None, ge=0)
+    priority_output_per_mtok: Decimal | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _tier_rates_in_pairs(self) -> ModelPrice:
+        for tier in ("flex", "priority"):
+            pair = (getattr(self, f"{tier}_input_per_mtok"), getattr(self, f"{tier}_output_per_mtok"))
+            if (pair[0] is None) != (pair[1] is None):
+                raise ValueError(f"{tier}_input_per_mtok and {tier}_output_per_mtok go together")
+        return self
+
+    @property
+    def has_flex(self) -> bool:
+        return self.flex_input_per_mtok is not None
+
+    @property
+    def has_priority(self) -> bool:
+        return self.priority_input_per_mtok is not None
 
 
+def _price(standard: tuple[str, str], flex: tuple[str, str] | None = None,
+           priority: tuple[str, str] | None = None) -> ModelPrice:
+    return ModelPrice(
+        input_per_mtok=Decimal(standard[0]), output_per_mtok=Decimal(standard[1]),
+        flex_input_per_mtok=Decimal(flex[0]) if flex else None,
+        flex_output_per_mtok=Decimal(flex[1]) if flex else None,
+        priority_input_per_mtok=Decimal(priority[0]) if priority else None,
+        priority_output_per_mtok=Decimal(priority[1]) if priority else None,
+    )
+
+
+# OpenAI's list prices (standard, flex, priority; input and output per million tokens).
 DEFAULT_PRICES: dict[str, ModelPrice] = {
-    "gpt-4o-mini": ModelPrice(input_per_mtok=Decimal("0.15"), output_per_mtok=Decimal("0.60")),
-    "gpt-4o": ModelPrice(input_per_mtok=Decimal("2.50"), output_per_mtok=Decimal("10.00")),
-    "gpt-4.1-mini": ModelPrice(input_per_mtok=Decimal("0.40"), output_per_mtok=Decimal("1.60")),
-    "gpt-4.1": ModelPrice(input_per_mtok=Decimal("2.00"), output_per_mtok=Decimal("8.00")),
+    "gpt-4o-mini": _price(("0.15", "0.60"), priority=("0.25", "1.00")),
+    "gpt-4o": _price(("2.50", "10.00"), priority=("4.25", "17.00")),
+    "gpt-4.1-nano": _price(("0.10", "0.40"), priority=("0.20", "0.80")),
+    "gpt-4.1-mini": _price(("0.40", "1.60"), priority=("0.70", "2.80")),
+    "gpt-4.1": _price(("2.00", "8.00"), priority=("3.50", "14.00")),
+    "gpt-5-nano": _price(("0.05", "0.40"), flex=("0.025", "0.20")),
+    "gpt-5-mini": _price(("0.25", "2.00"), flex=("0.125", "1.00"), priority=("0.45", "3.60")),
+    "gpt-5": _price(("1.25", "10.00"), flex=("0.625", "5.00"), priority=("2.50", "20.00")),
+    "o4-mini": _price(("1.10", "4.40"), flex=("0.55", "2.20"), priority=("2.00", "8.00")),
+    "o3": _price(("2.00", "8.00"), flex=("1.00", "4.00"), priority=("3.50", "14.00")),
     # The price used for any model not in the table (kept deliberately non-zero so budgets work).
-    "*": ModelPrice(input_per_mtok=Decimal("1.00"), output_per_mtok=Decimal("4.00")),
+    "*": _price(("1.00", "4.00")),
 }
 
 OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -123,6 +163,38 @@ class Settings(BaseSettings):
     expected_batch_turnaround_s: float = Field(
         3600.0, gt=0, description="How long a batch is expected to take, used for deadlines."
     )
+    deadline_normal_s: float = Field(
+        900.0, gt=0, description="Deadline of a `normal` request that gives none (seconds): "
+        "the lane chosen must be expected to finish within it."
+    )
+    deadline_low_s: float = Field(
+        86_400.0, gt=0, description="Deadline of a `low` request that gives none (seconds)."
+    )
+    flex: bool = Field(
+        True, description="Use the flex lane (`service_tier=flex`) for requests whose "
+        "deadline it meets, on models with a flex price; false: only when a client asks."
+    )
+    expected_stream_latency_s: float = Field(
+        10.0, gt=0, description="Starting value of the stream lane's expected latency (request "
+        "to last token); replaced by the rolling figure measured per model."
+    )
+    expected_flex_latency_s: float = Field(
+        60.0, gt=0, description="Starting value of the flex lane's expected latency; replaced "
+        "by the rolling figure measured per model."
+    )
+    flex_max_retries: int = Field(
+        3, ge=0, le=20, description="Retries of a flex call answered 429 (resource "
+        "unavailable) before the request moves, once, to the standard tier or the batch lane."
+    )
+    flex_unsupported_ttl_s: int = Field(
+        3600, ge=1, description="How long a model whose upstream refused flex (400) is sent at "
+        "the standard tier without trying flex again."
+    )
+    priority_tier_models: list[str] = Field(
+        default_factory=list, description="JSON list of models whose `high` requests are sent "
+        "at the `priority` tier (faster, dearer); `*` = every model with a priority price. "
+        "Empty = off."
+    )
     flush_early_threshold: int = Field(
         10_000, ge=1, description="A model queue this long is flushed without waiting."
     )
@@ -179,7 +251,11 @@ class Settings(BaseSettings):
     )
 
     # --- money -------------------------------------------------------------------------------
-    prices: dict[str, ModelPrice] = Field(default_factory=lambda: dict(DEFAULT_PRICES))
+    prices: dict[str, ModelPrice] = Field(
+        default_factory=lambda: dict(DEFAULT_PRICES),
+        description="JSON: model -> {input_per_mtok, output_per_mtok} USD, optionally "
+        "flex_input_per_mtok/flex_output_per_mtok (the model supports flex) and "
+        "priority_input_per_mtok/priority_output_per_mtok; `*` is the fallback.")
     batch_discount: Decimal = Field(Decimal("0.5"), ge=0, le=1)
 
     # --- intake ------------------------------------------------------------------------------
@@ -347,6 +423,27 @@ class Settings(BaseSettings):
 
     def price_for(self, model: str) -> ModelPrice:
         return self.prices.get(model) or self.prices["*"]
+
+    def flex_priced(self, model: str) -> bool:
+        """Whether `model` has a flex price (the router's notion of "supports flex")."""
+        price = self.prices.get(model)
+        return price is not None and price.has_flex
+
+    def priority_tier_for(self, model: str) -> bool:
+        """Whether `high` requests for `model` go at the priority tier (a setting, per model)."""
+        listed = model in self.priority_tier_models or (
+            "*" in self.priority_tier_models and model in self.prices and model != "*")
+        return listed and self.price_for(model).has_priority
+
+    def deadline_for(self, priority: str) -> float | None:
+        """The deadline a request of `priority` gets when it gives none (None: high, which
+        always streams at once)."""
+        if priority == "normal":
+            # An operator who sends normal to the batch lane gives it low's patience.
+            return self.deadline_low_s if self.normal_route == "batch" else self.deadline_normal_s
+        if priority == "low":
+            return self.deadline_low_s
+        return None
 
     def model_label(self, model: str) -> str:
         """The name a model is counted under in metrics and the ledger: itself when the

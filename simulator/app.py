@@ -18,7 +18,7 @@ from starlette.requests import Request
 from hybrid_router.simulator.batches import BatchStore
 from hybrid_router.simulator.chat import ChunkEncoder, completion_body, completion_id, request_id
 from hybrid_router.simulator.config import SimConfig
-from hybrid_router.simulator.directives import parse_messages
+from hybrid_router.simulator.directives import Directives, parse_messages
 from hybrid_router.simulator.errors import SimError, invalid_request, not_found
 from hybrid_router.simulator.faults import Faults
 from hybrid_router.simulator.files import FileStore
@@ -55,6 +55,7 @@ class SimulatorApp:
         self.files = FileStore()
         self.batches = BatchStore(config, self.files, self.faults)
         self._api_keys = frozenset(config.api_keys)
+        self.flex_in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -161,6 +162,10 @@ class SimulatorApp:
         opts = body.get("stream_options")
         include_usage = stream and isinstance(opts, dict) and bool(opts.get("include_usage"))
 
+        asked = body.get("service_tier")
+        if asked is not None and asked not in ("auto", "default", "flex", "priority"):
+            raise invalid_request(f"Invalid value for 'service_tier': {str(asked)[:40]!r}.",
+                                  "service_tier", "invalid_value")
         ph = prompt_hash(messages)
         d = parse_messages(messages)
         stats = self.stats
@@ -170,14 +175,41 @@ class SimulatorApp:
         if prefill is not None:
             stats.incr("continuations", ph)
         err = self.faults.request_error(ph, d)
+        if err is None and asked == "flex":
+            err = self.faults.flex_error(ph, d, model, self.flex_in_flight)
         if err is not None:
             stats.incr("errors_injected", ph)
+            if asked == "flex" and err.status in (400, 429):
+                stats.incr(f"flex_refused_{err.status}", ph)
             raise err
+        tier = d.tier or (asked if asked in ("flex", "priority") else "default")
+        stats.incr(f"served_{tier}", ph)
+        if tier == "flex":
+            self.flex_in_flight += 1
+        try:
+            await self._answer(send, receive, extra, body, model, messages, limit, stream,
+                               include_usage, ph, d, prefill, tier)
+        finally:
+            if tier == "flex":
+                self.flex_in_flight -= 1
+
+    async def _answer(self, send: Send, receive: Receive, extra: list[tuple[bytes, bytes]],
+                      body: dict[str, Any], model: str, messages: list[Any], limit: int | None,
+                      stream: bool, include_usage: bool, ph: str, d: Directives,
+                      prefill: str | None, tier: str) -> None:
+        stats = self.stats
         answer = tool_call_answer(body, model, self.config.seed, d) or make_answer(
             messages, model, seed=self.config.seed, length=d.tokens, limit=limit,
             min_tokens=self.config.min_tokens, max_tokens=self.config.max_tokens)
         ttft = d.ttft if d.ttft is not None else self.config.ttft_s
         tps = d.tps if d.tps is not None else self.config.tokens_per_s
+        if tier == "flex":
+            ttft = max(ttft * self.config.flex_slowdown, self.config.flex_min_ttft_s)
+            tps = tps / self.config.flex_slowdown
+        elif tier == "priority":
+            ttft, tps = ttft / self.config.priority_speedup, tps * self.config.priority_speedup
+        # What the tier made of the timing (a header, so tests read it instead of timing it).
+        extra = [*extra, (b"x-sim-ttft-s", f"{ttft:.6f}".encode())]
         cid = completion_id()
         created = int(time.time())
         if not stream:
@@ -187,13 +219,13 @@ class SimulatorApp:
             stats.incr("completions", ph)
             if prefill is not None:
                 stats.incr("continuations_completed", ph)
-            await send_json(send, 200, completion_body(answer, model, cid, created), extra)
+            await send_json(send, 200, completion_body(answer, model, cid, created, tier), extra)
             return
         drop_after = self.faults.drop_after(ph, d, is_continuation=prefill is not None)
         stats.incr("streams_started", ph)
         outcome = await stream_answer(
             send, receive, answer=answer,
-            encoder=ChunkEncoder(model, cid, created, include_usage),
+            encoder=ChunkEncoder(model, cid, created, include_usage, tier),
             ttft=ttft, tps=tps, drop_after=drop_after, headers=extra,
         )
         stats.incr("streams_" + outcome, ph)
@@ -287,6 +319,7 @@ class SimulatorApp:
             snap = self.stats.snapshot()
             snap["files"] = len(self.files.files)
             snap["batches"] = len(self.batches.batches)
+            snap["flex_in_flight"] = self.flex_in_flight
             await send_json(send, 200, snap)
             return
         if path == "/sim/last_request" and method == "GET":

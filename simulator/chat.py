@@ -44,7 +44,8 @@ def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
     }
 
 
-def completion_body(answer: Answer, model: str, cid: str, created: int) -> dict[str, Any]:
+def completion_body(answer: Answer, model: str, cid: str, created: int,
+                    service_tier: str = "default") -> dict[str, Any]:
     """A non-streamed ``chat.completion`` object."""
     return {
         "id": cid,
@@ -66,7 +67,7 @@ def completion_body(answer: Answer, model: str, cid: str, created: int) -> dict[
             }
         ],
         "usage": usage_dict(answer.prompt_tokens, answer.completion_tokens),
-        "service_tier": "default",
+        "service_tier": service_tier,
         "system_fingerprint": SYSTEM_FINGERPRINT,
     }
 
@@ -86,14 +87,15 @@ class ChunkEncoder:
 
     __slots__ = ("_base", "_content_prefix", "_content_suffix", "_usage_field", "include_usage")
 
-    def __init__(self, model: str, cid: str, created: int, include_usage: bool) -> None:
+    def __init__(self, model: str, cid: str, created: int, include_usage: bool,
+                 service_tier: str = "default") -> None:
         self.include_usage = include_usage
         head = {
             "id": cid,
             "object": "chat.completion.chunk",
             "created": created,
             "model": model,
-            "service_tier": "default",
+            "service_tier": service_tier,
             "system_fingerprint": SYSTEM_FINGERPRINT,
         }
         # b'data: {"id":...,"system_fingerprint":"..."' -- without the closing brace.

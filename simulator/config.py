@@ -46,6 +46,30 @@ class SimConfig(BaseSettings):
         5, ge=0, description="Content tokens sent before a rate-injected drop."
     )
 
+    # --- service tiers (``service_tier``: default, flex, priority) ------------------------------
+    flex_slowdown: float = Field(
+        3.0, ge=1, description="A flex call is this many times slower (time to first token and "
+        "time per token) than a standard one."
+    )
+    flex_min_ttft_s: float = Field(
+        0.0, ge=0, description="Shortest time to first token of a flex call (so flex is slower "
+        "even when the standard tier answers at once)."
+    )
+    priority_speedup: float = Field(
+        2.0, ge=1, description="A priority call is this many times faster than a standard one."
+    )
+    flex_rate_429: float = Field(
+        0.0, ge=0, le=1, description="Share of flex calls answered 429 resource unavailable."
+    )
+    flex_max_concurrency: int = Field(
+        0, ge=0, description="Flex calls in flight above which a flex call is answered 429 "
+        "resource unavailable; 0 = no limit."
+    )
+    no_flex_models: list[str] = Field(
+        default_factory=list, description="Models without flex: a flex call for one is answered "
+        "400 (invalid service_tier)."
+    )
+
     # --- batch API -------------------------------------------------------------------------------
     batch_api: bool = Field(True, description="False = /v1/files and /v1/batches answer 404.")
     batch_turnaround_s: float = Field(

@@ -32,6 +32,9 @@ class Directives:
     batch: str | None = None  # "expire" | "fail"
     turnaround: float | None = None
     tool_calls: int | None = None  # answer with this many calls of the request's tools
+    flex_429: int | None = None  # the first N flex calls of this prompt answer 429
+    flex_400: bool = False  # flex calls answer 400 (the model does not support flex)
+    tier: str | None = None  # serve (and report) this tier whatever was asked
 
     @property
     def empty(self) -> bool:
@@ -73,6 +76,12 @@ def _apply(d: Directives, key: str, value: str) -> None:
         d.turnaround = float(value)
     elif key == "tool_calls":
         d.tool_calls = max(0, min(_as_int(value), 16)) or None
+    elif key == "flex_429":
+        d.flex_429 = max(0, _as_int(value or "1000000"))
+    elif key == "flex_400":
+        d.flex_400 = value.lower() not in ("0", "false", "no")
+    elif key == "tier":
+        d.tier = value.lower() if value.lower() in ("default", "flex", "priority") else None
 
 
 def parse_text(text: str, into: Directives | None = None) -> Directives:

@@ -74,6 +74,20 @@ def invalid_request(message: str, param: str | None = None, code: str | None = N
     return SimError(400, message, param=param, code=code)
 
 
+def flex_unavailable(retry_after: float | None) -> SimError:
+    """OpenAI's answer when flex capacity is exhausted: 429 Resource Unavailable."""
+    headers = [] if retry_after is None else [(b"retry-after", f"{retry_after:g}".encode())]
+    return SimError(429, "Resource Unavailable: flex processing capacity is temporarily "
+                    "exhausted; try again later or use the default service tier.",
+                    type="rate_limit_error", code="resource_unavailable", headers=headers)
+
+
+def flex_not_supported(model: str) -> SimError:
+    """The answer for a flex call on a model that has no flex tier."""
+    return SimError(400, f"Invalid value for 'service_tier': flex is not available for model "
+                    f"'{model}'.", param="service_tier", code="invalid_value")
+
+
 def not_found(message: str) -> SimError:
     return SimError(404, message)
 

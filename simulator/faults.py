@@ -13,7 +13,7 @@ from collections import defaultdict
 
 from hybrid_router.simulator.config import SimConfig
 from hybrid_router.simulator.directives import Directives
-from hybrid_router.simulator.errors import SimError, injected
+from hybrid_router.simulator.errors import SimError, flex_not_supported, flex_unavailable, injected
 
 
 class Faults:
@@ -24,11 +24,13 @@ class Faults:
         self.rng = random.Random(config.seed)
         self.fail_counts: dict[str, int] = defaultdict(int)
         self.drop_counts: dict[str, int] = defaultdict(int)
+        self.flex_counts: dict[str, int] = defaultdict(int)
 
     def reset(self) -> None:
         self.rng = random.Random(self.config.seed)
         self.fail_counts.clear()
         self.drop_counts.clear()
+        self.flex_counts.clear()
 
     def _roll(self, rate: float) -> bool:
         return rate > 0 and self.rng.random() < rate
@@ -50,6 +52,24 @@ class Faults:
             return injected(500, None)
         if self._roll(c.rate_503):
             return injected(503, c.retry_after_s)
+        return None
+
+    def flex_error(self, prompt_hash: str, d: Directives, model: str,
+                   flex_in_flight: int) -> SimError | None:
+        """The error a flex call must get instead of an answer, if any: 400 for a model without
+        flex, 429 resource unavailable by directive, by rate or above the flex concurrency."""
+        c = self.config
+        if d.flex_400 or model in c.no_flex_models:
+            return flex_not_supported(model)
+        if d.flex_429 is not None:
+            self.flex_counts[prompt_hash] += 1
+            if self.flex_counts[prompt_hash] <= d.flex_429:
+                return flex_unavailable(d.retry_after if d.retry_after is not None else 0.05)
+            return None
+        if c.flex_max_concurrency and flex_in_flight >= c.flex_max_concurrency:
+            return flex_unavailable(c.retry_after_s)
+        if self._roll(c.flex_rate_429):
+            return flex_unavailable(c.retry_after_s)
         return None
 
     def drop_after(self, prompt_hash: str, d: Directives, is_continuation: bool) -> int | None:

@@ -462,6 +462,10 @@ class ChaosRun:
                 stream_max_retries=6, retry_backoff_base_s=0.05, retry_backoff_max_s=0.5,
                 stream_idle_timeout_s=10, stream_lease_s=3.0, stream_redispatch_after_s=6.0,
                 sse_keepalive_s=SSE_KEEPALIVE_S, log_format="json", log_level="INFO",
+                # The checks compare what followers received with each request's replay log
+                # entry by entry: keep the logs uncompacted for the whole run, however long the
+                # machine makes it (compaction has its own tests: test_replay_compaction.py).
+                replay_grace_s=3600,
             )
             self.settings_batch_max_attempts = settings.batch_max_attempts
             stack = Stack(settings, workdir=workdir / "stack")

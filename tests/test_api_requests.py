@@ -224,8 +224,9 @@ def test_fast_and_general_paths_answer_alike(api: tuple[str, Settings]) -> None:
             assert data.pop("result_url") == f"/v1/requests/{rid}"
             answers.append(data)
     assert answers[:2] == answers[2:]
-    assert list(answers[0]) == ["status", "route", "route_reason", "priority", "model",
-                                "idempotent_replay", "stream_url"]
+    assert list(answers[0]) == ["status", "route", "route_reason", "service_tier",
+                                "expected_latency_s", "priority", "model", "idempotent_replay",
+                                "stream_url"]
 
 
 UNICODE = (

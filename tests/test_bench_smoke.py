@@ -31,7 +31,8 @@ RELAY_ROW = r"^\s*10\s+[\d.,]+\s+[\d.,]+\s+[\d.,]+\s+[\d.,]+"
                                "B burst: N started at the same instant", "client cpu",
                                "capacity (sustained):", "written:"],
          [RELAY_ROW]),
-        ("bench.bench_cost", ["Cost benchmark", "savings", "written:"], []),
+        ("bench.bench_cost", ["Cost benchmark", "savings", "Cost benchmark, tiers",
+                              "all at the priority tier", "exact=True", "written:"], []),
     ],
 )
 def test_benchmark_smoke_run_prints_figures(module: str, expected: list[str], rows: list[str]

@@ -129,15 +129,15 @@ def test_metrics_and_stats_over_http(
     assert _get(s, "hybrid_router_oldest_queued_age_seconds", lane="batch") > 0
     assert _get(s, "hybrid_router_oldest_queued_age_seconds", lane="stream") > 0
     assert _get(s, "hybrid_router_batches_in_flight", status="in_progress") == 1
-    assert _get(s, "hybrid_router_tokens_total", route="stream", model="gpt-4o-mini",
-                kind="completion") == 500
+    assert _get(s, "hybrid_router_tokens_total", route="stream", tier="default",
+                model="gpt-4o-mini", kind="completion") == 500
     # gpt-4o-mini: 1000 * 0.15 + 500 * 0.60 per million = $0.00045; the batch pays half.
-    assert _get(s, "hybrid_router_cost_usd_total", route="stream", model="gpt-4o-mini") == \
-        pytest.approx(0.00045)
-    assert _get(s, "hybrid_router_cost_usd_total", route="batch", model="gpt-4o-mini") == \
-        pytest.approx(0.000225)
-    assert _get(s, "hybrid_router_savings_usd_total", route="batch", model="gpt-4o-mini") == \
-        pytest.approx(0.000225)
+    assert _get(s, "hybrid_router_cost_usd_total", route="stream", tier="default",
+                model="gpt-4o-mini") == pytest.approx(0.00045)
+    assert _get(s, "hybrid_router_cost_usd_total", route="batch", tier="batch",
+                model="gpt-4o-mini") == pytest.approx(0.000225)
+    assert _get(s, "hybrid_router_savings_usd_total", route="batch", tier="batch",
+                model="gpt-4o-mini") == pytest.approx(0.000225)
     assert _get(s, "hybrid_router_flush_interval_seconds") == 42
     assert _get(s, "hybrid_router_last_flush_timestamp_seconds") == 1700000000.5
     assert _get(s, "hybrid_router_time_to_first_token_seconds_count", lane="stream") == 1

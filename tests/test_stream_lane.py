@@ -207,7 +207,7 @@ def test_cancel_stops_the_upstream(http: httpx.Client, lane: Stack, sim_url: str
     assert float(record["cost_usd"]) > 0
     ledger = Ledger.from_hash(redis.Redis.from_url(lane.settings.redis_url).hgetall(
         Keys(lane.settings.key_prefix).ledger()))
-    assert ledger.lines[("stream", MODEL)].completion_tokens >= record["usage"]["completion_tokens"]
+    assert ledger.lines[("stream", "default", MODEL)].completion_tokens >= record["usage"]["completion_tokens"]
 
 
 def test_a_sigkilled_workers_stream_is_resumed_by_a_new_worker(

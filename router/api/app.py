@@ -17,6 +17,7 @@ from hybrid_router.router.core.celery_app import build_celery
 from hybrid_router.router.core.dispatch import CeleryStreamDispatcher
 from hybrid_router.router.core.event_hub import event_follower
 from hybrid_router.router.core.intake import StreamDispatcher
+from hybrid_router.router.core.lane_facts import LaneFactsCache
 from hybrid_router.router.core.logs import configure_logging, get_logger
 from hybrid_router.router.core.redis_io import async_client
 from hybrid_router.router.core.store import AsyncRequestStore
@@ -34,6 +35,7 @@ def create_app(settings: Settings, dispatcher: StreamDispatcher | None = None) -
         app.state.redis = async_client(settings.redis_url, max_connections=2048,
                                        health_check_interval=30)
         app.state.store = AsyncRequestStore(app.state.redis, settings)
+        app.state.lane_facts = LaneFactsCache(settings)
         app.state.events = event_follower(settings)
         if dispatcher is None:
             app.state.dispatcher = CeleryStreamDispatcher(build_celery(settings))

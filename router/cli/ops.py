@@ -259,7 +259,7 @@ def submit(
     with client_errors(base), RouterClient(base, api_key or default_api_key(settings)) as client:
         handle = client.submit(messages, model=model, priority=priority, **fields)
         typer.echo(f"accepted {handle.id} (route: {handle.route}, priority: {priority})", err=True)
-        if handle.route == "stream":
+        if handle.route in ("stream", "flex"):  # the lanes that stream token by token
             code = _follow_stream(handle, raw)
             if not raw:
                 code = _print_result(handle.record(), raw=False) if code else code

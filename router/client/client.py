@@ -473,6 +473,7 @@ class DirectEnqueuer:
     def __init__(self, settings: Settings) -> None:
         from hybrid_router.router.core.celery_app import build_celery
         from hybrid_router.router.core.dispatch import CeleryStreamDispatcher
+        from hybrid_router.router.core.lane_facts import LaneFactsCache
         from hybrid_router.router.core.redis_io import sync_client
         from hybrid_router.router.core.store import RequestStore
 
@@ -480,6 +481,7 @@ class DirectEnqueuer:
         self.redis = sync_client(settings.redis_url)
         self.store = RequestStore(self.redis, settings)
         self.dispatcher = CeleryStreamDispatcher(build_celery(settings))
+        self.lane_facts = LaneFactsCache(settings)
 
     def enqueue(self, messages: list[dict[str, Any]], *, model: str | None = None,
                 priority: str = "low", tenant: str = "default", **fields: Any) -> str:
@@ -498,8 +500,9 @@ class DirectEnqueuer:
                 if deadline_depends_on_flush(req.priority, req.deadline_s, self.settings)
                 else None
             )
-            accepted = accept_sync(prepare(req, tenant, self.settings, flush_interval_s),
-                                   self.store, self.dispatcher)
+            facts = self.lane_facts.get_sync(self.redis)
+            accepted = accept_sync(prepare(req, tenant, self.settings, flush_interval_s,
+                                           facts=facts), self.store, self.dispatcher)
         except ValidationError as exc:
             first = exc.errors()[0]
             param = ".".join(str(p) for p in first.get("loc", ())) or "body"

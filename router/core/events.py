@@ -17,8 +17,8 @@ from hybrid_router.router.core.records import dumps
 from hybrid_router.router.core.redis_text import text
 from hybrid_router.router.core.tool_calls import merge_deltas
 
-EventType = Literal["accepted", "queued", "submitted", "token", "tool_calls", "done", "error",
-                    "cancelled"]
+EventType = Literal["accepted", "queued", "submitted", "token", "tool_calls", "lane_changed",
+                    "done", "error", "cancelled"]
 FINAL_EVENT_TYPES: frozenset[str] = frozenset({"done", "error", "cancelled"})
 
 
@@ -85,17 +85,19 @@ def done(
     usage: dict[str, Any] | None,
     cost_usd: Decimal | None,
     content_length: int,
+    service_tier: str | None = None,
 ) -> str:
-    return dumps(
-        {
-            "type": "done",
-            "status": "completed",
-            "finish_reason": finish_reason,
-            "usage": usage,
-            "cost": cost_usd,
-            "content_length": content_length,
-        }
-    )
+    body: dict[str, Any] = {
+        "type": "done",
+        "status": "completed",
+        "finish_reason": finish_reason,
+        "usage": usage,
+        "cost": cost_usd,
+        "content_length": content_length,
+    }
+    if service_tier is not None:
+        body["service_tier"] = service_tier
+    return dumps(body)
 
 
 def error(code: str, message: str, retryable: bool = False) -> str:

@@ -16,11 +16,11 @@ import orjson
 
 from hybrid_router.router.core import events as ev
 from hybrid_router.router.core.callback_policy import callback_refusal
-from hybrid_router.router.core.classify import classify
 from hybrid_router.router.core.errors import Conflict, ErrorCode, InvalidRequest, Unavailable
+from hybrid_router.router.core.lanes import NO_FACTS, LaneFacts, choose_lane
 from hybrid_router.router.core.logs import get_logger
 from hybrid_router.router.core.pricing import estimate_prompt_tokens, max_tokens_for_budget
-from hybrid_router.router.core.records import RequestRecord, now
+from hybrid_router.router.core.records import STREAMED_ROUTES, RequestRecord, now
 from hybrid_router.router.core.schemas import ROUTER_FIELDS, SubmitRequest
 from hybrid_router.router.core.states import Status
 from hybrid_router.router.core.store import AsyncRequestStore, RequestStore, body_fingerprint
@@ -59,11 +59,15 @@ def prepare(
     settings: Settings,
     flush_interval_s: float | None = None,
     send_metadata: bool = False,
+    facts: LaneFacts = NO_FACTS,
+    batch_allowed: bool = True,
 ) -> Prepared:
     """Everything about accepting `req` that needs no I/O: checks, route, budget, record.
 
     `send_metadata`: pass ``metadata`` upstream too (the drop-in, where it is OpenAI's own
-    chat-completion field); on ``POST /v1/requests`` it is the router's, kept on the record."""
+    chat-completion field); on ``POST /v1/requests`` it is the router's, kept on the record.
+    `facts`: what the lanes measured (`hybrid_router.router.core.lane_facts`), for the lane choice;
+    `batch_allowed`: False where the answer must come back on the same call (the drop-in)."""
     model = req.model or settings.default_model
     if settings.allowed_models and model not in settings.allowed_models:
         raise InvalidRequest(f"model {model!r} is not allowed here; allowed models: "
@@ -75,7 +79,10 @@ def prepare(
         refusal = callback_refusal(req.callback_url, settings.callback_allowed_hosts)
         if refusal:
             raise InvalidRequest(refusal, param="callback_url", code=ErrorCode.CALLBACK_NOT_ALLOWED)
-    decision = classify(req.priority, req.deadline_s, settings, flush_interval_s)
+    created = now()
+    decision = choose_lane(req.priority, req.deadline_s, model, settings, facts=facts,
+                           now=created, flush_interval_s=flush_interval_s,
+                           client_tier=req.service_tier, batch_allowed=batch_allowed)
     if decision.route == "batch" and req.stream:
         raise InvalidRequest(f"stream=true cannot be used with priority {req.priority}: it goes to the batch lane, "
             "which returns one result. Use priority high (or a short deadline_s) to stream, or "
@@ -94,6 +101,12 @@ def prepare(
     body["model"] = model
     body.pop("stream", None)
     body.pop("stream_options", None)
+    # The tier asked of the upstream is the lane's: flex or priority when the router chose
+    # them; on the standard tier a client's own ``auto``/``default`` goes as sent; none to a batch.
+    if decision.tier in ("flex", "priority"):
+        body["service_tier"] = decision.tier
+    elif decision.route == "batch":
+        body.pop("service_tier", None)
     try:
         orjson.dumps(body)
     except TypeError as exc:
@@ -105,6 +118,7 @@ def prepare(
             decision.route,
             Decimal(req.max_cost_usd),
             estimate_prompt_tokens(body["messages"]),
+            decision.tier,
         )
         if cap <= 0:
             raise InvalidRequest(f"max_cost_usd {req.max_cost_usd} does not cover the prompt of this request on "
@@ -117,7 +131,6 @@ def prepare(
                 body[field] = min(int(body[field]), cap)
         if "max_tokens" not in body and "max_completion_tokens" not in body:
             body["max_tokens"] = cap
-    created = now()
     status: Status = "queued" if decision.route == "batch" else "dispatched"
     record = RequestRecord(
         id=new_request_id(),
@@ -125,6 +138,9 @@ def prepare(
         priority=req.priority,
         route=decision.route,
         route_reason=decision.reason,
+        service_tier=decision.tier,
+        expected_latency_s=decision.expected_latency_s,
+        may_batch=None if batch_allowed else False,
         status=status,
         model=model,
         body=body,
@@ -163,7 +179,7 @@ def _task_message(prepared: Prepared, dispatcher: StreamDispatcher) -> tuple[str
     With it, the record, its `accepted` event and the Celery message are written by one script;
     a dispatcher without `task_message` (tests, other brokers) is called after the create.
     """
-    if prepared.record.route != "stream":
+    if prepared.record.route not in STREAMED_ROUTES:
         return None
     build = getattr(dispatcher, "task_message", None)
     if build is None:
@@ -214,7 +230,7 @@ async def accept_async(
         return _replay_or_conflict(prepared, existing, outcome.body_fingerprint)
     if task is not None:
         _announce(prepared, dispatcher)
-    elif prepared.record.route == "stream":
+    elif prepared.record.route in STREAMED_ROUTES:
         try:
             await dispatch_in_thread(dispatcher.dispatch, prepared.record.id)
         except Exception as exc:
@@ -234,7 +250,7 @@ def accept_sync(
         return _replay_or_conflict(prepared, existing, outcome.body_fingerprint)
     if task is not None:
         _announce(prepared, dispatcher)
-    elif prepared.record.route == "stream":
+    elif prepared.record.route in STREAMED_ROUTES:
         try:
             dispatcher.dispatch(prepared.record.id)
         except Exception as exc:

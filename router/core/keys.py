@@ -172,6 +172,17 @@ class Keys:
         live view tells the cost and savings of today (hybrid_router.router.core.live_stats)."""
         return f"{self.prefix}:ledger-at:{day}"
 
+    def lane_latency(self) -> str:
+        """Hash: ``<lane>|<model label>`` -> the lane's rolling expected latency for the model
+        (seconds, `hybrid_router.router.core.lane_facts`), and ``<lane>|<model label>|n`` -> observations.
+        Bounded by lanes x operator-named models."""
+        return f"{self.prefix}:lanes:latency"
+
+    def flex_unsupported(self) -> str:
+        """Hash with TTL: model -> until when (epoch seconds) the upstream is taken not to
+        serve it at the flex tier (it answered 400); expired fields are pruned on write."""
+        return f"{self.prefix}:lanes:noflex"
+
     def rate(self, api_key_id: str, kind: str, window: int) -> str:
         """Counter: requests or tokens used by one key in one minute window."""
         return f"{self.prefix}:rate:{kind}:{api_key_id}:{window}"
@@ -212,7 +223,8 @@ def bounded_keys(keys: Keys) -> list[str]:
     timings by lane, the stream engines by the stream worker processes running, the rest are
     single values or hold only models with queued requests (emptied by each flush). Every other
     key either has a TTL or indexes requests in flight and is empty (so gone) when none are."""
-    return [keys.ledger(), keys.timings("stream"), keys.timings("batch"),
+    return [keys.ledger(), keys.timings("stream"), keys.timings("flex"), keys.timings("batch"),
+            keys.lane_latency(),
             keys.runtime_config(), keys.beat(), keys.last_flush(), keys.batch_mode(),
             keys.pending_models(),
             keys.stream_engines()]

@@ -1,7 +1,10 @@
-"""The cost ledger: tokens and cost per route and model, and what the batch lane saved.
+"""The cost ledger: tokens and cost per lane, tier and model, and what the cheaper lanes saved.
 
-One Redis hash (`Keys.ledger()`); fields are ``<route>|<model>|<measure>``, where the model is
-one the operator named or ``other`` (`Settings.model_label`), so the hash is bounded. Costs are kept in
+One Redis hash (`Keys.ledger()`); fields are ``<lane>|<tier>|<model>|<measure>``, where the lane
+is ``stream``, ``flex`` or ``batch``, the tier is what served the request (``default``,
+``flex``, ``priority``, or ``batch`` for a native batch) and the model is one the operator
+named or ``other`` (`Settings.model_label`), so the hash is bounded. Fields written before
+tiers existed (``<route>|<model>|<measure>``) are read as the lane's usual tier. Costs are kept in
 integer pico-dollars (HINCRBY), so sums are exact: every price with up to six decimals per
 million tokens is a whole number of pico-dollars per token, and so is half of it, so the batch
 savings equal the batch share of the standard cost times the discount to the last digit.
@@ -15,7 +18,7 @@ from decimal import Decimal
 from typing import Any
 
 from hybrid_router.router.core.keys import Keys
-from hybrid_router.router.core.pricing import cost_usd, money_text
+from hybrid_router.router.core.pricing import BATCH_TIER, cost_usd, money_text
 from hybrid_router.router.core.redis_text import text
 from hybrid_router.settings import Settings
 
@@ -27,17 +30,30 @@ def to_pico(amount: Decimal) -> int:
     return int((amount * PICO).to_integral_value())
 
 
+def ledger_tier(route: str, tier: str | None, *, emulated: bool = False) -> str:
+    """The tier a ledger line is filed under: the served tier of a plain call, ``batch`` for
+    a native batch, ``default`` for an emulated one (plain calls at the standard price)."""
+    if tier is not None:
+        return tier
+    if route == "batch":
+        return "default" if emulated else BATCH_TIER
+    return "default"
+
+
 def ledger_increments(
     settings: Settings, route: str, model: str, usage: dict[str, Any] | None, *,
-    emulated: bool = False,
+    emulated: bool = False, tier: str | None = None,
 ) -> tuple[Decimal, dict[str, int]]:
-    """The cost of one result and the ledger fields to add for it. The cost is the model's
-    own; the fields are named after `Settings.model_label(model)`, so a tenant's made-up model
-    names add to the `other` line instead of adding fields."""
-    paid = cost_usd(settings, model, usage, route, emulated=emulated)
+    """The cost of one result and the ledger fields to add for it. `route` is the lane that
+    served it and `tier` the tier the upstream reported (None: the lane's usual one). The cost
+    is the model's own; the fields are named after `Settings.model_label(model)`, so a
+    tenant's made-up model names add to the `other` line instead of adding fields."""
+    filed = ledger_tier(route, tier, emulated=emulated)
+    paid = cost_usd(settings, model, usage, route, emulated=emulated,
+                    tier=None if filed == BATCH_TIER else filed)
     standard = cost_usd(settings, model, usage, "stream")
     usage = usage or {}
-    base = f"{route}|{settings.model_label(model)}|"
+    base = f"{route}|{filed}|{settings.model_label(model)}|"
     return paid, {
         base + "requests": 1,
         base + "prompt_tokens": int(usage.get("prompt_tokens") or 0),
@@ -76,15 +92,22 @@ class LedgerLine:
 
 @dataclass
 class Ledger:
-    lines: dict[tuple[str, str], LedgerLine] = field(default_factory=dict)
+    lines: dict[tuple[str, str, str], LedgerLine] = field(default_factory=dict)  # lane, tier, model
 
     @classmethod
     def from_hash(cls, raw: dict[Any, Any]) -> Ledger:
         ledger = cls()
         for key, value in raw.items():
             name = text(key)
-            route, model, measure = name.split("|", 2)
-            line = ledger.lines.setdefault((route, model), LedgerLine())
+            parts = name.split("|")
+            if len(parts) == 4:
+                route, tier, model, measure = parts
+            elif len(parts) == 3:  # written before tiers
+                route, model, measure = parts
+                tier = ledger_tier(route, None)
+            else:
+                continue
+            line = ledger.lines.setdefault((route, tier, model), LedgerLine())
             amount = int(value)
             if measure == "cost_pusd":
                 line.cost_usd = Decimal(amount) / PICO
@@ -98,16 +121,25 @@ class Ledger:
         """The same ledger with each model counted under `label(model)` (lines merged), so
         fields written before `Settings.model_label` existed are shown as the others are."""
         out = Ledger()
-        for (route, model), line in self.lines.items():
-            out.lines.setdefault((route, label(model)), LedgerLine()).add(line)
+        for (route, tier, model), line in self.lines.items():
+            out.lines.setdefault((route, tier, label(model)), LedgerLine()).add(line)
         return out
 
-    def total(self, route: str | None = None) -> LedgerLine:
+    def total(self, route: str | None = None, tier: str | None = None) -> LedgerLine:
         out = LedgerLine()
-        for (line_route, _model), line in self.lines.items():
+        for (line_route, line_tier, _model), line in self.lines.items():
             if route is not None and line_route != route:
                 continue
+            if tier is not None and line_tier != tier:
+                continue
             out.add(line)
+        return out
+
+    def by_route_model(self) -> dict[tuple[str, str], LedgerLine]:
+        """Lines per lane and model, every tier summed."""
+        out: dict[tuple[str, str], LedgerLine] = {}
+        for (route, _tier, model), line in self.lines.items():
+            out.setdefault((route, model), LedgerLine()).add(line)
         return out
 
     def as_dict(self) -> dict[str, Any]:
@@ -121,12 +153,19 @@ class Ledger:
                 "savings_usd": money_text(line.savings_usd),
             }
 
+        tiers = sorted({tier for _r, tier, _m in self.lines})
         return {
             "by_route_model": [
                 {"route": r, "model": m, **line_dict(line)}
-                for (r, m), line in sorted(self.lines.items())
+                for (r, m), line in sorted(self.by_route_model().items())
+            ],
+            "by_lane_tier_model": [
+                {"lane": r, "tier": t, "model": m, **line_dict(line)}
+                for (r, t, m), line in sorted(self.lines.items())
             ],
             "total": line_dict(self.total()),
             "stream": line_dict(self.total("stream")),
+            "flex": line_dict(self.total("flex")),
             "batch": line_dict(self.total("batch")),
+            "by_tier": {tier: line_dict(self.total(tier=tier)) for tier in tiers},
         }

@@ -38,7 +38,7 @@ from hybrid_router.router.core.redis_text import text
 from hybrid_router.router.core.runtime_config import FLUSH_INTERVAL, validate_flush_interval
 from hybrid_router.settings import Settings
 
-LANES = ("stream", "batch")
+LANES = ("stream", "flex", "batch")
 TTFT_WINDOW_MIN = 5  # "the last minutes": the TTFT figures cover up to this many minutes
 BATCHES_SHOWN = 100  # batches in flight listed one by one (the total is always exact)
 ENGINES_SHOWN = 200

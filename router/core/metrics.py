@@ -227,30 +227,32 @@ class RouterCollector(Collector):
 
     def _ledger(self) -> Iterator[Metric]:
         lines = sorted(self.snapshot.ledger.lines.items())
+        labels = ["route", "tier", "model"]
         families = {
             "requests": CounterMetricFamily("hybrid_router_finished_requests",
-                                            "Requests with a result, by route and model.",
-                                            labels=["route", "model"]),
+                                            "Requests with a result, by lane (route), the tier "
+                                            "that served them and model.", labels=labels),
             "tokens": CounterMetricFamily("hybrid_router_tokens",
                                           "Tokens relayed (completion) and sent (prompt).",
-                                          labels=["route", "model", "kind"]),
+                                          labels=[*labels, "kind"]),
             "cost": CounterMetricFamily("hybrid_router_cost_usd",
-                                        "What the upstream charged, in USD.",
-                                        labels=["route", "model"]),
+                                        "What the upstream charged, in USD.", labels=labels),
             "standard": CounterMetricFamily("hybrid_router_standard_cost_usd",
                                             "What the same tokens cost at the standard price.",
-                                            labels=["route", "model"]),
+                                            labels=labels),
             "savings": CounterMetricFamily("hybrid_router_savings_usd",
-                                           "Standard price minus what was paid (the batch discount).",
-                                           labels=["route", "model"]),
+                                           "Standard price minus what was paid (batch and flex "
+                                           "discounts; negative at the priority tier).",
+                                           labels=labels),
         }
-        for (route, model), line in lines:
-            families["requests"].add_metric([route, model], line.requests)
-            families["tokens"].add_metric([route, model, "prompt"], line.prompt_tokens)
-            families["tokens"].add_metric([route, model, "completion"], line.completion_tokens)
-            families["cost"].add_metric([route, model], float(line.cost_usd))
-            families["standard"].add_metric([route, model], float(line.standard_cost_usd))
-            families["savings"].add_metric([route, model], float(line.savings_usd))
+        for (route, tier, model), line in lines:
+            key = [route, tier, model]
+            families["requests"].add_metric(key, line.requests)
+            families["tokens"].add_metric([*key, "prompt"], line.prompt_tokens)
+            families["tokens"].add_metric([*key, "completion"], line.completion_tokens)
+            families["cost"].add_metric(key, float(line.cost_usd))
+            families["standard"].add_metric(key, float(line.standard_cost_usd))
+            families["savings"].add_metric(key, float(line.savings_usd))
         yield from families.values()
 
     def _timings(self) -> Iterator[Metric]:

@@ -26,6 +26,37 @@ def lane_multiplier(settings: Settings, route: str, *, emulated: bool = False) -
     return Decimal(1)
 
 
+# --- tiers -------------------------------------------------------------------------------------
+# What the upstream's ``service_tier`` says served a call; the ledger's tier of a native batch.
+SERVED_TIERS = ("default", "flex", "priority")
+BATCH_TIER = "batch"
+
+
+def served_tier(reported: object, asked: str | None) -> str:
+    """The tier a call is billed at: what the upstream reported (``default``, ``flex``,
+    ``priority``); an upstream that reports nothing (or something else, e.g. ``auto``) is
+    billed at the standard tier, never below what it may have charged."""
+    del asked  # billing follows what served the call, not what was asked
+    return reported if isinstance(reported, str) and reported in SERVED_TIERS else "default"
+
+
+def tier_rates(settings: Settings, model: str, tier: str) -> tuple[Decimal, Decimal]:
+    """(input, output) USD per million tokens of `model` at `tier`. A tier the price table
+    does not list for the model is derived: flex at the batch discount (flex is sold at Batch
+    API prices), priority at twice the standard rate (OpenAI's is 1.75-2x)."""
+    price = settings.price_for(model)
+    if tier == "flex":
+        if price.flex_input_per_mtok is not None and price.flex_output_per_mtok is not None:
+            return price.flex_input_per_mtok, price.flex_output_per_mtok
+        factor = Decimal(1) - settings.batch_discount
+        return price.input_per_mtok * factor, price.output_per_mtok * factor
+    if tier == "priority":
+        if price.priority_input_per_mtok is not None and price.priority_output_per_mtok is not None:
+            return price.priority_input_per_mtok, price.priority_output_per_mtok
+        return price.input_per_mtok * 2, price.output_per_mtok * 2
+    return price.input_per_mtok, price.output_per_mtok
+
+
 def cost_usd(
     settings: Settings,
     model: str,
@@ -33,13 +64,19 @@ def cost_usd(
     route: str,
     *,
     emulated: bool = False,
+    tier: str | None = None,
 ) -> Decimal:
-    """Cost of `usage` tokens of `model` on `route`, in USD, exact to 1e-12."""
+    """Cost of `usage` tokens of `model` on `route` (at `tier`, the tier that served a plain
+    call: ``default``, ``flex`` or ``priority``), in USD, exact to 1e-12."""
     if not usage:
         return Decimal(0)
-    price = settings.price_for(model)
     prompt = Decimal(int(usage.get("prompt_tokens") or 0))
     completion = Decimal(int(usage.get("completion_tokens") or 0))
+    if tier is not None and tier != BATCH_TIER:
+        rate_in, rate_out = tier_rates(settings, model, tier)
+        return ((prompt * rate_in + completion * rate_out) / MTOK).quantize(
+            COST_QUANTUM, rounding=ROUND_HALF_EVEN)
+    price = settings.price_for(model)
     standard = (prompt * price.input_per_mtok + completion * price.output_per_mtok) / MTOK
     return (standard * lane_multiplier(settings, route, emulated=emulated)).quantize(
         COST_QUANTUM, rounding=ROUND_HALF_EVEN
@@ -62,19 +99,25 @@ def estimate_prompt_tokens(messages: list[dict[str, Any]]) -> int:
 
 
 def max_tokens_for_budget(
-    settings: Settings, model: str, route: str, budget_usd: Decimal, prompt_tokens: int
+    settings: Settings, model: str, route: str, budget_usd: Decimal, prompt_tokens: int,
+    tier: str | None = None,
 ) -> int:
     """Completion tokens that `budget_usd` buys after paying for the prompt; 0 if none.
 
     Raises nothing: the caller decides that 0 means "the budget cannot even pay the prompt".
+    A flex request is capped at the standard rate (it may be moved to the standard tier).
     """
-    price = settings.price_for(model)
-    mult = lane_multiplier(settings, route)
-    prompt_cost = Decimal(prompt_tokens) * price.input_per_mtok * mult / MTOK
+    if tier is not None and tier not in (BATCH_TIER, "flex"):
+        rate_in, rate_out = tier_rates(settings, model, tier)
+    else:
+        price = settings.price_for(model)
+        mult = lane_multiplier(settings, route)
+        rate_in, rate_out = price.input_per_mtok * mult, price.output_per_mtok * mult
+    prompt_cost = Decimal(prompt_tokens) * rate_in / MTOK
     left = budget_usd - prompt_cost
     if left <= 0:
         return 0
-    per_token = price.output_per_mtok * mult / MTOK
+    per_token = rate_out / MTOK
     if per_token == 0 or left >= per_token * MAX_TOKENS_CAP:
         # A huge budget (1e308, 1e999999) must not overflow Decimal or int64 (issue 8).
         return MAX_TOKENS_CAP

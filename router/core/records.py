@@ -16,7 +16,9 @@ from pydantic import BaseModel, Field
 from hybrid_router.router.core.states import TERMINAL, Status
 
 Priority = Literal["high", "normal", "low"]
-RouteName = Literal["stream", "batch"]
+RouteName = Literal["stream", "flex", "batch"]
+# The lanes that run on the stream engine (a plain upstream call, streamed token by token).
+STREAMED_ROUTES: frozenset[str] = frozenset({"stream", "flex"})
 
 
 JSON_FIELDS = ("body", "result", "error", "metadata", "usage")
@@ -32,6 +34,7 @@ _FLOAT_FIELDS = (
     "first_token_at",
     "finished_at",
     "deadline_at",
+    "expected_latency_s",
 )
 
 
@@ -116,6 +119,13 @@ class RequestRecord(BaseModel):
     priority: Priority
     route: RouteName
     route_reason: str = ""
+    # The tier asked of the upstream (``default``, ``flex``, ``priority``; None on the batch
+    # lane), the tier the upstream says served it (what is billed), and the expected latency
+    # the lane was chosen on (seconds).
+    service_tier: str | None = None
+    served_tier: str | None = None
+    expected_latency_s: float | None = None
+    may_batch: bool | None = None  # False: its answer is awaited on the call (the drop-in)
     status: Status
     model: str
     body: dict[str, Any] = Field(default_factory=dict)

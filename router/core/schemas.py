@@ -122,6 +122,9 @@ class ChatCompletionFields(BaseModel):
     stream: bool | None = Field(None, strict=True)
     n: int | None = Field(None, ge=1, le=1, strict=True,
                           description="Only 1: the router relays one choice.")
+    service_tier: Literal["auto", "default", "flex", "priority"] | None = Field(
+        None, description="The upstream tier to use (honoured, billed as served); `auto` or "
+        "absent: the router chooses the cheapest lane that meets the deadline.")
 
 
 class SubmitRequest(ChatCompletionFields):
@@ -185,6 +188,11 @@ class SubmitResponse(BaseModel):
     status: Status
     route: RouteName
     route_reason: str
+    service_tier: str | None = Field(
+        None, description="The tier asked of the upstream (default, flex, priority); null on "
+        "the batch lane.")
+    expected_latency_s: float | None = Field(
+        None, description="The lane's expected latency the choice was judged on (seconds).")
     priority: Priority
     model: str
     channel: str = Field(description="Redis pub/sub channel of the request's events.")
@@ -204,6 +212,9 @@ class RequestView(BaseModel):
     priority: Priority
     route: RouteName
     route_reason: str
+    service_tier: str | None = None
+    served_tier: str | None = None
+    expected_latency_s: float | None = None
     model: str
     body: dict[str, Any]
     metadata: dict[str, Any] | None

@@ -16,6 +16,7 @@ import redis
 import redis.asyncio as aioredis
 
 from hybrid_router.router.core.keys import Keys
+from hybrid_router.router.core.lane_facts import expected_view
 from hybrid_router.router.core.ledger import Ledger
 from hybrid_router.router.core.metrics import TIMING_METRICS, Histogram, histograms_from_hash
 from hybrid_router.router.core.redis_plan import Command, arun_plan, run_plan
@@ -24,7 +25,8 @@ from hybrid_router.router.core.redis_text import text
 from hybrid_router.router.core.runtime_config import BeatReport, FlushInterval, flush_interval_from
 from hybrid_router.settings import OTHER_MODEL, Settings
 
-LANES = ("stream", "batch")
+LANES = ("stream", "batch")  # the queues: flex requests wait in the stream engine's
+TIMING_LANES = ("stream", "flex", "batch")  # latency histograms, one per lane
 # kombu's Redis transport keeps a queue's prioritised messages under `<queue>\x06\x16<step>`.
 _KOMBU_PRIORITY_SEP = "\x06\x16"
 _KOMBU_PRIORITY_STEPS = (3, 6, 9)
@@ -64,6 +66,11 @@ class Snapshot:
     # Every model label the operator named, and `other`: /metrics reports a zero for each
     # lane x state x label that has nothing, so a dashboard tells zero from missing.
     model_labels: list[str] = field(default_factory=lambda: [OTHER_MODEL])
+    # The lanes' rolling expected latencies (`hybrid_router.router.core.lane_facts`), with the settings' starting
+    # values for lanes and models not measured yet.
+    expected_latency: list[dict[str, Any]] = field(default_factory=list)
+    expected_defaults: dict[str, float] = field(default_factory=dict)
+    flex_refused: dict[str, float] = field(default_factory=dict)  # model -> until (epoch s)
 
     def depth(self, lane: str) -> int:
         return sum(q.count for q in self.queues if q.lane == lane)
@@ -116,6 +123,12 @@ class Snapshot:
                 lane: {name: hist.summary() for name, hist in metrics.items()}
                 for lane, metrics in self.timings.items()
             },
+            "expected_latency": {
+                "measured": self.expected_latency,
+                "starting_values_s": self.expected_defaults,
+                "flex_refused_until": {m: until for m, until in sorted(self.flex_refused.items())
+                                       if until > self.taken_at},
+            },
         }
 
 
@@ -138,10 +151,12 @@ def snapshot_plan(settings: Settings) -> Plan:
         ("zrange", (keys.streaming(), 0, STREAM_MODEL_LOOKUP_LIMIT - 1)),
         ("zcard", (keys.streaming(),)),
         ("hgetall", (keys.ledger(),)),
-        *[("hgetall", (keys.timings(lane),)) for lane in LANES],
+        *[("hgetall", (keys.timings(lane),)) for lane in TIMING_LANES],
         ("hgetall", (keys.runtime_config(),)),
         ("hgetall", (keys.beat(),)),
         ("hgetall", (keys.last_flush(),)),
+        ("hgetall", (keys.lane_latency(),)),
+        ("hgetall", (keys.flex_unsupported(),)),
     ]
     for queue in queue_names.values():
         round1 += [("llen", (name,)) for name in celery_queue_keys(keys, queue)]
@@ -151,11 +166,13 @@ def snapshot_plan(settings: Settings) -> Plan:
     dispatched = [(text(i), float(score)) for i, score in r1[2]]
     n_dispatched, streaming, n_streaming = int(r1[3]), [text(i) for i in r1[4]], int(r1[5])
     ledger = Ledger.from_hash(r1[6]).relabelled(settings.model_label)
-    timings = {lane: histograms_from_hash(r1[7 + i]) for i, lane in enumerate(LANES)}
-    beat = BeatReport.from_hash(r1[8 + len(LANES)])
-    flush_interval = flush_interval_from(r1[7 + len(LANES)], beat, settings)
-    last_flush = {text(k): text(v) for k, v in r1[9 + len(LANES)].items()}
-    lengths = r1[10 + len(LANES):]
+    n_lanes = len(TIMING_LANES)
+    timings = {lane: histograms_from_hash(r1[7 + i]) for i, lane in enumerate(TIMING_LANES)}
+    beat = BeatReport.from_hash(r1[8 + n_lanes])
+    flush_interval = flush_interval_from(r1[7 + n_lanes], beat, settings)
+    last_flush = {text(k): text(v) for k, v in r1[9 + n_lanes].items()}
+    lane_latency, refused = r1[10 + n_lanes], r1[11 + n_lanes]
+    lengths = r1[12 + n_lanes:]
     per_queue = len(_KOMBU_PRIORITY_STEPS) + 1
     celery_queues = {
         name: sum(int(n) for n in lengths[i * per_queue:(i + 1) * per_queue])
@@ -187,7 +204,13 @@ def snapshot_plan(settings: Settings) -> Plan:
     snap = Snapshot(taken_at=now, celery_queues=celery_queues, batches_in_flight=batch_status,
                     batch_ids_in_flight=batch_ids, ledger=ledger, timings=timings,
                     flush_interval_s=flush_interval.seconds, flush_interval=flush_interval,
-                    beat=beat, last_flush=last_flush, model_labels=model_labels(settings))
+                    beat=beat, last_flush=last_flush, model_labels=model_labels(settings),
+                    expected_latency=expected_view(lane_latency),
+                    expected_defaults={
+                        "stream": settings.expected_stream_latency_s,
+                        "flex": settings.expected_flex_latency_s,
+                        "batch": flush_interval.seconds + settings.expected_batch_turnaround_s},
+                    flex_refused={text(k): float(text(v)) for k, v in refused.items()})
     queued: dict[str, int] = {}
     for model, (count, _head) in pending.items():
         if count:

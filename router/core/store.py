@@ -30,7 +30,7 @@ from hybrid_router.router.core.lua import (
     TRANSITION_SCRIPT,
     LuaScript,
 )
-from hybrid_router.router.core.records import PACKED_FIELD, RequestRecord, dumps, now
+from hybrid_router.router.core.records import PACKED_FIELD, STREAMED_ROUTES, RequestRecord, dumps, now
 from hybrid_router.router.core.redis_io import PipePool, client_retry, raise_errors
 from hybrid_router.router.core.redis_text import text, text_or_none
 from hybrid_router.router.core.replay import compacted_events, replay_policy
@@ -121,7 +121,7 @@ class StoreOps:
         k = self.keys
         if record.route == "batch" and record.status == "queued":
             queue_kind, queue_key = "list", k.pending(record.model)
-        elif record.route == "stream" and record.status == "dispatched":
+        elif record.route in STREAMED_ROUTES and record.status == "dispatched":
             queue_kind, queue_key = "zset", k.dispatched()
         else:
             queue_kind, queue_key = "", k.dispatched()

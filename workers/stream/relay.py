@@ -48,18 +48,27 @@ import openai
 import redis
 
 from hybrid_router.router.core import events as ev
+from hybrid_router.router.core.lane_facts import aobserve_latency, aremember_flex_refused
 from hybrid_router.router.core.ledger import add_to_ledger, ledger_increments
 from hybrid_router.router.core.logs import get_logger
 from hybrid_router.router.core.lua import END_STREAM_RUN_SCRIPT
 from hybrid_router.router.core.metrics import queue_timing
-from hybrid_router.router.core.pricing import estimate_prompt_tokens
+from hybrid_router.router.core.pricing import estimate_prompt_tokens, served_tier
 from hybrid_router.router.core.records import RequestRecord, now
+from hybrid_router.router.core.redis_text import text_or_none
 from hybrid_router.router.core.states import Status
 from hybrid_router.router.core.store import RunEnd, TransitionOutcome
 from hybrid_router.router.core.tool_calls import ToolCalls
 from hybrid_router.workers.retry import is_retryable, retry_after_seconds
 from hybrid_router.workers.stream.claim import WORKER_LOST, aclaim
 from hybrid_router.workers.stream.context import StreamContext
+from hybrid_router.workers.stream.flex_pressure import (
+    flex_verdict,
+    is_flex_refusal,
+    is_resource_unavailable,
+    lane_changed,
+    move_to_batch_call,
+)
 from hybrid_router.workers.stream.publisher import PublishError, StreamHandle
 from hybrid_router.workers.stream.runtime import StreamRuntime
 from hybrid_router.workers.upstream.base import upstream_answer
@@ -70,12 +79,13 @@ T = TypeVar("T")
 
 RunOutcome = Literal[
     "completed", "failed", "cancelled", "duplicate", "terminal", "missing", "taken_over",
-    "unfinished",
+    "unfinished", "moved",
 ]
 """How one run of a stream ended: ``completed``, ``failed`` or ``cancelled`` (the request's
 terminal state, written by this run); ``duplicate``, ``terminal``, ``missing`` (the claim found
 nothing to do); ``taken_over`` (another worker resumed the request: this run wrote nothing);
-``unfinished`` (Redis stayed out of reach: the request is left to the sweep, which resumes it)."""
+``unfinished`` (Redis stayed out of reach: the request is left to the sweep, which resumes it);
+``moved`` (a flex request moved to the batch lane: it is queued there, not terminal)."""
 # Replies that mean Redis is out of reach for now (restarting, loading, connection cut): a
 # store write is retried on these for `Settings.stream_redis_grace_s`.
 REDIS_DOWN: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError,
@@ -156,6 +166,13 @@ class StreamState:
     released: bool = False  # the lease went back with the ledger write
     # Names this run in its ledger write's marker (`Keys.accounted`): its cost counts once.
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    served_tier: str | None = None  # what the upstream's chunks say served the call
+    tier_moved: bool = False  # a flex request moved to the standard tier (once)
+    flex_retries: int = 0
+
+    @property
+    def lane(self) -> str:
+        return self.record.route
 
     @property
     def content(self) -> str:
@@ -297,6 +314,8 @@ async def _end_run(request_id: str, rt: StreamRuntime, run_id: str) -> None:
 def _upstream_request(state: StreamState) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The body of the next attempt: the original, plus the text so far as a prefill."""
     body = dict(state.record.body)
+    if state.tier_moved:
+        body.pop("service_tier", None)
     messages: list[dict[str, Any]] = list(body.pop("messages"))
     if state.pieces:
         messages.append({"role": "assistant", "content": state.content})
@@ -328,6 +347,8 @@ async def _stream(state: StreamState, rt: StreamRuntime) -> RunOutcome:
                 async for chunk in chunks:
                     if chunk.get("usage"):
                         usage = chunk["usage"]
+                    if chunk.get("service_tier"):
+                        state.served_tier = chunk["service_tier"]
                     for choice in chunk.get("choices") or ():
                         delta = choice.get("delta")
                         text = delta.get("content") if delta else None
@@ -363,6 +384,14 @@ async def _stream(state: StreamState, rt: StreamRuntime) -> RunOutcome:
             return await _end_failed(state, rt, Failure("publish_failed", str(exc), True))
         except Exception as exc:
             state.usage.add(usage, messages, received)
+            if state.lane == "flex" and not state.tier_moved:
+                action = await _flex_pressure(state, rt, exc)
+                if action == "moved":
+                    return "moved"
+                if action == "taken_over":
+                    return await _end_stopped(state, rt)
+                if action is not None:
+                    continue
             failure = _classify(exc, bool(state.pieces or state.tool_calls))
             if state.tool_calls and failure.retryable:
                 failure = Failure(failure.code, f"{failure.message} (tool calls were relayed, "
@@ -383,6 +412,68 @@ async def _stream(state: StreamState, rt: StreamRuntime) -> RunOutcome:
                 failure = Failure(failure.code, f"{failure.message} (gave up after {retries} "
                                   f"retries)", True)
             return await _end_failed(state, rt, failure)
+
+
+async def _flex_pressure(state: StreamState, rt: StreamRuntime,
+                         exc: BaseException) -> str | None:
+    """A flex call failed with `exc`: "retry" (after the backoff), "standard" (the request now
+    goes at the standard tier), "moved" (it is queued on the batch lane), "taken_over" (another
+    worker holds it now), or None (not a flex matter: the usual retry policy applies). See
+    `hybrid_router.workers.stream.flex_pressure`."""
+    record = state.record
+    if is_flex_refusal(exc):
+        await _ride_out(rt, lambda: aremember_flex_refused(rt.redis, rt.settings, record.model))
+        log.warning("the upstream does not serve this model at the flex tier; sending it at the "
+                    "standard tier, and choosing standard for this model for "
+                    f"{rt.settings.flex_unsupported_ttl_s}s (ROUTER_FLEX_UNSUPPORTED_TTL_S)",
+                    request_id=record.id, model=record.model, upstream=str(exc)[:200])
+        await _to_standard(state, rt, "the upstream refused flex for this model (400)")
+        return "standard"
+    if not is_resource_unavailable(exc):
+        return None
+    backoff = rt.ctx.policy.backoff(state.flex_retries + 1, retry_after_seconds(exc))
+    verdict = flex_verdict(record, rt.settings, retries_so_far=state.flex_retries,
+                           backoff_s=backoff, relayed_anything=bool(state.relayed),
+                           may_batch=record.may_batch is not False)
+    if verdict.action == "retry":
+        state.flex_retries += 1
+        log.warning("flex resource unavailable; retrying", request_id=record.id,
+                    retry=state.flex_retries, delay_s=round(verdict.delay_s, 3))
+        await asyncio.sleep(verdict.delay_s)
+        return "retry"
+    if verdict.action == "batch":
+        script, keys, args = move_to_batch_call(record, rt.settings, rt.ctx.leases.owner,
+                                                verdict.reason)
+        moved = await _ride_out(rt, lambda: rt.store.scripts.run(script, keys, args))
+        if int(moved) == 1:
+            rt.ctx.leases.forget(record.id)
+            state.released = True
+            log.warning("flex request moved to the batch lane", request_id=record.id,
+                        reason=verdict.reason)
+            return "moved"
+        holder = await _ride_out(rt, lambda: rt.redis.get(rt.keys.lease(record.id)))
+        if holder is not None and text_or_none(holder) != rt.ctx.leases.owner:
+            state.handle.lost = True  # another worker took the stream over: it goes on
+            return "taken_over"
+    await _to_standard(state, rt, verdict.reason)
+    return "standard"
+
+
+async def _to_standard(state: StreamState, rt: StreamRuntime, reason: str) -> None:
+    """Move a flex request to the standard tier, once: the record says so and a
+    ``lane_changed`` event announces it (after every token so far, in order)."""
+    state.tier_moved = True
+    record = state.record
+    note = f"{record.route_reason}; then {reason}, so it moved to the standard tier"
+    state.record = record.model_copy(update={"route": "stream", "route_reason": note,
+                                             "service_tier": "default"})
+    with contextlib.suppress(PublishError):
+        await _flush(state, rt)
+    await _ride_out(rt, lambda: rt.store.annotate(record.id, {
+        "route": "stream", "route_reason": note, "service_tier": "default"}))
+    await _ride_out(rt, lambda: rt.store.emit(
+        record.id, [lane_changed("flex", "stream", "default", reason)]))
+    log.info("flex request moved to the standard tier", request_id=record.id, reason=reason)
 
 
 def _relay(state: StreamState, rt: StreamRuntime, part: ev.Produced) -> None:
@@ -437,9 +528,12 @@ async def _write_end(rt: StreamRuntime, state: StreamState, to_status: str,
 def _cost_fields(state: StreamState, rt: StreamRuntime) -> tuple[Decimal, dict[str, int],
                                                                 dict[str, Any]]:
     usage = state.usage.as_dict()
-    cost, increments = ledger_increments(rt.settings, "stream", state.record.model, usage)
+    tier = served_tier(state.served_tier, state.record.service_tier)
+    cost, increments = ledger_increments(rt.settings, state.lane, state.record.model, usage,
+                                         tier=tier)
     fields: dict[str, Any] = {
         "usage": usage,
+        "served_tier": tier,
         "cost_usd": str(cost),
         "first_token_at": state.first_token_at,
         "content_tokens_relayed": state.relayed,
@@ -499,7 +593,8 @@ async def _end_completed(state: StreamState, rt: StreamRuntime) -> RunOutcome:
     fields["finished_at"] = finished_at = now()
     outcome = await _write_end(
         rt, state, "completed", fields=fields,
-        event=ev.done(state.finish_reason, fields["usage"], cost, len(content)),
+        event=ev.done(state.finish_reason, fields["usage"], cost, len(content),
+                      fields["served_tier"]),
         run_end=_ending(rt, state, increments,
                         _finished_record(state, "completed", finished_at)),
     )
@@ -507,6 +602,10 @@ async def _end_completed(state: StreamState, rt: StreamRuntime) -> RunOutcome:
         return await _end_stopped(state, rt)
     _ended(rt, state)
     await _notify(state, rt)
+    if not state.tier_moved and state.flex_retries == 0:
+        with contextlib.suppress(*REDIS_DOWN):
+            await aobserve_latency(rt.redis, rt.settings, state.lane, state.record.model,
+                                   finished_at - state.record.created_at)
     log.info("stream completed", request_id=state.record.id, chars=len(content),
              events=state.handle.events_published, cost_usd=str(cost))
     return "completed"

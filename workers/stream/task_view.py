@@ -116,7 +116,7 @@ class StreamTaskView:
         else:
             worker_state.task_ready(run, successful=outcome == "completed")
         runtime = time.time() - run.time_start
-        if outcome == "completed":
+        if outcome in ("completed", "moved"):  # moved: handed to the batch lane, which ends it
             self._send("task-succeeded", uuid=run.id, result=repr(outcome), runtime=runtime)
         elif outcome == "cancelled":
             self._send("task-revoked", uuid=run.id, terminated=run.terminated,

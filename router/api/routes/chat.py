@@ -10,9 +10,12 @@ Every field the openai SDK sends (tools, tool_choice, response_format, content p
 ...) reaches the upstream unchanged; only ``stream``/``stream_options`` are the router's own.
 
 The priority comes from the body field ``priority`` or the ``X-Priority`` header (default
-normal). Low priority goes to the batch lane, which cannot answer this call, so it is refused
-with a 400 that says where to send it. If the client goes away before the answer ended, the
-request is cancelled, so the upstream stops and no more tokens are paid for.
+normal; ``X-Priority: normal`` goes to the flex lane where the model has a flex price and its
+deadline allows, see `hybrid_router.router.core.lanes`). A ``service_tier`` in the body is honoured and the answer
+says which tier served it (``service_tier``, as OpenAI's does). Low priority goes to the batch
+lane, which cannot answer this call, so it is refused with a 400 that says where to send it.
+If the client goes away before the answer ended, the request is cancelled, so the upstream
+stops and no more tokens are paid for.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from hybrid_router.router.api.sse import SSEResponse, format_data
 from hybrid_router.router.core.errors import ErrorCode, InvalidRequest
 from hybrid_router.router.core.event_hub import EventFollower
 from hybrid_router.router.core.intake import accept_async, prepare
-from hybrid_router.router.core.records import Priority, RequestRecord, RequestResult
+from hybrid_router.router.core.records import STREAMED_ROUTES, Priority, RequestRecord, RequestResult
 from hybrid_router.router.core.schemas import IDEMPOTENCY_KEY_PATTERN, ErrorResponse, SubmitRequest
 from hybrid_router.router.core.store import AsyncRequestStore
 
@@ -75,8 +78,8 @@ def _completion_id(record: RequestRecord) -> str:
 
 
 def _chunk(record: RequestRecord, delta: dict[str, Any] | None,
-           finish_reason: str | None = None, usage: dict[str, Any] | None = None
-           ) -> dict[str, Any]:
+           finish_reason: str | None = None, usage: dict[str, Any] | None = None,
+           service_tier: str | None = None) -> dict[str, Any]:
     choices = [] if delta is None else [
         {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
     ]
@@ -87,6 +90,8 @@ def _chunk(record: RequestRecord, delta: dict[str, Any] | None,
     }
     if usage is not None:
         body["usage"] = usage
+    if service_tier is not None:
+        body["service_tier"] = service_tier
     return body
 
 
@@ -126,9 +131,12 @@ async def _relay(record: RequestRecord, events: EventFollower, settings: Any, in
             yield format_data(_chunk(record, {"tool_calls": event["tool_calls"]}))
         elif kind == "done":
             state["final"] = True
-            yield format_data(_chunk(record, {}, event.get("finish_reason") or "stop"))
+            tier = event.get("service_tier")
+            yield format_data(_chunk(record, {}, event.get("finish_reason") or "stop",
+                                     service_tier=tier))
             if include_usage:
-                yield format_data(_chunk(record, None, usage=event.get("usage")))
+                yield format_data(_chunk(record, None, usage=event.get("usage"),
+                                         service_tier=tier))
             yield format_data("[DONE]")
             return
         elif kind == "error":
@@ -179,7 +187,8 @@ def _completion(record: RequestRecord) -> JSONResponse:
             "finish_reason": record.result.finish_reason or "stop",
         }],
         "usage": _usage_of(record),
-    }, headers={"X-Request-Id": record.id})
+        "service_tier": record.served_tier,
+    }, headers={"X-Request-Id": record.id, "X-Router-Lane": record.route})
 
 
 async def chat_completions(
@@ -207,9 +216,10 @@ async def chat_completions(
     stream = bool(submit.stream)
     options = (submit.model_extra or {}).get("stream_options")
     include_usage = stream and isinstance(options, dict) and bool(options.get("include_usage"))
+    facts = await request.app.state.lane_facts.get(request.app.state.redis)
     prepared = prepare(submit.model_copy(update={"stream": False}), caller.tenant, settings,
-                       send_metadata=True)
-    if prepared.record.route != "stream":
+                       send_metadata=True, facts=facts, batch_allowed=False)
+    if prepared.record.route not in STREAMED_ROUTES:
         raise InvalidRequest(f"priority {priority} is routed to the batch lane here ({prepared.record.route_reason}"
             "), which cannot answer /v1/chat/completions; use priority high, or POST /v1/requests",
             param="priority", code=ErrorCode.PRIORITY_NOT_SUPPORTED,
@@ -227,7 +237,8 @@ async def chat_completions(
             await cancel_and_notify(request.app.state, record)
 
     return SSEResponse(_relay(record, events, settings, include_usage, state),
-                       on_disconnect=cancel_if_unfinished, headers={"X-Request-Id": record.id})
+                       on_disconnect=cancel_if_unfinished,
+                       headers={"X-Request-Id": record.id, "X-Router-Lane": record.route})
 
 
 async def chat_completions_fast(request: Request) -> Response | None:

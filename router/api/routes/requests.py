@@ -98,7 +98,8 @@ async def submit(body: SubmitRequest, request: Request, caller: CallerDep) -> Re
     flush_interval_s = None
     if deadline_depends_on_flush(body.priority, body.deadline_s, settings):
         flush_interval_s = await get_flush_interval_async(state.redis, settings)
-    prepared = prepare(body, caller.tenant, settings, flush_interval_s)
+    facts = await state.lane_facts.get(state.redis)
+    prepared = prepare(body, caller.tenant, settings, flush_interval_s, facts=facts)
     accepted = await accept_async(prepared, store, state.dispatcher, run_in_threadpool)
     record = accepted.record
     events_url, result_url = urls_for(request, record.id)
@@ -107,6 +108,8 @@ async def submit(body: SubmitRequest, request: Request, caller: CallerDep) -> Re
         "status": record.status,
         "route": record.route,
         "route_reason": record.route_reason,
+        "service_tier": record.service_tier,
+        "expected_latency_s": record.expected_latency_s,
         "priority": record.priority,
         "model": record.model,
         "channel": store.keys.channel(record.id),
