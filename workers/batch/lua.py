@@ -338,6 +338,17 @@ def run_pipelined(
     raise AssertionError("unreachable")
 
 
+def _answer(pipe: SyncPipe, client: redis.Redis, script: LuaScript, call: ScriptCall) -> Any:
+    """The next reply on `pipe`, that of `call`; a call answered NOSCRIPT is run again."""
+    reply = pipe.read()
+    if isinstance(reply, hiredis.ReplyError):
+        error = reply_error(reply)
+        if not isinstance(error, redis.exceptions.NoScriptError):
+            raise error
+        return run_pipelined(client, script, [call])[0]
+    return reply
+
+
 def run_overlapped(client: redis.Redis, script: LuaScript,
                    items: Iterable[tuple[T, ScriptCall | None]],
                    depth: int = 1) -> Iterator[tuple[T, Any]]:
@@ -361,15 +372,7 @@ def run_overlapped(client: redis.Redis, script: LuaScript,
     pipe = SyncPipe(client.url)
 
     def answer(item: T, call: ScriptCall | None) -> tuple[T, Any]:
-        if call is None:
-            return item, None
-        reply = pipe.read()
-        if isinstance(reply, hiredis.ReplyError):
-            error = reply_error(reply)
-            if not isinstance(error, redis.exceptions.NoScriptError):
-                raise error
-            return item, run_pipelined(client, script, [call])[0]
-        return item, reply
+        return item, None if call is None else _answer(pipe, client, script, call)
 
     try:
         iterator = iter(items)
