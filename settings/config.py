@@ -74,6 +74,10 @@ DEFAULT_PRICES: dict[str, ModelPrice] = {
     "gpt-5": _price(("1.25", "10.00"), flex=("0.625", "5.00"), priority=("2.50", "20.00")),
     "o4-mini": _price(("1.10", "4.40"), flex=("0.55", "2.20"), priority=("2.00", "8.00")),
     "o3": _price(("2.00", "8.00"), flex=("1.00", "4.00"), priority=("3.50", "14.00")),
+    # Embeddings bill input tokens only.
+    "text-embedding-3-small": _price(("0.02", "0")),
+    "text-embedding-3-large": _price(("0.13", "0")),
+    "text-embedding-ada-002": _price(("0.10", "0")),
     # The price used for any model not in the table (kept deliberately non-zero so budgets work).
     "*": _price(("1.00", "4.00")),
 }

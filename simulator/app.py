@@ -1,4 +1,5 @@
-"""The simulator as one raw ASGI application: routing, auth and the endpoint handlers.
+"""The simulator as one raw ASGI application: routing, auth and the endpoint handlers (chat
+completions, responses, embeddings, files, batches).
 
 No web framework on purpose: the streaming path has to stay cheap enough that benchmarks
 measure the router and not the simulator. The non-hot endpoints (files, batches, stats) reuse
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -19,12 +21,22 @@ from hybrid_router.simulator.batches import BatchStore
 from hybrid_router.simulator.chat import ChunkEncoder, completion_body, completion_id, request_id
 from hybrid_router.simulator.config import SimConfig
 from hybrid_router.simulator.directives import Directives, parse_messages
+from hybrid_router.simulator.embeddings import EMBEDDINGS_PATH, embeddings_body, parse_request, prompt_messages
+from hybrid_router.simulator.embeddings import directives as embedding_directives
+from hybrid_router.simulator.endpoints import answer_for_response
 from hybrid_router.simulator.errors import SimError, invalid_request, not_found
 from hybrid_router.simulator.faults import Faults
 from hybrid_router.simulator.files import FileStore
 from hybrid_router.simulator.generation import make_answer, prompt_hash
 from hybrid_router.simulator.httpio import Receive, Scope, Send, header, query, read_body, send_error, send_json
 from hybrid_router.simulator.messages import split_prefill
+from hybrid_router.simulator.responses import (
+    RESPONSES_PATH,
+    ResponseBuilder,
+    ResponsesEncoder,
+    input_messages,
+    output_limit,
+)
 from hybrid_router.simulator.stats import Stats
 from hybrid_router.simulator.streaming import stream_answer
 from hybrid_router.simulator.tools import tool_call_answer
@@ -43,6 +55,17 @@ def _int_param(q: dict[str, str], name: str, default: int, lo: int, hi: int) -> 
     if not lo <= value <= hi:
         raise invalid_request(f"'{name}' must be between {lo} and {hi}.", name)
     return value
+
+
+async def _json_body(receive: Receive) -> dict[str, Any]:
+    raw = await read_body(receive)
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise invalid_request("We could not parse the JSON body of your request.") from None
+    if not isinstance(body, dict):
+        raise invalid_request("The request body must be a JSON object.")
+    return body
 
 
 class SimulatorApp:
@@ -104,6 +127,12 @@ class SimulatorApp:
         if path == CHAT_PATH and method == "POST":
             await self._chat(scope, receive, send, extra)
             return
+        if path == RESPONSES_PATH and method == "POST":
+            await self._responses(receive, send, extra)
+            return
+        if path == EMBEDDINGS_PATH and method == "POST":
+            await self._embeddings(receive, send, extra)
+            return
         parts = path.split("/")[2:]  # after "", "v1"
         head = parts[0]
         if head == "models" and method == "GET":
@@ -135,13 +164,7 @@ class SimulatorApp:
     # --- chat -----------------------------------------------------------------------------------
     async def _chat(self, scope: Scope, receive: Receive, send: Send,
                     extra: list[tuple[bytes, bytes]]) -> None:
-        raw = await read_body(receive)
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise invalid_request("We could not parse the JSON body of your request.") from None
-        if not isinstance(body, dict):
-            raise invalid_request("The request body must be a JSON object.")
+        body = await _json_body(receive)
         model = body.get("model")
         messages = body.get("messages")
         if not isinstance(model, str) or not model:
@@ -231,6 +254,67 @@ class SimulatorApp:
         stats.incr("streams_" + outcome, ph)
         if outcome == "completed" and prefill is not None:
             stats.incr("continuations_completed", ph)
+
+    # --- responses and embeddings ------------------------------------------------------------------
+    async def _responses(self, receive: Receive, send: Send,
+                         extra: list[tuple[bytes, bytes]]) -> None:
+        body = await _json_body(receive)
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise invalid_request("you must provide a model parameter", "model",
+                                  "missing_required_parameter")
+        messages = input_messages(body)
+        limit = output_limit(body)
+        stream = bool(body.get("stream"))
+        ph = prompt_hash(messages)
+        d = parse_messages(messages)
+        stats = self.stats
+        stats.incr("requests", ph)
+        stats.keep_body(ph, body)
+        err = self.faults.request_error(ph, d)
+        if err is not None:
+            stats.incr("errors_injected", ph)
+            raise err
+        answer = answer_for_response(body, model, messages, limit, d, self.config)
+        if d.response_failed is not None:
+            answer = replace(answer, tokens=answer.tokens[:d.response_failed])
+        ttft = d.ttft if d.ttft is not None else self.config.ttft_s
+        tps = d.tps if d.tps is not None else self.config.tokens_per_s
+        builder = ResponseBuilder(body, model, answer, int(time.time()))
+        builder.failed = d.response_failed is not None
+        if not stream:
+            delay = ttft + (answer.completion_tokens / tps if tps > 0 else 0.0)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            stats.incr("completions", ph)
+            await send_json(send, 200, builder.response(True), extra)
+            return
+        drop_after = self.faults.drop_after(ph, d, is_continuation=False)
+        stats.incr("streams_started", ph)
+        outcome = await stream_answer(
+            send, receive, answer=answer, encoder=ResponsesEncoder(builder),
+            ttft=ttft, tps=tps, drop_after=drop_after, headers=extra,
+        )
+        stats.incr("streams_" + outcome, ph)
+
+    async def _embeddings(self, receive: Receive, send: Send,
+                          extra: list[tuple[bytes, bytes]]) -> None:
+        body = await _json_body(receive)
+        req = parse_request(body, self.config.embedding_dimensions)
+        messages = prompt_messages(req)
+        ph = prompt_hash(messages)
+        d = embedding_directives(req)
+        self.stats.incr("requests", ph)
+        self.stats.keep_body(ph, body)
+        err = self.faults.request_error(ph, d)
+        if err is not None:
+            self.stats.incr("errors_injected", ph)
+            raise err
+        ttft = d.ttft if d.ttft is not None else self.config.ttft_s
+        if ttft > 0:
+            await asyncio.sleep(ttft)
+        self.stats.incr("completions", ph)
+        await send_json(send, 200, embeddings_body(req, self.config.seed), extra)
 
     # --- files ----------------------------------------------------------------------------------
     async def _files(self, parts: list[str], method: str, scope: Scope,

@@ -20,17 +20,15 @@ from typing import Any
 
 import orjson
 
-from hybrid_router.simulator.chat import completion_body, completion_id, request_id
+from hybrid_router.simulator.chat import request_id
 from hybrid_router.simulator.config import SimConfig
-from hybrid_router.simulator.directives import Directives, parse_messages
+from hybrid_router.simulator.directives import Directives
+from hybrid_router.simulator.endpoints import ENDPOINTS, answer_line, line_directives, line_problem
 from hybrid_router.simulator.errors import SimError, invalid_request, not_found
 from hybrid_router.simulator.faults import Faults
 from hybrid_router.simulator.files import FileStore, page
-from hybrid_router.simulator.generation import make_answer
-from hybrid_router.simulator.tools import tool_call_answer
 
-CHAT_ENDPOINT = "/v1/chat/completions"
-SUPPORTED_ENDPOINTS = ("/v1/chat/completions",)
+SUPPORTED_ENDPOINTS = ENDPOINTS
 MAX_ERRORS = 100
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 
@@ -168,9 +166,10 @@ def validate_input(
                                "endpoint.", number, "url"))
             continue
         body = obj.get("body")
-        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
-            errors.append(_err("invalid_request", "The body must be a chat completion request "
-                               "with 'messages'.", number, "body"))
+        problem = "The body must be a JSON object." if not isinstance(body, dict) \
+            else line_problem(endpoint, body)
+        if problem is not None or not isinstance(body, dict):
+            errors.append(_err("invalid_request", problem or "", number, "body"))
             continue
         line_model = body.get("model")
         if not isinstance(line_model, str) or not line_model:
@@ -185,7 +184,7 @@ def validate_input(
                                f"'{model}' of other requests in this batch. All requests in a "
                                "batch must use the same model.", number, "body.model"))
             continue
-        d = no_directives or parse_messages(body["messages"])
+        d = no_directives or line_directives(endpoint, body)
         if d.batch is not None:
             batch_d.batch = d.batch
         if d.turnaround is not None:
@@ -220,7 +219,8 @@ class BatchStore:
                                   "input_file_id", "missing_required_parameter")
         if endpoint not in SUPPORTED_ENDPOINTS:
             raise invalid_request(f"Unsupported endpoint {endpoint!r}; this simulator batches "
-                                  f"only {CHAT_ENDPOINT}.", "endpoint", "invalid_value")
+                                  f"{', '.join(SUPPORTED_ENDPOINTS)}.", "endpoint",
+                                  "invalid_value")
         if window != "24h":
             raise invalid_request("completion_window must be '24h'.", "completion_window",
                                   "invalid_value")
@@ -374,21 +374,14 @@ class BatchStore:
                     "error": None,
                 }))
                 continue
-            body = ln.body
-            d = parse_messages(body["messages"])
-            limit = body.get("max_completion_tokens") or body.get("max_tokens")
-            answer = tool_call_answer(body, str(body["model"]), self.config.seed, d) or make_answer(
-                body["messages"], str(body["model"]), seed=self.config.seed, length=d.tokens,
-                limit=limit if isinstance(limit, int) and limit > 0 else None,
-                min_tokens=self.config.min_tokens, max_tokens=self.config.max_tokens,
-            )
-            in_tok += answer.prompt_tokens
-            out_tok += answer.completion_tokens
+            answer_body, used_in, used_out = answer_line(rec.endpoint, ln.body, self.config,
+                                                         created)
+            in_tok += used_in
+            out_tok += used_out
             out.append(orjson.dumps({
                 "id": line_id, "custom_id": ln.custom_id,
                 "response": {"status_code": 200, "request_id": request_id(),
-                             "body": completion_body(answer, str(body["model"]),
-                                                     completion_id(), created)},
+                             "body": answer_body},
                 "error": None,
             }))
         rng = random.Random(_seed(self.config.seed, rec.id + "/shuffle"))

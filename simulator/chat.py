@@ -140,6 +140,9 @@ class ChunkEncoder:
             {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish_reason}
         )
 
+    def done(self) -> bytes:
+        return DONE
+
     def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
         return (
             self._base + b',"choices":[],"usage":'

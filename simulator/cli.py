@@ -59,7 +59,8 @@ def _sim(host: str, port: int, **knobs: Any) -> None:
 
 def _build_command() -> Any:
     def sim(**kwargs: Any) -> None:
-        """Run the OpenAI-compatible upstream simulator (chat, streaming, files, batches)."""
+        """Run the OpenAI-compatible upstream simulator (chat, responses, embeddings,
+        streaming, files, batches)."""
         _sim(**kwargs)
 
     params = [

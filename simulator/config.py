@@ -33,6 +33,10 @@ class SimConfig(BaseSettings):
     tokens_per_s: float = Field(0.0, ge=0, description="Tokens per second (0 = as fast as possible).")
     min_tokens: int = Field(20, ge=1, description="Shortest default answer, in tokens.")
     max_tokens: int = Field(60, ge=1, description="Longest default answer, in tokens.")
+    embedding_dimensions: int = Field(
+        256, ge=1, le=8192,
+        description="Length of an embedding vector when the request asks for no dimensions.",
+    )
 
     # --- faults (rates 0..1) ---------------------------------------------------------------------
     rate_429: float = Field(0.0, ge=0, le=1, description="Share of chat requests answered 429.")

@@ -35,6 +35,7 @@ class Directives:
     flex_429: int | None = None  # the first N flex calls of this prompt answer 429
     flex_400: bool = False  # flex calls answer 400 (the model does not support flex)
     tier: str | None = None  # serve (and report) this tier whatever was asked
+    response_failed: int | None = None  # Responses: fail the response after this many tokens
 
     @property
     def empty(self) -> bool:
@@ -82,6 +83,8 @@ def _apply(d: Directives, key: str, value: str) -> None:
         d.flex_400 = value.lower() not in ("0", "false", "no")
     elif key == "tier":
         d.tier = value.lower() if value.lower() in ("default", "flex", "priority") else None
+    elif key == "response_failed":
+        d.response_failed = max(0, _as_int(value))
 
 
 def parse_text(text: str, into: Directives | None = None) -> Directives:

@@ -1,4 +1,5 @@
-"""The SSE hot path: write one answer as ``chat.completion.chunk`` events.
+"""The SSE hot path: write one answer as ``chat.completion.chunk`` events (or as a Response's
+events, `hybrid_router.simulator.responses.ResponsesEncoder`).
 
 Why it is shaped like this: at ``tokens_per_s=0`` the chunks of up to ``MAX_CHUNKS_PER_WRITE``
 tokens are joined into one write (one ASGI send, one socket write) so the simulator sustains tens
@@ -15,9 +16,10 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, Literal
 
-from hybrid_router.simulator.chat import DONE, ChunkEncoder
+from hybrid_router.simulator.chat import ChunkEncoder
 from hybrid_router.simulator.generation import Answer
 from hybrid_router.simulator.httpio import Message, Receive, Send
+from hybrid_router.simulator.responses import ResponsesEncoder
 
 MAX_CHUNKS_PER_WRITE = 256
 SHORT_SLEEP_S = 0.25
@@ -55,7 +57,7 @@ async def stream_answer(
     receive: Receive,
     *,
     answer: Answer,
-    encoder: ChunkEncoder,
+    encoder: ChunkEncoder | ResponsesEncoder,
     ttft: float,
     tps: float,
     drop_after: int | None,
@@ -108,7 +110,7 @@ async def stream_answer(
         pending.append(encoder.finish(answer.finish_reason))
         if encoder.include_usage:
             pending.append(encoder.usage(answer.prompt_tokens, answer.completion_tokens))
-        pending.append(DONE)
+        pending.append(encoder.done())
         if watcher.done():
             return "aborted"
         await send({"type": "http.response.body", "body": b"".join(pending), "more_body": False})

@@ -337,3 +337,13 @@ def delete_prefix(redis_url: str, prefix: str) -> None:
         if batch:
             client.delete(*batch)
     client.close()
+
+
+def without_fields(value: Any, names: frozenset[str]) -> Any:
+    """JSON `value` without the object fields named `names`, at any depth (to compare two
+    answers whose ids and timestamps each call makes anew)."""
+    if isinstance(value, dict):
+        return {k: without_fields(v, names) for k, v in value.items() if k not in names}
+    if isinstance(value, list):
+        return [without_fields(v, names) for v in value]
+    return value

@@ -40,7 +40,7 @@ KEY_A = "sk-hostile-alpha"
 KEY_B = "sk-hostile-beta"
 KEY_ADMIN = "sk-hostile-admin"
 PUBLIC_BASE_URL = "https://router.example.test"
-ROUTES_WITH_BODY = ("/v1/requests", "/v1/chat/completions")
+ROUTES_WITH_BODY = ("/v1/requests", "/v1/chat/completions", "/v1/responses", "/v1/embeddings")
 DEEP = 10_000
 # Well-formed but unknown (every test runs on a fresh key prefix). Fixed, not random: test ids
 # built from it must be the same in every pytest-xdist worker that collects this module.
@@ -257,6 +257,69 @@ HOSTILE_BODIES: dict[str, bytes] = {
     "too-large": _raw({"messages": [_msg("x" * (1100 * 1024))]}),
 }
 
+# Bodies of the Responses API and embeddings (`input` instead of `messages`), per endpoint: sent
+# to its drop-in and to POST /v1/requests with `endpoint`.
+_ITEM = {"role": "user", "content": "hi"}
+HOSTILE_INPUT_BODIES: dict[str, dict[str, bytes]] = {
+    "/v1/responses": {
+        "input-missing": _raw({"model": "gpt-4o-mini"}),
+        "input-null": _raw({"input": None}),
+        "input-empty-string": _raw({"input": ""}),
+        "input-empty-list": _raw({"input": []}),
+        "input-number": _raw({"input": 5}),
+        "input-object": _raw({"input": _ITEM}),
+        "input-items-not-objects": _raw({"input": [_ITEM, "hi", 1]}),
+        "messages-instead": _raw({"messages": [_msg()]}),
+        "messages-and-input": _raw({"messages": [_msg()], "input": "hi"}),
+        "max-output-tokens-zero": _raw({"input": "hi", "max_output_tokens": 0}),
+        "max-output-tokens-string": _raw({"input": "hi", "max_output_tokens": "9"}),
+        "max-output-tokens-float": _raw({"input": "hi", "max_output_tokens": 9.5}),
+        "stream-string": _raw({"input": "hi", "stream": "yes"}),
+        "lone-surrogate-input": b'{"input":"\\ud800"}',
+        "lone-surrogate-item": b'{"input":[{"role":"user","content":"a\\udc00"}]}',
+        "deep-input": b'{"input":[{"role":"user","content":' + _deep_array(DEEP).encode()
+                      + b"}]}",
+        "medium-input": b'{"input":[{"role":"user","content":"x","extra":'
+                        + _deep_array(300).encode() + b"}]}",
+        "nan-temperature": b'{"input":"hi","temperature":NaN}',
+        "wrong-endpoint": _raw({"input": "hi", "endpoint": "/v1/embeddings"}),
+        "too-large": _raw({"input": "x" * (1100 * 1024)}),
+    },
+    "/v1/embeddings": {
+        "input-missing": _raw({"model": "text-embedding-3-small"}),
+        "input-empty-string": _raw({"input": ""}),
+        "input-empty-list": _raw({"input": []}),
+        "input-number": _raw({"input": 5}),
+        "input-empty-item": _raw({"input": ["a", ""]}),
+        "input-mixed": _raw({"input": ["a", 1]}),
+        "input-floats": _raw({"input": [1.5, 2.5]}),
+        "input-negative-token": _raw({"input": [-1, 2]}),
+        "input-bool-tokens": _raw({"input": [True, False]}),
+        "input-empty-token-list": _raw({"input": [[]]}),
+        "input-objects": _raw({"input": [_ITEM]}),
+        "input-too-many": _raw({"input": ["x"] * 2049}),
+        "messages-instead": _raw({"messages": [_msg()]}),
+        "stream-true": _raw({"input": "hi", "stream": True}),
+        "dimensions-zero": _raw({"input": "hi", "dimensions": 0}),
+        "dimensions-string": _raw({"input": "hi", "dimensions": "8"}),
+        "dimensions-huge": _raw({"input": "hi", "dimensions": 10**12}),
+        "encoding-unknown": _raw({"input": "hi", "encoding_format": "int8"}),
+        "lone-surrogate-input": b'{"input":["\\ud800"]}',
+        "deep-input": b'{"input":' + _deep_array(DEEP).encode() + b"}",
+        "wrong-endpoint": _raw({"input": "hi", "endpoint": "/v1/responses"}),
+    },
+}
+HOSTILE_INPUT_CASES = [(endpoint, path, case)
+                       for endpoint, cases in HOSTILE_INPUT_BODIES.items()
+                       for path in (endpoint, "/v1/requests") for case in sorted(cases)
+                       if not (path == "/v1/requests" and case == "wrong-endpoint")]
+
+
+def _with_endpoint(body: bytes, endpoint: str) -> bytes:
+    """`body` for POST /v1/requests: its endpoint named first, the rest byte for byte."""
+    return body.replace(b"{", b'{"endpoint":"' + endpoint.encode() + b'",', 1)
+
+
 BAD_IDS = [
     "../../etc/passwd",
     "..%2F..%2Fetc%2Fpasswd",
@@ -289,6 +352,48 @@ def test_hostile_bodies_get_a_clear_4xx_and_queue_nothing(api: HostileApi, path:
                           headers={**auth(), "content-type": "application/json"}, timeout=30)
     assert_clear_4xx(response, f"POST {path} {case}")
     assert api.keyspace() == before, f"POST {path} {case} changed Redis"
+
+
+@pytest.mark.parametrize(("endpoint", "path", "case"), HOSTILE_INPUT_CASES,
+                         ids=[f"{p}-{e.rsplit('/', 1)[1]}-{c}" for e, p, c in HOSTILE_INPUT_CASES])
+def test_hostile_responses_and_embeddings_bodies_get_a_clear_4xx(
+        api: HostileApi, endpoint: str, path: str, case: str) -> None:
+    body = HOSTILE_INPUT_BODIES[endpoint][case]
+    if path == "/v1/requests":
+        body = _with_endpoint(body, endpoint)
+    before = api.keyspace()
+    response = httpx.post(f"{api.url}{path}", content=body,
+                          headers={**auth(), "content-type": "application/json"}, timeout=30)
+    assert_clear_4xx(response, f"POST {path} {endpoint} {case}")
+    assert api.keyspace() == before, f"POST {path} {endpoint} {case} changed Redis"
+
+
+@pytest.mark.parametrize("body", [
+    {"endpoint": "/v1/completions", "prompt": "hi"},
+    {"endpoint": 5, "input": "hi"},
+    {"endpoint": "/v1/responses/../chat/completions", "input": "hi"},
+    {"endpoint": "/v1/responses", "messages": [_msg()]},
+    {"endpoint": "/v1/chat/completions", "input": "hi"},
+], ids=["unknown", "number", "traversal", "responses-with-messages", "chat-with-input"])
+def test_an_unknown_or_mismatched_endpoint_is_a_400(api: HostileApi, body: dict[str, Any]
+                                                    ) -> None:
+    before = api.keyspace()
+    for path in ("/v1/requests", "/v1/chat/completions"):
+        response = httpx.post(f"{api.url}{path}", json=body, headers=auth(), timeout=10)
+        assert response.status_code == 400, f"{path} {body}: {response.text[:300]}"
+        assert "endpoint" in response.text or "input" in response.text \
+            or "messages" in response.text
+    assert api.keyspace() == before
+
+
+@pytest.mark.parametrize("response_id", [*BAD_IDS, "resp_" + "x" * 5000, "resp_*", "resp_%00",
+                                         "resp_..%2F..%2F"])
+def test_hostile_response_ids_answer_404(api: HostileApi, response_id: str) -> None:
+    before = api.keyspace()
+    response = httpx.get(f"{api.url}/v1/responses/{response_id}", headers=auth(), timeout=10)
+    assert_clear_4xx(response, f"GET /v1/responses/{response_id[:80]}")
+    assert response.status_code in (404, 414), response.text[:200]
+    assert api.keyspace() == before
 
 
 @pytest.mark.parametrize(("header", "value"), [

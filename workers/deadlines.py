@@ -17,6 +17,7 @@ from collections.abc import Callable
 import redis
 
 from hybrid_router.router.core import events as ev
+from hybrid_router.router.core.endpoints import CHAT, batch_queue
 from hybrid_router.router.core.keys import Keys
 from hybrid_router.router.core.logs import get_logger
 from hybrid_router.router.core.records import now
@@ -33,7 +34,8 @@ StreamDispatch = Callable[[str], None]
 
 def escalate(client: redis.Redis, settings: Settings, request_id: str, model: str, reason: str,
              dispatch: StreamDispatch | None) -> bool:
-    """Move one request to the stream lane if it is still `queued`; True when it moved."""
+    """Move one request to the stream lane if it is still `queued`; True when it moved.
+    `model`: its batch queue (`hybrid_router.router.core.endpoints.batch_queue`)."""
     k = Keys(settings.key_prefix)
     at = now()
     moved = int(ESCALATE_SCRIPT(
@@ -69,12 +71,13 @@ def escalate_due(client: redis.Redis, settings: Settings,
     ids = [text(x) for x in client.zrangebyscore(k.batch_deadlines(), "-inf", cutoff, start=0, num=1000)]
     moved = 0
     for request_id in ids:
-        model = client.hget(k.record(request_id), "model")
+        model, endpoint = client.hmget(k.record(request_id), ["model", "endpoint"])
         if model is None:
             client.zrem(k.batch_deadlines(), request_id)
             continue
         reason = ("deadline would be missed waiting for the next flush plus the expected batch "
                   f"turnaround ({settings.expected_batch_turnaround_s:g}s), so it streams")
-        if escalate(client, settings, request_id, text(model), reason, dispatch):
+        queue = batch_queue(text(endpoint) if endpoint else CHAT, text(model))
+        if escalate(client, settings, request_id, queue, reason, dispatch):
             moved += 1
     return moved

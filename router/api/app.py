@@ -12,7 +12,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from hybrid_router.router.api.errors import install_error_handlers
 from hybrid_router.router.api.fast_path import FastPaths
 from hybrid_router.router.api.http_guards import BodyGuard
-from hybrid_router.router.api.routes import admin, chat, events, health, metrics, requests, ui
+from hybrid_router.router.api.routes import admin, chat, events, health, metrics, requests, responses, ui
 from hybrid_router.router.core.celery_app import build_celery
 from hybrid_router.router.core.dispatch import CeleryStreamDispatcher
 from hybrid_router.router.core.event_hub import event_follower
@@ -72,7 +72,7 @@ def create_app(settings: Settings, dispatcher: StreamDispatcher | None = None) -
     )
     app.state.settings = settings
     install_error_handlers(app)
-    modules = (requests, events, chat, admin, metrics, health, ui)
+    modules = (requests, events, chat, responses, admin, metrics, health, ui)
     for module in modules:
         app.include_router(module.router)  # at the root: their routes' paths are the app's
     # Added first, so it runs inside the body size limit (the last one added runs outermost).

@@ -97,8 +97,9 @@ def describe_validation_error(exc: RequestValidationError) -> tuple[str, str]:
             ctx = err.get("ctx") or {}
             problems.append(f"body is not valid JSON ({ctx.get('error', 'parse error')})")
             param = "body"
-        elif err.get("type") == "unsafe_json":
-            # `json_safety_problem` names the path first: "messages.0.content: ...".
+        elif err.get("type") in ("unsafe_json", "endpoint_body"):
+            # `json_safety_problem` and `endpoint_problem` name the field first:
+            # "messages.0.content: ...", "input: ...".
             message = str(err.get("msg"))
             param = message.split(":", 1)[0] if ":" in message else "body"
             problems.append(message)

@@ -19,7 +19,7 @@ log = get_logger(__name__)
 
 async def cancel_and_notify(app_state: Any, record: RequestRecord) -> tuple[str, str]:
     """Cancel `record` through the store; if it moved and has a callback_url, schedule the POST."""
-    outcome, previous = await app_state.store.cancel(record.id, record.model)
+    outcome, previous = await app_state.store.cancel(record.id, record.batch_queue)
     if outcome == "cancelled" and record.callback_url:
         celery_app = getattr(app_state.dispatcher, "app", None)
         if celery_app is not None:

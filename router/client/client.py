@@ -84,9 +84,13 @@ def _headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
-def _submit_body(messages: list[dict[str, Any]], model: str | None, priority: str,
+def _submit_body(messages: list[dict[str, Any]] | None, model: str | None, priority: str,
                  fields: dict[str, Any]) -> dict[str, Any]:
-    body: dict[str, Any] = {"messages": messages, "priority": priority, **fields}
+    """The body of POST /v1/requests; `messages` None for a body of another endpoint
+    (``endpoint="/v1/embeddings", input=[...]``)."""
+    body: dict[str, Any] = {"priority": priority, **fields}
+    if messages is not None:
+        body["messages"] = messages
     if model is not None:
         body["model"] = model
     return body
@@ -174,9 +178,10 @@ class RouterClient:
     def close(self) -> None:
         self.http.close()
 
-    def submit(self, messages: list[dict[str, Any]], *, model: str | None = None,
+    def submit(self, messages: list[dict[str, Any]] | None, *, model: str | None = None,
                priority: str = "normal", **fields: Any) -> RequestHandle:
-        """POST /v1/requests; `fields` are any other chat-completion or routing fields."""
+        """POST /v1/requests; `fields` are any other request or routing fields (`messages`
+        None with ``endpoint="/v1/responses"`` or ``"/v1/embeddings"`` and ``input=``)."""
         data = _check(self.http.post("/v1/requests", json=_submit_body(messages, model, priority,
                                                                        fields)))
         return RequestHandle(self, data["id"], data.get("route"), data)
@@ -336,7 +341,7 @@ class AsyncRouterClient:
     async def close(self) -> None:
         await self.http.aclose()
 
-    async def submit(self, messages: list[dict[str, Any]], *, model: str | None = None,
+    async def submit(self, messages: list[dict[str, Any]] | None, *, model: str | None = None,
                      priority: str = "normal", **fields: Any) -> AsyncRequestHandle:
         data = _check(await self.http.post("/v1/requests",
                                            json=_submit_body(messages, model, priority, fields)))
@@ -483,7 +488,7 @@ class DirectEnqueuer:
         self.dispatcher = CeleryStreamDispatcher(build_celery(settings))
         self.lane_facts = LaneFactsCache(settings)
 
-    def enqueue(self, messages: list[dict[str, Any]], *, model: str | None = None,
+    def enqueue(self, messages: list[dict[str, Any]] | None, *, model: str | None = None,
                 priority: str = "low", tenant: str = "default", **fields: Any) -> str:
         from pydantic import ValidationError
 
@@ -518,7 +523,8 @@ _enqueuers: dict[str, DirectEnqueuer] = {}
 _enqueuers_lock = threading.Lock()
 
 
-def enqueue(settings: Settings, messages: list[dict[str, Any]], *, model: str | None = None,
+def enqueue(settings: Settings, messages: list[dict[str, Any]] | None, *,
+            model: str | None = None,
             priority: str = "low", **fields: Any) -> str:
     """Accept a request without HTTP (same checks, route and storage as the API); its id.
 

@@ -17,8 +17,8 @@ from hybrid_router.router.core.records import dumps
 from hybrid_router.router.core.redis_text import text
 from hybrid_router.router.core.tool_calls import merge_deltas
 
-EventType = Literal["accepted", "queued", "submitted", "token", "tool_calls", "lane_changed",
-                    "done", "error", "cancelled"]
+EventType = Literal["accepted", "queued", "submitted", "token", "tool_calls", "response",
+                    "lane_changed", "done", "error", "cancelled"]
 FINAL_EVENT_TYPES: frozenset[str] = frozenset({"done", "error", "cancelled"})
 
 
@@ -52,18 +52,30 @@ def tool_calls(deltas: list[dict[str, Any]]) -> str:
     return dumps({"type": "tool_calls", "tool_calls": merge_deltas(deltas)})
 
 
-# What a stream has produced and not yet published: text, or a list of tool-call deltas.
-Produced = str | list[dict[str, Any]]
+def response_event(event: dict[str, Any]) -> str:
+    """One event of an upstream Responses stream (``response.created``,
+    ``response.output_text.delta``, ...), kept as the upstream sent it under ``event``."""
+    return dumps({"type": "response", "event": event})
+
+
+# What a stream has produced and not yet published: text, a list of tool-call deltas, or one
+# upstream Responses event (a dict).
+Produced = str | list[dict[str, Any]] | dict[str, Any]
 
 
 def produced_events(parts: list[Produced]) -> list[str]:
     """The events of `parts`, in order: each run of text is one ``token`` event, each run of
-    tool-call deltas one ``tool_calls`` event."""
+    tool-call deltas one ``tool_calls`` event, each Responses event one ``response`` event."""
     out: list[str] = []
     i = 0
     while i < len(parts):
         j = i
-        if isinstance(parts[i], str):
+        part = parts[i]
+        if isinstance(part, dict):
+            out.append(response_event(part))
+            i += 1
+            continue
+        if isinstance(part, str):
             while j < len(parts) and isinstance(parts[j], str):
                 j += 1
             out.append(token("".join(p for p in parts[i:j] if isinstance(p, str))))
@@ -71,7 +83,7 @@ def produced_events(parts: list[Produced]) -> list[str]:
             deltas: list[dict[str, Any]] = []
             while j < len(parts):
                 part = parts[j]
-                if isinstance(part, str):
+                if not isinstance(part, list):
                     break
                 deltas += part
                 j += 1

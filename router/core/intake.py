@@ -16,10 +16,11 @@ import orjson
 
 from hybrid_router.router.core import events as ev
 from hybrid_router.router.core.callback_policy import callback_refusal
+from hybrid_router.router.core.endpoints import EMBEDDINGS, RESPONSES
 from hybrid_router.router.core.errors import Conflict, ErrorCode, InvalidRequest, Unavailable
 from hybrid_router.router.core.lanes import NO_FACTS, LaneFacts, choose_lane
 from hybrid_router.router.core.logs import get_logger
-from hybrid_router.router.core.pricing import estimate_prompt_tokens, max_tokens_for_budget
+from hybrid_router.router.core.pricing import estimate_body_prompt_tokens, max_tokens_for_budget
 from hybrid_router.router.core.records import STREAMED_ROUTES, RequestRecord, now
 from hybrid_router.router.core.schemas import ROUTER_FIELDS, SubmitRequest
 from hybrid_router.router.core.states import Status
@@ -117,7 +118,7 @@ def prepare(
             model,
             decision.route,
             Decimal(req.max_cost_usd),
-            estimate_prompt_tokens(body["messages"]),
+            estimate_body_prompt_tokens(body),
             decision.tier,
         )
         if cap <= 0:
@@ -126,11 +127,7 @@ def prepare(
                 param="max_cost_usd",
                 code=ErrorCode.BUDGET_TOO_SMALL,
             )
-        for field in ("max_tokens", "max_completion_tokens"):
-            if field in body:
-                body[field] = min(int(body[field]), cap)
-        if "max_tokens" not in body and "max_completion_tokens" not in body:
-            body["max_tokens"] = cap
+        _cap_output(req.endpoint, body, cap)
     status: Status = "queued" if decision.route == "batch" else "dispatched"
     record = RequestRecord(
         id=new_request_id(),
@@ -143,6 +140,7 @@ def prepare(
         may_batch=None if batch_allowed else False,
         status=status,
         model=model,
+        endpoint=req.endpoint,
         body=body,
         metadata=req.metadata,
         idempotency_key=req.idempotency_key,
@@ -156,6 +154,20 @@ def prepare(
     # The fingerprint only matters to an idempotency key: skip hashing the body without one.
     fingerprint = body_fingerprint(dumped) if req.idempotency_key is not None else ""
     return Prepared(record, events, fingerprint)
+
+
+def _cap_output(endpoint: str, body: dict[str, Any], cap: int) -> None:
+    """Lower the body's output cap to `cap` tokens (a budget's), in the endpoint's own field
+    (embeddings have no output to cap)."""
+    if endpoint == EMBEDDINGS:
+        return
+    fields = ("max_output_tokens",) if endpoint == RESPONSES else (
+        "max_tokens", "max_completion_tokens")
+    for field in fields:
+        if field in body:
+            body[field] = min(int(body[field]), cap)
+    if not any(field in body for field in fields):
+        body[fields[0]] = cap
 
 
 def _replay_or_conflict(

@@ -49,6 +49,11 @@ class Keys:
         """String with TTL: set when a cancel is asked for a running request."""
         return f"{self.prefix}:cancel:{{{request_id}}}"
 
+    def response(self, response_id: str) -> str:
+        """String with TTL (`Settings.result_ttl_s`): an upstream Response id (``resp_...``)
+        -> the id of the request that made it, for ``GET /v1/responses/{id}``."""
+        return f"{self.prefix}:resp:{response_id}"
+
     def idempotency(self, tenant: str, idempotency_key: str) -> str:
         """String: tenant's idempotency key -> ``<request id> <body hash>``."""
         return f"{self.prefix}:idem:{tenant}:{idempotency_key}"

@@ -98,6 +98,31 @@ def estimate_prompt_tokens(messages: list[dict[str, Any]]) -> int:
     return max(1, chars // 4 + 1)
 
 
+def estimate_body_prompt_tokens(body: dict[str, Any]) -> int:
+    """`estimate_prompt_tokens` of any endpoint's body: its ``messages``, or its ``input`` (a
+    string, input items, strings or token ids)."""
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        return estimate_prompt_tokens([m for m in messages if isinstance(m, dict)])
+    value = body.get("input")
+    if isinstance(value, str):
+        return estimate_prompt_tokens([{"content": value}])
+    if isinstance(value, list):
+        if value and all(isinstance(t, int) for t in value):
+            return len(value)
+        items: list[dict[str, Any]] = []
+        tokens = 0
+        for item in value:
+            if isinstance(item, dict):
+                items.append(item)
+            elif isinstance(item, str):
+                items.append({"content": item})
+            elif isinstance(item, list):
+                tokens += len(item)
+        return tokens + (estimate_prompt_tokens(items) if items else 0) or 1
+    return 1
+
+
 def max_tokens_for_budget(
     settings: Settings, model: str, route: str, budget_usd: Decimal, prompt_tokens: int,
     tier: str | None = None,

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import orjson
 import redis
 
 from hybrid_router.router.core.coalesce import ScriptCoalescer
@@ -81,10 +82,12 @@ def estimate_request_tokens(body: Any) -> int:
     messages = body.get("messages")
     if isinstance(messages, list) and all(isinstance(m, dict) for m in messages):
         prompt = estimate_prompt_tokens(messages)
+    elif messages is None and "input" in body:  # Responses API or embeddings
+        prompt = max(1, len(orjson.dumps(body.get("input"), default=str)) // 4)
     else:
         prompt = max(1, len(str(messages or "")) // 4)
     completion = DEFAULT_COMPLETION_ESTIMATE
-    for name in ("max_completion_tokens", "max_tokens"):
+    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
         value = body.get(name)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             completion = min(value, 10_000_000)

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, Field
 
+from hybrid_router.router.core.endpoints import CHAT, Endpoint, batch_queue
 from hybrid_router.router.core.states import TERMINAL, Status
 
 Priority = Literal["high", "normal", "low"]
@@ -103,6 +104,9 @@ class RequestResult(BaseModel):
     finish_reason: str | None = None
     usage: UsageInfo | None = None
     message: dict[str, Any] | None = None
+    # Responses and embeddings: the upstream's answer in the endpoint's own shape (the
+    # Response object, the embeddings ``list``).
+    response: dict[str, Any] | None = None
 
 
 class RequestError(BaseModel):
@@ -128,6 +132,7 @@ class RequestRecord(BaseModel):
     may_batch: bool | None = None  # False: its answer is awaited on the call (the drop-in)
     status: Status
     model: str
+    endpoint: Endpoint = CHAT
     body: dict[str, Any] = Field(default_factory=dict)
     metadata: dict[str, Any] | None = None
     idempotency_key: str | None = None
@@ -149,10 +154,17 @@ class RequestRecord(BaseModel):
     def terminal(self) -> bool:
         return self.status in TERMINAL
 
+    @property
+    def batch_queue(self) -> str:
+        """Its batch queue's name (`hybrid_router.router.core.endpoints.batch_queue`): one per endpoint and model."""
+        return batch_queue(self.endpoint, self.model)
+
     def to_hash(self) -> dict[str, str]:
         """Flat string fields for HSET (None values are left out)."""
         out: dict[str, str] = {}
         for name, value in self.model_dump(mode="json", exclude_none=True).items():
+            if name == "endpoint" and value == CHAT:
+                continue  # the default: most records leave it out
             out[name] = dumps(value) if name in _JSON_FIELDS else str(value)
         return out
 

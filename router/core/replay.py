@@ -12,7 +12,8 @@ engines' housekeeping and by every batch poll) replaces all three by one compact
 - everything else in one field ``z``: zlib-compressed JSON of the record's other fields (the
   body only with `Settings.keep_body`) and of the replay: the final event as it was sent, and
   the token events' seqs and lengths (the text is the result's content, or kept whole when it
-  differs, e.g. a cancelled stream's partial text).
+  differs, e.g. a cancelled stream's partial text), and a Responses stream's ``response``
+  events whole (they are relayed as the upstream sent them).
 
 `RequestRecord.from_hash` reads ``z`` transparently; `compacted_events` rebuilds what a
 subscriber resuming after seq N needs: one token event (at the last token seq) with exactly the
@@ -68,6 +69,9 @@ def compact_fields(raw: dict[str, str], log: list[dict[str, Any]], keep_body: bo
     replay: dict[str, Any] = {}
     if final is not None:
         replay["f"] = final
+    upstream = [e for e in log if e.get("type") == "response"]
+    if upstream:  # a Responses stream's events are relayed as sent: each is kept whole
+        replay["r"] = upstream
     if tokens:
         seqs = [int(e["seq"]) for e in tokens]
         replay["s"] = [seqs[0]] + [b - a for a, b in itertools.pairwise(seqs)]
@@ -103,6 +107,7 @@ def compacted_events(packed: bytes | str | None, after_seq: int) -> list[dict[st
         seen = sum(n for seq, n in zip(seqs, replay["n"], strict=True) if seq <= after_seq)
         if seqs[-1] > after_seq and whole[seen:]:
             out.append({"seq": seqs[-1], "type": "token", "content": whole[seen:]})
+    out += [e for e in replay.get("r") or () if int(e["seq"]) > after_seq]
     if final is not None and int(final["seq"]) > after_seq:
         out.append(final)
     return out

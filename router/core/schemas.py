@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_core import PydanticCustomError
 
 from hybrid_router.router.core.callback_policy import callback_url_problem
+from hybrid_router.router.core.endpoints import CHAT, EMBEDDINGS, RESPONSES, Endpoint
 from hybrid_router.router.core.records import Priority, RequestError, RequestResult, RouteName, UsageInfo
 from hybrid_router.router.core.states import Status
 
@@ -16,8 +17,10 @@ Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
 # The fields of POST /v1/requests that belong to the router and are not sent upstream.
 ROUTER_FIELDS = frozenset(
-    {"priority", "deadline_s", "metadata", "idempotency_key", "max_cost_usd", "callback_url"}
+    {"priority", "deadline_s", "metadata", "idempotency_key", "max_cost_usd", "callback_url",
+     "endpoint"}
 )
+MAX_EMBEDDING_INPUTS = 2048
 
 
 # An assistant message may carry one of these instead of content (OpenAI's own rule).
@@ -116,10 +119,19 @@ class ChatCompletionFields(BaseModel):
     # Strict types (issue 16): OpenAI refuses ``"max_tokens": "10"`` or ``true`` and
     # ``"stream": "yes"``, so the router does too, rather than coerce them.
     model: str | None = Field(None, min_length=1, max_length=256)
-    messages: list[ChatMessage] = Field(min_length=1, max_length=10_000)
+    # Chat completions send `messages`; the Responses API and embeddings send `input` (checked
+    # against the request's endpoint by `SubmitRequest`).
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=10_000)
+    input: str | list[Any] | None = Field(
+        None, description="Responses: a string or input items; embeddings: a string, strings, "
+        "token ids or token-id arrays (at most 2048 items).")
     max_tokens: int | None = Field(None, gt=0, strict=True)
     max_completion_tokens: int | None = Field(None, gt=0, strict=True)
     stream: bool | None = Field(None, strict=True)
+    # The Responses API's output cap and embeddings' options (checked, then sent as they are).
+    max_output_tokens: int | None = Field(None, gt=0, strict=True)
+    dimensions: int | None = Field(None, gt=0, le=65_536, strict=True)
+    encoding_format: Literal["float", "base64"] | None = None
     n: int | None = Field(None, ge=1, le=1, strict=True,
                           description="Only 1: the router relays one choice.")
     service_tier: Literal["auto", "default", "flex", "priority"] | None = Field(
@@ -127,9 +139,45 @@ class ChatCompletionFields(BaseModel):
         "absent: the router chooses the cheapest lane that meets the deadline.")
 
 
-class SubmitRequest(ChatCompletionFields):
-    """Body of ``POST /v1/requests``: an OpenAI chat completion plus routing fields."""
+def _is_tokens(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
 
+
+def endpoint_problem(endpoint: str, body: ChatCompletionFields) -> str | None:
+    """Why `body` is not a request of `endpoint` (None when it is)."""
+    if endpoint == CHAT:
+        if body.messages is None:
+            return "messages: required for /v1/chat/completions (a non-empty list)"
+        return None
+    if body.messages is not None:
+        return f"messages: not a field of {endpoint}; send the prompt as input"
+    value = body.input
+    if value is None or value == "" or value == []:
+        return f"input: required for {endpoint} (a non-empty string or list)"
+    if endpoint == RESPONSES:
+        if isinstance(value, list) and not all(isinstance(i, dict) for i in value):
+            return "input: a string or a list of input items (objects)"
+        return None
+    if body.stream:
+        return "stream: embeddings are not streamed; leave stream out"
+    if isinstance(value, str) or _is_tokens(value):
+        return None
+    if len(value) > MAX_EMBEDDING_INPUTS:
+        return f"input: at most {MAX_EMBEDDING_INPUTS} items in one embeddings request"
+    if all(isinstance(i, str) and i for i in value) or all(_is_tokens(i) for i in value):
+        return None
+    return ("input: a string, a list of non-empty strings, a list of token ids or a list of "
+            "token-id lists")
+
+
+class SubmitRequest(ChatCompletionFields):
+    """Body of ``POST /v1/requests``: an OpenAI request (chat completion by default) plus
+    routing fields."""
+
+    endpoint: Endpoint = Field(
+        CHAT, description="The upstream endpoint the body is for: /v1/chat/completions "
+        "(default, `messages`), /v1/responses or /v1/embeddings (`input`).")
     priority: Priority = "normal"
     deadline_s: float | None = Field(
         None, gt=0, strict=True, description="Seconds within which a result is needed."
@@ -162,6 +210,13 @@ class SubmitRequest(ChatCompletionFields):
             raise ValueError(problem)
         return value
 
+    @model_validator(mode="after")
+    def _fits_endpoint(self) -> SubmitRequest:
+        problem = endpoint_problem(self.endpoint, self)
+        if problem is not None:
+            raise PydanticCustomError("endpoint_body", problem)
+        return self
+
     def dump_as_sent(self) -> dict[str, Any]:
         """The request as the client sent it (JSON mode): every field it set, nulls inside
         messages and pass-through fields kept (an assistant turn's ``content: null`` stays),
@@ -181,6 +236,18 @@ class SubmitRequest(ChatCompletionFields):
 
 
 _TYPED_FIELDS = frozenset(SubmitRequest.model_fields)
+
+
+class ResponsesRequest(SubmitRequest):
+    """Body of the drop-in ``POST /v1/responses``: a Responses API request (+ ``priority``)."""
+
+    endpoint: Literal["/v1/responses"] = RESPONSES  # type: ignore[assignment]
+
+
+class EmbeddingsRequest(SubmitRequest):
+    """Body of the drop-in ``POST /v1/embeddings``: an embeddings request (+ ``priority``)."""
+
+    endpoint: Literal["/v1/embeddings"] = EMBEDDINGS  # type: ignore[assignment]
 
 
 class SubmitResponse(BaseModel):
@@ -216,6 +283,7 @@ class RequestView(BaseModel):
     served_tier: str | None = None
     expected_latency_s: float | None = None
     model: str
+    endpoint: Endpoint = CHAT
     body: dict[str, Any]
     metadata: dict[str, Any] | None
     created_at: float

@@ -15,6 +15,7 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
+from hybrid_router.router.core.endpoints import split_queue
 from hybrid_router.router.core.keys import Keys
 from hybrid_router.router.core.lane_facts import expected_view
 from hybrid_router.router.core.ledger import Ledger
@@ -212,9 +213,9 @@ def snapshot_plan(settings: Settings) -> Plan:
                         "batch": flush_interval.seconds + settings.expected_batch_turnaround_s},
                     flex_refused={text(k): float(text(v)) for k, v in refused.items()})
     queued: dict[str, int] = {}
-    for model, (count, _head) in pending.items():
-        if count:
-            label = settings.model_label(model)
+    for queue, (count, _head) in pending.items():
+        if count:  # a queue per endpoint and model: counted by model
+            label = settings.model_label(split_queue(queue)[1])
             queued[label] = queued.get(label, 0) + count
     snap.queues += [QueueDepth("batch", m, "queued", n) for m, n in sorted(queued.items())]
     created = [float(text(c)) for c in r3 if c is not None]

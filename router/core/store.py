@@ -120,7 +120,7 @@ class StoreOps:
         request with a deadline is indexed in `Keys.batch_deadlines` for escalation."""
         k = self.keys
         if record.route == "batch" and record.status == "queued":
-            queue_kind, queue_key = "list", k.pending(record.model)
+            queue_kind, queue_key = "list", k.pending(record.batch_queue)
         elif record.route in STREAMED_ROUTES and record.status == "dispatched":
             queue_kind, queue_key = "zset", k.dispatched()
         else:
@@ -144,7 +144,7 @@ class StoreOps:
             IDEMPOTENCY_TTL_S,
             queue_kind,
             record.created_at,
-            record.model,
+            record.batch_queue,
             *self._event_args(record.id),
             len(events),
             *events,
@@ -238,7 +238,9 @@ class StoreOps:
         return StoreOp(GET_OWNED_SCRIPT, [self.keys.record(request_id)], [tenant],
                        _record_from_flat)
 
-    def cancel(self, request_id: str, model: str) -> StoreOp[tuple[str, str]]:
+    def cancel(self, request_id: str, queue: str) -> StoreOp[tuple[str, str]]:
+        """Cancel the request; `queue`: its batch queue (`RequestRecord.batch_queue`), which a
+        queued request leaves."""
         k = self.keys
         return StoreOp(
             CANCEL_SCRIPT,
@@ -246,7 +248,7 @@ class StoreOps:
                 k.record(request_id),
                 k.seq(request_id),
                 k.events(request_id),
-                k.pending(model),
+                k.pending(queue),
                 k.dispatched(),
                 k.cancel_flag(request_id),
                 k.batch_deadlines(),
@@ -324,8 +326,8 @@ class RequestStore:
     def emit(self, request_id: str, events: Sequence[str], guard: bool = True) -> int:
         return self.run(self.ops.emit(request_id, events, guard))
 
-    def cancel(self, request_id: str, model: str) -> tuple[str, str]:
-        return self.run(self.ops.cancel(request_id, model))
+    def cancel(self, request_id: str, queue: str) -> tuple[str, str]:
+        return self.run(self.ops.cancel(request_id, queue))
 
     def annotate(self, request_id: str, fields: dict[str, Any],
                  run_end: RunEnd | None = None) -> bool:
@@ -386,8 +388,8 @@ class AsyncRequestStore:
     async def emit(self, request_id: str, events: Sequence[str], guard: bool = True) -> int:
         return await self.run(self.ops.emit(request_id, events, guard))
 
-    async def cancel(self, request_id: str, model: str) -> tuple[str, str]:
-        return await self.run(self.ops.cancel(request_id, model))
+    async def cancel(self, request_id: str, queue: str) -> tuple[str, str]:
+        return await self.run(self.ops.cancel(request_id, queue))
 
     async def annotate(self, request_id: str, fields: dict[str, Any],
                        run_end: RunEnd | None = None) -> bool:

@@ -34,6 +34,7 @@ import openai
 import orjson
 import redis
 
+from hybrid_router.router.core.endpoints import CHAT
 from hybrid_router.router.core.keys import Keys
 from hybrid_router.router.core.logs import get_logger
 from hybrid_router.router.core.records import now
@@ -153,7 +154,8 @@ def adopt_batch(client: redis.Redis, settings: Settings, upstream: openai.OpenAI
     if not client.exists(keys.batch(batch.id)):
         record_batch(client, settings, str(batch.id), metadata.get("model") or line_model,
                      "native", len(ids), input_file_id=str(batch.input_file_id),
-                     flush_id=metadata.get("flush_id") or "")
+                     flush_id=metadata.get("flush_id") or "",
+                     endpoint=str(getattr(batch, "endpoint", None) or CHAT))
     moved = mark_submitted(client, settings, str(batch.id), ids)
     if moved:
         client.zadd(keys.batches_in_flight(), {str(batch.id): now()}, nx=True)

@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import redis
 
+from hybrid_router.router.core.endpoints import CHAT, batch_queue
 from hybrid_router.router.core.keys import Keys
 from hybrid_router.router.core.logs import get_logger
 from hybrid_router.router.core.records import now
@@ -31,7 +32,7 @@ RELEASE_CHUNK = 5000
 @dataclass(frozen=True)
 class Claim:
     claim_id: str
-    model: str
+    model: str  # the batch queue's name: the model, or ``<endpoint>|<model>`` (hybrid_router.router.core.endpoints)
     ids: list[str]
 
 
@@ -44,6 +45,12 @@ class ClaimedRow(NamedTuple):
     body_json: bytes | None
     deadline_at: float | None
     group: str | None  # set when a failed batch was split: the flush batches the group alone
+    endpoint: str | None = None  # None: chat completions
+
+    @property
+    def queue(self) -> str | None:
+        """The batch queue the request waits in (`hybrid_router.router.core.endpoints.batch_queue`)."""
+        return batch_queue(self.endpoint or CHAT, self.model) if self.model else None
 
 
 def new_claim_id() -> str:
@@ -71,12 +78,13 @@ def fetch_rows(client: redis.Redis, keys: Keys, ids: Sequence[str],
 
     The next chunk is read by Redis while this one is handed out (`run_overlapped`).
     """
-    fields = ["status", "model", "body", "deadline_at", "batch_group"]
+    fields = ["status", "model", "body", "deadline_at", "batch_group", "endpoint"]
     parts = (ids[start:start + chunk] for start in range(0, len(ids), chunk))
     calls = ((part, ([keys.record(i) for i in part], fields)) for part in parts)
     for part, flat in run_overlapped(client, FETCH_SCRIPT, calls):
-        for request_id, status, model, body, deadline, group in zip(
-                part, flat[0::5], flat[1::5], flat[2::5], flat[3::5], flat[4::5], strict=True):
+        for request_id, status, model, body, deadline, group, endpoint in zip(
+                part, flat[0::6], flat[1::6], flat[2::6], flat[3::6], flat[4::6], flat[5::6],
+                strict=True):
             yield ClaimedRow(
                 request_id,
                 text_or_none(status),
@@ -84,6 +92,7 @@ def fetch_rows(client: redis.Redis, keys: Keys, ids: Sequence[str],
                 body if isinstance(body, bytes) or body is None else str(body).encode(),
                 float(deadline) if deadline else None,
                 text_or_none(group),
+                text_or_none(endpoint),
             )
 
 
@@ -100,8 +109,8 @@ def release(client: redis.Redis, keys: Keys, claim_id: str, ids: Sequence[str] |
     unique = [i for i in ids if not (i in seen or seen.add(i))]  # type: ignore[func-returns-value]
     by_model: dict[str, list[str]] = {}
     for row in fetch_rows(client, keys, unique):
-        if row.status == "queued" and row.model:
-            by_model.setdefault(row.model, []).append(row.id)
+        if row.status == "queued" and row.queue:
+            by_model.setdefault(row.queue, []).append(row.id)
     # Put back in reverse chunk order so the queue keeps the claimed order at its front.
     calls: list[tuple[str, list[str]]] = []
     for model, model_ids in by_model.items():

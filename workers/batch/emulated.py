@@ -1,5 +1,5 @@
 """Emulated batches, for upstreams without a Batch API: the batch worker runs the requests of
-an (internal) batch as ordinary non-streaming completions, at most
+an (internal) batch as ordinary non-streaming calls of the batch's endpoint, at most
 `Settings.emulated_concurrency` at a time, and writes them back exactly like a native batch
 (priced at the standard rate, since nothing was discounted)."""
 
@@ -13,6 +13,7 @@ from typing import Any
 import openai
 import redis
 
+from hybrid_router.router.core.endpoints import CHAT, EMBEDDINGS, result_from_body, upstream_path
 from hybrid_router.router.core.keys import Keys
 from hybrid_router.router.core.logs import get_logger
 from hybrid_router.router.core.records import now
@@ -26,7 +27,6 @@ from hybrid_router.workers.batch.writeback import (
     Notify,
     WritebackReport,
     no_notify,
-    result_from_completion,
 )
 from hybrid_router.workers.retry import RetryPolicy, is_retryable, retry_after_seconds
 
@@ -35,16 +35,28 @@ log = get_logger(__name__)
 WRITE_EVERY = 50
 
 
+def _call(upstream: openai.OpenAI, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
+    """One plain call of `endpoint` with `body`: the upstream's answer as JSON."""
+    if endpoint == CHAT:
+        extra = {k: v for k, v in body.items() if k not in ("model", "messages", "stream")}
+        completion = upstream.chat.completions.create(
+            model=body["model"], messages=body["messages"], extra_body=extra or None,
+        )
+        return completion.model_dump(mode="json")
+    # Responses and embeddings as sent (no SDK defaults added, e.g. base64 embeddings).
+    sent = body if endpoint == EMBEDDINGS else {**body, "stream": False}
+    answer: dict[str, Any] = upstream.post(upstream_path(endpoint), body=sent,
+                                           cast_to=dict[str, Any])
+    return answer
+
+
 def complete_one(upstream: openai.OpenAI, policy: RetryPolicy, request_id: str,
-                 body: dict[str, Any]) -> LineOutcome:
-    """One ordinary completion with the shared retry policy, as a write-back outcome."""
-    extra = {k: v for k, v in body.items() if k not in ("model", "messages", "stream")}
+                 body: dict[str, Any], endpoint: str = CHAT) -> LineOutcome:
+    """One ordinary call of `endpoint` with the shared retry policy, as a write-back outcome."""
     attempt = 0
     while True:
         try:
-            completion = upstream.chat.completions.create(
-                model=body["model"], messages=body["messages"], extra_body=extra or None,
-            )
+            answer = _call(upstream, endpoint, body)
         except openai.OpenAIError as exc:
             attempt += 1
             if is_retryable(exc) and policy.allows(attempt):
@@ -54,7 +66,7 @@ def complete_one(upstream: openai.OpenAI, policy: RetryPolicy, request_id: str,
             return LineOutcome(request_id, False,
                                error_code=f"upstream_{status}" if status else "upstream_error",
                                error_message=str(exc)[:500], retryable=is_retryable(exc))
-        result, usage = result_from_completion(completion.model_dump(mode="json"))
+        result, usage = result_from_body(answer)
         return LineOutcome(request_id, True, result, usage)
 
 
@@ -77,8 +89,9 @@ def run_emulated_batch(settings: Settings, client: redis.Redis, upstream: openai
     if not meta or meta.get("mode") != "emulated":
         log.warning("not an emulated batch; nothing to run", batch_id=batch_id)
         return report
+    endpoint = meta.get("endpoint") or CHAT
     writer = BatchWriter(client, settings, batch_id, meta.get("model") or "", emulated=True,
-                         notify=notify)
+                         notify=notify, endpoint=endpoint)
     policy = RetryPolicy.from_settings(settings)
     buffer: list[LineOutcome] = []
     pending: set[Future[LineOutcome]] = set()
@@ -96,7 +109,7 @@ def run_emulated_batch(settings: Settings, client: redis.Redis, upstream: openai
 
     with ThreadPoolExecutor(max_workers=limit, thread_name_prefix="emulated") as pool:
         for request_id, body in _bodies(client, keys, batch_id):
-            pending.add(pool.submit(complete_one, upstream, policy, request_id, body))
+            pending.add(pool.submit(complete_one, upstream, policy, request_id, body, endpoint))
             drain(limit - 1)
         drain(0)
     # Anything still submitted here got no outcome (cannot normally happen): requeue it.

@@ -1,4 +1,5 @@
-"""The flush: send every model's pending low requests upstream as one batch per model.
+"""The flush: send every pending low request upstream, one batch per endpoint and model (one
+batch queue each, `hybrid_router.router.core.endpoints.batch_queue`).
 
     lock → settle and release orphaned claims → for each model: claim → read records
     → JSONL parts → per part: upload, note the upload on the claim, create batch, record it in
@@ -25,6 +26,7 @@ import openai
 import redis
 
 from hybrid_router.router.core import events as ev
+from hybrid_router.router.core.endpoints import split_queue
 from hybrid_router.router.core.keys import Keys
 from hybrid_router.router.core.logs import get_logger
 from hybrid_router.router.core.records import dumps, now
@@ -195,11 +197,12 @@ def _parts(ctx: FlushContext, report: FlushReport, claim: Claim
     """The claim's input files: the requests of no group together, then each group of a split
     batch (`hybrid_router.workers.batch.split`) in files of its own, so a line at fault shares none."""
     s = ctx.settings
+    url, _model = split_queue(claim.model)
     groups: dict[str, list[tuple[str, bytes]]] = {}
     yield from write_parts(_lines(ctx, report, claim, groups), s.batch_max_requests,
-                           s.batch_max_bytes)
+                           s.batch_max_bytes, url=url)
     for group in groups.values():
-        yield from write_parts(group, s.batch_max_requests, s.batch_max_bytes)
+        yield from write_parts(group, s.batch_max_requests, s.batch_max_bytes, url=url)
 
 
 def _lines(ctx: FlushContext, report: FlushReport, claim: Claim,
@@ -213,6 +216,7 @@ def _lines(ctx: FlushContext, report: FlushReport, claim: Claim,
     bodies are ensured at intake; anything else fails the batch as a whole upstream, and the
     batch is then split to find the line at fault (`hybrid_router.workers.batch.split`)."""
     s = ctx.settings
+    url, _model = split_queue(claim.model)
     cutoff = now() + s.expected_batch_turnaround_s
     seen: set[str] = set()
     for row in batch_claim.fetch_rows(ctx.client, ctx.keys, claim.ids):
@@ -226,7 +230,7 @@ def _lines(ctx: FlushContext, report: FlushReport, claim: Claim,
             if escalate(ctx.client, s, row.id, claim.model, reason, ctx.dispatch_stream):
                 report.escalated += 1
             continue
-        if line_size(row.id, row.body_json) > s.batch_max_bytes:
+        if line_size(row.id, row.body_json, url) > s.batch_max_bytes:
             _fail_oversized(ctx, row)
             report.failed += 1
             continue
@@ -311,8 +315,9 @@ def _submit_native(ctx: FlushContext, lock: RedisLock, report: FlushReport, clai
                                   refused=refused, reason=reason) from exc
     if ctx.after_create is not None:
         ctx.after_create(batch_id)
-    record_batch(ctx.client, s, batch_id, claim.model, "native", len(part.ids),
-                 input_file_id=uploaded.id, flush_id=report.flush_id)
+    endpoint, model = split_queue(claim.model)
+    record_batch(ctx.client, s, batch_id, model, "native", len(part.ids),
+                 input_file_id=uploaded.id, flush_id=report.flush_id, endpoint=endpoint)
     return batch_id, uploaded.id
 
 
@@ -321,6 +326,7 @@ def _create_batch_once(ctx: FlushContext, report: FlushReport, claim: Claim,
     """Create the batch of `file_id`, retrying a failure only once the upstream's list shows
     that the failed try made no batch (a lost answer is not a batch not made)."""
     s = ctx.settings
+    endpoint, model = split_queue(claim.model)
     policy = RetryPolicy(CREATE_ATTEMPTS - 1, s.retry_backoff_base_s, s.retry_backoff_max_s)
     attempt = 0
     first_asked = now() - CLOCK_SKEW_S
@@ -329,10 +335,10 @@ def _create_batch_once(ctx: FlushContext, report: FlushReport, claim: Claim,
         try:
             batch = ctx.upstream.with_options(max_retries=0).batches.create(
                 input_file_id=file_id,
-                endpoint="/v1/chat/completions",
+                endpoint=endpoint,
                 completion_window=s.batch_completion_window,
                 metadata={"flush_id": report.flush_id, "claim_id": claim.claim_id,
-                          "model": claim.model[:256], "source": "hybrid-router"},
+                          "model": model[:256], "source": "hybrid-router"},
             )
             if attempt > 1:  # a failed try may yet be made upstream: watch for it
                 watch_file(ctx.client, ctx.keys, file_id, str(batch.id), first_asked)
@@ -359,6 +365,7 @@ def _submit_emulated(ctx: FlushContext, lock: RedisLock, claim: Claim,
     the lock is asked for first, as before a native batch is made (see `_submit_native`)."""
     _require_lock(lock, f"before an emulated batch of {claim.model} was recorded")
     batch_id = f"emu_{uuid.uuid4().hex}"
-    record_batch(ctx.client, ctx.settings, batch_id, claim.model, "emulated", len(part.ids),
-                 flush_id=claim.claim_id)
+    endpoint, model = split_queue(claim.model)
+    record_batch(ctx.client, ctx.settings, batch_id, model, "emulated", len(part.ids),
+                 flush_id=claim.claim_id, endpoint=endpoint)
     return batch_id, ""

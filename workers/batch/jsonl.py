@@ -3,7 +3,7 @@
 Lines are assembled from the body JSON exactly as stored on the record (no decode/encode), and
 written straight to disk, so memory stays flat however many lines a batch has. When the next
 line would break `max_requests` or `max_bytes`, the current file is closed and a new one begun:
-each file becomes one upstream batch of one model.
+each file becomes one upstream batch of one endpoint and one model.
 """
 
 from __future__ import annotations
@@ -20,16 +20,24 @@ import orjson
 
 CHAT_URL = "/v1/chat/completions"
 _LINE_HEAD = b'{"custom_id":'
-_LINE_MID = b',"method":"POST","url":"' + CHAT_URL.encode() + b'","body":'
+_LINE_MIDS: dict[str, bytes] = {}
 
 
-def jsonl_line(custom_id: str, body_json: bytes) -> bytes:
-    """One input line; `body_json` is the request body already encoded as JSON."""
-    return _LINE_HEAD + orjson.dumps(custom_id) + _LINE_MID + body_json + b"}\n"
+def _line_mid(url: str) -> bytes:
+    mid = _LINE_MIDS.get(url)
+    if mid is None:
+        mid = _LINE_MIDS[url] = b',"method":"POST","url":' + orjson.dumps(url) + b',"body":'
+    return mid
 
 
-def line_size(custom_id: str, body_json: bytes) -> int:
-    return len(jsonl_line(custom_id, body_json))
+def jsonl_line(custom_id: str, body_json: bytes, url: str = CHAT_URL) -> bytes:
+    """One input line for the endpoint `url`; `body_json` is the request body already encoded
+    as JSON."""
+    return _LINE_HEAD + orjson.dumps(custom_id) + _line_mid(url) + body_json + b"}\n"
+
+
+def line_size(custom_id: str, body_json: bytes, url: str = CHAT_URL) -> int:
+    return len(jsonl_line(custom_id, body_json, url))
 
 
 @dataclass
@@ -55,6 +63,7 @@ def write_parts(
     max_requests: int,
     max_bytes: int,
     directory: str | None = None,
+    url: str = CHAT_URL,
 ) -> Generator[JsonlPart, None, None]:
     """Write `(custom_id, body_json)` pairs into files within the limits; yield each full file.
 
@@ -65,7 +74,7 @@ def write_parts(
     out: BinaryIO | None = None
     try:
         for custom_id, body_json in lines:
-            line = jsonl_line(custom_id, body_json)
+            line = jsonl_line(custom_id, body_json, url)
             if part is not None and out is not None and (
                 len(part.ids) >= max_requests or part.size + len(line) > max_bytes
             ):

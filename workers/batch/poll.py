@@ -21,6 +21,7 @@ import openai
 import orjson
 import redis
 
+from hybrid_router.router.core.endpoints import CHAT
 from hybrid_router.router.core.keys import Keys
 from hybrid_router.router.core.logs import get_logger
 from hybrid_router.router.core.records import now
@@ -127,7 +128,8 @@ def check_batch(ctx: PollContext, batch_id: str, into: WritebackReport | None = 
         if changed:
             ctx.client.hset(ctx.keys.batch(batch_id), mapping=changed)
         return False
-    report = write_back_batch(ctx, batch_id, meta.get("model") or "", batch)
+    report = write_back_batch(ctx, batch_id, meta.get("model") or "", batch,
+                              meta.get("endpoint") or CHAT)
     if into is not None:
         into.add(report)
     finish_batch(ctx.client, ctx.settings, batch_id, status)
@@ -150,9 +152,11 @@ def _reason(batch: Any) -> tuple[str, str]:
     return f"batch_{status}", f"the upstream batch {status} before this request ran"
 
 
-def write_back_batch(ctx: PollContext, batch_id: str, model: str, batch: Any) -> WritebackReport:
+def write_back_batch(ctx: PollContext, batch_id: str, model: str, batch: Any,
+                     endpoint: str = CHAT) -> WritebackReport:
     """Write every line of the batch's files, then requeue the members that got none."""
-    writer = BatchWriter(ctx.client, ctx.settings, batch_id, model, notify=ctx.notify)
+    writer = BatchWriter(ctx.client, ctx.settings, batch_id, model, notify=ctx.notify,
+                         endpoint=endpoint)
     report = WritebackReport()
     for file_id in (batch.output_file_id, batch.error_file_id):
         if file_id:

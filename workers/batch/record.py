@@ -14,6 +14,7 @@ from typing import Any
 import redis
 
 from hybrid_router.router.core import events as ev
+from hybrid_router.router.core.endpoints import CHAT
 from hybrid_router.router.core.keys import Keys
 from hybrid_router.router.core.records import now
 from hybrid_router.router.core.replay import replay_policy
@@ -24,7 +25,8 @@ SUBMIT_CHUNK = 500
 
 
 def record_batch(client: redis.Redis, settings: Settings, batch_id: str, model: str, mode: str,
-                 count: int, *, input_file_id: str = "", flush_id: str = "") -> None:
+                 count: int, *, input_file_id: str = "", flush_id: str = "",
+                 endpoint: str = CHAT) -> None:
     """Remember an upstream batch and put it in flight (before its requests are submitted)."""
     keys = Keys(settings.key_prefix)
     at = now()
@@ -34,6 +36,8 @@ def record_batch(client: redis.Redis, settings: Settings, batch_id: str, model: 
         "requests": count, "input_file_id": input_file_id, "flush_id": flush_id,
         "created_at": repr(at), "heartbeat_at": repr(at),
     })
+    if endpoint != CHAT:
+        pipe.hset(keys.batch(batch_id), "endpoint", endpoint)
     pipe.zadd(keys.batches_in_flight(), {batch_id: at})
     pipe.execute()
 

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 import redis
 
 from hybrid_router.router.core import events as ev
+from hybrid_router.router.core.endpoints import CHAT, batch_queue, result_from_body
 from hybrid_router.router.core.keys import Keys
 from hybrid_router.router.core.ledger import ledger_increments
 from hybrid_router.router.core.logs import get_logger
@@ -103,21 +104,6 @@ class WritebackReport:
         self.seen |= other.seen
 
 
-def result_from_completion(body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """The record's `result` and `usage` from a chat.completion body."""
-    choice = (body.get("choices") or [{}])[0]
-    message = choice.get("message") or {}
-    content = message.get("content") or ""
-    usage = body.get("usage")
-    result = {
-        "content": content,
-        "finish_reason": choice.get("finish_reason"),
-        "usage": usage,
-        "message": message,
-    }
-    return result, usage
-
-
 def parse_line(obj: dict[str, Any]) -> LineOutcome | None:
     """One line of a batch output or error file (None when it names no request)."""
     custom_id = obj.get("custom_id")
@@ -127,7 +113,7 @@ def parse_line(obj: dict[str, Any]) -> LineOutcome | None:
     error = obj.get("error") or None
     status = int(response.get("status_code") or 0) if isinstance(response, dict) else 0
     if status == 200 and isinstance(response, dict) and isinstance(response.get("body"), dict):
-        result, usage = result_from_completion(response["body"])
+        result, usage = result_from_body(response["body"])
         return LineOutcome(custom_id, True, result, usage)
     if isinstance(response, dict) and status:
         body = response.get("body") if isinstance(response.get("body"), dict) else {}
@@ -304,12 +290,15 @@ class BatchWriter:
     """Writes outcomes of one batch (id, model, mode) to its requests."""
 
     def __init__(self, client: redis.Redis, settings: Settings, batch_id: str, model: str,
-                 *, emulated: bool = False, notify: Notify = no_notify) -> None:
+                 *, emulated: bool = False, notify: Notify = no_notify,
+                 endpoint: str = CHAT) -> None:
         self.client = client
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
         self.batch_id = batch_id
         self.model = model
+        self.endpoint = endpoint
+        self.queue = batch_queue(endpoint, model)  # where a request of this batch waits
         self.emulated = emulated
         self.notify = notify
         self.pricer = BatchPricer(settings, model, emulated=emulated)
@@ -352,14 +341,14 @@ class BatchWriter:
             "smaller batch to find the request at fault, no attempt used")
         return (
             [k.record(request_id), k.seq(request_id), k.events(request_id),
-             k.pending(self.model), k.pending_models(), k.batch_deadlines()],
+             k.pending(self.queue), k.pending_models(), k.batch_deadlines()],
             [self.batch_id, self.settings.batch_max_attempts, k.channel(request_id),
              self.settings.replay_maxlen, replay_policy(self.settings),
              self.settings.result_ttl_s, repr(finished),
              ev.queued(None, reason[:300]),
              ev.error(code, f"{message} (gave up after {self.settings.batch_max_attempts} "
                       "attempts)", False),
-             dumps(error), request_id, self.model, 1 if charged else 0, group],
+             dumps(error), request_id, self.queue, 1 if charged else 0, group],
         )
 
     # --- writing ---------------------------------------------------------------------------
@@ -408,6 +397,7 @@ class BatchWriter:
         """Count what a chunk's FINISH_MANY did; latencies, callbacks and requeues follow it."""
         report = WritebackReport(seen={o.request_id for o in part.outcomes})
         answers = flat or []
+        responses: dict[str, str] = {}
         for i, out in enumerate(part.finals):
             moved, callback_url, created = answers[3 * i:3 * i + 3]
             if int(moved) == PAID_AFTER_CANCEL:
@@ -418,11 +408,16 @@ class BatchWriter:
                 continue
             if out.ok:
                 report.completed += 1
+                response_id = _response_id(out.result)
+                if response_id:
+                    responses[response_id] = out.request_id
             else:
                 report.failed += 1
             tally.observe_raw("completed" if out.ok else "failed", created, part.finished)
             if callback_url:
                 self.notify(out.request_id)
+        if responses:
+            remember_responses(self.client, self.settings, responses)
         report.requeued, failed = self._requeue(
             [(o.request_id, o.error_code, o.error_message) for o in part.retries], report, tally)
         report.failed += failed
@@ -459,6 +454,24 @@ class BatchWriter:
             [item[0] for item in items], answers, finished, tally, self.notify)
         report.unchanged += untouched
         return requeued, failed
+
+
+def _response_id(result: dict[str, Any] | None) -> str | None:
+    response = (result or {}).get("response")
+    if isinstance(response, dict) and response.get("object") == "response":
+        rid = response.get("id")
+        return rid if isinstance(rid, str) and rid else None
+    return None
+
+
+def remember_responses(client: redis.Redis, settings: Settings, ids: Mapping[str, str]) -> None:
+    """Map each upstream Response id to its request (`Keys.response`), for
+    ``GET /v1/responses/{id}``; kept as long as the results."""
+    keys = Keys(settings.key_prefix)
+    pipe = client.pipeline(transaction=False)
+    for response_id, request_id in ids.items():
+        pipe.set(keys.response(response_id[:200]), request_id, ex=settings.result_ttl_s)
+    pipe.execute()
 
 
 def settle_attempts(ids: Sequence[str], answers: Sequence[Any], finished: float,

@@ -18,7 +18,7 @@ def cancel_stream(ctx: StreamContext, request_id: str, why: str) -> bool:
     record = ctx.store.get(request_id)
     if record is None:
         return False
-    outcome, previous = ctx.store.cancel(request_id, record.model)
+    outcome, previous = ctx.store.cancel(request_id, record.batch_queue)
     if outcome != "cancelled":
         return False
     log.info("request cancelled", request_id=request_id, previous_status=previous, why=why)

@@ -11,6 +11,10 @@ directly against the simulator.
   whole for the result's message), go to the shared `StreamPublisher` (replay log + pub/sub in
   one guarded script); the publisher marks the stream `stopped` once the request is terminal
   (cancelled), and the next delta closes the upstream response, so no more tokens are paid for.
+- **Endpoints** (`hybrid_router.router.core.endpoints`): a Responses request streams the upstream's Responses
+  events, each relayed unchanged as a ``response`` event (never resumed once one was relayed:
+  its ids and sequence numbers cannot be continued); an embeddings request is one plain call
+  (`_embed`), retried like a stream's first attempt, whose answer ends the request.
 - **Retries** before the first token (connection errors, 429 with its ``retry-after``, 5xx):
   exponential backoff with jitter (`hybrid_router.workers.retry.RetryPolicy`); nothing reaches subscribers.
 - **Resume** after a drop mid-stream: the request is sent again with the text so far as an
@@ -41,13 +45,21 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import httpx
 import openai
 import redis
 
 from hybrid_router.router.core import events as ev
+from hybrid_router.router.core.endpoints import (
+    CHAT,
+    EMBEDDINGS,
+    RESPONSES,
+    normal_usage,
+    result_from_body,
+    upstream_path,
+)
 from hybrid_router.router.core.lane_facts import aobserve_latency, aremember_flex_refused
 from hybrid_router.router.core.ledger import add_to_ledger, ledger_increments
 from hybrid_router.router.core.logs import get_logger
@@ -72,7 +84,7 @@ from hybrid_router.workers.stream.flex_pressure import (
 from hybrid_router.workers.stream.publisher import PublishError, StreamHandle
 from hybrid_router.workers.stream.runtime import StreamRuntime
 from hybrid_router.workers.upstream.base import upstream_answer
-from hybrid_router.workers.upstream.sse import TIMEOUT_ERRORS, TRANSPORT_ERRORS
+from hybrid_router.workers.upstream.sse import TIMEOUT_ERRORS, TRANSPORT_ERRORS, UpstreamStreamError
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -163,6 +175,10 @@ class StreamState:
     finish_reason: str | None = None
     first_token_at: float | None = None
     usage: UsageTally = field(default_factory=UsageTally)
+    # Responses and embeddings: the upstream's answer in the endpoint's shape (the final
+    # Response object, the embeddings list), and how many Responses events were relayed.
+    response: dict[str, Any] | None = None
+    response_events: int = 0
     released: bool = False  # the lease went back with the ledger write
     # Names this run in its ledger write's marker (`Keys.accounted`): its cost counts once.
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -236,7 +252,7 @@ async def _take_over(state: StreamState, rt: StreamRuntime) -> str | None:
     content = "".join(str(e.get("content", "")) for e in events if e.get("type") == "token")
     if content:
         state.pieces.append(content)
-    calls_relayed = any(e.get("type") == "tool_calls" for e in events)
+    calls_relayed = any(e.get("type") in ("tool_calls", "response") for e in events)
     lost_runs = max(1, record.attempts - 1)
     state.usage.add_lost_runs(lost_runs, list(record.body.get("messages") or []), state.relayed)
     log.warning("stream worker lost; taking the stream over", request_id=record.id,
@@ -248,8 +264,8 @@ async def _take_over(state: StreamState, rt: StreamRuntime) -> str | None:
                 f"ROUTER_STREAM_MAX_RETRIES={rt.settings.stream_max_retries}); the partial "
                 "content is kept in result.content")
     if calls_relayed:
-        return (f"{lost}, and it had relayed tool calls, which a prefill cannot continue; the "
-                "partial content is kept in result.content")
+        return (f"{lost}, and it had relayed tool calls or Responses events, which a prefill "
+                "cannot continue; the partial content is kept in result.content")
     if content and not rt.settings.stream_resume:
         return (f"{lost}, and the upstream cannot continue a message (ROUTER_STREAM_RESUME is "
                 "off); the partial content is kept in result.content")
@@ -312,20 +328,120 @@ async def _end_run(request_id: str, rt: StreamRuntime, run_id: str) -> None:
 
 
 def _upstream_request(state: StreamState) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The body of the next attempt: the original, plus the text so far as a prefill."""
+    """The body of the next attempt: the original, plus the text so far as a prefill (chat);
+    and the messages that a usage estimate counts. Responses streams are never resumed (their
+    events cannot be continued), so their body is the original."""
     body = dict(state.record.body)
     if state.tier_moved:
         body.pop("service_tier", None)
+    if state.record.endpoint == RESPONSES:
+        body["stream"] = True
+        value = body.get("input")
+        return body, value if isinstance(value, list) else [{"content": value}]
     messages: list[dict[str, Any]] = list(body.pop("messages"))
     if state.pieces:
         messages.append({"role": "assistant", "content": state.content})
         for cap in ("max_tokens", "max_completion_tokens"):
             if isinstance(body.get(cap), int):
                 body[cap] = max(1, body[cap] - state.relayed)
+    body.update(messages=messages, stream=True, stream_options={"include_usage": True})
     return body, messages
 
 
+def _read_chat_chunk(state: StreamState, rt: StreamRuntime, chunk: dict[str, Any]) -> int:
+    """Relay one chat-completion chunk's text and tool-call deltas; returns the parts relayed."""
+    received = 0
+    for choice in chunk.get("choices") or ():
+        delta = choice.get("delta")
+        text = delta.get("content") if delta else None
+        if text:
+            state.pieces.append(text)
+            _relay(state, rt, text)
+            received += 1
+        calls = delta.get("tool_calls") if delta else None
+        if calls and isinstance(calls, list):
+            state.tool_calls.add(calls)
+            _relay(state, rt, calls)
+            received += 1
+        if choice.get("finish_reason"):
+            state.finish_reason = choice["finish_reason"]
+    return received
+
+
+RESPONSE_ENDS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+
+class ResponseFailed(Exception):
+    """The upstream ended a Responses stream with ``response.failed`` (relayed as is)."""
+
+
+async def _read_response_event(state: StreamState, rt: StreamRuntime, event: dict[str, Any]
+                               ) -> int:
+    """Relay one upstream Responses event unchanged (an ``error`` event raises instead, so the
+    request ends with the router's ``error`` event); keep its text and the final Response."""
+    kind = event.get("type")
+    if kind == "error":
+        raise UpstreamStreamError(str(event.get("message") or "error inside the stream"),
+                                  cast(Any, None), body=event)
+    if not isinstance(kind, str):
+        return 0
+    _relay(state, rt, event)
+    state.response_events += 1
+    if kind == "response.output_text.delta" and isinstance(event.get("delta"), str):
+        state.pieces.append(event["delta"])
+    response = event.get("response")
+    if kind == "response.created" and isinstance(response, dict) and response.get("id"):
+        await _remember_response(state, rt, str(response["id"]))
+    if kind in RESPONSE_ENDS and isinstance(response, dict):
+        state.response = response
+        state.finish_reason = str(response.get("status") or kind.rpartition(".")[2])
+        if kind == "response.failed":
+            error = response.get("error") if isinstance(response.get("error"), dict) else {}
+            raise ResponseFailed(str((error or {}).get("message") or "the response failed"))
+    return 1
+
+
+async def _remember_response(state: StreamState, rt: StreamRuntime, response_id: str) -> None:
+    """Map the upstream's Response id to the request, for ``GET /v1/responses/{id}``."""
+    key = rt.keys.response(response_id[:200])
+    ttl = rt.settings.result_ttl_s
+    await _ride_out(rt, lambda: rt.redis.set(key, state.record.id, ex=ttl))
+
+
+async def _embed(state: StreamState, rt: StreamRuntime) -> RunOutcome:
+    """An embeddings request on the stream lane: one plain call (retried like a stream's
+    first attempt), answered at once; nothing is relayed before the ``done`` event."""
+    settings, policy = rt.settings, rt.ctx.policy
+    timeout = httpx.Timeout(settings.upstream_timeout_s)
+    retries = 0
+    while True:
+        try:
+            answer = await rt.upstream.call(dict(state.record.body), timeout,
+                                            upstream_path(EMBEDDINGS))
+        except Exception as exc:
+            failure = _classify(exc, False)
+            if failure.retryable and policy.allows(retries + 1):
+                retries += 1
+                delay = policy.backoff(retries, retry_after_seconds(exc))
+                log.warning("upstream call failed; retrying", request_id=state.record.id,
+                            retry=retries, delay_s=round(delay, 3), error=failure.message)
+                await asyncio.sleep(delay)
+                if await _is_terminal(state.record.id, rt):
+                    return await _end_stopped(state, rt)
+                continue
+            return await _end_failed(state, rt, failure)
+        _result, usage = result_from_body(answer)
+        state.usage.add(usage, [], 0)
+        state.response, state.finish_reason = answer, "stop"
+        state.first_token_at = now()
+        return await _end_completed(state, rt)
+
+
 async def _stream(state: StreamState, rt: StreamRuntime) -> RunOutcome:
+    if state.record.endpoint == EMBEDDINGS:
+        return await _embed(state, rt)
+    responses = state.record.endpoint == RESPONSES
+    path = upstream_path(state.record.endpoint)
     settings = rt.settings
     policy = rt.ctx.policy
     request_id = state.record.id
@@ -338,31 +454,24 @@ async def _stream(state: StreamState, rt: StreamRuntime) -> RunOutcome:
             return await _end_stopped(state, rt)
         first_attempt = False
         body, messages = _upstream_request(state)
-        body.update(messages=messages, stream=True, stream_options={"include_usage": True})
         received = 0
         usage: dict[str, Any] | None = None
         state.finish_reason = None
         try:
-            async with rt.upstream.stream(body, timeout) as chunks:
+            async with rt.upstream.stream(body, timeout, path) as chunks:
                 async for chunk in chunks:
-                    if chunk.get("usage"):
-                        usage = chunk["usage"]
-                    if chunk.get("service_tier"):
-                        state.served_tier = chunk["service_tier"]
-                    for choice in chunk.get("choices") or ():
-                        delta = choice.get("delta")
-                        text = delta.get("content") if delta else None
-                        if text:
-                            state.pieces.append(text)
-                            _relay(state, rt, text)
-                            received += 1
-                        calls = delta.get("tool_calls") if delta else None
-                        if calls and isinstance(calls, list):
-                            state.tool_calls.add(calls)
-                            _relay(state, rt, calls)
-                            received += 1
-                        if choice.get("finish_reason"):
-                            state.finish_reason = choice["finish_reason"]
+                    if responses:
+                        received += await _read_response_event(state, rt, chunk)
+                        if state.response is not None:
+                            usage = normal_usage(state.response.get("usage"))
+                            if state.response.get("service_tier"):
+                                state.served_tier = state.response["service_tier"]
+                    else:
+                        if chunk.get("usage"):
+                            usage = chunk["usage"]
+                        if chunk.get("service_tier"):
+                            state.served_tier = chunk["service_tier"]
+                        received += _read_chat_chunk(state, rt, chunk)
                     if state.handle.stopped:
                         raise _Stopped
                     if time.monotonic() > deadline:
@@ -382,6 +491,11 @@ async def _stream(state: StreamState, rt: StreamRuntime) -> RunOutcome:
         except PublishError as exc:
             state.usage.add(usage, messages, received)
             return await _end_failed(state, rt, Failure("publish_failed", str(exc), True))
+        except ResponseFailed as exc:  # raised by the final event: its usage is the bill
+            state.usage.add(normal_usage((state.response or {}).get("usage")) or usage,
+                            messages, received)
+            return await _end_failed(state, rt, Failure(
+                "upstream_response_failed", f"the upstream's response failed: {exc}", False))
         except Exception as exc:
             state.usage.add(usage, messages, received)
             if state.lane == "flex" and not state.tier_moved:
@@ -392,10 +506,12 @@ async def _stream(state: StreamState, rt: StreamRuntime) -> RunOutcome:
                     return await _end_stopped(state, rt)
                 if action is not None:
                     continue
-            failure = _classify(exc, bool(state.pieces or state.tool_calls))
-            if state.tool_calls and failure.retryable:
-                failure = Failure(failure.code, f"{failure.message} (tool calls were relayed, "
-                                  "so the stream cannot be resumed; submit it again)", True)
+            relayed = bool(state.pieces or state.tool_calls or state.response_events)
+            failure = _classify(exc, relayed)
+            if (state.tool_calls or state.response_events) and failure.retryable:
+                what = "tool calls were" if state.tool_calls else "Responses events were"
+                failure = Failure(failure.code, f"{failure.message} ({what} relayed, so the "
+                                  "stream cannot be resumed; submit it again)", True)
                 return await _end_failed(state, rt, failure)
             if failure.code == "stream_interrupted" and not settings.stream_resume:
                 failure = Failure(failure.code, f"{failure.message}; the upstream cannot continue "
@@ -590,6 +706,8 @@ async def _end_completed(state: StreamState, rt: StreamRuntime) -> RunOutcome:
         "usage": fields["usage"],
         "message": message,
     }
+    if state.record.endpoint != CHAT:
+        fields["result"] = {**fields["result"], "message": None, "response": state.response}
     fields["finished_at"] = finished_at = now()
     outcome = await _write_end(
         rt, state, "completed", fields=fields,
@@ -617,8 +735,10 @@ async def _end_failed(state: StreamState, rt: StreamRuntime, failure: Failure) -
     _cost, increments, fields = _cost_fields(state, rt)
     fields["error"] = {"code": failure.code, "message": failure.message,
                        "retryable": failure.retryable}
-    if state.pieces:
+    if state.pieces or state.response is not None:
         fields["result"] = {"content": state.content, "finish_reason": None}
+        if state.response is not None:  # a Responses stream the upstream ended as failed
+            fields["result"]["response"] = state.response
     fields["finished_at"] = finished_at = now()
     outcome = await _write_end(
         rt, state, "failed", fields=fields,

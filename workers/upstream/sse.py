@@ -1,4 +1,5 @@
-"""The stream lane's upstream call: one streamed chat completion, read as raw SSE, on asyncio.
+"""The stream lane's upstream call: one streamed chat completion (or Responses stream), read as
+raw SSE, on asyncio; and the lane's one plain call (embeddings).
 
 Why not ``AsyncOpenAI.chat.completions.create(stream=True)`` on the hot path: a stream worker
 starts hundreds of streams a second and relays thousands of chunks a second on one event loop,
@@ -54,6 +55,8 @@ TIMEOUT_ERRORS: tuple[type[BaseException], ...] = (
     openai.APITimeoutError,
 )
 
+CHAT_PATH = "/chat/completions"
+
 _STATUS_ERRORS: dict[int, type[openai.APIStatusError]] = {
     400: openai.BadRequestError,
     401: openai.AuthenticationError,
@@ -93,36 +96,70 @@ class UpstreamStreamer:
         headers = {k: v for k, v in {**sdk.default_headers, **sdk.auth_headers}.items()
                    if isinstance(v, str)}
         headers["Accept"] = "text/event-stream"
-        self.url = str(sdk.base_url).rstrip("/") + "/chat/completions"
+        self.base_url = str(sdk.base_url).rstrip("/")
+        self.url = self.base_url + CHAT_PATH
         self.headers = headers
         self._request = httpx.Request("POST", self.url)  # for the SDK's exceptions
         self.pool: ConnectionPool | None = None
+        self._pools: dict[str, ConnectionPool] = {}  # other paths than chat's (responses)
+        self._max_connections = max_connections
+        self._timeout_s = settings.upstream_timeout_s
         self.http: httpx.AsyncClient | None = None
+        self._plain: httpx.AsyncClient | None = None  # plain (not streamed) calls: embeddings
         if _proxied(self.url):
-            self.http = httpx.AsyncClient(
-                headers=headers, timeout=settings.upstream_timeout_s,
-                limits=httpx.Limits(max_connections=max_connections,
-                                    max_keepalive_connections=max_connections))
+            self.http = self._httpx_client()
         else:
             self.pool = ConnectionPool(self.url, max_idle=max_connections)
 
+    def _httpx_client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            headers=self.headers, timeout=self._timeout_s,
+            limits=httpx.Limits(max_connections=self._max_connections,
+                                max_keepalive_connections=self._max_connections))
+
+    def _pool_for(self, path: str) -> ConnectionPool | None:
+        if self.pool is None or path == CHAT_PATH:
+            return self.pool
+        pool = self._pools.get(path)
+        if pool is None:
+            pool = self._pools[path] = ConnectionPool(self.base_url + path,
+                                                      max_idle=self._max_connections)
+        return pool
+
+    async def call(self, body: dict[str, Any], timeout: httpx.Timeout, path: str
+                   ) -> dict[str, Any]:
+        """POST `body` to `path` (under the base URL) and return the JSON answer: a plain,
+        not streamed call (embeddings). HTTP errors raise as in `stream`."""
+        if self._plain is None:
+            self._plain = self._httpx_client()
+        response = await self._plain.post(self.base_url + path, content=orjson.dumps(body),
+                                          headers={"Accept": "application/json",
+                                                   "Content-Type": "application/json"},
+                                          timeout=timeout)
+        if response.status_code >= 400:
+            raise status_error(response, response.content)
+        answer: dict[str, Any] = orjson.loads(response.content)
+        return answer
+
     @asynccontextmanager
-    async def stream(self, body: dict[str, Any], timeout: httpx.Timeout
+    async def stream(self, body: dict[str, Any], timeout: httpx.Timeout, path: str = CHAT_PATH
                      ) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
-        """POST `body` with ``stream: true``; yields the chunks' iterator (HTTP errors raise
-        the SDK's `openai.APIStatusError` subclasses before anything is yielded).
+        """POST `body` with ``stream: true`` to `path` (chat completions, or responses); yields
+        the chunks' iterator (HTTP errors raise the SDK's `openai.APIStatusError` subclasses
+        before anything is yielded).
 
         Inside a `hybrid_router.workers.stream.abort.UpstreamAbort` scope the response is bound to it: firing
         it closes the connection and ends the chunks with one empty chunk (the lean client;
         through a proxy, httpx, the stream stops at its next chunk instead)."""
         content = orjson.dumps(body)
-        if self.pool is None:
-            async with self._stream_httpx(content, timeout) as chunks:
+        pool = self._pool_for(path)
+        if pool is None:
+            async with self._stream_httpx(content, timeout, path) as chunks:
                 yield chunks
             return
         abort = current_abort()
-        response = await self.pool.post(content, self.headers, timeout.connect or 60.0,
-                                        timeout.read or 60.0)
+        response = await pool.post(content, self.headers, timeout.connect or 60.0,
+                                   timeout.read or 60.0)
         try:
             if response.status_code >= 400:
                 error_body = await response.read()
@@ -138,11 +175,11 @@ class UpstreamStreamer:
             response.close()
 
     @asynccontextmanager
-    async def _stream_httpx(self, content: bytes, timeout: httpx.Timeout
+    async def _stream_httpx(self, content: bytes, timeout: httpx.Timeout, path: str
                             ) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
         assert self.http is not None
-        request = self.http.build_request("POST", self.url, content=content, timeout=timeout,
-                                          headers=self.headers)
+        request = self.http.build_request("POST", self.base_url + path, content=content,
+                                          timeout=timeout, headers=self.headers)
         response = await self.http.send(request, stream=True)
         try:
             if response.status_code >= 400:
@@ -152,10 +189,12 @@ class UpstreamStreamer:
             await response.aclose()
 
     async def aclose(self) -> None:
-        if self.pool is not None:
-            self.pool.close()
-        if self.http is not None:
-            await self.http.aclose()
+        for pool in (self.pool, *self._pools.values()):
+            if pool is not None:
+                pool.close()
+        for client in (self.http, self._plain):
+            if client is not None:
+                await client.aclose()
 
 
 def _proxied(url: str) -> bool:

@@ -21,25 +21,28 @@ stops and no more tokens are paid for.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Annotated, Any, get_args
 
 from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from hybrid_router.router.api.deps import CallerDep, DispatcherDep, EventsDep, SettingsDep, StoreDep
+from hybrid_router.router.api.deps import Caller, CallerDep, DispatcherDep, EventsDep, SettingsDep, StoreDep
 from hybrid_router.router.api.errors import error_response
 from hybrid_router.router.api.fast_path import admitted, with_fast_path
 from hybrid_router.router.api.notify import cancel_and_notify
 from hybrid_router.router.api.ratelimit import enforce_rate_limit
 from hybrid_router.router.api.sse import SSEResponse, format_data
+from hybrid_router.router.core.endpoints import CHAT, EMBEDDINGS
 from hybrid_router.router.core.errors import ErrorCode, InvalidRequest
 from hybrid_router.router.core.event_hub import EventFollower
-from hybrid_router.router.core.intake import accept_async, prepare
+from hybrid_router.router.core.intake import StreamDispatcher, accept_async, prepare
 from hybrid_router.router.core.records import STREAMED_ROUTES, Priority, RequestRecord, RequestResult
 from hybrid_router.router.core.schemas import IDEMPOTENCY_KEY_PATTERN, ErrorResponse, SubmitRequest
 from hybrid_router.router.core.store import AsyncRequestStore
+from hybrid_router.settings import Settings
 
 router = APIRouter(prefix="/v1/chat", tags=["openai-compatible"])
 
@@ -65,9 +68,11 @@ def effective_priority(body: SubmitRequest, header: str | None) -> Priority:
     else:
         return "normal"
     if priority == "low":
-        raise InvalidRequest("priority low is not served by /v1/chat/completions: low requests wait for a "
+        raise InvalidRequest(
+            f"priority low is not served by {body.endpoint}: low requests wait for a "
             "discounted batch and cannot answer this call. Submit them with POST /v1/requests "
-            "(priority low) and read the result by id, or use priority high or normal here.",
+            f"(priority low, endpoint {body.endpoint}) and read the result by id, or use "
+            "priority high or normal here.",
             param=param, code=ErrorCode.PRIORITY_NOT_SUPPORTED,
         )
     return priority  # type: ignore[return-value]
@@ -105,7 +110,7 @@ def error_status(code: str) -> int:
     return _UPSTREAM_GATEWAY_CODES.get(code, 502)
 
 
-def _error_body(code: str, message: str) -> dict[str, Any]:
+def error_body(code: str, message: str) -> dict[str, Any]:
     status = error_status(code)
     kind = "server_error" if status >= 500 else (
         "rate_limit_error" if status == 429 else "invalid_request_error")
@@ -141,17 +146,17 @@ async def _relay(record: RequestRecord, events: EventFollower, settings: Any, in
             return
         elif kind == "error":
             state["final"] = True
-            yield format_data(_error_body(event.get("code", "upstream_error"),
+            yield format_data(error_body(event.get("code", "upstream_error"),
                                           event.get("message", "the request failed")))
             return
         elif kind == "cancelled":
             state["final"] = True
-            yield format_data(_error_body("cancelled", "the request was cancelled"))
+            yield format_data(error_body("cancelled", "the request was cancelled"))
             return
     state["final"] = True
 
 
-async def _wait_final(request: Request, store: AsyncRequestStore, events: EventFollower,
+async def wait_final(request: Request, store: AsyncRequestStore, events: EventFollower,
                       record: RequestRecord) -> RequestRecord | None:
     """Wait for the request to end; None if the client went away first (it is cancelled)."""
     async for event in events.follow(record.id, 0, WAIT_TICK_S):
@@ -175,7 +180,7 @@ def _completion(record: RequestRecord) -> JSONResponse:
         code = record.error.code if record.error else record.status
         message = record.error.message if record.error else f"the request was {record.status}"
         status = error_status(code)
-        body = _error_body(code, message)["error"]
+        body = error_body(code, message)["error"]
         return error_response(status, body["message"], None, code)
     return JSONResponse({
         "id": _completion_id(record), "object": "chat.completion",
@@ -191,8 +196,21 @@ def _completion(record: RequestRecord) -> JSONResponse:
     }, headers={"X-Request-Id": record.id, "X-Router-Lane": record.route})
 
 
-async def chat_completions(
-    body: SubmitRequest,
+@dataclass(frozen=True)
+class DropIn:
+    """What every drop-in call (chat completions, responses, embeddings) is served with."""
+
+    request: Request
+    caller: Caller
+    settings: Settings
+    store: AsyncRequestStore
+    events: EventFollower
+    dispatcher: StreamDispatcher
+    x_priority: str | None = None
+    idempotency_key: str | None = None
+
+
+async def drop_in(
     request: Request,
     caller: CallerDep,
     settings: SettingsDep,
@@ -201,10 +219,22 @@ async def chat_completions(
     dispatcher: DispatcherDep,
     x_priority: Annotated[str | None, Header(alias="X-Priority")] = None,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
-) -> JSONResponse | SSEResponse:
-    """OpenAI chat completions (stream or not) on the stream lane."""
-    priority = effective_priority(body, x_priority)
+) -> DropIn:
+    """The `DropIn` of a request (a FastAPI dependency)."""
+    return DropIn(request, caller, settings, store, events, dispatcher, x_priority,
+                  idempotency_key)
+
+
+DropInDep = Annotated[DropIn, Depends(drop_in)]
+
+
+async def accept_drop_in(body: SubmitRequest, call: DropIn) -> RequestRecord:
+    """Accept a drop-in call on the stream lane: its priority (body, else ``X-Priority``), its
+    ``Idempotency-Key`` header, the intake's checks; a request the classifier sends to the
+    batch lane is refused (a drop-in call waits for its answer)."""
+    priority = effective_priority(body, call.x_priority)
     updates: dict[str, Any] = {"priority": priority}
+    idempotency_key = call.idempotency_key
     if idempotency_key and not body.idempotency_key:
         if not _IDEMPOTENCY_KEY.fullmatch(idempotency_key):
             raise InvalidRequest("Idempotency-Key header must be 1 to 200 characters from "
@@ -213,32 +243,57 @@ async def chat_completions(
     # The validated body is kept as is (never dumped and validated again: that once dropped an
     # assistant turn's `content: null` and blamed the header for the failure).
     submit = body.model_copy(update=updates)
-    stream = bool(submit.stream)
-    options = (submit.model_extra or {}).get("stream_options")
-    include_usage = stream and isinstance(options, dict) and bool(options.get("include_usage"))
-    facts = await request.app.state.lane_facts.get(request.app.state.redis)
-    prepared = prepare(submit.model_copy(update={"stream": False}), caller.tenant, settings,
-                       send_metadata=True, facts=facts, batch_allowed=False)
+    facts = await call.request.app.state.lane_facts.get(call.request.app.state.redis)
+    prepared = prepare(submit.model_copy(update={"stream": False}), call.caller.tenant,
+                       call.settings, send_metadata=body.endpoint != EMBEDDINGS, facts=facts,
+                       batch_allowed=False)
     if prepared.record.route not in STREAMED_ROUTES:
-        raise InvalidRequest(f"priority {priority} is routed to the batch lane here ({prepared.record.route_reason}"
-            "), which cannot answer /v1/chat/completions; use priority high, or POST /v1/requests",
+        raise InvalidRequest(
+            f"priority {priority} is routed to the batch lane here ({prepared.record.route_reason}"
+            f"), which cannot answer {body.endpoint}; use priority high, or POST /v1/requests",
             param="priority", code=ErrorCode.PRIORITY_NOT_SUPPORTED,
         )
-    record = (await accept_async(prepared, store, dispatcher, run_in_threadpool)).record
-    if not stream:
-        final = await _wait_final(request, store, events, record)
+    return (await accept_async(prepared, call.store, call.dispatcher, run_in_threadpool)).record
+
+
+Relay = Callable[[dict[str, bool]], AsyncIterator[bytes]]
+
+
+async def answer_drop_in(call: DropIn, record: RequestRecord,
+                         answer: Callable[[RequestRecord], JSONResponse],
+                         relay: Relay | None) -> JSONResponse | SSEResponse:
+    """A drop-in call's answer: with `relay`, its SSE body (``state["final"]`` set once the end
+    was sent; a client that leaves before cancels the request); else, once the request ended,
+    `answer` of its record (499 if the client left first: the request is cancelled)."""
+    request = call.request
+    if relay is None:
+        final = await wait_final(request, call.store, call.events, record)
         if final is None:
             return error_response(499, "client closed the request", code=ErrorCode.CLIENT_CLOSED)
-        return _completion(final)
+        return answer(final)
     state = {"final": False}
 
     async def cancel_if_unfinished() -> None:
         if not state["final"]:
             await cancel_and_notify(request.app.state, record)
 
-    return SSEResponse(_relay(record, events, settings, include_usage, state),
-                       on_disconnect=cancel_if_unfinished,
+    return SSEResponse(relay(state), on_disconnect=cancel_if_unfinished,
                        headers={"X-Request-Id": record.id, "X-Router-Lane": record.route})
+
+
+async def chat_completions(body: SubmitRequest, call: DropInDep) -> JSONResponse | SSEResponse:
+    """OpenAI chat completions (stream or not) on the stream lane."""
+    if body.endpoint != CHAT:
+        raise InvalidRequest(f"endpoint {body.endpoint} is not served here: send that body "
+                             f"to {body.endpoint}, or leave endpoint out", param="endpoint")
+    stream = bool(body.stream)
+    options = (body.model_extra or {}).get("stream_options")
+    include_usage = stream and isinstance(options, dict) and bool(options.get("include_usage"))
+    record = await accept_drop_in(body, call)
+    return await answer_drop_in(
+        call, record, _completion,
+        (lambda state: _relay(record, call.events, call.settings, include_usage, state))
+        if stream else None)
 
 
 async def chat_completions_fast(request: Request) -> Response | None:
@@ -251,9 +306,9 @@ async def chat_completions_fast(request: Request) -> Response | None:
     body, caller = admission
     state = request.app.state
     headers = request.headers
-    return await chat_completions(body, request, caller, state.settings, state.store,
-                                  state.events, state.dispatcher, headers.get("x-priority"),
-                                  headers.get("idempotency-key"))
+    return await chat_completions(body, DropIn(
+        request, caller, state.settings, state.store, state.events, state.dispatcher,
+        headers.get("x-priority"), headers.get("idempotency-key")))
 
 
 router.add_api_route(
