@@ -1,6 +1,6 @@
 """`hybrid_router.router.core.redis_pipe.RedisPipe` and `PipePool` (the raw connections of the publisher, the
 API's event hub and the scripts) against real Redis servers: replies in order, errors as values,
-AUTH and SELECT, a lost server; and `tail_log`, the follower for URLs they cannot serve."""
+AUTH and SELECT, a lost server; and `LogTailer`, the follower for URLs they cannot serve."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import redis
 import redis.asyncio as aioredis
 
 from hybrid_router.router.core import events as ev
-from hybrid_router.router.core import subscribe
+from hybrid_router.router.core.event_hub import LogTailer
 from hybrid_router.router.core.redis_pipe import PipePool, RedisPipe
 from hybrid_router.router.core.store import RequestStore
 from hybrid_router.settings import Settings
@@ -70,8 +70,9 @@ def test_only_plain_tcp_urls() -> None:
             RedisPipe(url)
 
 
-def test_tail_log_reads_every_event_after_a_seq(make_settings: Callable[..., Settings]) -> None:
-    """`tail_log` (the API's SSE source where the event hub cannot serve the URL: unix
+def test_the_log_tailer_reads_every_event_after_a_seq(make_settings: Callable[..., Settings]
+                                                      ) -> None:
+    """`LogTailer` (the API's SSE source where the event hub cannot serve the URL: unix
     sockets, TLS) replays after a seq, keeps alive when idle, and ends at the final event."""
     settings = make_settings()
     sync = redis.Redis.from_url(settings.redis_url)
@@ -82,7 +83,7 @@ def test_tail_log_reads_every_event_after_a_seq(make_settings: Callable[..., Set
 
     async def run() -> list[dict[str, Any] | None]:
         store.emit(request_id, [ev.token("a"), ev.token("b")], guard=False)
-        follower = subscribe.tail_log(client, settings, request_id, 1, idle_s=0.2)
+        follower = LogTailer(client, settings).follow(request_id, 1, idle_s=0.2)
         got = [await follower.__anext__()]
         got.append(await asyncio.wait_for(follower.__anext__(), 5))  # idle: a keep-alive
         store.emit(request_id, [ev.token("c"), ev.error("x", "boom")], guard=False)
