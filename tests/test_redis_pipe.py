@@ -1,6 +1,6 @@
 """`hybrid_router.router.core.redis_io.RedisPipe` and `PipePool` (the raw connections of the publisher, the
 API's event hub and the scripts) against real Redis servers: replies in order, errors as values,
-AUTH and SELECT, a lost server; URL parsing (`redis_target`); and `tail_log`."""
+AUTH and SELECT, a lost server; URL parsing (`redis_target`); and the redis-py follower."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ import redis
 import redis.asyncio as aioredis
 
 from hybrid_router.router.core import events as ev
-from hybrid_router.router.core import subscribe
 from hybrid_router.router.core.redis_io import TLS, PipePool, RedisPipe, RedisTarget, redis_target
 from hybrid_router.router.core.store import RequestStore
+from hybrid_router.router.core.subscribe import RedisPySubscription, follow
 from hybrid_router.settings import Settings
 from tests.support import start_redis_server
 
@@ -83,9 +83,10 @@ def test_every_url_kind_maps_to_one_target() -> None:
             redis_target(bad)
 
 
-def test_tail_log_reads_every_event_after_a_seq(make_settings: Callable[..., Settings]) -> None:
-    """`tail_log` (the API's SSE source where the event hub cannot serve the URL: unix
-    sockets, TLS) replays after a seq, keeps alive when idle, and ends at the final event."""
+def test_the_redis_py_follower_reads_every_event_after_a_seq(
+        make_settings: Callable[..., Settings]) -> None:
+    """The redis-py pub/sub follower (the Python client's, over the same `follow` core as the
+    event hub) replays after a seq, keeps alive when idle, and ends at the final event."""
     settings = make_settings()
     sync = redis.Redis.from_url(settings.redis_url)
     store = RequestStore(sync, settings)
@@ -95,7 +96,7 @@ def test_tail_log_reads_every_event_after_a_seq(make_settings: Callable[..., Set
 
     async def run() -> list[dict[str, Any] | None]:
         store.emit(request_id, [ev.token("a"), ev.token("b")], guard=False)
-        follower = subscribe.tail_log(client, settings, request_id, 1, idle_s=0.2)
+        follower = follow(RedisPySubscription(client, settings, request_id), 1, idle_s=0.2)
         got = [await follower.__anext__()]
         got.append(await asyncio.wait_for(follower.__anext__(), 5))  # idle: a keep-alive
         store.emit(request_id, [ev.token("c"), ev.error("x", "boom")], guard=False)

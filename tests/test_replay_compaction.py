@@ -18,7 +18,12 @@ from hybrid_router.router.core import events as ev
 from hybrid_router.router.core.records import PACKED_FIELD, RequestRecord, now
 from hybrid_router.router.core.replay import compact_due
 from hybrid_router.router.core.store import AsyncRequestStore, RequestStore
-from hybrid_router.router.core.subscribe import afollow_events, follow_events, tail_log
+from hybrid_router.router.core.subscribe import (
+    RedisPySubscription,
+    afollow_events,
+    follow,
+    follow_events,
+)
 from hybrid_router.settings import Settings
 
 WORDS = [" héllo", " wörld", " ✓", " \"quoted\"", "\n", " 😀", " and", " more", " text"] * 4
@@ -97,7 +102,7 @@ def test_a_finished_stream_is_compacted_and_every_resume_point_gives_the_same(
 
 
 def test_followers_resume_from_a_compacted_log(store: RequestStore, settings: Settings) -> None:
-    """The sync and async followers and `tail_log` (what the SSE endpoint and the Python client
+    """The sync and async followers and the redis-py pub/sub follower (what the SSE endpoint and the Python client
     use) give, after compaction, the remaining text and the final event with its seq."""
     rec = run_stream(store)
     events = store.events_after(rec.id)
@@ -116,7 +121,8 @@ def test_followers_resume_from_a_compacted_log(store: RequestStore, settings: Se
         client = aioredis.Redis.from_url(settings.redis_url)
         try:
             followed = [e async for e in afollow_events(client, settings, rec.id, resume_at, 5)]
-            tailed = [e async for e in tail_log(client, settings, rec.id, resume_at)]
+            tailed = [e async for e in follow(RedisPySubscription(client, settings, rec.id),
+                                                  resume_at, 15)]
             return followed, tailed
         finally:
             await client.aclose()

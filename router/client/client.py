@@ -2,8 +2,10 @@
 
 Over HTTP: `RouterClient` (sync) and `AsyncRouterClient` (async) submit a request and return a
 handle (like arq's ``Job``) with ``status()``, ``stream()``, ``tokens()``, ``result(timeout)``
-and ``cancel()``. Without HTTP: `enqueue(settings, ...)` writes straight into the shared Redis
-(and the Celery stream queue) through the same intake code the API runs.
+and ``cancel()``. The client is written once, as `AsyncRouterClient`; `RouterClient` runs that
+code over httpx's blocking client (`hybrid_router.router.core.blocking`). Without HTTP:
+`enqueue(settings, ...)` writes straight into the shared Redis (and the Celery stream queue)
+through the same intake code the API runs.
 
 Waiting for a result follows the request's Server-Sent Events and only falls back to polling
 ``GET /v1/requests/{id}`` (with growing pauses, never a busy loop) when the events endpoint is
@@ -13,15 +15,18 @@ not there. Every 4xx/5xx answer raises `RouterError` carrying the server's messa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import httpx
 import orjson
 
+from hybrid_router.router.core.blocking import iterate_blocking, run_blocking
 from hybrid_router.router.core.events import FINAL_EVENT_TYPES
 from hybrid_router.router.core.states import TERMINAL
 
@@ -157,46 +162,107 @@ class _NoSSE(Exception):
     """The server has no events endpoint: wait by polling instead."""
 
 
-# --- sync ---------------------------------------------------------------------------------------
+# --- one client, two kinds of I/O ----------------------------------------------------------------
 
 
-class RouterClient:
-    """Synchronous HTTP client of the intake API."""
+class _AsyncIO:
+    """What the client does on the network and the clock, over asyncio."""
 
-    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 30) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.timeout = timeout
-        self.http = httpx.Client(base_url=self.base_url, headers=_headers(api_key), timeout=timeout)
-        self._sse_available = True
+    def __init__(self, http: httpx.AsyncClient) -> None:
+        self.http = http
 
-    def __enter__(self) -> RouterClient:
-        return self
+    async def request(self, method: str, url: str, body: Any = None) -> httpx.Response:
+        return await self.http.request(method, url, json=body)
 
-    def __exit__(self, *_: object) -> None:
-        self.close()
+    def stream(self, url: str, headers: dict[str, str], timeout: httpx.Timeout
+               ) -> AbstractAsyncContextManager[httpx.Response]:
+        return self.http.stream("GET", url, headers=headers, timeout=timeout)
 
-    def close(self) -> None:
+    async def read(self, response: httpx.Response) -> None:
+        await response.aread()
+
+    def lines(self, response: httpx.Response) -> AsyncIterator[str]:
+        return response.aiter_lines()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+
+class _BlockingIO:
+    """The same over blocking calls: its awaits never suspend (`run_blocking`)."""
+
+    def __init__(self, http: httpx.Client) -> None:
+        self.http = http
+
+    async def request(self, method: str, url: str, body: Any = None) -> httpx.Response:
+        return self.http.request(method, url, json=body)
+
+    @contextlib.asynccontextmanager
+    async def stream(self, url: str, headers: dict[str, str], timeout: httpx.Timeout
+                     ) -> AsyncIterator[httpx.Response]:
+        with self.http.stream("GET", url, headers=headers, timeout=timeout) as response:
+            yield response
+
+    async def read(self, response: httpx.Response) -> None:
+        response.read()
+
+    async def lines(self, response: httpx.Response) -> AsyncIterator[str]:
+        for line in response.iter_lines():
+            yield line
+
+    async def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    async def close(self) -> None:
         self.http.close()
 
-    def submit(self, messages: list[dict[str, Any]] | None, *, model: str | None = None,
-               priority: str = "normal", **fields: Any) -> RequestHandle:
-        """POST /v1/requests; `fields` are any other request or routing fields (`messages`
-        None with ``endpoint="/v1/responses"`` or ``"/v1/embeddings"`` and ``input=``)."""
-        data = _check(self.http.post("/v1/requests", json=_submit_body(messages, model, priority,
-                                                                       fields)))
-        return RequestHandle(self, data["id"], data.get("route"), data)
 
-    def get(self, request_id: str) -> dict[str, Any]:
-        return _check(self.http.get(f"/v1/requests/{request_id}"))
+class AsyncRouterClient:
+    """Asynchronous HTTP client of the intake API. `RouterClient` is this same code run over
+    blocking I/O."""
 
-    def handle(self, request_id: str) -> RequestHandle:
-        return RequestHandle(self, request_id)
+    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 30,
+                 *, _io: _AsyncIO | _BlockingIO | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self.io = _io or _AsyncIO(httpx.AsyncClient(
+            base_url=self.base_url, headers=_headers(api_key), timeout=timeout))
+        self._sse_available = True
 
-    def cancel(self, request_id: str) -> dict[str, Any]:
-        return _check(self.http.delete(f"/v1/requests/{request_id}"))
+    @property
+    def http(self) -> httpx.AsyncClient | httpx.Client:
+        return self.io.http
 
-    def events(self, request_id: str, after_seq: int = 0,
-               deadline: _Deadline | None = None) -> Iterator[dict[str, Any]]:
+    async def __aenter__(self) -> AsyncRouterClient:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.io.close()
+
+    async def submit(self, messages: list[dict[str, Any]] | None, *, model: str | None = None,
+                     priority: str = "normal", **fields: Any) -> AsyncRequestHandle:
+        """POST /v1/requests (see `RouterClient.submit`)."""
+        data = _check(await self.io.request(
+            "POST", "/v1/requests", _submit_body(messages, model, priority, fields)))
+        return AsyncRequestHandle(self, data["id"], data.get("route"), data)
+
+    async def get(self, request_id: str) -> dict[str, Any]:
+        return _check(await self.io.request("GET", f"/v1/requests/{request_id}"))
+
+    def handle(self, request_id: str) -> AsyncRequestHandle:
+        return AsyncRequestHandle(self, request_id)
+
+    async def cancel(self, request_id: str) -> dict[str, Any]:
+        return _check(await self.io.request("DELETE", f"/v1/requests/{request_id}"))
+
+    async def events(self, request_id: str, after_seq: int = 0,
+                     deadline: _Deadline | None = None) -> AsyncIterator[dict[str, Any]]:
         """Events after `after_seq`, reconnecting with Last-Event-ID until a final event."""
         deadline = deadline or _Deadline(None)
         last = after_seq
@@ -206,18 +272,11 @@ class RouterClient:
             timeout = httpx.Timeout(self.timeout, read=deadline.cap(SSE_READ_TIMEOUT_S))
             headers = {"Accept": "text/event-stream", "Last-Event-ID": str(last)}
             try:
-                with self.http.stream("GET", f"/v1/requests/{request_id}/events",
-                                      headers=headers, timeout=timeout) as response:
-                    if response.status_code in _NO_SSE and last == after_seq:
-                        response.read()
-                        if response.status_code == 404 and _is_missing_request(response):
-                            raise _error_from(response)
-                        raise _NoSSE()
-                    if response.status_code >= 400:
-                        response.read()
-                        raise _error_from(response)
+                async with self.io.stream(f"/v1/requests/{request_id}/events", headers,
+                                          timeout) as response:
+                    await self._check_events_answer(response, last == after_seq)
                     decoder = SSEDecoder()
-                    for line in response.iter_lines():
+                    async for line in self.io.lines(response):
                         event = decoder.feed(line)
                         if event is None:
                             continue
@@ -232,171 +291,25 @@ class RouterClient:
                 return
             # A terminal request's final event is in the replay log, so one more reconnect gets
             # it; a second try without it means the log expired: stop rather than loop forever.
-            if self.get(request_id)["status"] in TERMINAL:
-                if seen_terminal:
-                    return
-                seen_terminal = True
-            time.sleep(deadline.cap(backoff.pause()))
-
-    def wait(self, request_id: str, timeout: float | None = None) -> dict[str, Any]:
-        """The record once terminal: follows the events, polls only when SSE is unavailable."""
-        deadline = _Deadline(timeout)
-        record = self.get(request_id)
-        if record["status"] in TERMINAL:
-            return record
-        if self._sse_available:
-            try:
-                for event in self.events(request_id, 0, deadline):
-                    if event.get("type") in FINAL_EVENT_TYPES:
-                        break
-            except _NoSSE:
-                self._sse_available = False
-            else:
-                record = self.get(request_id)
-                if record["status"] in TERMINAL:
-                    return record
-        backoff = _Backoff(POLL_FIRST_S, POLL_MAX_S)
-        while True:
-            record = self.get(request_id)
-            if record["status"] in TERMINAL:
-                return record
-            if deadline.passed():
-                raise _timeout_error(request_id, timeout)
-            time.sleep(deadline.cap(backoff.pause()))
-
-
-def _is_missing_request(response: httpx.Response) -> bool:
-    """404 from our route (no such request) rather than from a server without the route."""
-    try:
-        return (response.json().get("error") or {}).get("code") == "not_found"
-    except (ValueError, AttributeError):
-        return False
-
-
-class RequestHandle:
-    """One submitted request: its id and route, and ways to follow it."""
-
-    def __init__(self, client: RouterClient, request_id: str, route: str | None = None,
-                 submitted: dict[str, Any] | None = None) -> None:
-        self.client = client
-        self.id = request_id
-        self._route = route
-        self.submitted = submitted or {}
-
-    def __repr__(self) -> str:
-        return f"RequestHandle(id={self.id!r}, route={self._route!r})"
-
-    @property
-    def route(self) -> str:
-        if self._route is None:
-            self._route = str(self.record()["route"])
-        return self._route
-
-    @property
-    def idempotent_replay(self) -> bool:
-        return bool(self.submitted.get("idempotent_replay"))
-
-    def record(self) -> dict[str, Any]:
-        return self.client.get(self.id)
-
-    def status(self) -> str:
-        return str(self.record()["status"])
-
-    def stream(self, after_seq: int = 0) -> Iterator[dict[str, Any]]:
-        return self.client.events(self.id, after_seq)
-
-    def tokens(self) -> Iterator[str]:
-        for event in self.stream():
-            if event.get("type") == "token":
-                yield str(event.get("content", ""))
-            elif event.get("type") == "error":
-                raise RouterError(502, str(event.get("message")), code=event.get("code"))
-
-    def result(self, timeout: float | None = None) -> dict[str, Any]:
-        return self.client.wait(self.id, timeout)
-
-    def cancel(self) -> dict[str, Any]:
-        return self.client.cancel(self.id)
-
-
-# --- async --------------------------------------------------------------------------------------
-
-
-class AsyncRouterClient:
-    """Asynchronous HTTP client of the intake API (the same surface as `RouterClient`)."""
-
-    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 30) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.timeout = timeout
-        self.http = httpx.AsyncClient(base_url=self.base_url, headers=_headers(api_key),
-                                      timeout=timeout)
-        self._sse_available = True
-
-    async def __aenter__(self) -> AsyncRouterClient:
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        await self.http.aclose()
-
-    async def submit(self, messages: list[dict[str, Any]] | None, *, model: str | None = None,
-                     priority: str = "normal", **fields: Any) -> AsyncRequestHandle:
-        data = _check(await self.http.post("/v1/requests",
-                                           json=_submit_body(messages, model, priority, fields)))
-        return AsyncRequestHandle(self, data["id"], data.get("route"), data)
-
-    async def get(self, request_id: str) -> dict[str, Any]:
-        return _check(await self.http.get(f"/v1/requests/{request_id}"))
-
-    def handle(self, request_id: str) -> AsyncRequestHandle:
-        return AsyncRequestHandle(self, request_id)
-
-    async def cancel(self, request_id: str) -> dict[str, Any]:
-        return _check(await self.http.delete(f"/v1/requests/{request_id}"))
-
-    async def events(self, request_id: str, after_seq: int = 0,
-                     deadline: _Deadline | None = None) -> AsyncIterator[dict[str, Any]]:
-        deadline = deadline or _Deadline(None)
-        last = after_seq
-        backoff = _Backoff(0.1, RECONNECT_MAX_S)
-        seen_terminal = False
-        while True:
-            timeout = httpx.Timeout(self.timeout, read=deadline.cap(SSE_READ_TIMEOUT_S))
-            headers = {"Accept": "text/event-stream", "Last-Event-ID": str(last)}
-            try:
-                async with self.http.stream("GET", f"/v1/requests/{request_id}/events",
-                                            headers=headers, timeout=timeout) as response:
-                    if response.status_code in _NO_SSE and last == after_seq:
-                        await response.aread()
-                        if response.status_code == 404 and _is_missing_request(response):
-                            raise _error_from(response)
-                        raise _NoSSE()
-                    if response.status_code >= 400:
-                        await response.aread()
-                        raise _error_from(response)
-                    decoder = SSEDecoder()
-                    async for line in response.aiter_lines():
-                        event = decoder.feed(line)
-                        if event is None:
-                            continue
-                        last = max(last, int(event.get("seq", last)))
-                        yield event
-                        if event.get("type") in FINAL_EVENT_TYPES:
-                            return
-                        backoff = _Backoff(0.1, RECONNECT_MAX_S)
-            except (httpx.TransportError, httpx.StreamError):
-                pass
-            if deadline.passed():
-                return
             if (await self.get(request_id))["status"] in TERMINAL:
                 if seen_terminal:
                     return
                 seen_terminal = True
-            await asyncio.sleep(deadline.cap(backoff.pause()))
+            await self.io.sleep(deadline.cap(backoff.pause()))
+
+    async def _check_events_answer(self, response: httpx.Response, first: bool) -> None:
+        """Raise for an error answer of the events endpoint (`_NoSSE` when it is not there)."""
+        if response.status_code in _NO_SSE and first:
+            await self.io.read(response)
+            if response.status_code == 404 and _is_missing_request(response):
+                raise _error_from(response)
+            raise _NoSSE()
+        if response.status_code >= 400:
+            await self.io.read(response)
+            raise _error_from(response)
 
     async def wait(self, request_id: str, timeout: float | None = None) -> dict[str, Any]:
+        """The record once terminal: follows the events, polls only when SSE is unavailable."""
         deadline = _Deadline(timeout)
         record = await self.get(request_id)
         if record["status"] in TERMINAL:
@@ -419,11 +332,19 @@ class AsyncRouterClient:
                 return record
             if deadline.passed():
                 raise _timeout_error(request_id, timeout)
-            await asyncio.sleep(deadline.cap(backoff.pause()))
+            await self.io.sleep(deadline.cap(backoff.pause()))
+
+
+def _is_missing_request(response: httpx.Response) -> bool:
+    """404 from our route (no such request) rather than from a server without the route."""
+    try:
+        return (response.json().get("error") or {}).get("code") == "not_found"
+    except (ValueError, AttributeError):
+        return False
 
 
 class AsyncRequestHandle:
-    """One submitted request, async flavour."""
+    """One submitted request (like arq's ``Job``): its id and route, and ways to follow it."""
 
     def __init__(self, client: AsyncRouterClient, request_id: str, route: str | None = None,
                  submitted: dict[str, Any] | None = None) -> None:
@@ -433,7 +354,7 @@ class AsyncRequestHandle:
         self.submitted = submitted or {}
 
     def __repr__(self) -> str:
-        return f"AsyncRequestHandle(id={self.id!r}, route={self._route!r})"
+        return f"{type(self).__name__}(id={self.id!r}, route={self._route!r})"
 
     @property
     def route(self) -> str | None:
@@ -467,6 +388,93 @@ class AsyncRequestHandle:
 
     async def cancel(self) -> dict[str, Any]:
         return await self.client.cancel(self.id)
+
+
+# --- sync: the async client run over blocking I/O -----------------------------------------------
+
+
+class RouterClient:
+    """Synchronous HTTP client of the intake API (`AsyncRouterClient` over blocking I/O)."""
+
+    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 30) -> None:
+        self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=_headers(api_key),
+                                 timeout=timeout)
+        self.core = AsyncRouterClient(base_url, api_key, timeout, _io=_BlockingIO(self.http))
+        self.base_url = self.core.base_url
+        self.timeout = timeout
+
+    def __enter__(self) -> RouterClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.http.close()
+
+    def submit(self, messages: list[dict[str, Any]] | None, *, model: str | None = None,
+               priority: str = "normal", **fields: Any) -> RequestHandle:
+        """POST /v1/requests; `fields` are any other request or routing fields (`messages`
+        None with ``endpoint="/v1/responses"`` or ``"/v1/embeddings"`` and ``input=``)."""
+        return RequestHandle(self, run_blocking(
+            self.core.submit(messages, model=model, priority=priority, **fields)))
+
+    def get(self, request_id: str) -> dict[str, Any]:
+        return run_blocking(self.core.get(request_id))
+
+    def handle(self, request_id: str) -> RequestHandle:
+        return RequestHandle(self, self.core.handle(request_id))
+
+    def cancel(self, request_id: str) -> dict[str, Any]:
+        return run_blocking(self.core.cancel(request_id))
+
+    def events(self, request_id: str, after_seq: int = 0) -> Iterator[dict[str, Any]]:
+        """Events after `after_seq`, reconnecting with Last-Event-ID until a final event."""
+        return iterate_blocking(self.core.events(request_id, after_seq))
+
+    def wait(self, request_id: str, timeout: float | None = None) -> dict[str, Any]:
+        """The record once terminal: follows the events, polls only when SSE is unavailable."""
+        return run_blocking(self.core.wait(request_id, timeout))
+
+
+class RequestHandle:
+    """One submitted request, sync flavour (an `AsyncRequestHandle` over blocking I/O)."""
+
+    def __init__(self, client: RouterClient, core: AsyncRequestHandle) -> None:
+        self.client = client
+        self.core = core
+        self.id = core.id
+        self.submitted = core.submitted
+
+    def __repr__(self) -> str:
+        return f"RequestHandle(id={self.id!r}, route={self.core.route!r})"
+
+    @property
+    def route(self) -> str:
+        """The lane (a handle made from an id reads it from the record)."""
+        return self.core.route or str(self.record()["route"])
+
+    @property
+    def idempotent_replay(self) -> bool:
+        return self.core.idempotent_replay
+
+    def record(self) -> dict[str, Any]:
+        return run_blocking(self.core.record())
+
+    def status(self) -> str:
+        return run_blocking(self.core.status())
+
+    def stream(self, after_seq: int = 0) -> Iterator[dict[str, Any]]:
+        return iterate_blocking(self.core.stream(after_seq))
+
+    def tokens(self) -> Iterator[str]:
+        return iterate_blocking(self.core.tokens())
+
+    def result(self, timeout: float | None = None) -> dict[str, Any]:
+        return run_blocking(self.core.result(timeout))
+
+    def cancel(self) -> dict[str, Any]:
+        return run_blocking(self.core.cancel())
 
 
 # --- direct enqueue (no HTTP hop) ---------------------------------------------------------------

@@ -1,22 +1,17 @@
 """One pub/sub connection per API process that carries the live events of every followed request.
 
-Why: following a request with ``XREAD BLOCK`` on its replay log (`hybrid_router.router.core.subscribe.tail_log`)
-costs one Redis round trip per relayed token per stream: a command written, a reply read, a
-wake-up of that follower's connection, and the matching work in Redis (benchmark 1, issue 7:
-the API's and Redis's largest costs at 50 streams were those syscalls). Here all followers of a
-process share one subscribed connection: Redis pushes each event once, events that arrive
-together are read in one go and handed to their followers, and a token costs no command at all.
+Why: a follower on a connection of its own (or polling the replay log with ``XREAD BLOCK``)
+costs Redis and the API a command, a reply and a wake-up per relayed token per stream. Here all
+followers of a process share one subscribed connection: Redis pushes each event once, events
+that arrive together are read in one go and handed to their followers, and a token costs no
+command at all.
 
-The protocol is the raw one of `hybrid_router.router.core.subscribe` (SUBSCRIBE, wait for the confirmation, read
-the log after the last seq, then take live events, drop seqs already seen, fill a gap from the
-log), so nothing is missed however late a follower joins:
-
-- a follower's first events come from the log (``XRANGE``), read after its subscription is
-  confirmed, so an event is either in that read or published after it;
-- a follower that falls behind (more than `MAX_BUFFERED` events waiting) or a lost hub
-  connection drops what is buffered and marks the follower `lost`: it subscribes again and reads
-  the log after its last seq;
-- if Redis cannot be reached, `follow` raises `redis.ConnectionError`, as `tail_log` does.
+Each follower runs the one follow protocol (`hybrid_router.router.core.subscribe.follow`: subscribe,
+read the log after the last seq, then live events, gaps and losses filled from the log) with a
+`_HubSubscription` as its live source. A follower that falls behind (more than `MAX_BUFFERED`
+events waiting) or a lost hub connection drops what is buffered and marks the follower `lost`:
+it subscribes again and reads the log after its last seq. If Redis cannot be reached, `follow`
+raises `redis.ConnectionError`.
 
 Every Redis URL is served here (TCP, TLS, unix sockets: `hybrid_router.router.core.redis_io`).
 """
@@ -32,13 +27,12 @@ from typing import Any, Protocol, cast
 import hiredis
 import redis
 
-from hybrid_router.router.core.events import FINAL_EVENT_TYPES, parse_event, stream_id_after
+from hybrid_router.router.core.events import stream_id_after
 from hybrid_router.router.core.keys import Keys
 from hybrid_router.router.core.logs import get_logger
 from hybrid_router.router.core.records import PACKED_FIELD
 from hybrid_router.router.core.redis_io import PipePool, open_transport, raise_errors, redis_target
-from hybrid_router.router.core.replay import compacted_events
-from hybrid_router.router.core.subscribe import event_data, finished
+from hybrid_router.router.core.subscribe import follow
 from hybrid_router.settings import Settings
 
 log = get_logger(__name__)
@@ -50,8 +44,7 @@ CONNECT_TIMEOUT_S = 5.0
 
 
 class EventFollower(Protocol):
-    """How the API follows a request's events: replay from `after_seq`, then live, until the
-    final event; None after every `idle_s` without one (time for an SSE keep-alive)."""
+    """How the API follows a request's events (`hybrid_router.router.core.subscribe.follow`)."""
 
     def follow(self, request_id: str, after_seq: int, idle_s: float
                ) -> AsyncIterator[dict[str, Any] | None]: ...
@@ -103,12 +96,16 @@ class OutageTolerantFollower:
         await self.inner.aclose()
 
 
-class _Inbox:
-    """A follower's live events not yet taken, and a way to wait for the next ones."""
+class _HubSubscription:
+    """One follower's `Subscription` on the hub: its live events not yet taken, and a way to
+    wait for the next ones."""
 
-    __slots__ = ("_waiter", "items", "lost")
+    __slots__ = ("_waiter", "hub", "items", "lost", "name", "request_id")
 
-    def __init__(self) -> None:
+    def __init__(self, hub: EventHub, request_id: str) -> None:
+        self.hub = hub
+        self.request_id = request_id
+        self.name = hub.keys.channel(request_id).encode()
         self.items: list[bytes] = []
         self.lost = False
         self._waiter: asyncio.Future[None] | None = None
@@ -130,8 +127,6 @@ class _Inbox:
             _resolve(self._waiter)
 
     async def take(self, timeout_s: float) -> list[bytes] | None:
-        """What arrived (at once if something is waiting); None after `timeout_s` of nothing.
-        After `mark_lost` it returns [] with `lost` set."""
         if not self.items and not self.lost:
             loop = asyncio.get_running_loop()
             self._waiter = waiter = loop.create_future()
@@ -145,6 +140,27 @@ class _Inbox:
                 return None
         items, self.items = self.items, []
         return items
+
+    async def subscribe(self) -> None:
+        await self.hub._subscribe(self.name, self)
+
+    async def log_and_status(self, after_seq: int) -> tuple[list[Any], Any]:
+        keys = self.hub.keys
+        entries, status = await self._read(
+            ("XRANGE", keys.events(self.request_id), f"({stream_id_after(after_seq)}", "+"),
+            ("HGET", keys.record(self.request_id), "status"))
+        return entries, status
+
+    async def packed(self) -> Any:
+        (packed,) = await self._read(("HGET", self.hub.keys.record(self.request_id),
+                                      PACKED_FIELD))
+        return packed
+
+    async def _read(self, *commands: tuple[Any, ...]) -> list[Any]:
+        return raise_errors(await self.hub.pool.execute(list(commands)))
+
+    async def close(self) -> None:
+        self.hub._unsubscribe(self.name, self)
 
 
 def _resolve(waiter: asyncio.Future[None]) -> None:
@@ -183,7 +199,7 @@ class _Channel:
     __slots__ = ("inboxes", "ready")
 
     def __init__(self, ready: asyncio.Future[None]) -> None:
-        self.inboxes: set[_Inbox] = set()
+        self.inboxes: set[_HubSubscription] = set()
         self.ready = ready
 
 
@@ -280,7 +296,7 @@ class EventHub:
 
     # -- subscriptions --------------------------------------------------------------------
 
-    async def _subscribe(self, name: bytes, inbox: _Inbox) -> None:
+    async def _subscribe(self, name: bytes, inbox: _HubSubscription) -> None:
         """Register `inbox` for channel `name`; return once the subscription is in effect."""
         protocol = await self._connection()
         channel = self._channels.get(name)
@@ -298,7 +314,7 @@ class EventHub:
                                          f"within {CONNECT_TIMEOUT_S:g}s") from None
         channel.ready.result()  # raises if the connection was lost before the confirmation
 
-    def _unsubscribe(self, name: bytes, inbox: _Inbox) -> None:
+    def _unsubscribe(self, name: bytes, inbox: _HubSubscription) -> None:
         channel = self._channels.get(name)
         if channel is None or inbox not in channel.inboxes:
             return
@@ -311,60 +327,10 @@ class EventHub:
             with contextlib.suppress(redis.ConnectionError):
                 self._write(self._protocol, ("UNSUBSCRIBE", name))
 
-    # -- following --------------------------------------------------------------------------
-
-    async def _log_after(self, request_id: str, last: int) -> tuple[list[dict[str, Any]], bool]:
-        """The log's events after seq `last`, and whether the request is over (or gone)."""
-        entries, status = raise_errors(await self.pool.execute([
-            ("XRANGE", self.keys.events(request_id), f"({stream_id_after(last)}", "+"),
-            ("HGET", self.keys.record(request_id), "status"),
-        ]))
-        events = [parse_event(event_data(fields)) for _entry_id, fields in entries]
-        over = finished(status)
-        if not events and over:  # a finished request's log may be compacted (hybrid_router.router.core.replay)
-            (packed,) = raise_errors(await self.pool.execute([
-                ("HGET", self.keys.record(request_id), PACKED_FIELD)]))
-            events = compacted_events(packed, last)
-        return events, over
-
-    async def follow(self, request_id: str, after_seq: int, idle_s: float
-                     ) -> AsyncIterator[dict[str, Any] | None]:
-        """Events after `after_seq`, replayed then live, until a final event; None after every
-        `idle_s` without one. Ends without a final event only when the request is over (or
-        gone) and its log holds nothing more (the log expired before the record)."""
-        name = self.keys.channel(request_id).encode()
-        inbox = _Inbox()
-        last = after_seq
-        try:
-            await self._subscribe(name, inbox)
-            pending, over = await self._log_after(request_id, last)
-            if not pending and over:
-                return
-            while True:
-                for event in pending:
-                    if event["seq"] <= last:
-                        continue
-                    last = event["seq"]
-                    yield event
-                    if event["type"] in FINAL_EVENT_TYPES:
-                        return
-                arrived = await inbox.take(idle_s)
-                if arrived is None:  # idle: over with nothing left, or time for a keep-alive
-                    pending, over = await self._log_after(request_id, last)
-                    if not pending:
-                        if over:
-                            return
-                        yield None
-                elif inbox.lost:  # fell behind, or the connection was lost: the log has it all
-                    inbox.lost = False
-                    await self._subscribe(name, inbox)
-                    pending, _over = await self._log_after(request_id, last)
-                else:
-                    pending = [parse_event(data) for data in arrived]
-                    if _has_gap(pending, last):
-                        pending, _over = await self._log_after(request_id, last)
-        finally:
-            self._unsubscribe(name, inbox)
+    def follow(self, request_id: str, after_seq: int, idle_s: float
+               ) -> AsyncIterator[dict[str, Any] | None]:
+        """`hybrid_router.router.core.subscribe.follow` with its live events from the hub."""
+        return follow(_HubSubscription(self, request_id), after_seq, idle_s)
 
     async def aclose(self) -> None:
         self._closed = True
@@ -373,12 +339,3 @@ class EventHub:
             protocol.transport.close()
         self.pool.close()
 
-
-def _has_gap(events: list[dict[str, Any]], last: int) -> bool:
-    """Whether `events` (live, in order, maybe repeating seqs up to `last`) skip a seq."""
-    for event in events:
-        seq = event["seq"]
-        if seq > last + 1:
-            return True
-        last = max(last, seq)
-    return False

@@ -18,28 +18,31 @@ The raw protocol (for apps that read Redis themselves, in any language):
 To miss nothing: SUBSCRIBE first and wait for the confirmation, then read the log after your last
 seq, then take live messages, dropping any seq you already have. A gap in the live seqs (a
 message published between the read and the subscription cannot be lost, but a reconnect can
-cause one) is filled from the log. `follow_events` / `afollow_events` do exactly this.
+cause one) is filled from the log, and so is a subscription that was lost.
+
+`follow` is that protocol, once, over any `Subscription`: the API's shared connection
+(`hybrid_router.router.core.event_hub`) or a redis-py pub/sub of its own (`RedisPySubscription`,
+sync or asyncio client). `afollow_events` / `follow_events` are it with a timeout, for Python
+callers.
 
 A slow subscriber never slows the producer: the producer's writes are plain commands, and
 Redis buffers pub/sub output per subscriber (``client-output-buffer-limit pubsub``); a
 subscriber that falls too far behind is disconnected by Redis — not the producer — and simply
 resumes from the log with its last seq.
-
-`tail_log` is the other way to follow: ``XREAD BLOCK`` on the log alone (no pub/sub), race-free
-because the log is the source of truth. (The HTTP API follows with its shared pub/sub connection,
-`hybrid_router.router.core.event_hub`, on every kind of Redis URL.)
 """
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import redis
 import redis.asyncio as aioredis
 
-from hybrid_router.router.core.events import FINAL_EVENT_TYPES, parse_event, seq_of_stream_id, stream_id_after
+from hybrid_router.router.core.blocking import iterate_blocking
+from hybrid_router.router.core.events import FINAL_EVENT_TYPES, parse_event, stream_id_after
 from hybrid_router.router.core.keys import Keys
 from hybrid_router.router.core.records import PACKED_FIELD
 from hybrid_router.router.core.replay import compacted_events
@@ -47,10 +50,31 @@ from hybrid_router.router.core.states import TERMINAL_BYTES
 from hybrid_router.settings import Settings
 
 _POLL_S = 1.0
+CONFIRM_TIMEOUT_S = 5.0
+
+Event = dict[str, Any]
 
 
-def _log_events(entries: list[Any] | None) -> list[dict[str, Any]]:
-    return [parse_event(event_data(fields)) for _entry_id, fields in entries or []]
+class Subscription(Protocol):
+    """One follower's live channel and the request's log, as `follow` uses them."""
+
+    lost: bool  # set when live events were dropped: `follow` subscribes again, reads the log
+
+    async def subscribe(self) -> None:
+        """Subscribe to the channel; return once the subscription is in effect."""
+
+    async def take(self, idle_s: float) -> list[Any] | None:
+        """The live events (raw JSON) that arrived, at once if some are waiting; None after
+        `idle_s` of nothing; [] with `lost` set when some were dropped."""
+
+    async def log_and_status(self, after_seq: int) -> tuple[list[Any], Any]:
+        """The log's entries after `after_seq` and the record's raw status."""
+
+    async def packed(self) -> Any:
+        """The record's compacted events field (`hybrid_router.router.core.replay`)."""
+
+    async def close(self) -> None:
+        """Unsubscribe."""
 
 
 def event_data(fields: Any) -> Any:
@@ -65,91 +89,27 @@ def finished(status: Any) -> bool:
     return status is None or status in TERMINAL_BYTES
 
 
-def _remaining(deadline: float | None) -> float:
-    if deadline is None:
-        return _POLL_S
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise TimeoutError("no final event before the timeout")
-    return min(left, _POLL_S)
+async def _log_after(sub: Subscription, last: int) -> tuple[list[Event], bool]:
+    """The events after seq `last` (from the log, or the compacted record), and whether the
+    request is over (or gone)."""
+    entries, status = await sub.log_and_status(last)
+    events = [parse_event(event_data(fields)) for _entry_id, fields in entries or ()]
+    over = finished(status)
+    if not events and over:
+        events = compacted_events(await sub.packed(), last)
+    return events, over
 
 
-def follow_events(
-    client: redis.Redis,
-    settings: Settings,
-    request_id: str,
-    after_seq: int = 0,
-    timeout: float | None = None,
-) -> Iterator[dict[str, Any]]:
-    """Yield the request's events after `after_seq`, live, until a final event.
-
-    Raises `TimeoutError` when `timeout` seconds pass without reaching a final event.
-    """
-    keys = Keys(settings.key_prefix)
-    deadline = None if timeout is None else time.monotonic() + timeout
+async def follow(sub: Subscription, after_seq: int, idle_s: float
+                 ) -> AsyncIterator[Event | None]:
+    """Events after `after_seq`, replayed then live, until a final event; None after every
+    `idle_s` without one (time for a keep-alive). Ends without a final event only when the
+    request is over (or gone) and its log holds nothing more (the log expired first)."""
     last = after_seq
-    pubsub = client.pubsub()
     try:
-        pubsub.subscribe(keys.channel(request_id))
-        while True:  # wait for the subscription to be in place before reading the log
-            message = pubsub.get_message(timeout=_remaining(deadline))
-            if message is not None and message["type"] == "subscribe":
-                break
-
-        def backlog() -> list[dict[str, Any]]:
-            events = _log_events(client.xrange(keys.events(request_id),
-                                               min=f"({stream_id_after(last)}", max="+"))
-            return events or compacted_events(
-                client.hget(keys.record(request_id), PACKED_FIELD), last)
-
-        pending = backlog()
-        if not pending and finished(client.hget(keys.record(request_id), "status")):
-            return  # terminal, and nothing after `after_seq`: nothing more will come
-        while True:
-            for event in pending:
-                if event["seq"] <= last:
-                    continue
-                last = event["seq"]
-                yield event
-                if event["type"] in FINAL_EVENT_TYPES:
-                    return
-            message = pubsub.get_message(timeout=_remaining(deadline))
-            if message is None or message["type"] != "message":
-                pending = []
-                continue
-            event = parse_event(message["data"])
-            pending = backlog() if event["seq"] > last + 1 else [event]
-    finally:
-        pubsub.close()
-
-
-async def afollow_events(
-    client: aioredis.Redis,
-    settings: Settings,
-    request_id: str,
-    after_seq: int = 0,
-    timeout: float | None = None,
-) -> AsyncIterator[dict[str, Any]]:
-    """The async twin of `follow_events` (redis.asyncio client)."""
-    keys = Keys(settings.key_prefix)
-    deadline = None if timeout is None else time.monotonic() + timeout
-    last = after_seq
-    pubsub = client.pubsub()
-    try:
-        await pubsub.subscribe(keys.channel(request_id))
-        while True:
-            message = await pubsub.get_message(timeout=_remaining(deadline))
-            if message is not None and message["type"] == "subscribe":
-                break
-
-        async def backlog() -> list[dict[str, Any]]:
-            events = _log_events(await client.xrange(keys.events(request_id),
-                                                     min=f"({stream_id_after(last)}", max="+"))
-            return events or compacted_events(
-                await client.hget(keys.record(request_id), PACKED_FIELD), last)
-
-        pending = await backlog()
-        if not pending and finished(await client.hget(keys.record(request_id), "status")):
+        await sub.subscribe()
+        pending, over = await _log_after(sub, last)
+        if not pending and over:
             return
         while True:
             for event in pending:
@@ -159,58 +119,114 @@ async def afollow_events(
                 yield event
                 if event["type"] in FINAL_EVENT_TYPES:
                     return
-            message = await pubsub.get_message(timeout=_remaining(deadline))
-            if message is None or message["type"] != "message":
-                pending = []
-                continue
-            event = parse_event(message["data"])
-            pending = await backlog() if event["seq"] > last + 1 else [event]
+            arrived = await sub.take(idle_s)
+            if arrived is None:  # idle: over with nothing left, or time for a keep-alive
+                pending, over = await _log_after(sub, last)
+                if not pending:
+                    if over:
+                        return
+                    yield None
+            elif sub.lost:  # fell behind, or the connection was lost: the log has it all
+                sub.lost = False
+                await sub.subscribe()
+                pending, _over = await _log_after(sub, last)
+            else:
+                pending = [parse_event(data) for data in arrived]
+                if _has_gap(pending, last):
+                    pending, _over = await _log_after(sub, last)
     finally:
-        await pubsub.aclose()
+        await sub.close()
 
 
-async def tail_log(
-    client: aioredis.Redis,
+def _has_gap(events: list[Event], last: int) -> bool:
+    """Whether `events` (live, in order, maybe repeating seqs up to `last`) skip a seq."""
+    for event in events:
+        seq = event["seq"]
+        if seq > last + 1:
+            return True
+        last = max(last, seq)
+    return False
+
+
+async def _reply(result: Any) -> Any:
+    """A redis-py call's reply: awaited from the asyncio client, as it is from the sync one."""
+    return await result if inspect.isawaitable(result) else result
+
+
+class RedisPySubscription:
+    """A `Subscription` on a pub/sub connection of its own, from a redis-py client (sync or
+    asyncio; any URL redis-py takes). redis-py reconnects and subscribes again by itself; what
+    was published meanwhile shows as a gap and comes from the log."""
+
+    lost = False
+
+    def __init__(self, client: redis.Redis | aioredis.Redis, settings: Settings,
+                 request_id: str) -> None:
+        keys = Keys(settings.key_prefix)
+        self.client = client
+        self.pubsub = client.pubsub()
+        self.channel = keys.channel(request_id)
+        self.events_key = keys.events(request_id)
+        self.record_key = keys.record(request_id)
+
+    async def subscribe(self) -> None:
+        await _reply(self.pubsub.subscribe(self.channel))
+        deadline = time.monotonic() + CONFIRM_TIMEOUT_S
+        while (left := deadline - time.monotonic()) > 0:
+            message = await _reply(self.pubsub.get_message(timeout=left))
+            if message is not None and message["type"] == "subscribe":
+                return
+        raise redis.TimeoutError("no SUBSCRIBE confirmation from Redis "
+                                 f"within {CONFIRM_TIMEOUT_S:g}s")
+
+    async def take(self, idle_s: float) -> list[Any] | None:
+        message = await _reply(self.pubsub.get_message(timeout=idle_s))
+        if message is None:
+            return None
+        return [message["data"]] if message["type"] == "message" else []
+
+    async def log_and_status(self, after_seq: int) -> tuple[list[Any], Any]:
+        entries = await _reply(self.client.xrange(
+            self.events_key, min=f"({stream_id_after(after_seq)}", max="+"))
+        return entries, await _reply(self.client.hget(self.record_key, "status"))
+
+    async def packed(self) -> Any:
+        return await _reply(self.client.hget(self.record_key, PACKED_FIELD))
+
+    async def close(self) -> None:
+        closing = getattr(self.pubsub, "aclose", None) or self.pubsub.close
+        await _reply(closing())
+
+
+async def afollow_events(
+    client: redis.Redis | aioredis.Redis,
     settings: Settings,
     request_id: str,
     after_seq: int = 0,
-    idle_s: float = 15.0,
-) -> AsyncIterator[dict[str, Any] | None]:
-    """Events from the replay log after `after_seq` via ``XREAD BLOCK``, until a final event.
+    timeout: float | None = None,
+) -> AsyncIterator[Event]:
+    """Yield the request's events after `after_seq`, live, until a final event.
 
-    Yields ``None`` after every `idle_s` without an event (time for an SSE keep-alive). Ends
-    without a final event only if the request is terminal or gone and its log has nothing more
-    (the log expired before the record).
+    Raises `TimeoutError` when `timeout` seconds pass without reaching a final event. With the
+    sync client it never suspends: `follow_events` iterates it without an event loop.
     """
-    keys = Keys(settings.key_prefix)
-    stream_key = keys.events(request_id)
-    last_id = stream_id_after(after_seq)
-    block_ms = max(1, int(idle_s * 1000))
-    first = True
-    while True:
-        # The first read does not block: a request that is over and has nothing after
-        # `after_seq` ends at once instead of after one idle period.
-        reply: Any = await client.xread({stream_key: last_id}, count=500,
-                                        block=None if first else block_ms)
-        if not reply:
-            if finished(await client.hget(keys.record(request_id), "status")):
-                tail = await client.xrange(stream_key, min=f"({last_id}", max="+")
-                if not tail:  # compacted (hybrid_router.router.core.replay), or nothing more
-                    for event in compacted_events(
-                            await client.hget(keys.record(request_id), PACKED_FIELD),
-                            seq_of_stream_id(last_id)):
-                        yield event
-                    return
-                continue
-            if not first:
-                yield None
-            first = False
-            continue
-        first = False
-        for _key, entries in reply:
-            for entry_id, fields in entries:
-                last_id = f"0-{seq_of_stream_id(entry_id)}"
-                event = parse_event(event_data(fields))
-                yield event
-                if event["type"] in FINAL_EVENT_TYPES:
-                    return
+    deadline = None if timeout is None else time.monotonic() + timeout
+    idle_s = _POLL_S if timeout is None else min(_POLL_S, max(timeout, 0.01))
+    async for event in follow(RedisPySubscription(client, settings, request_id), after_seq,
+                              idle_s):
+        if (deadline is not None and time.monotonic() >= deadline
+                and (event is None or event["type"] not in FINAL_EVENT_TYPES)):
+            raise TimeoutError("no final event before the timeout")
+        if event is not None:
+            yield event
+
+
+def follow_events(
+    client: redis.Redis,
+    settings: Settings,
+    request_id: str,
+    after_seq: int = 0,
+    timeout: float | None = None,
+) -> Iterator[Event]:
+    """`afollow_events` over the sync client, as a plain iterator."""
+    return iterate_blocking(afollow_events(client, settings, request_id, after_seq, timeout))

@@ -25,13 +25,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, get_args
 
-from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from hybrid_router.router.api.deps import Caller, CallerDep, DispatcherDep, EventsDep, SettingsDep, StoreDep
 from hybrid_router.router.api.errors import error_response
-from hybrid_router.router.api.fast_path import admitted, with_fast_path
+from hybrid_router.router.api.fast_path import FastPathRoute
 from hybrid_router.router.api.notify import cancel_and_notify
 from hybrid_router.router.api.ratelimit import enforce_rate_limit
 from hybrid_router.router.api.sse import SSEResponse, format_data
@@ -296,23 +296,8 @@ async def chat_completions(body: SubmitRequest, call: DropInDep) -> JSONResponse
         if stream else None)
 
 
-async def chat_completions_fast(request: Request) -> Response | None:
-    """`chat_completions` without FastAPI's per-request parameter solving (an eighth of the
-    API's CPU at 50 streams, benchmark 1), for a well-formed request with a known key; None
-    hands anything else to the general path (see hybrid_router.router.api.fast_path)."""
-    admission = await admitted(request, SubmitRequest)
-    if admission is None:
-        return None
-    body, caller = admission
-    state = request.app.state
-    headers = request.headers
-    return await chat_completions(body, DropIn(
-        request, caller, state.settings, state.store, state.events, state.dispatcher,
-        headers.get("x-priority"), headers.get("idempotency-key")))
-
-
 router.add_api_route(
     "/completions", chat_completions, methods=["POST"], responses=_ERRORS, response_model=None,
     dependencies=[Depends(enforce_rate_limit)],
-    route_class_override=with_fast_path(chat_completions_fast),
+    route_class_override=FastPathRoute,
 )

@@ -14,10 +14,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Request
 
 from hybrid_router.router.api.deps import EventsDep, SettingsDep, StoreDep, get_caller
-from hybrid_router.router.api.fast_path import known_caller, with_fast_path
+from hybrid_router.router.api.fast_path import FastPathRoute
 from hybrid_router.router.api.routes.requests import check_owned
 from hybrid_router.router.api.sse import KEEPALIVE, SSEResponse, format_event
 from hybrid_router.router.core.errors import InvalidRequest
@@ -95,34 +95,11 @@ async def serve_events(request_id: str, tenant: str, store: AsyncRequestStore,
     return SSEResponse(body(), headers={"X-Request-Id": request_id})
 
 
-async def request_events_fast(request: Request) -> Response | None:
-    """`request_events` without FastAPI's per-request parameter solving (an eighth of the API's
-    CPU at 50 streams, benchmark 1), for a plain follow with a known key or a signed URL's
-    token alone; None hands anything else (``?after=``, a missing or wrong key) to the general
-    path (see hybrid_router.router.api.fast_path). A bad token is answered here (its 401, no Redis)."""
-    state = request.app.state
-    request_id = request.path_params["request_id"]
-    query = request.scope["query_string"]
-    if query:
-        params = request.query_params
-        token = params.get(TOKEN_PARAM)
-        if token is None or len(params) != 1:
-            return None
-        tenant = token_tenant(state.settings, request_id, token)
-    else:
-        caller = await known_caller(request)
-        if caller is None:
-            return None
-        tenant = caller.tenant
-    return await serve_events(request_id, tenant, state.store, state.events, state.settings,
-                              request.headers.get("last-event-id"))
-
-
 router.add_api_route(
     "/{request_id}/events", request_events, methods=["GET"],
     responses={**_ERRORS, 200: {"content": {"text/event-stream": {}},
                                 "description": "Server-Sent Events, one per request event."}},
     response_class=SSEResponse,
     status_code=200,  # SSEResponse has no default status: without this /openapi.json is a 500
-    route_class_override=with_fast_path(request_events_fast),
+    route_class_override=FastPathRoute,
 )

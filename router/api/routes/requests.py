@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from hybrid_router.router.api.deps import CallerDep, StoreDep
-from hybrid_router.router.api.fast_path import admitted, with_fast_path
+from hybrid_router.router.api.fast_path import FastPathRoute
 from hybrid_router.router.api.notify import cancel_and_notify
 from hybrid_router.router.api.ratelimit import enforce_rate_limit
 from hybrid_router.router.core.classify import deadline_depends_on_flush
@@ -123,20 +123,10 @@ async def submit(body: SubmitRequest, request: Request, caller: CallerDep) -> Re
                     media_type="application/json")
 
 
-async def submit_fast(request: Request) -> Response | None:
-    """`submit` without FastAPI's per-request parameter solving, for a well-formed request with
-    a known key; None hands anything else to the general path (see hybrid_router.router.api.fast_path)."""
-    admission = await admitted(request, SubmitRequest)
-    if admission is None:
-        return None
-    body, caller = admission
-    return await submit(body, request, caller)
-
-
 router.add_api_route(
     "", submit, methods=["POST"], status_code=202, response_model=SubmitResponse,
     responses=_ERRORS, dependencies=[Depends(enforce_rate_limit)],
-    route_class_override=with_fast_path(submit_fast),
+    route_class_override=FastPathRoute,
 )
 
 
