@@ -185,6 +185,7 @@ class StreamState:
     served_tier: str | None = None  # what the upstream's chunks say served the call
     tier_moved: bool = False  # a flex request moved to the standard tier (once)
     flex_retries: int = 0
+    upstream_retries: int = 0  # of this run, against the retry budget (`RetryPolicy`)
 
     @property
     def lane(self) -> str:
@@ -437,97 +438,121 @@ async def _embed(state: StreamState, rt: StreamRuntime) -> RunOutcome:
         return await _end_completed(state, rt)
 
 
+@dataclass
+class _Attempt:
+    """One upstream call of a stream: what it sends, and what came back so far."""
+
+    body: dict[str, Any]
+    messages: list[dict[str, Any]]
+    received: int = 0
+    usage: dict[str, Any] | None = None
+
+
 async def _stream(state: StreamState, rt: StreamRuntime) -> RunOutcome:
+    """Call the upstream until the stream ends: each attempt resumes after what was relayed;
+    a failure is retried (backoff, retry budget) or ends the request with its reason."""
     if state.record.endpoint == EMBEDDINGS:
         return await _embed(state, rt)
-    responses = state.record.endpoint == RESPONSES
-    path = upstream_path(state.record.endpoint)
-    settings = rt.settings
-    policy = rt.ctx.policy
-    request_id = state.record.id
-    deadline = time.monotonic() + settings.stream_total_timeout_s
-    timeout = httpx.Timeout(settings.upstream_timeout_s, read=settings.stream_idle_timeout_s)
-    retries = 0
+    deadline = time.monotonic() + rt.settings.stream_total_timeout_s
     first_attempt = True  # the claim has just seen the request dispatched, not terminal
     while True:
-        if not first_attempt and await _is_terminal(request_id, rt):
+        if not first_attempt and await _is_terminal(state.record.id, rt):
             return await _end_stopped(state, rt)
         first_attempt = False
-        body, messages = _upstream_request(state)
-        received = 0
-        usage: dict[str, Any] | None = None
+        attempt = _Attempt(*_upstream_request(state))
         state.finish_reason = None
         try:
-            async with rt.upstream.stream(body, timeout, path) as chunks:
-                async for chunk in chunks:
-                    if responses:
-                        received += await _read_response_event(state, rt, chunk)
-                        if state.response is not None:
-                            usage = normal_usage(state.response.get("usage"))
-                            if state.response.get("service_tier"):
-                                state.served_tier = state.response["service_tier"]
-                    else:
-                        if chunk.get("usage"):
-                            usage = chunk["usage"]
-                        if chunk.get("service_tier"):
-                            state.served_tier = chunk["service_tier"]
-                        received += _read_chat_chunk(state, rt, chunk)
-                    if state.handle.stopped:
-                        raise _Stopped
-                    if time.monotonic() > deadline:
-                        raise _TotalTimeout
-            if state.finish_reason is None:
-                raise StreamDropped("the upstream stream ended without a finish reason")
-            state.usage.add(usage, messages, received)
-            return await _end_completed(state, rt)
-        except _Stopped:
-            state.usage.add(usage, messages, received)
-            return await _end_stopped(state, rt)
-        except _TotalTimeout:
-            state.usage.add(usage, messages, received)
-            return await _end_failed(state, rt, Failure(
-                "timeout", f"the stream ran longer than {settings.stream_total_timeout_s:g}s "
-                "(ROUTER_STREAM_TOTAL_TIMEOUT_S); the partial content is kept", False))
-        except PublishError as exc:
-            state.usage.add(usage, messages, received)
-            return await _end_failed(state, rt, Failure("publish_failed", str(exc), True))
-        except ResponseFailed as exc:  # raised by the final event: its usage is the bill
-            state.usage.add(normal_usage((state.response or {}).get("usage")) or usage,
-                            messages, received)
-            return await _end_failed(state, rt, Failure(
-                "upstream_response_failed", f"the upstream's response failed: {exc}", False))
+            await _run_attempt(state, rt, attempt, deadline)
         except Exception as exc:
-            state.usage.add(usage, messages, received)
-            if state.lane == "flex" and not state.tier_moved:
-                action = await _flex_pressure(state, rt, exc)
-                if action == "moved":
-                    return "moved"
-                if action == "taken_over":
-                    return await _end_stopped(state, rt)
-                if action is not None:
-                    continue
-            relayed = bool(state.pieces or state.tool_calls or state.response_events)
-            failure = _classify(exc, relayed)
-            if (state.tool_calls or state.response_events) and failure.retryable:
-                what = "tool calls were" if state.tool_calls else "Responses events were"
-                failure = Failure(failure.code, f"{failure.message} ({what} relayed, so the "
-                                  "stream cannot be resumed; submit it again)", True)
-                return await _end_failed(state, rt, failure)
-            if failure.code == "stream_interrupted" and not settings.stream_resume:
-                failure = Failure(failure.code, f"{failure.message}; the upstream cannot continue "
-                                  "a message (ROUTER_STREAM_RESUME is off)", True)
-            elif failure.retryable and policy.allows(retries + 1):
-                retries += 1
-                delay = policy.backoff(retries, retry_after_seconds(exc))
-                log.warning("upstream attempt failed; retrying", request_id=request_id,
-                            retry=retries, delay_s=round(delay, 3), error=failure.message,
-                            resume_from_chars=len(state.content))
-                await asyncio.sleep(delay)
+            outcome = await _attempt_failed(state, rt, attempt, exc)
+            if outcome == "retry":
                 continue
-            elif failure.retryable:
-                failure = Failure(failure.code, f"{failure.message} (gave up after {retries} "
-                                  f"retries)", True)
-            return await _end_failed(state, rt, failure)
+            return outcome
+        state.usage.add(attempt.usage, attempt.messages, attempt.received)
+        return await _end_completed(state, rt)
+
+
+async def _run_attempt(state: StreamState, rt: StreamRuntime, attempt: _Attempt,
+                       deadline: float) -> None:
+    """Relay one upstream stream to its end (or raise: stopped, total timeout, a failure)."""
+    settings = rt.settings
+    endpoint = state.record.endpoint
+    timeout = httpx.Timeout(settings.upstream_timeout_s, read=settings.stream_idle_timeout_s)
+    async with rt.upstream.stream(attempt.body, timeout, upstream_path(endpoint)) as chunks:
+        async for chunk in chunks:
+            if endpoint == RESPONSES:
+                attempt.received += await _read_response_event(state, rt, chunk)
+                answer = state.response
+                if answer is not None:
+                    attempt.usage = normal_usage(answer.get("usage"))
+                    state.served_tier = answer.get("service_tier") or state.served_tier
+            else:
+                attempt.usage = chunk.get("usage") or attempt.usage
+                state.served_tier = chunk.get("service_tier") or state.served_tier
+                attempt.received += _read_chat_chunk(state, rt, chunk)
+            if state.handle.stopped:
+                raise _Stopped
+            if time.monotonic() > deadline:
+                raise _TotalTimeout
+    if state.finish_reason is None:
+        raise StreamDropped("the upstream stream ended without a finish reason")
+
+
+async def _attempt_failed(state: StreamState, rt: StreamRuntime, attempt: _Attempt,
+                          exc: Exception) -> RunOutcome | Literal["retry"]:
+    """How a failed attempt ends the run: stopped, failed with its reason, moved to another
+    lane, or "retry" (after the backoff)."""
+    usage = attempt.usage
+    if isinstance(exc, ResponseFailed):  # raised by the final event: its usage is the bill
+        usage = normal_usage((state.response or {}).get("usage")) or usage
+    state.usage.add(usage, attempt.messages, attempt.received)
+    if isinstance(exc, _Stopped):
+        return await _end_stopped(state, rt)
+    if isinstance(exc, _TotalTimeout):
+        return await _end_failed(state, rt, Failure(
+            "timeout", f"the stream ran longer than {rt.settings.stream_total_timeout_s:g}s "
+            "(ROUTER_STREAM_TOTAL_TIMEOUT_S); the partial content is kept", False))
+    if isinstance(exc, PublishError):
+        return await _end_failed(state, rt, Failure("publish_failed", str(exc), True))
+    if isinstance(exc, ResponseFailed):
+        return await _end_failed(state, rt, Failure(
+            "upstream_response_failed", f"the upstream's response failed: {exc}", False))
+    if state.lane == "flex" and not state.tier_moved:
+        action = await _flex_pressure(state, rt, exc)
+        if action == "moved":
+            return "moved"
+        if action == "taken_over":
+            return await _end_stopped(state, rt)
+        if action is not None:
+            return "retry"
+    failure = await _retry_or_failure(state, rt, exc)
+    return "retry" if failure is None else await _end_failed(state, rt, failure)
+
+
+async def _retry_or_failure(state: StreamState, rt: StreamRuntime,
+                            exc: Exception) -> Failure | None:
+    """None after the backoff when the failure may be retried, else the failure to end with."""
+    relayed = bool(state.pieces or state.tool_calls or state.response_events)
+    failure = _classify(exc, relayed)
+    if (state.tool_calls or state.response_events) and failure.retryable:
+        what = "tool calls were" if state.tool_calls else "Responses events were"
+        return Failure(failure.code, f"{failure.message} ({what} relayed, so the stream "
+                       "cannot be resumed; submit it again)", True)
+    if failure.code == "stream_interrupted" and not rt.settings.stream_resume:
+        return Failure(failure.code, f"{failure.message}; the upstream cannot continue "
+                       "a message (ROUTER_STREAM_RESUME is off)", True)
+    if not failure.retryable:
+        return failure
+    if not rt.ctx.policy.allows(state.upstream_retries + 1):
+        return Failure(failure.code, f"{failure.message} (gave up after "
+                       f"{state.upstream_retries} retries)", True)
+    state.upstream_retries += 1
+    delay = rt.ctx.policy.backoff(state.upstream_retries, retry_after_seconds(exc))
+    log.warning("upstream attempt failed; retrying", request_id=state.record.id,
+                retry=state.upstream_retries, delay_s=round(delay, 3), error=failure.message,
+                resume_from_chars=len(state.content))
+    await asyncio.sleep(delay)
+    return None
 
 
 async def _flex_pressure(state: StreamState, rt: StreamRuntime,
