@@ -268,7 +268,7 @@ def _handler_for(app: Starlette, exc: Exception) -> ExceptionHandler | None:
     for cls in type(exc).__mro__:
         if cls is Exception:
             return None
-        handler = handlers.get(cls)
+        handler: ExceptionHandler | None = handlers.get(cls)
         if handler is not None:
             return handler
     return None

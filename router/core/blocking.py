@@ -20,7 +20,8 @@ def run_blocking(coro: Coroutine[Any, Any, T]) -> T:
     try:
         coro.send(None)
     except StopIteration as done:
-        return done.value
+        result: T = done.value
+        return result
     coro.close()
     raise RuntimeError("blocking code awaited something that suspends")
 
