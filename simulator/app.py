@@ -9,7 +9,9 @@ the same few helpers; multipart uploads are parsed with starlette's parser, off 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -185,10 +187,6 @@ class SimulatorApp:
         opts = body.get("stream_options")
         include_usage = stream and isinstance(opts, dict) and bool(opts.get("include_usage"))
 
-        asked = body.get("service_tier")
-        if asked is not None and asked not in ("auto", "default", "flex", "priority"):
-            raise invalid_request(f"Invalid value for 'service_tier': {str(asked)[:40]!r}.",
-                                  "service_tier", "invalid_value")
         ph = prompt_hash(messages)
         d = parse_messages(messages)
         stats = self.stats
@@ -197,24 +195,50 @@ class SimulatorApp:
         _, prefill = split_prefill(messages)
         if prefill is not None:
             stats.incr("continuations", ph)
+        tier = self._serving_tier(body, model, ph, d)
+        with self._flex_slot(tier):
+            await self._answer(send, receive, extra, body, model, messages, limit, stream,
+                               include_usage, ph, d, prefill, tier)
+
+    def _serving_tier(self, body: dict[str, Any], model: str, ph: str, d: Directives) -> str:
+        """The tier that serves a call (``service_tier`` checked, faults and flex refusals
+        injected as configured), counted in the stats."""
+        asked = body.get("service_tier")
+        if asked is not None and asked not in ("auto", "default", "flex", "priority"):
+            raise invalid_request(f"Invalid value for 'service_tier': {str(asked)[:40]!r}.",
+                                  "service_tier", "invalid_value")
         err = self.faults.request_error(ph, d)
         if err is None and asked == "flex":
             err = self.faults.flex_error(ph, d, model, self.flex_in_flight)
         if err is not None:
-            stats.incr("errors_injected", ph)
+            self.stats.incr("errors_injected", ph)
             if asked == "flex" and err.status in (400, 429):
-                stats.incr(f"flex_refused_{err.status}", ph)
+                self.stats.incr(f"flex_refused_{err.status}", ph)
             raise err
         tier = d.tier or (asked if asked in ("flex", "priority") else "default")
-        stats.incr(f"served_{tier}", ph)
-        if tier == "flex":
-            self.flex_in_flight += 1
+        self.stats.incr(f"served_{tier}", ph)
+        return tier
+
+    @contextlib.contextmanager
+    def _flex_slot(self, tier: str) -> Iterator[None]:
+        """Count a flex call in flight while it is served (for the concurrency limit)."""
+        if tier != "flex":
+            yield
+            return
+        self.flex_in_flight += 1
         try:
-            await self._answer(send, receive, extra, body, model, messages, limit, stream,
-                               include_usage, ph, d, prefill, tier)
+            yield
         finally:
-            if tier == "flex":
-                self.flex_in_flight -= 1
+            self.flex_in_flight -= 1
+
+    def _tier_timing(self, tier: str, ttft: float, tps: float) -> tuple[float, float]:
+        """Time to first token and tokens per second as the tier serves them."""
+        if tier == "flex":
+            return (max(ttft * self.config.flex_slowdown, self.config.flex_min_ttft_s),
+                    tps / self.config.flex_slowdown)
+        if tier == "priority":
+            return ttft / self.config.priority_speedup, tps * self.config.priority_speedup
+        return ttft, tps
 
     async def _answer(self, send: Send, receive: Receive, extra: list[tuple[bytes, bytes]],
                       body: dict[str, Any], model: str, messages: list[Any], limit: int | None,
@@ -226,11 +250,7 @@ class SimulatorApp:
             min_tokens=self.config.min_tokens, max_tokens=self.config.max_tokens)
         ttft = d.ttft if d.ttft is not None else self.config.ttft_s
         tps = d.tps if d.tps is not None else self.config.tokens_per_s
-        if tier == "flex":
-            ttft = max(ttft * self.config.flex_slowdown, self.config.flex_min_ttft_s)
-            tps = tps / self.config.flex_slowdown
-        elif tier == "priority":
-            ttft, tps = ttft / self.config.priority_speedup, tps * self.config.priority_speedup
+        ttft, tps = self._tier_timing(tier, ttft, tps)
         # What the tier made of the timing (a header, so tests read it instead of timing it).
         extra = [*extra, (b"x-sim-ttft-s", f"{ttft:.6f}".encode())]
         cid = completion_id()
@@ -265,23 +285,29 @@ class SimulatorApp:
                                   "missing_required_parameter")
         messages = input_messages(body)
         limit = output_limit(body)
-        stream = bool(body.get("stream"))
         ph = prompt_hash(messages)
         d = parse_messages(messages)
         stats = self.stats
         stats.incr("requests", ph)
         stats.keep_body(ph, body)
-        err = self.faults.request_error(ph, d)
-        if err is not None:
-            stats.incr("errors_injected", ph)
-            raise err
+        tier = self._serving_tier(body, model, ph, d)
+        with self._flex_slot(tier):
+            await self._respond(send, receive, extra, body, model, messages, limit, ph, d, tier)
+
+    async def _respond(self, send: Send, receive: Receive, extra: list[tuple[bytes, bytes]],
+                       body: dict[str, Any], model: str, messages: list[Any], limit: int | None,
+                       ph: str, d: Directives, tier: str) -> None:
+        stats = self.stats
+        stream = bool(body.get("stream"))
         answer = answer_for_response(body, model, messages, limit, d, self.config)
         if d.response_failed is not None:
             answer = replace(answer, tokens=answer.tokens[:d.response_failed])
         ttft = d.ttft if d.ttft is not None else self.config.ttft_s
         tps = d.tps if d.tps is not None else self.config.tokens_per_s
+        ttft, tps = self._tier_timing(tier, ttft, tps)
         builder = ResponseBuilder(body, model, answer, int(time.time()))
         builder.failed = d.response_failed is not None
+        builder.service_tier = tier
         if not stream:
             delay = ttft + (answer.completion_tokens / tps if tps > 0 else 0.0)
             if delay > 0:

@@ -118,6 +118,7 @@ class ResponseBuilder:
         self.call_ids = [_id("fc_") for _ in answer.tool_calls or ()]
         self.incomplete = answer.finish_reason == "length"
         self.failed = False  # `[[sim:response_failed=N]]`: the response fails after N tokens
+        self.service_tier = "default"  # the tier that served it (echoed, as OpenAI does)
 
     @property
     def status(self) -> str:
@@ -167,7 +168,7 @@ class ResponseBuilder:
             "parallel_tool_calls": b.get("parallel_tool_calls", True),
             "previous_response_id": b.get("previous_response_id"),
             "reasoning": {"effort": None, "summary": None},
-            "service_tier": "default",
+            "service_tier": self.service_tier,
             "store": b.get("store", True),
             "temperature": b.get("temperature", 1.0),
             "text": b.get("text") or {"format": {"type": "text"}},

@@ -346,3 +346,44 @@ def test_move_to_batch_takes_only_a_streaming_request_this_run_holds(
     events = RequestStore(redis_client, settings).events_after(record.id, 0)
     assert [(e["type"], e["to"]) for e in events] == [("lane_changed", "batch")]
     assert script(redis_client, script_keys, args) == 0  # once only: it is queued now
+
+
+# --- the Responses API takes the same lanes and tiers as chat ---------------------------------
+
+
+def test_a_normal_response_goes_to_flex_and_is_billed_at_flex(
+        stack: Stack, sdk: openai.OpenAI, r: redis.Redis, tier_sim: str) -> None:
+    prompt = f"tiers for responses {uuid.uuid4().hex}"
+    reply = sdk.responses.with_raw_response.create(
+        model=FLEX_MODEL, input=prompt, extra_headers={"X-Priority": "normal"})
+    response = reply.parse()
+    assert response.service_tier == "flex" and response.output_text
+    assert sim_last_request(tier_sim, prompt_hash([{"role": "user", "content": prompt}])
+                            )["service_tier"] == "flex"
+    record = record_of(stack, r, reply.headers["x-request-id"])
+    assert record.route == "flex" and record.served_tier == "flex"
+    assert record.usage is not None and record.usage.completion_tokens > 0
+    assert record.cost_usd == expected_cost(stack.settings, FLEX_MODEL, "flex", record.usage)
+    assert record.cost_usd < expected_cost(stack.settings, FLEX_MODEL, "default", record.usage)
+
+
+def test_a_streamed_response_under_flex_pressure_moves_to_standard_once(
+        stack: Stack, client: RouterClient, r: redis.Redis, tier_sim: str) -> None:
+    prompt = f"[[sim:flex_429=1000,retry_after=0.01]] {uuid.uuid4().hex}"
+    handle = client.submit(None, endpoint="/v1/responses", input=prompt, stream=False,
+                           model=FLEX_MODEL, priority="normal", deadline_s=20)
+    assert handle.submitted["route"] == "flex", handle.submitted
+    done = client.wait(handle.id, timeout=30)
+    assert done["status"] == "completed", done
+    assert done["route"] == "stream" and done["served_tier"] == "default"
+    stats = sim_stats(tier_sim, prompt_hash([{"role": "user", "content": prompt}]))
+    assert stats["flex_refused_429"] == 1 + stack.settings.flex_max_retries
+    assert stats["served_default"] == 1
+    events = events_of(stack, r, handle.id)
+    moves = [e for e in events if e["type"] == "lane_changed"]
+    assert [(e["from"], e["to"]) for e in moves] == [("flex", "stream")]
+    completed = [e for e in events if e["type"] == "response"
+                 and e.get("event", {}).get("type") == "response.completed"]
+    assert completed and completed[0]["event"]["response"]["service_tier"] == "default"
+    record = record_of(stack, r, handle.id)
+    assert record.cost_usd == expected_cost(stack.settings, FLEX_MODEL, "default", record.usage)
