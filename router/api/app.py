@@ -66,8 +66,8 @@ def create_app(settings: Settings, dispatcher: StreamDispatcher | None = None) -
         description="High priority streams at once; low priority is batched at half price.",
         lifespan=lifespan,
         # FastAPI's native OpenTelemetry asks the global providers (and reads the environment)
-        # on every request to learn that none is configured: ~5% of a `POST /v1/requests` with
-        # no exporter anywhere in this service. Off until the service ships telemetry.
+        # on every request to learn that none is configured, a cost on every request with no
+        # exporter anywhere in this service. Off until the service ships telemetry.
         telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
     app.state.settings = settings

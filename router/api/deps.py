@@ -2,7 +2,7 @@
 
 Every dependency here is ``async def`` although none awaits: FastAPI runs a plain ``def``
 dependency in the thread pool, and a thread hop per dependency per request was the largest
-single cost of ``POST /v1/requests`` (benchmark 3). They only read ``app.state`` and headers.
+single cost of ``POST /v1/requests`` (bench_intake). They only read ``app.state`` and headers.
 """
 
 from __future__ import annotations

@@ -145,7 +145,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(redis.exceptions.ConnectionError)
     @app.exception_handler(redis.exceptions.TimeoutError)
     async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
-        # Redis away (restart, failover, network): a retryable 503, not a 500 (issue 8).
+        # Redis away (restart, failover, network): a retryable 503, not a 500.
         log.warning("redis unavailable", path=request.url.path, error=str(exc)[:200])
         return error_response(503, "the request store (Redis) is unavailable; retry shortly "
                               "(with the same idempotency_key, to be safe)",

@@ -5,7 +5,7 @@ slower gets a 408 and its connection closed), and its body must be at most
 
 Why: uvicorn has a keep-alive timeout (armed once a response is sent, and cancelled by any byte
 received) but no read timeout (proposed as ``--timeout-request-start`` and
-``--timeout-request-complete`` in uvicorn issue #157, never built). A
+``--timeout-request-complete`` for uvicorn, never built). A
 connection that never finishes its request head (slowloris) was held for ever (1,500 of them
 for 30 s: none closed), and so was a request whose body never arrives (`Content-Length: 100`,
 10 bytes sent: the app waits in `receive()` for ever). Each held connection costs a socket, a

@@ -50,8 +50,8 @@ class SSEResponse(StreamingResponse):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # Plain asyncio, not an anyio task group: one watcher task per response, and the body
-        # streams in the request's own task (the task group's two tasks and cancel scopes were
-        # a tenth of the API's CPU at 50 streams, benchmark 1).
+        # streams in the request's own task (the task group's two tasks and cancel scopes per
+        # response cost more CPU than the relay itself: bench_ttft shows it).
         streamer = asyncio.current_task()
         assert streamer is not None
         streaming = True

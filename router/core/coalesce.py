@@ -4,7 +4,7 @@ Why: under load the intake API reaches `AsyncRequestStore.create` for many reque
 loop iteration (uvloop reads every ready connection, then runs their handlers). Sent one by one,
 each call costs a send system call, a wake-up for its reply and redis-py's per-command
 machinery, in the API and in Redis: the largest part of a ``POST /v1/requests`` after the HTTP
-floor (benchmark 3, issue 7). Sent together, they share one of each.
+floor (bench_intake). Sent together, they share one of each.
 
 The first call of an iteration leads: it yields to the loop once, so that the calls made in the
 same iteration can join it, then sends them all in one non-transactional pipeline (each script

@@ -91,9 +91,9 @@ def prepare(
             param="stream",
         )
     # One JSON-mode dump serves both the idempotency fingerprint (all fields) and the upstream
-    # body (router fields dropped): the intake hot path dumps the request once (benchmark 3).
+    # body (router fields dropped): the intake hot path dumps the request once.
     # It is the body as sent: an agent's ``{"role": "assistant", "content": null,
-    # "tool_calls": [...]}`` reaches the upstream unchanged (issue 16).
+    # "tool_calls": [...]}`` reaches the upstream unchanged.
     dumped = req.dump_as_sent()
     dumped.setdefault("priority", req.priority)
     body = {name: value for name, value in dumped.items() if name not in ROUTER_FIELDS}

@@ -324,7 +324,7 @@ return n
 # KEYS: record   ARGV: tenant
 # The record when it belongs to the tenant, else nil, in one command whatever the case: the
 # owner is read first and the record only for its owner, so another tenant's id costs what an
-# unknown one does (a large record read whole, then refused, took twice as long: issue 16).
+# unknown one does (a large record read whole, then refused, would tell them apart by time).
 GET_OWNED = """
 if redis.call('HGET', KEYS[1], 'tenant') ~= ARGV[1] then return false end
 return redis.call('HGETALL', KEYS[1])

@@ -144,6 +144,6 @@ def max_tokens_for_budget(
         return 0
     per_token = rate_out / MTOK
     if per_token == 0 or left >= per_token * MAX_TOKENS_CAP:
-        # A huge budget (1e308, 1e999999) must not overflow Decimal or int64 (issue 8).
+        # A huge budget (1e308, 1e999999) must not overflow Decimal or int64.
         return MAX_TOKENS_CAP
     return int(left / per_token)

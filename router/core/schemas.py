@@ -64,7 +64,7 @@ INT64 = 2**63
 def json_safety_problem(value: Any) -> str | None:
     """Why a parsed JSON body cannot be stored, encoded or sent upstream, or None if it can.
 
-    Checked once at the edge (issue 8) so every later step may assume a sane body: nesting at
+    Checked once at the edge so every later step may assume a sane body: nesting at
     most `MAX_JSON_DEPTH` deep (deeper values break serialisation), finite numbers (``NaN`` and
     ``Infinity`` are not JSON and would silently become null), integers that fit in 64 bits,
     and text (keys too) without lone surrogates. Iterative, so depth cannot exhaust the stack.
@@ -116,7 +116,7 @@ class ChatCompletionFields(BaseModel):
             raise PydanticCustomError("unsafe_json", problem)
         return data
 
-    # Strict types (issue 16): OpenAI refuses ``"max_tokens": "10"`` or ``true`` and
+    # Strict types: OpenAI refuses ``"max_tokens": "10"`` or ``true`` and
     # ``"stream": "yes"``, so the router does too, rather than coerce them.
     model: str | None = Field(None, min_length=1, max_length=256)
     # Chat completions send `messages`; the Responses API and embeddings send `input` (checked

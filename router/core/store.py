@@ -377,7 +377,7 @@ class AsyncRequestStore:
     async def tenant_of(self, request_id: str) -> str | None:
         """The request's tenant, None when there is no such request: one field, for a route
         that checks ownership and needs nothing else of the record (the whole record is read
-        and validated otherwise, on every follow of a stream, benchmark 1)."""
+        and validated otherwise, on every follow of a stream)."""
         (raw,) = raise_errors(await self.pool.execute([("HGET", self.keys.record(request_id),
                                                          "tenant")]))
         return text_or_none(raw)

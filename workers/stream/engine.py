@@ -2,7 +2,7 @@
 the stream queue.
 
 Why: with a thread per stream, each new stream paid Celery's consumer (one message at a time,
-~2-3 ms each: kombu's ack bookkeeping, the task request, the thread hand-off, the tracer) and
+milliseconds each: kombu's ack bookkeeping, the task request, the thread hand-off, the tracer) and
 then competed for the GIL with every other stream's token relay; a burst of new streams delayed
 both their first tokens and the running streams' next ones. Here one loop (uvloop when
 installed) owns an async Redis pool, one upstream connection pool and the coalescing publisher,

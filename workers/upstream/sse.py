@@ -3,8 +3,8 @@ raw SSE, on asyncio; and the lane's one plain call (embeddings).
 
 Why not ``AsyncOpenAI.chat.completions.create(stream=True)`` on the hot path: a stream worker
 starts hundreds of streams a second and relays thousands of chunks a second on one event loop,
-and the SDK spends ~1.4 ms of CPU building each request and a pydantic model per chunk (raw
-httpx: ~0.7 ms per request, a dict per chunk). So the request is sent by the lean client of
+and the SDK builds each request and a pydantic model per chunk at a CPU cost that would bound
+the streams per worker (raw httpx: about half of it, a dict per chunk). So the request is sent by the lean client of
 `hybrid_router.workers.upstream.http` (httpx when a proxy is configured), but configured *from the SDK
 client* (`hybrid_router.workers.upstream.base.make_async_openai_client`): the same base URL, auth and headers the
 SDK would send, and HTTP errors become the SDK's own exception classes

@@ -33,7 +33,7 @@ _ERRORS: dict[int | str, dict[str, object]] = {
 
 def urls_for(request: Request, request_id: str) -> tuple[str, str]:
     """The request's events and result URLs: under `Settings.public_base_url` when set, else
-    relative to the app's root. Never built from the client's Host header (issue 16): a
+    relative to the app's root. Never built from the client's Host header: a
     forged Host would put the attacker's address into URLs that clients follow."""
     base = base_for(request)
     return f"{base}/v1/requests/{request_id}/events", f"{base}/v1/requests/{request_id}"
@@ -88,7 +88,7 @@ def view_of(request: Request, record: RequestRecord, keys: Keys) -> RequestView:
 
 async def submit(body: SubmitRequest, request: Request, caller: CallerDep) -> Response:
     """Accept a chat completion; high/normal stream at once, low waits for the next batch."""
-    # The hot path of benchmark 3: app state is read directly rather than through four more
+    # The intake's hot path (bench_intake): app state is read directly rather than through four more
     # dependencies, and the answer is rendered to JSON bytes here: returning a `Response` skips
     # FastAPI's re-validation and encoding of a returned model, while `response_model` still
     # documents the body.
