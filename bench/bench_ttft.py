@@ -38,7 +38,7 @@ from typing import Any
 import orjson
 
 from bench.common import ClosedLoopRun, CpuMeter, closed_loop, percentile, run_fast, table, write_result
-from bench.sseclient import request_json, stream_lines
+from bench.sseclient import request_json, router_events, stream_lines
 from hybrid_router.settings import Settings
 from hybrid_router.simulator.testing import running_simulator
 from tests.support import Stack, start_redis_server, start_tls_redis_server
@@ -105,15 +105,9 @@ async def events(api_url: str, model: str) -> StreamSample:
     accepted = await request_json(f"{api_url}/v1/requests", headers=headers,
                                   json={"model": model, "messages": _prompt(), "priority": "high"})
     request_id = accepted["id"]  # type: ignore[index]
-    async for line in stream_lines(f"{api_url}/v1/requests/{request_id}/events", method="GET",
-                                   headers=headers):
-        if not line.startswith(b"data: "):
-            continue
-        event = orjson.loads(line[6:])
+    async for event in router_events(f"{api_url}/v1/requests/{request_id}/events", headers):
         if event["type"] == "token":
             sample.token()
-        elif event["type"] in ("done", "error", "cancelled"):
-            break
     return sample
 
 

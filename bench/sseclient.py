@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 from urllib.parse import urlparse
 
 import orjson
@@ -70,3 +71,18 @@ async def request_json(url: str, *, method: str = "POST", json: object | None = 
     body = b"".join([line async for line in stream_lines(url, method=method, json=json,
                                                           headers=headers)])
     return orjson.loads(body)
+
+
+FINAL_TYPES = ("done", "error", "cancelled")
+
+
+async def router_events(url: str, headers: dict[str, str]) -> AsyncIterator[dict[str, Any]]:
+    """The events of a router ``/events`` stream (``GET url``), parsed, up to and including
+    the final one (``done``, ``error`` or ``cancelled``)."""
+    async for line in stream_lines(url, method="GET", headers=headers):
+        if not line.startswith(b"data: "):
+            continue
+        event = orjson.loads(line[6:])
+        yield event
+        if event["type"] in FINAL_TYPES:
+            return

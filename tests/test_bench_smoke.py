@@ -1,4 +1,4 @@
-"""Smoke runs of the stream-lane and cost benchmarks at tiny sizes.
+"""Smoke runs of the stream-lane, cost and CPU benchmarks at tiny sizes.
 
 They assert only that each benchmark completes and prints its side-by-side figures; the figures
 themselves are recorded in bench/RESULTS.md from full runs, never asserted in tests.
@@ -33,6 +33,8 @@ RELAY_ROW = r"^\s*10\s+[\d.,]+\s+[\d.,]+\s+[\d.,]+\s+[\d.,]+"
          [RELAY_ROW]),
         ("bench.bench_cost", ["Cost benchmark", "savings", "Cost benchmark, tiers",
                               "all at the priority tier", "exact=True", "written:"], []),
+        ("bench.bench_cpu", ["CPU benchmark", "Redis calls per stream (events)", "idle:",
+                             "Redis calls", "written:"], []),
     ],
 )
 def test_benchmark_smoke_run_prints_figures(module: str, expected: list[str], rows: list[str]

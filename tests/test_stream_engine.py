@@ -133,8 +133,8 @@ def test_stop_lets_running_streams_end(ctx: StreamContext) -> None:
 
 
 def test_a_backlog_is_taken_in_queue_order_within_the_slots(ctx: StreamContext) -> None:
-    """Messages queued before the engine looks are taken several at a time (pipelined
-    RPOPLPUSH onto its taken list), in queue order, never more than its slots (4) at once, and
+    """Messages queued before the engine looks are taken several at a time (the TAKE script's
+    RPOPLPUSHes onto its taken list, one command), in queue order, never more than its slots (4) at once, and
     every one runs; none is left on the taken list."""
     settings = ctx.settings
     stream_list, control_list = queues(settings)
@@ -159,7 +159,7 @@ def test_a_backlog_is_taken_in_queue_order_within_the_slots(ctx: StreamContext) 
                            for i in ids), 20, message="every queued stream completed")
     assert ctx.redis.llen(stream_list) == 0
     stats = ctx.redis.info("commandstats")
-    assert stats["cmdstat_rpoplpush"]["calls"] >= 4  # several per round trip
+    assert stats["cmdstat_rpoplpush"]["calls"] >= 4  # several per take (inside the script)
     assert ctx.redis.llen(ctx.engine.taken_key) == 0
 
     def received() -> list[str]:

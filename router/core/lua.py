@@ -29,14 +29,20 @@ local function emit(seq_key, stream_key, channel, maxlen, policy, body)
   local data = '{"seq":' .. seq .. ',' .. string.sub(body, 2)
   redis.call('XADD', stream_key, 'MAXLEN', '~', maxlen, '0-' .. seq, 'd', data)
   redis.call('PUBLISH', channel, data)
-  local ttl, grace, due = string.match(policy, '^(%d+) (%d+) (.+)$')
-  ttl = tonumber(ttl or policy)
+  -- This runs for every event (a stream's every token batch), so the policy is read cheaply:
+  -- the TTL is its first word, kept a string (a plain find; a pattern with captures and a
+  -- number converted back for each EXPIRE cost ~3 us a call), and only a final event's first
+  -- letter (done, error, cancelled: {"type":"d|e|c...) leads to the full parse.
+  local space = string.find(policy, ' ', 1, true)
+  local ttl = space and string.sub(policy, 1, space - 1) or policy
   redis.call('EXPIRE', seq_key, ttl)
   redis.call('EXPIRE', stream_key, ttl)
-  if due and is_final_event(body) then
+  local kind = string.byte(body, 10)
+  if space and (kind == 100 or kind == 101 or kind == 99) and is_final_event(body) then
+    local grace, due = string.match(policy, '^%d+ (%d+) (.+)$')
     local t = redis.call('TIME')
     redis.call('ZADD', due, tonumber(t[1]) + tonumber(grace), string.match(stream_key, '{([^}]*)}$'))
-    redis.call('EXPIRE', due, ttl + tonumber(grace))
+    redis.call('EXPIRE', due, tonumber(ttl) + tonumber(grace))
   end
   return seq
 end
@@ -273,11 +279,12 @@ return with_record('claimed')
 EMIT_TOKENS = (
     _COMMON
     + """
-local cur = redis.call('HGET', KEYS[3], 'status')
+local state = redis.call('HMGET', KEYS[3], 'status', 'content_tokens_relayed')
+local cur = state[1]
 if (not cur) or is_terminal(cur) then return -1 end
 local holder = redis.call('GET', KEYS[4])
 if holder and holder ~= ARGV[4] then return -2 end
-local relayed = tonumber(redis.call('HGET', KEYS[3], 'content_tokens_relayed') or '0')
+local relayed = tonumber(state[2] or '0')
 local before, n = tonumber(ARGV[5]), tonumber(ARGV[6])
 if relayed == before + n then return 0 end
 if relayed ~= before then return -2 end
@@ -304,6 +311,21 @@ for i = 1, #KEYS do
   else
     out[i] = 0
   end
+end
+return out
+"""
+
+# KEYS: the stream queue, the engine's taken list   ARGV: how many messages at most
+# A stream engine's take of what is queued now (hybrid_router.workers.stream.engine): up to ARGV[1] messages
+# moved from the consuming end of the queue onto the taken list, oldest first, in one command.
+# Why a script: the same moves as pipelined RPOPLPUSHes cost Redis one command each, most of
+# them answering nil (a take asks for as many messages as the engine has free slots).
+TAKE = """
+local out = {}
+for i = 1, tonumber(ARGV[1]) do
+  local message = redis.call('RPOPLPUSH', KEYS[1], KEYS[2])
+  if not message then break end
+  out[i] = message
 end
 return out
 """
@@ -382,4 +404,5 @@ END_STREAM_RUN_SCRIPT = LuaScript(END_STREAM_RUN)
 EMIT_TOKENS_SCRIPT = LuaScript(EMIT_TOKENS)
 RENEW_LEASES_SCRIPT = LuaScript(RENEW_LEASES)
 RESTORE_TAKEN_SCRIPT = LuaScript(RESTORE_TAKEN)
+TAKE_SCRIPT = LuaScript(TAKE)
 COMPACT_SCRIPT = LuaScript(COMPACT)

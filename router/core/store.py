@@ -103,10 +103,11 @@ class StoreOps:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
+        # Built once: every event-emitting script takes it (a stream sends one per token batch).
+        self._replay_policy = replay_policy(settings)
 
     def _event_args(self, request_id: str) -> list[Any]:
-        s = self.settings
-        return [self.keys.channel(request_id), s.replay_maxlen, replay_policy(s)]
+        return [self.keys.channel(request_id), self.settings.replay_maxlen, self._replay_policy]
 
     def create(
         self,

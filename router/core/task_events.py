@@ -33,8 +33,10 @@ class TaskEvents:
     """Forwards task events from a thread of its own (nobody on the hot path waits for one),
     a batch per wake-up."""
 
-    def __init__(self, sink: EventSink, name: str = "task-events") -> None:
+    def __init__(self, sink: EventSink, name: str = "task-events",
+                 batch_s: float = EVENT_BATCH_S) -> None:
         self._sink = sink
+        self._batch_s = batch_s
         self._queue: queue.SimpleQueue[tuple[str, dict[str, Any]] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
@@ -54,7 +56,7 @@ class TaskEvents:
             first = self._queue.get()
             # Gather what arrives within a short window, so this thread wakes (and takes the
             # GIL from the loop) once per burst of stream starts rather than once per event.
-            time.sleep(EVENT_BATCH_S)
+            time.sleep(self._batch_s)
             batch = [first]
             while not self._queue.empty():
                 batch.append(self._queue.get())
