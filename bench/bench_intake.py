@@ -14,6 +14,14 @@ per request, the one figure that stays comparable on a shared machine.
 
 The default is one API process, as ``hybrid-router api``, ``hybrid-router up`` and the compose
 file run it.
+
+    python -m bench.bench_intake --api-processes 1,2,3 [--quick]   # scale-out
+    python -m bench.bench_intake --replica    # with a replica: the cost of waiting for it
+
+Scale-out: saturated ``POST /v1/requests`` (low) through 1, 2, 3 API processes (uvicorn
+workers), each count with a fresh API; reported: requests/s, p50/p99, and the CPU the API
+processes and Redis used per request (microseconds), which is what sizes a cluster on a machine
+whose two cores the load generator, Redis and the API share (docs/OPERATIONS.md, "Sizing").
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import httpx
 import orjson
 import redis
 
-from bench.common import group_cpu_s, run_fast, summary_ms, table, write_result
+from bench.common import group_cpu_s, run_fast, start_replica, summary_ms, table, write_result
 from bench.httpload import LoadResult, run_load
 from hybrid_router.router.core.keys import Keys
 from hybrid_router.settings import Settings
@@ -60,6 +68,68 @@ def cpu_us_per_request(res: LoadResult, cpu_s: float) -> int:
     return round(cpu_s * 1e6 / res.ok) if res.ok else 0
 
 
+BODY = orjson.dumps({
+    "model": "gpt-4o-mini",
+    "priority": "low",
+    "messages": [{"role": "user", "content": "Summarise the quarterly report in one line."}],
+    "max_tokens": 64,
+})
+HEADERS = {"Authorization": "Bearer bench-key", "Content-Type": "application/json"}
+
+
+async def saturate(url: str, api_pgid: int, redis_pgid: int, connections: int,
+                   duration: float) -> tuple[LoadResult, float, float]:
+    """Saturated low POSTs; the result and the CPU seconds the API and Redis used."""
+    await run_load(f"{url}/healthz", method="GET", connections=4, duration_s=0.5)
+    api0, redis0 = group_cpu_s(api_pgid), group_cpu_s(redis_pgid)
+    result = await run_load(f"{url}/v1/requests", body=BODY, headers=HEADERS,
+                            connections=connections, duration_s=duration)
+    return result, group_cpu_s(api_pgid) - api0, group_cpu_s(redis_pgid) - redis0
+
+
+def scale_out(counts: list[int], duration: float, connections: int, quick: bool) -> int:
+    """Saturated low intake through 1, 2, 3... API processes; CPU per request of each part."""
+    workdir = Path(tempfile.mkdtemp(prefix="hr-bench-intake-scale-"))
+    redis_proc, redis_url = start_redis_server(workdir)
+    rows: list[dict[str, Any]] = []
+    lost = 0
+    try:
+        for count in counts:
+            settings = Settings(redis_url=f"{redis_url}/0", key_prefix=f"bench{count}",
+                                log_level="WARNING", api_keys={"bench-key": "bench"})
+            api_proc, api_url = start_api(settings, workdir, count)
+            try:
+                result, api_cpu, redis_cpu = run_fast(saturate(
+                    api_url, api_proc.pid, redis_proc.pid, connections, duration))
+                client = redis.Redis.from_url(settings.redis_url)
+                queued = int(client.llen(Keys(settings.key_prefix).pending("gpt-4o-mini")))
+                client.close()
+                lost += queued != result.ok
+            finally:
+                api_proc.stop()
+            s = summary_ms(result.latencies_s)
+            rows.append({"api_processes": count, "rate": round(result.rate), "ok": result.ok,
+                         "errors": result.errors, "p50_ms": s["p50_ms"], "p99_ms": s["p99_ms"],
+                         "api_cpu_us_per_request": cpu_us_per_request(result, api_cpu),
+                         "redis_cpu_us_per_request": cpu_us_per_request(result, redis_cpu),
+                         "client_cpu_us_per_request": cpu_us_per_request(result,
+                                                                         result.client_cpu_s),
+                         "queued_equals_accepted": queued == result.ok})
+    finally:
+        redis_proc.stop()
+    print(f"\nIntake scale-out — saturated POST /v1/requests (low), {connections} connections, "
+          f"{duration:g}s per count\n")
+    print(table(["API processes", "req/s", "ok", "errors", "p50 ms", "p99 ms", "API CPU us/req",
+                 "Redis CPU us/req", "client CPU us/req", "queued == accepted"],
+                [[r["api_processes"], r["rate"], r["ok"], r["errors"], r["p50_ms"], r["p99_ms"],
+                  r["api_cpu_us_per_request"], r["redis_cpu_us_per_request"],
+                  r["client_cpu_us_per_request"], r["queued_equals_accepted"]] for r in rows]))
+    path = write_result("intake_scale_quick" if quick else "intake_scale", {
+        "quick": quick, "connections": connections, "duration_s": duration, "rows": rows})
+    print(f"written: {path}")
+    return 0 if lost == 0 else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
@@ -67,12 +137,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--workers", type=int, default=1,
                         help="API worker processes (default 1, as shipped)")
+    parser.add_argument("--replica", action="store_true",
+                        help="with a replica of the Redis: each 202 waits for it (WAIT)")
+    parser.add_argument("--api-processes", default="",
+                        help="scale-out over these API process counts (e.g. 1,2,3); runs only "
+                        "the saturated POST for each")
     args = parser.parse_args(argv)
     duration = 1.0 if args.quick else args.duration
     connections = 8 if args.quick else args.connections
+    if args.api_processes:
+        return scale_out([int(x) for x in args.api_processes.split(",")], duration,
+                         connections, args.quick)
 
     workdir = Path(tempfile.mkdtemp(prefix="hr-bench-intake-"))
     redis_proc, redis_url = start_redis_server(workdir)
+    replica = start_replica(redis_url, workdir) if args.replica else None
     settings = Settings(redis_url=f"{redis_url}/0", key_prefix="bench", log_level="WARNING",
                         api_keys={"bench-key": "bench"})
     api_proc, api_url = start_api(settings, workdir, args.workers)
@@ -116,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         accepted = results["router_sat"].ok + results["router_half"].ok
     finally:
         api_proc.stop()
+        if replica is not None:
+            replica.stop()
         redis_proc.stop()
 
     headers_row = ["scenario", "req/s", "ok", "errors", "p50 ms", "p90 ms", "p99 ms",
@@ -127,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         row("POST /v1/requests low at half load", results["router_half"], cpu["router_half"]),
     ]
     print(f"\nIntake benchmark — {args.workers} API worker(s), {connections} connections, "
-          f"{duration:g}s per scenario\n")
+          f"{duration:g}s per scenario"
+          f"{', with a replica (each 202 waits for it)' if args.replica else ''}\n")
     print(table(headers_row, rows))
     p99_half = summary_ms(results["router_half"].latencies_s)["p99_ms"]
     half = results["router_half"]
@@ -137,8 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"target: >= {TARGET_RATE:,.0f}/s saturated -> {results['router_sat'].rate:,.0f}/s; "
           f"p99 <= {TARGET_P99_MS} ms at half load -> {p99_half} ms")
     # A quick (smoke) run must not overwrite the figures of the last full run.
-    path = write_result("intake_quick" if args.quick else "intake", {
+    name = ("intake_quick" if args.quick else "intake") + ("_replica" if args.replica else "")
+    path = write_result(name, {
         "quick": args.quick,
+        "replica": args.replica,
         "api_workers": args.workers,
         "connections": connections,
         "duration_s": duration,

@@ -16,8 +16,16 @@ B. Capacity: streams at 30 tokens/s each (60 tokens, 2 s) through ONE stream wor
      first level that misses. After two missed levels the rest are skipped (--all-levels);
    * burst: N streams started at the same instant (how fast N simultaneous starts are absorbed).
 
+C. Scale-out (``--stream-workers 1,2,3``, instead of A and B): the same sustained load
+   (``--scale-streams`` per worker, 30 tokens/s each) through 1, 2, 3 stream worker processes;
+   reported: streams kept, starts/s, events/s, added gap p99, and the CPU the workers, the API
+   and Redis used per stream in flight and per 1,000 token events/s. On a 2-core machine the
+   CPU is the limit, so the CPU figures (not the stream counts) are what sizes a cluster
+   (docs/OPERATIONS.md, "Sizing").
+
     python -m bench.bench_relay            # full run (2-4 minutes)
     python -m bench.bench_relay --quick    # smoke size
+    python -m bench.bench_relay --stream-workers 1,2,3 [--quick]
 """
 
 from __future__ import annotations
@@ -302,6 +310,81 @@ def sustained_row(level: int, stream_s: float, d_run: ClosedLoopRun[Relayed],
     return row
 
 
+def scale_out(worker_counts: list[int], per_worker: int, quick: bool, measure_s: float) -> int:
+    """C: the same load per worker through 1, 2, 3... stream worker processes."""
+    tokens, tps = (10, 30.0) if quick else (60, 30.0)
+    workdir = Path(tempfile.mkdtemp(prefix="hr-bench-relay-scale-"))
+    redis_proc, redis_url = start_redis_server(workdir)
+    rows: list[dict[str, Any]] = []
+    try:
+        with running_simulator(ttft_s=0.0, tokens_per_s=0.0) as sim_url:
+            for count in worker_counts:
+                level = per_worker * count
+                settings = Settings(redis_url=f"{redis_url}/0", key_prefix=f"bench{count}",
+                                    upstream_base_url=sim_url, upstream_api_key="sk-bench",
+                                    api_keys={API_KEY: "bench"}, log_level="WARNING",
+                                    stream_worker_concurrency=per_worker * 2 + 50)
+                stack = Stack(settings)
+                try:
+                    api_url = stack.start_api()
+                    workers = [stack.start_worker("stream") for _ in range(count)]
+                    api_proc = next(p for p in stack.processes if p.name == "api")
+                    groups = {"api": api_proc.pid, "redis": redis_proc.pid}
+                    groups.update({f"worker{i}": w.pid for i, w in enumerate(workers)})
+                    meter = CpuMeter(groups, {"simulator": child_pids("-m hybrid_router.simulator")})
+                    run_fast(router_run(api_url, settings, 2, 10, 0))  # warm-up
+                    run = run_fast(router_sustained(api_url, settings, level, tokens, tps,
+                                                    measure_s, meter))
+                finally:
+                    stack.stop()
+                cpu = run.cpu_percent()
+                worker_cpu = sum(v for k, v in cpu.items() if k.startswith("worker"))
+                gaps = [g for t in run.samples for g in t.value.gaps]
+                events_per_s = run.starts_per_s * statistics.fmean(
+                    [t.value.tokens for t in run.samples] or [0])
+                streaming = run.starts_per_s * (tokens - 1) / tps  # streams really in flight
+                per_stream = streaming or 1.0
+                per_kev = (events_per_s / 1000) or 1.0
+                rows.append({
+                    "stream_workers": count, "streams": level,
+                    "streams_in_flight": round(streaming, 1),
+                    "starts_per_s": round(run.starts_per_s, 1),
+                    "events_per_s": round(events_per_s), "errors": run.errors,
+                    "gap_p99_ms": round(percentile(gaps, 99) * 1000, 1),
+                    "cpu_percent_of_one_core": {"workers": round(worker_cpu, 1),
+                                                "api": cpu["api"], "redis": cpu["redis"],
+                                                "machine": cpu["machine"]},
+                    "cpu_ms_per_s_per_stream": {
+                        "workers": round(10 * worker_cpu / per_stream, 2),
+                        "api": round(10 * cpu["api"] / per_stream, 2),
+                        "redis": round(10 * cpu["redis"] / per_stream, 2)},
+                    "cpu_percent_per_1000_events_per_s": {
+                        "workers": round(worker_cpu / per_kev, 1),
+                        "api": round(cpu["api"] / per_kev, 1),
+                        "redis": round(cpu["redis"] / per_kev, 1)},
+                })
+    finally:
+        redis_proc.stop()
+    print(f"\nC. Scale-out: {per_worker} streams per stream worker kept in flight, {tokens} "
+          f"tokens at {tps:g} tokens/s each, {measure_s:g} s measured; cpu in % of one core "
+          f"(machine max {100 * (os.cpu_count() or 1)}%); per stream = CPU ms per second per "
+          f"stream in flight\n")
+    print(table(["workers", "streams", "in flight", "starts/s", "events/s", "gap p99 ms",
+                 "errors", "workers cpu", "api cpu", "redis cpu", "machine cpu",
+                 "workers ms/s/stream", "api ms/s/stream", "redis ms/s/stream"],
+                [[r["stream_workers"], r["streams"], r["streams_in_flight"], r["starts_per_s"],
+                  r["events_per_s"], r["gap_p99_ms"], r["errors"],
+                  r["cpu_percent_of_one_core"]["workers"], r["cpu_percent_of_one_core"]["api"],
+                  r["cpu_percent_of_one_core"]["redis"], r["cpu_percent_of_one_core"]["machine"],
+                  r["cpu_ms_per_s_per_stream"]["workers"], r["cpu_ms_per_s_per_stream"]["api"],
+                  r["cpu_ms_per_s_per_stream"]["redis"]] for r in rows]))
+    path = write_result("relay_scale_quick" if quick else "relay_scale", {
+        "quick": quick, "per_worker": per_worker, "tokens": tokens, "tps": tps,
+        "measure_s": measure_s, "rows": rows})
+    print(f"written: {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Token relay throughput and capacity")
     parser.add_argument("--quick", action="store_true")
@@ -315,7 +398,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="B sustained: go on after two missed levels")
     parser.add_argument("--burst-levels", default="50,100,200,300,400",
                         help="B burst: streams started at the same instant")
+    parser.add_argument("--stream-workers", default="",
+                        help="C: scale-out over these stream worker counts (e.g. 1,2,3); "
+                        "runs C only")
+    parser.add_argument("--scale-streams", type=int, default=100,
+                        help="C: streams kept in flight per stream worker")
     args = parser.parse_args(argv)
+    if args.stream_workers:
+        return scale_out([int(x) for x in args.stream_workers.split(",")],
+                         5 if args.quick else args.scale_streams, args.quick,
+                         0.7 if args.quick else args.measure_s)
     streams_a, tokens_a = (10, 50) if args.quick else (args.streams, args.tokens)
     if args.quick:
         levels, burst_levels, measure_s = [5, 10], [5, 10], 0.7

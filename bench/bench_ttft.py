@@ -20,6 +20,7 @@ measured windows, and the client's event-loop lag (if it grows, the client is no
     python -m bench.bench_ttft --quick    # smoke size
     python -m bench.bench_ttft --redis tls   # the router on TLS Redis (rediss://, self-signed)
     python -m bench.bench_ttft --redis unix  # the router on Redis over a unix socket
+    python -m bench.bench_ttft --replica  # with a replica: the cost of waiting for it (WAIT)
 """
 
 from __future__ import annotations
@@ -37,7 +38,16 @@ from typing import Any
 
 import orjson
 
-from bench.common import ClosedLoopRun, CpuMeter, closed_loop, percentile, run_fast, table, write_result
+from bench.common import (
+    ClosedLoopRun,
+    CpuMeter,
+    closed_loop,
+    percentile,
+    run_fast,
+    start_replica,
+    table,
+    write_result,
+)
 from bench.sseclient import request_json, router_events, stream_lines
 from hybrid_router.settings import Settings
 from hybrid_router.simulator.testing import running_simulator
@@ -208,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis", choices=("tcp", "tls", "unix"), default="tcp",
                         help="how the router reaches its private Redis: plain TCP, TLS "
                              "(rediss://, a self-signed certificate) or a unix socket")
+    parser.add_argument("--replica", action="store_true",
+                        help="with a replica of the Redis: each acceptance waits for it (WAIT)")
     args = parser.parse_args(argv)
     if args.quick:
         levels, burst_levels, args.slices, args.slice_s = [1, 5], [5], 1, 0.6
@@ -227,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         redis_proc, tls_url, unix_url = start_tls_redis_server(workdir)
         redis_url = tls_url if args.redis == "tls" else unix_url
+    replica = start_replica(redis_url, workdir) if args.replica else None
     sustained: dict[int, dict[str, ClosedLoopRun[StreamSample]]] = {}
     burst: dict[int, dict[str, list[StreamSample]]] = {}
     timings: dict[str, float] = {}
@@ -269,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 stack.stop()
     finally:
+        if replica is not None:
+            replica.stop()
         redis_proc.stop()
 
     sus_data = {str(level): sustained_figures(runs) for level, runs in sustained.items()}
@@ -322,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                             and target[way]["errors"] == 0)  # type: ignore[index]
         print(f"  {way}: added p50 {added['p50']:.1f} ms, p99 {added['p99']:.1f} ms -> "
               f"{'met' if verdict[way] else 'NOT met'}")
-    name = "ttft_quick" if args.quick else "ttft"
+    name = ("ttft_quick" if args.quick else "ttft") + ("_replica" if args.replica else "")
     path = write_result(name if args.redis == "tcp" else f"{name}_{args.redis}", {
         "quick": args.quick, "sim": vars(args), "timings_s": timings,
         "sustained": sus_data, "burst": burst_data,

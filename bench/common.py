@@ -285,3 +285,22 @@ async def closed_loop(start_stream: Callable[[], Awaitable[T]], streams: int, *,
 
     await asyncio.gather(measure(), *(loop(i) for i in range(streams)))
     return run
+
+
+def start_replica(primary_url: str, workdir: Path) -> Any:
+    """A redis-server replicating `primary_url` (in sync on return): with it, the intake waits
+    for the replica before each 202 (``ROUTER_REDIS_WAIT_REPLICAS``), which is what
+    ``--replica`` runs measure. Returns its `tests.support.ManagedProcess`."""
+    import redis
+
+    from tests.support import start_redis_server, wait_until
+
+    host, _, port = primary_url.removeprefix("redis://").partition(":")
+    replica_dir = workdir / "replica"
+    replica_dir.mkdir(exist_ok=True)
+    proc, url = start_redis_server(replica_dir, extra_args=("--replicaof", host, port))
+    client = redis.Redis.from_url(url)
+    wait_until(lambda: client.info("replication").get("master_link_status") == "up", 30,
+               message="replica in sync")
+    client.close()
+    return proc

@@ -18,6 +18,8 @@ from urllib.parse import urlparse
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from hybrid_router.settings.redis_url import SENTINEL_SCHEMES, parse_sentinel
+
 BatchMode = Literal["native", "emulated", "auto"]
 Route = Literal["stream", "batch"]
 
@@ -147,7 +149,18 @@ class Settings(BaseSettings):
     # --- connections -------------------------------------------------------------------------
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",
-        description="Redis for queues, records, channels and the Celery broker.",
+        description="Redis for queues, records, channels and the Celery broker: "
+        "redis://, rediss:// (TLS), unix://, or behind Sentinel "
+        "sentinel://[user:password@]s1:26379,s2:26379/mymaster/0 (sentinels:// for TLS).",
+    )
+    redis_wait_replicas: int = Field(
+        1, ge=0, le=16, description="Replicas that must have a new request before it is "
+        "acknowledged (202, or a drop-in stream's first byte): Redis WAIT, only while the master "
+        "reports connected replicas (none: nothing changes); 0 = do not wait."
+    )
+    redis_wait_timeout_ms: int = Field(
+        500, ge=1, le=60000, description="Longest wait for the replicas (ROUTER_REDIS_WAIT_"
+        "REPLICAS); past it the request is acknowledged anyway and a warning logged."
     )
     key_prefix: str = Field("hr", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
     upstream_base_url: str | None = Field(
@@ -336,10 +349,13 @@ class Settings(BaseSettings):
     @classmethod
     def _redis_url_is_redis(cls, value: str) -> str:
         parsed = urlparse(value)
+        if parsed.scheme in SENTINEL_SCHEMES:
+            parse_sentinel(value)  # ValueError naming what is wrong
+            return value
         if parsed.scheme not in ("redis", "rediss", "unix"):
             raise ValueError(
-                "must be a Redis URL such as redis://127.0.0.1:6379/0 "
-                f"(got scheme {parsed.scheme!r})"
+                "must be a Redis URL such as redis://127.0.0.1:6379/0 or a Sentinel URL such as "
+                f"sentinel://h1:26379,h2:26379/mymaster/0 (got scheme {parsed.scheme!r})"
             )
         if parsed.scheme != "unix" and not parsed.hostname:
             raise ValueError("must name a host, e.g. redis://127.0.0.1:6379/0")

@@ -111,6 +111,7 @@ class ChaosConfig:
     stream_concurrency: int | None = None  # None: the stream worker's default
     deadline_s: float = 120.0  # after the chaos window, for everything to become terminal
     workdir: Path | None = None
+    submit_threads: int = SUBMIT_THREADS
 
     @classmethod
     def long(cls, seed: int = 1) -> ChaosConfig:
@@ -311,8 +312,13 @@ class ChaosRun:
         self.run_id = uuid.uuid4().hex[:8]
         self.report = ChaosReport()
         self.accepted: dict[int, str] = {}  # plan index -> request id
+        self.accepted_at: dict[int, float] = {}  # plan index -> when (monotonic)
+        self.first_try_at: dict[int, float] = {}  # plan index -> its first try (monotonic)
+        self.retried_before_accepted: dict[int, int] = {}  # plan index -> failed tries first
+        self.submit_patience_s = SUBMIT_PATIENCE_S
         self.lock = threading.Lock()  # one chaos action at a time vs. process bookkeeping
         self.stop_event = threading.Event()
+        self.submissions_stop = threading.Event()  # the run is over: stop submitting
         self.cancel_targets: dict[int, float] = {}  # plan index -> seconds after acceptance
         self.cancels_acknowledged: set[str] = set()
         self.settings_batch_max_attempts = 0
@@ -328,31 +334,44 @@ class ChaosRun:
         patience: the time its own submission waited behind others' does not count)."""
         body = {"priority": planned.priority, "messages": planned.messages, "model": MODEL,
                 "idempotency_key": planned.idempotency_key}
-        deadline = time.monotonic() + SUBMIT_PATIENCE_S
-        while time.monotonic() < deadline:
+        first_try = time.monotonic()
+        deadline = first_try + self.submit_patience_s
+        attempt = 0
+        while time.monotonic() < deadline and not self.submissions_stop.is_set():
             try:
-                response = httpx.post(f"{self.api_url}/v1/requests", json=body, timeout=10)
+                response = httpx.post(f"{self._submit_url(planned, attempt)}/v1/requests",
+                                      json=body, timeout=httpx.Timeout(10.0, connect=2.0))
             except httpx.HTTPError:
                 response = None
             if response is not None and response.status_code in (200, 202):
                 request_id = response.json()["id"]
                 with self.lock:
+                    if self.submissions_stop.is_set():  # the run is being checked already
+                        return
                     self.accepted[planned.index] = request_id
+                    self.accepted_at[planned.index] = time.monotonic()
+                    self.first_try_at[planned.index] = first_try
+                    self.retried_before_accepted[planned.index] = attempt
                 if planned.index in self.follow_indices:
                     self._start_follower(request_id)
                 if planned.index in self.cancel_targets:
                     self._cancel(request_id, self.cancel_targets[planned.index])
                 return
+            attempt += 1
             with self.lock:
                 self.report.submit_retries += 1
             time.sleep(0.2)
         self.report.problems.append(
-            f"request #{planned.index} not accepted in {SUBMIT_PATIENCE_S:g} s of retries")
+            f"request #{planned.index} not accepted in {self.submit_patience_s:g} s of retries")
+
+    def _submit_url(self, _planned: Planned, _attempt: int) -> str:
+        """Where a submission goes (the API moves to a new port after each kill)."""
+        return self.api_url
 
     def _submitter(self, plan: list[Planned]) -> None:
         start = time.monotonic()
         gap = self.config.submit_window_s / max(1, len(plan))
-        with ThreadPoolExecutor(SUBMIT_THREADS) as pool:
+        with ThreadPoolExecutor(self.config.submit_threads) as pool:
             for i, planned in enumerate(plan):
                 delay = start + i * gap - time.monotonic()
                 if delay > 0:
@@ -362,11 +381,16 @@ class ChaosRun:
     def _start_follower(self, request_id: str) -> None:
         follower = SseFollower(request_id)
         thread = threading.Thread(target=follower.follow,
-                                  args=(lambda: self.api_url, self.followers_stop), daemon=True)
+                                  args=(self._follow_url(request_id), self.followers_stop),
+                                  daemon=True)
         with self.lock:
             self.followers[request_id] = follower
             self.follower_threads.append(thread)
         thread.start()
+
+    def _follow_url(self, _request_id: str) -> Callable[[], str]:
+        """Where a follower finds the API now (it moves to a new port after each kill)."""
+        return lambda: self.api_url
 
     def _cancel(self, request_id: str, after_s: float) -> None:
         """Cancel soon after acceptance, while the request is queued or streaming."""
@@ -472,6 +496,7 @@ class ChaosRun:
             stack.workdir.mkdir(exist_ok=True)
             exits.callback(stack.stop)
             exits.callback(self.followers_stop.set)
+            exits.callback(self.submissions_stop.set)  # no client left retrying after the run
             self.api_url = stack.start_api()
             procs = {"api": stack.processes[-1],
                      "worker-stream": self._start(stack, "worker-stream"),
@@ -500,8 +525,8 @@ class ChaosRun:
             self._heal(stack, procs)
             client = redis.Redis.from_url(settings.redis_url)
             exits.callback(client.close)
-            self._wait_terminal(client, settings, stack, procs, time.monotonic()
-                                + config.deadline_s)
+            self._wait_terminal(client, settings, time.monotonic() + config.deadline_s,
+                                lambda: self._heal(stack, procs))
             self._wait_followers(time.monotonic() + 30)
             self._verify(client, settings, sim, plan)
             self.report.seconds = time.monotonic() - started
@@ -510,19 +535,24 @@ class ChaosRun:
             delete_prefix(settings.redis_url, settings.key_prefix)
         return self.report
 
-    def _wait_terminal(self, client: redis.Redis, settings: Settings, stack: Stack,
-                       procs: dict[str, ManagedProcess], deadline: float) -> None:
+    def _wait_terminal(self, client: redis.Redis, settings: Settings, deadline: float,
+                       tick: Callable[[], None]) -> None:
+        """Until every accepted request is terminal or the deadline; `tick` between looks."""
         keys = Keys(settings.key_prefix)
         waiting = set(self.accepted.values())
         while waiting and time.monotonic() < deadline:
-            pipe = client.pipeline(transaction=False)
             ordered = sorted(waiting)
+            pipe = client.pipeline(transaction=False)
             for rid in ordered:
                 pipe.hget(keys.record(rid), "status")
-            for rid, status in zip(ordered, pipe.execute(), strict=True):
+            try:
+                statuses = pipe.execute()
+            except redis.RedisError:  # Redis between masters: look again
+                statuses = [None] * len(ordered)
+            for rid, status in zip(ordered, statuses, strict=True):
                 if status is not None and status.decode() in TERMINAL:
                     waiting.discard(rid)
-            self._heal(stack, procs)
+            tick()
             time.sleep(0.5)
         for rid in sorted(waiting):
             status = client.hget(keys.record(rid), "status")

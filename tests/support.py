@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import httpx
 import redis
 
+from hybrid_router.router.core.redis_io import sync_client
 from hybrid_router.settings import Settings, settings_to_env
 
 T = TypeVar("T")
@@ -160,7 +161,6 @@ def start_redis_server(workdir: Path, appendonly: bool = False, port: int | None
     ]
     proc = ManagedProcess("redis", argv, dict(os.environ), workdir / "redis.log").start()
     url = f"redis://127.0.0.1:{port}"
-    import redis
 
     if wait:  # else the caller waits on the server its own way (no plain port: `port=0`)
         wait_until(lambda: redis.Redis.from_url(url).ping(), 10, message="private redis-server")
@@ -295,7 +295,7 @@ class Stack:
             from hybrid_router.router.core.keys import Keys
             from hybrid_router.router.core.runtime_config import BeatReport
 
-            client = redis.Redis.from_url(self.settings.redis_url)
+            client = sync_client(self.settings.redis_url)
             try:
                 report = BeatReport.from_hash(client.hgetall(Keys(self.settings.key_prefix).beat()))
             finally:
@@ -324,9 +324,7 @@ class Stack:
 
 def delete_prefix(redis_url: str, prefix: str) -> None:
     """Remove every key a test created under its private prefix (and Celery's under it)."""
-    import redis
-
-    client = redis.Redis.from_url(redis_url)
+    client = sync_client(redis_url)
     for pattern in (f"{prefix}:*", f"{prefix}.*"):
         batch: list[Any] = []
         for key in client.scan_iter(match=pattern, count=1000):

@@ -19,7 +19,7 @@ from hybrid_router.router.core.event_hub import event_follower
 from hybrid_router.router.core.intake import StreamDispatcher
 from hybrid_router.router.core.lane_facts import LaneFactsCache
 from hybrid_router.router.core.logs import configure_logging, get_logger
-from hybrid_router.router.core.redis_io import async_client
+from hybrid_router.router.core.redis_io import async_client, safe_url
 from hybrid_router.router.core.store import AsyncRequestStore
 from hybrid_router.settings import Settings
 
@@ -44,7 +44,7 @@ def create_app(settings: Settings, dispatcher: StreamDispatcher | None = None) -
         if not settings.auth_enabled:
             log.warning("auth is OFF: ROUTER_API_KEYS is empty; every caller is tenant 'default' "
                         "(development only)")
-        log.info("intake API ready", redis=settings.redis_url.split("@")[-1],
+        log.info("intake API ready", redis=safe_url(settings.redis_url),
                  upstream=settings.effective_upstream_base_url)
         # Everything built so far lives as long as the process: move it out of the collector's
         # reach so full collections stay short (they show up as p99 latency under load).

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
+from hybrid_router.router.core.redis_io import sync_client
 from hybrid_router.settings import Settings
 
 if TYPE_CHECKING:
@@ -312,9 +313,8 @@ def status(
     """Queues by lane and model, batches in flight, workers that answer, and the cost ledger."""
     import redis
 
-    from hybrid_router.router.cli.up import safe_url
     from hybrid_router.router.core.live_stats import take_live
-    from hybrid_router.router.core.redis_io import sync_client
+    from hybrid_router.router.core.redis_io import safe_url
     from hybrid_router.router.core.stats import take_snapshot
 
     settings = load_settings()

@@ -26,14 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any, TextIO
-from urllib.parse import urlparse
 
 import httpx
 import redis
 from pydantic import SecretStr
 
 from hybrid_router.router.core.logs import get_logger
-from hybrid_router.router.core.redis_io import sync_client
+from hybrid_router.router.core.redis_io import safe_url, sync_client
 from hybrid_router.settings import Settings, settings_to_env
 
 log = get_logger(__name__)
@@ -82,14 +81,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host if host not in ("0.0.0.0", "") else "127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def safe_url(url: str) -> str:
-    """A URL with any password replaced, for banners and logs."""
-    parsed = urlparse(url)
-    if parsed.password:
-        return url.replace(f":{parsed.password}@", ":***@", 1)
-    return url
 
 
 def local_host(host: str) -> str:

@@ -28,6 +28,7 @@ import orjson
 
 from hybrid_router.router.core.blocking import iterate_blocking, run_blocking
 from hybrid_router.router.core.events import FINAL_EVENT_TYPES
+from hybrid_router.router.core.redis_io import sync_client
 from hybrid_router.router.core.states import TERMINAL
 
 if TYPE_CHECKING:
@@ -487,7 +488,6 @@ class DirectEnqueuer:
         from hybrid_router.router.core.celery_app import build_celery
         from hybrid_router.router.core.dispatch import CeleryStreamDispatcher
         from hybrid_router.router.core.lane_facts import LaneFactsCache
-        from hybrid_router.router.core.redis_io import sync_client
         from hybrid_router.router.core.store import RequestStore
 
         self.settings = settings

@@ -13,7 +13,7 @@ import sys
 from celery import Celery
 from kombu import Queue
 
-from hybrid_router.router.core.broker_transport import TRANSPORT
+from hybrid_router.router.core.broker_transport import transport_for
 from hybrid_router.router.core.keys import Keys
 from hybrid_router.router.core.redis_io import redis_target
 from hybrid_router.settings import Settings, get_settings
@@ -29,7 +29,8 @@ CALLBACK_TASK = "hr.batch.callback"
 def build_celery(settings: Settings) -> Celery:
     """An app configured for `settings`: enough to send any of the router's tasks."""
     keys = Keys(settings.key_prefix)
-    broker_url, broker_tls = redis_target(settings.redis_url).broker()
+    # Behind Sentinel: kombu's ``sentinel://`` transport, told the master's name.
+    broker_url, broker_options, broker_tls = redis_target(settings.redis_url).broker()
     app = Celery("hybrid-router", broker=broker_url)
     stream_q, batch_q = keys.stream_queue(), keys.batch_queue()
     control_q = keys.stream_control_queue()
@@ -41,7 +42,7 @@ def build_celery(settings: Settings) -> Celery:
                      "hr.batch.*": {"queue": batch_q}},
         # kombu's Redis transport with a guard against a kombu defect that made a worker exit
         # when Redis went away under a running task (hybrid_router.router.core.broker_transport).
-        broker_transport=TRANSPORT,
+        broker_transport=transport_for(settings.redis_url),
         broker_use_ssl=broker_tls,
         task_serializer="json",
         accept_content=["json"],
@@ -58,6 +59,7 @@ def build_celery(settings: Settings) -> Celery:
         broker_transport_options={
             "global_keyprefix": keys.celery_prefix(),
             "visibility_timeout": int(settings.stream_total_timeout_s) + 300,
+            **broker_options,
         },
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0.05,
                                    "interval_step": 0.2, "interval_max": 0.5},

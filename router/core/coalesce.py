@@ -22,23 +22,29 @@ import asyncio
 from typing import Any
 
 from hybrid_router.router.core.redis_io import LuaScript, PipePool, run_scripts
+from hybrid_router.router.core.replica_wait import ReplicaWait
 
-_Call = tuple[LuaScript, list[str], list[Any], "asyncio.Future[Any]"]
+_Call = tuple[LuaScript, list[str], list[Any], "asyncio.Future[Any]", bool]
 
 
 class ScriptCoalescer:
-    """Runs `LuaScript`s on a `PipePool`, coalescing the calls of one loop iteration."""
+    """Runs `LuaScript`s on a `PipePool`, coalescing the calls of one loop iteration.
 
-    def __init__(self, pool: PipePool) -> None:
+    A `durable` call (a new request) makes its batch end with the `ReplicaWait` command, on the
+    same connection: its caller hears back once a replica has the batch's writes."""
+
+    def __init__(self, pool: PipePool, replicas: ReplicaWait | None = None) -> None:
         self.pool = pool
+        self.replicas = replicas
         self._gathering: list[_Call] | None = None  # the followers of the current leader
         self._tasks: set[asyncio.Task[None]] = set()  # pipelines in flight (strong references)
 
-    async def run(self, script: LuaScript, keys: list[str], args: list[Any]) -> Any:
+    async def run(self, script: LuaScript, keys: list[str], args: list[Any],
+                  durable: bool = False) -> Any:
         loop = asyncio.get_running_loop()
         if self._gathering is not None:
             future: asyncio.Future[Any] = loop.create_future()
-            self._gathering.append((script, keys, args, future))
+            self._gathering.append((script, keys, args, future, durable))
             return await future
         followers: list[_Call] = []
         self._gathering = followers
@@ -50,14 +56,15 @@ class ScriptCoalescer:
                 self._spawn(followers)  # this leader was cancelled: its followers still go
             raise
         self._gathering = None
-        if not followers:
+        durable = durable and self.replicas is not None and self.replicas.may_wait(self.pool)
+        if not followers and not durable:
             result = (await run_scripts(self.pool, [(script, keys, args)]))[0]
             if isinstance(result, Exception):
                 raise result
             return result
         own: asyncio.Future[Any] = loop.create_future()
         # In a task of its own, so that a cancelled leader cannot leave its followers waiting.
-        self._spawn([(script, keys, args, own), *followers])
+        self._spawn([(script, keys, args, own, durable), *followers])
         return await own
 
     def _spawn(self, calls: list[_Call]) -> None:
@@ -67,17 +74,22 @@ class ScriptCoalescer:
 
     async def _execute(self, calls: list[_Call]) -> None:
         try:
-            results = await run_scripts(self.pool, [call[:3] for call in calls])
+            wait = None
+            if self.replicas is not None and any(call[4] for call in calls):
+                wait = await self.replicas.acommand(self.pool)
+            results = await run_scripts(self.pool, [call[:3] for call in calls], then=wait)
+            if wait is not None and self.replicas is not None:
+                self.replicas.confirmed(wait, results.pop())
         except asyncio.CancelledError:
-            for *_, future in calls:
-                future.cancel()
+            for call in calls:
+                call[3].cancel()
             raise
         except Exception as exc:  # Redis away, a timeout: every caller gets the error, as alone
-            for *_, future in calls:
-                if not future.done():
-                    future.set_exception(exc)
+            for call in calls:
+                if not call[3].done():
+                    call[3].set_exception(exc)
             return
-        for (*_, future), result in zip(calls, results, strict=True):
+        for (*_, future, _durable), result in zip(calls, results, strict=True):
             if future.done():
                 continue
             if isinstance(result, Exception):

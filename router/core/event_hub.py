@@ -31,7 +31,13 @@ from hybrid_router.router.core.events import stream_id_after
 from hybrid_router.router.core.keys import Keys
 from hybrid_router.router.core.logs import get_logger
 from hybrid_router.router.core.records import PACKED_FIELD
-from hybrid_router.router.core.redis_io import PipePool, open_transport, raise_errors, redis_target
+from hybrid_router.router.core.redis_io import (
+    PipePool,
+    check_setup_reply,
+    open_transport,
+    raise_errors,
+    redis_target,
+)
 from hybrid_router.router.core.subscribe import follow
 from hybrid_router.settings import Settings
 
@@ -241,9 +247,11 @@ class EventHub:
                 self._auth_replies.append(auth)
                 self._write(protocol, command)
                 reply = await asyncio.wait_for(auth, CONNECT_TIMEOUT_S)
-                if isinstance(reply, hiredis.ReplyError):
+                try:
+                    check_setup_reply(reply)
+                except redis.RedisError:
                     transport.close()
-                    raise redis.AuthenticationError(str(reply))
+                    raise
         except (OSError, TimeoutError) as exc:
             raise redis.ConnectionError(f"event hub: cannot reach Redis: {exc}") from exc
         self._protocol = protocol
@@ -256,6 +264,13 @@ class EventHub:
         protocol.transport.write(hiredis.pack_command(command))
 
     def _on_reply(self, protocol: _HubProtocol, reply: Any) -> None:
+        if self._auth_replies and not (isinstance(reply, list) and reply
+                                       and reply[0] in (b"message", b"subscribe",
+                                                        b"unsubscribe")):
+            waiter = self._auth_replies.popleft()  # a setup reply (AUTH; ROLE behind Sentinel)
+            if not waiter.done():
+                waiter.set_result(reply)
+            return
         if isinstance(reply, list) and reply:
             kind = reply[0]
             if kind == b"message":
@@ -270,10 +285,6 @@ class EventHub:
                     if not waiting:
                         del self._confirmations[reply[1]]
             return  # unsubscribe confirmations need nothing
-        if self._auth_replies:
-            waiter = self._auth_replies.popleft()
-            if not waiter.done():
-                waiter.set_result(reply)
 
     def _on_lost(self, protocol: _HubProtocol, exc: Exception | None) -> None:
         if self._protocol is protocol:

@@ -1,10 +1,12 @@
 """The one way to reach Redis: every connection of the router is opened from its URL here.
 
-`redis_target` reads a Redis URL (``redis://``, ``rediss://`` with TLS, ``unix://``) into a
-`RedisTarget`, and everything else is built from that: redis-py clients (`sync_client`,
-`async_client`), the Celery broker's options (`RedisTarget.broker`), and the raw connections of
-the hot paths (`RedisPipe`, `PipePool`, `SyncPipe`, `open_transport` for the event hub). A new
-way to find the server (Sentinel, a cluster endpoint) plugs into `redis_target` alone.
+`redis_target` reads a Redis URL (``redis://``, ``rediss://`` with TLS, ``unix://``, and behind
+Sentinel ``sentinel://`` / ``sentinels://``, `core.redis_sentinel`) into a `RedisTarget`, and
+everything else is built from that: redis-py clients (`sync_client`, `async_client`), the
+Celery broker's options (`RedisTarget.broker`), and the raw connections of the hot paths
+(`RedisPipe`, `PipePool`, `SyncPipe`, `open_transport` for the event hub). Behind
+Sentinel every (re)connect asks the sentinels for the master, and a ``READONLY`` reply (a
+failover demoted it) drops the raw connection, so the next batch reaches the new master.
 
 Why raw connections beside redis-py: the stream publisher sends a batch of scripts on every turn
 of the stream engine's loop and the API's followers read one batch per token, thousands of
@@ -25,9 +27,9 @@ import hashlib
 import socket
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import hiredis
@@ -37,6 +39,17 @@ import redis.asyncio.connection as aioconnection
 import redis.connection as syncconnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
+
+from hybrid_router.router.core.redis_sentinel import (
+    celery_broker,
+    is_demoted,
+    master_address,
+    master_address_sync,
+    sentinel_async_client,
+    sentinel_sync_client,
+)
+from hybrid_router.router.core.redis_sentinel import safe_url as safe_url  # for logs, banners
+from hybrid_router.settings.redis_url import SentinelTarget, is_sentinel, parse_sentinel
 
 READ_SIZE = 65536
 TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname")
@@ -82,16 +95,36 @@ class RedisTarget:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     tls: TLS | None = None
+    # Behind Sentinel: where to ask for the master (`host` and `port` are then asked on every
+    # connect, `core.redis_sentinel`).
+    sentinel: SentinelTarget | None = None
 
     def setup_commands(self, select: bool = True) -> list[tuple[Any, ...]]:
-        """What a raw connection sends first: AUTH, then SELECT unless `select` is off."""
+        """What a raw connection sends first: AUTH, then SELECT unless `select` is off; behind
+        Sentinel also ROLE (a sentinel that has not seen a failover yet may name a replica)."""
         setup: list[tuple[Any, ...]] = []
         if self.password is not None:
             setup.append(("AUTH", self.username, self.password) if self.username
                          else ("AUTH", self.password))
         if select and self.db:
             setup.append(("SELECT", self.db))
+        if self.sentinel is not None:
+            setup.append(("ROLE",))
         return setup
+
+    async def resolved(self) -> RedisTarget:
+        """This target with the master's current address (asked of the sentinels)."""
+        if self.sentinel is None:
+            return self
+        host, port = await master_address(self.sentinel)
+        return replace(self, host=host, port=port)
+
+    def resolved_sync(self) -> RedisTarget:
+        """`resolved`, blocking."""
+        if self.sentinel is None:
+            return self
+        host, port = master_address_sync(self.sentinel)
+        return replace(self, host=host, port=port)
 
     def pool_options(self, asynchronous: bool) -> dict[str, Any]:
         """A redis-py connection pool's connection class and its arguments."""
@@ -106,19 +139,25 @@ class RedisTarget:
             return {**options, **self.tls.options(), "connection_class": module.SSLConnection}
         return {**options, "connection_class": module.Connection}
 
-    def broker(self) -> tuple[str, dict[str, Any] | None]:
-        """The Celery broker URL in kombu's spelling, and its TLS options (None: plain)."""
+    def broker(self) -> tuple[str, dict[str, Any], dict[str, Any] | None]:
+        """The Celery broker URL in kombu's spelling, the transport options it needs (behind
+        Sentinel: the master's name) and its TLS options (None: plain)."""
+        if self.sentinel is not None:
+            return celery_broker(self.sentinel)
         login = (f"{quote(self.username or '', safe='')}:{quote(self.password, safe='')}@"
                  if self.password is not None else "")
         if self.path is not None:
-            return f"redis+socket://{login}{self.path}?virtual_host={self.db}", None
+            return f"redis+socket://{login}{self.path}?virtual_host={self.db}", {}, None
         scheme = "rediss" if self.tls is not None else "redis"
         url = f"{scheme}://{login}{self.host}:{self.port}/{self.db}"
-        return url, None if self.tls is None else self.tls.options()
+        return url, {}, None if self.tls is None else self.tls.options()
 
 
 def redis_target(url: str) -> RedisTarget:
-    """The server a ``redis://``, ``rediss://`` or ``unix://`` URL names (see the module doc)."""
+    """The server a ``redis://``, ``rediss://``, ``unix://``, ``sentinel://`` or
+    ``sentinels://`` URL names (see the module doc)."""
+    if is_sentinel(url):
+        return _sentinel_target(parse_sentinel(url))
     parts = urlsplit(url)
     query = {name: values[-1] for name, values in parse_qs(parts.query).items()}
     unknown = sorted(set(query) - {"db", *TLS_OPTIONS})
@@ -144,6 +183,17 @@ def redis_target(url: str) -> RedisTarget:
                        db=int(db), tls=tls, username=username, password=password)
 
 
+def _sentinel_target(sentinel: SentinelTarget) -> RedisTarget:
+    tls = None
+    if sentinel.ssl:
+        options = sentinel.ssl_options
+        tls = TLS(options.get("ssl_ca_certs"), options.get("ssl_certfile"),
+                  options.get("ssl_keyfile"), str(options.get("ssl_cert_reqs", "required")),
+                  bool(options.get("ssl_check_hostname", True)))
+    return RedisTarget(host="", port=0, db=sentinel.db, username=sentinel.username,
+                       password=sentinel.password, tls=tls, sentinel=sentinel)
+
+
 class SyncClient(redis.Redis):
     """redis-py's client, knowing its `url` (to open a `SyncPipe` to the same server)."""
 
@@ -153,25 +203,35 @@ class SyncClient(redis.Redis):
 def sync_client(url: str, blocking: bool = False, **options: Any) -> SyncClient:
     """A redis-py client for `url` (`options`: pool and connection arguments such as
     ``socket_timeout`` or ``max_connections``; `blocking`: wait for a free connection)."""
-    pool_class = redis.BlockingConnectionPool if blocking else redis.ConnectionPool
-    pool = pool_class(**redis_target(url).pool_options(asynchronous=False), **options)
-    client = SyncClient(connection_pool=pool)
-    client.auto_close_connection_pool = True  # as `Redis.from_pool`: closing it closes the pool
+    target = redis_target(url)
+    if target.sentinel is not None:
+        client = cast(SyncClient, sentinel_sync_client(target.sentinel, redis_class=SyncClient,
+                                                       **options))
+    else:
+        pool_class = redis.BlockingConnectionPool if blocking else redis.ConnectionPool
+        pool = pool_class(**target.pool_options(asynchronous=False), **options)
+        client = SyncClient(connection_pool=pool)
+        client.auto_close_connection_pool = True  # as `Redis.from_pool`: closing it closes it
     client.url = url
     return client
 
 
 def async_client(url: str, blocking: bool = False, **options: Any) -> aioredis.Redis:
     """`sync_client` for asyncio."""
+    target = redis_target(url)
+    if target.sentinel is not None:
+        return sentinel_async_client(target.sentinel, **options)
     pool_class = aioredis.BlockingConnectionPool if blocking else aioredis.ConnectionPool
-    pool = pool_class(**redis_target(url).pool_options(asynchronous=True), **options)
+    pool = pool_class(**target.pool_options(asynchronous=True), **options)
     return aioredis.Redis.from_pool(pool)
 
 
 async def open_transport(target: RedisTarget, factory: Callable[[], P]
                          ) -> tuple[asyncio.Transport, P]:
-    """A raw connection to `target` driven by the protocol `factory` makes (TLS, unix or TCP)."""
+    """A raw connection to `target` driven by the protocol `factory` makes (TLS, unix or TCP;
+    behind Sentinel, to the master the sentinels name now)."""
     loop = asyncio.get_running_loop()
+    target = await target.resolved()
     if target.path is not None:
         transport, protocol = await loop.create_unix_connection(factory, target.path)
     else:
@@ -207,10 +267,17 @@ def raise_errors(replies: list[Any]) -> list[Any]:
     return replies
 
 
+def check_setup_reply(reply: Any) -> None:
+    """A refused AUTH or SELECT, or (ROLE, behind Sentinel) a server that is not the master."""
+    if isinstance(reply, hiredis.ReplyError):
+        raise redis.AuthenticationError(str(reply))
+    if isinstance(reply, list) and reply and reply[0] != b"master":
+        raise redis.ConnectionError(f"Redis is a {reply[0]!r}, not the master")
+
+
 def _check_setup(replies: list[Any]) -> None:
     for reply in replies:
-        if isinstance(reply, hiredis.ReplyError):
-            raise redis.AuthenticationError(str(reply))
+        check_setup_reply(reply)
 
 
 @dataclass(frozen=True)
@@ -245,13 +312,17 @@ class Executor(Protocol):
                       ) -> list[Any]: ...
 
 
-async def run_scripts(executor: Executor, calls: list[ScriptCall]) -> list[Any]:
+async def run_scripts(executor: Executor, calls: list[ScriptCall],
+                      then: tuple[Any, ...] | None = None) -> list[Any]:
     """Run `calls` in one round trip on a raw connection; each result in place, an error as
     the exception redis-py would raise (as ``raise_on_error=False``). A call whose script Redis
     does not know (a restart emptied its cache) did not run: its script is loaded and it runs
-    again. Raises `redis.ConnectionError` / `redis.TimeoutError` when Redis cannot be reached."""
-    results = await executor.execute([("EVALSHA", s.sha, len(k), *k, *a) for s, k, a in calls])
-    failed = [i for i, r in enumerate(results) if isinstance(r, hiredis.ReplyError)]
+    again. `then` (a ``WAIT``) is sent after the calls on the same connection, its reply last.
+    Raises `redis.ConnectionError` / `redis.TimeoutError` when Redis cannot be reached."""
+    tail = [then] if then is not None else []
+    results = await executor.execute(
+        [("EVALSHA", s.sha, len(k), *k, *a) for s, k, a in calls] + tail)
+    failed = [i for i, r in enumerate(results[:len(calls)]) if isinstance(r, hiredis.ReplyError)]
     if not failed:  # the usual case: the replies as they are
         return results
     unknown = [i for i in failed if str(results[i]).startswith("NOSCRIPT")]
@@ -260,9 +331,12 @@ async def run_scripts(executor: Executor, calls: list[ScriptCall]) -> list[Any]:
         again = await executor.execute(
             [("SCRIPT", "LOAD", s.source) for s in scripts.values()]
             + [("EVALSHA", calls[i][0].sha, len(calls[i][1]), *calls[i][1], *calls[i][2])
-               for i in unknown])
-        for i, result in zip(unknown, again[len(scripts):], strict=True):
+               for i in unknown] + tail)
+        for i, result in zip(unknown, again[len(scripts):len(scripts) + len(unknown)],
+                             strict=True):
             results[i] = result
+        if then is not None:
+            results[-1] = again[-1]
     for i in failed:
         if isinstance(results[i], hiredis.ReplyError):
             results[i] = reply_error(results[i])
@@ -294,7 +368,7 @@ class RedisPipe:
         try:
             if self._writer is None:
                 await asyncio.wait_for(self._connect(), timeout_s)
-            return await self._roundtrip(commands)
+            replies = await self._roundtrip(commands)
         except (OSError, EOFError, TimeoutError) as exc:
             self.close()
             if expired or isinstance(exc, TimeoutError):
@@ -305,6 +379,10 @@ class RedisPipe:
             raise
         finally:
             timer.cancel()
+        if self.target.sentinel is not None and any(is_demoted(r) for r in replies):
+            self.close()  # a failover demoted this master: the next batch asks the sentinels
+            raise redis.ConnectionError("Redis answered READONLY: the master was demoted")
+        return replies
 
     def _expire(self, expired: list[bool]) -> None:
         expired.append(True)
@@ -417,7 +495,7 @@ class SyncPipe:
     commands are still being built (`hybrid_router.workers.batch.lua.run_overlapped`)."""
 
     def __init__(self, url: str, timeout_s: float | None = None) -> None:
-        target = redis_target(url)
+        target = redis_target(url).resolved_sync()
         try:
             if target.path is not None:
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -34,6 +34,7 @@ from hybrid_router.router.core.records import PACKED_FIELD, STREAMED_ROUTES, Req
 from hybrid_router.router.core.redis_io import PipePool, client_retry, raise_errors
 from hybrid_router.router.core.redis_text import text, text_or_none
 from hybrid_router.router.core.replay import compacted_events, replay_policy
+from hybrid_router.router.core.replica_wait import ReplicaWait
 from hybrid_router.router.core.states import TERMINAL
 from hybrid_router.settings import Settings
 
@@ -308,6 +309,7 @@ class RequestStore:
         self.settings = settings
         self.ops = StoreOps(settings)
         self.keys = self.ops.keys
+        self.replicas = ReplicaWait(settings)
 
     def run(self, op: StoreOp[T]) -> T:
         return op.parse(op.script(self.redis, op.keys, op.args))
@@ -316,7 +318,24 @@ class RequestStore:
         self, record: RequestRecord, events: Sequence[str], fingerprint: str | None = None,
         task: tuple[str, str] | None = None,
     ) -> CreateOutcome:
-        return self.run(self.ops.create(record, events, fingerprint, task))
+        op = self.ops.create(record, events, fingerprint, task)
+        wait = self.replicas.command(self.redis)
+        if wait is None:
+            return self.run(op)
+        # Durable before acknowledged (`core.replica_wait`): the WAIT on the create's connection.
+        for attempt in (1, 2):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.evalsha(op.script.sha, len(op.keys), *op.keys, *op.args)
+            pipe.execute_command(*wait)
+            result, acked = pipe.execute(raise_on_error=False)
+            if isinstance(result, redis.exceptions.NoScriptError) and attempt == 1:
+                self.redis.script_load(op.script.source)
+                continue
+            break
+        if isinstance(result, Exception):
+            raise result
+        self.replicas.confirmed(wait, acked)
+        return op.parse(result)
 
     def get(self, request_id: str) -> RequestRecord | None:
         return _record_or_none(self.redis.hgetall(self.keys.record(request_id)))
@@ -352,10 +371,10 @@ class AsyncRequestStore:
         self.keys = self.ops.keys
         # Raw hiredis connections for the scripts (see hybrid_router.router.core.coalesce).
         self.pool = PipePool(settings.redis_url, retry=client_retry())
-        self.scripts = ScriptCoalescer(self.pool)
+        self.scripts = ScriptCoalescer(self.pool, ReplicaWait(settings))
 
-    async def run(self, op: StoreOp[T]) -> T:
-        return op.parse(await self.scripts.run(op.script, op.keys, op.args))
+    async def run(self, op: StoreOp[T], durable: bool = False) -> T:
+        return op.parse(await self.scripts.run(op.script, op.keys, op.args, durable))
 
     def close(self) -> None:
         """Close the idle raw connections (the redis-py client is its owner's to close)."""
@@ -365,7 +384,8 @@ class AsyncRequestStore:
         self, record: RequestRecord, events: Sequence[str], fingerprint: str | None = None,
         task: tuple[str, str] | None = None,
     ) -> CreateOutcome:
-        return await self.run(self.ops.create(record, events, fingerprint, task))
+        # Durable: acknowledged once a replica has it too, where there is one (replica_wait).
+        return await self.run(self.ops.create(record, events, fingerprint, task), durable=True)
 
     async def get(self, request_id: str) -> RequestRecord | None:
         return _record_or_none(await self.redis.hgetall(self.keys.record(request_id)))
