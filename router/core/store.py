@@ -326,7 +326,7 @@ class RequestStore:
         for attempt in (1, 2):
             pipe = self.redis.pipeline(transaction=False)
             pipe.evalsha(op.script.sha, len(op.keys), *op.keys, *op.args)
-            pipe.execute_command(*wait)
+            pipe.wait(wait[1], wait[2])
             result, acked = pipe.execute(raise_on_error=False)
             if isinstance(result, redis.exceptions.NoScriptError) and attempt == 1:
                 self.redis.script_load(op.script.source)
