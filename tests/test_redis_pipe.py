@@ -73,11 +73,11 @@ def test_every_url_kind_maps_to_one_target() -> None:
     tls = redis_target("rediss://h/0?ssl_ca_certs=/ca.pem&ssl_cert_reqs=optional").tls
     assert tls == TLS(ca_certs="/ca.pem", cert_reqs="optional")
     assert redis_target("rediss://h/0").broker() == (
-        "rediss://h:6379/0", {"ssl_ca_certs": None, "ssl_certfile": None, "ssl_keyfile": None,
+        "rediss://h:6379/0", {}, {"ssl_ca_certs": None, "ssl_certfile": None, "ssl_keyfile": None,
                               "ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_check_hostname": True})
     assert redis_target("unix://:pw@/s.sock?db=1").broker() == (
-        "redis+socket://:pw@/s.sock?virtual_host=1", None)
-    assert redis_target("redis://u:p%40ss@h:7/3").broker() == ("redis://u:p%40ss@h:7/3", None)
+        "redis+socket://:pw@/s.sock?virtual_host=1", {}, None)
+    assert redis_target("redis://u:p%40ss@h:7/3").broker() == ("redis://u:p%40ss@h:7/3", {}, None)
     for bad in ("redis://h/0?socket_timeout=1", "http://h/0", "rediss://h/0?ssl_cert_reqs=maybe"):
         with pytest.raises(ValueError):
             redis_target(bad)
