@@ -295,7 +295,10 @@ def start_replica(primary_url: str, workdir: Path) -> Any:
 
     from tests.support import start_redis_server, wait_until
 
-    host, _, port = primary_url.removeprefix("redis://").partition(":")
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(primary_url)
+    host, port = parts.hostname or "127.0.0.1", str(parts.port or 6379)
     replica_dir = workdir / "replica"
     replica_dir.mkdir(exist_ok=True)
     proc, url = start_redis_server(replica_dir, extra_args=("--replicaof", host, port))
