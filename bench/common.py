@@ -291,11 +291,11 @@ def start_replica(primary_url: str, workdir: Path) -> Any:
     """A redis-server replicating `primary_url` (in sync on return): with it, the intake waits
     for the replica before each 202 (``ROUTER_REDIS_WAIT_REPLICAS``), which is what
     ``--replica`` runs measure. Returns its `tests.support.ManagedProcess`."""
+    from urllib.parse import urlsplit
+
     import redis
 
     from tests.support import start_redis_server, wait_until
-
-    from urllib.parse import urlsplit
 
     parts = urlsplit(primary_url)
     host, port = parts.hostname or "127.0.0.1", str(parts.port or 6379)
