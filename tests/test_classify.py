@@ -5,8 +5,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from hybrid_router.router.core.classify import classify
+from hybrid_router.router.core.lanes import LaneDecision, choose_lane
 from hybrid_router.settings import Settings
+
+
+def classify(priority: Any, deadline_s: float | None, settings: Settings,
+             flush_interval_s: float | None = None) -> LaneDecision:
+    """The lane of a request for the default model."""
+    return choose_lane(priority, deadline_s, settings.default_model, settings,
+                       flush_interval_s=flush_interval_s)
 
 
 def s(**values: Any) -> Settings:
@@ -51,7 +58,7 @@ def test_deadline_applies_to_normal_routed_to_batch_and_never_slows_high() -> No
 
 
 def test_flush_interval_is_only_needed_for_deadlines_bound_for_batch() -> None:
-    from hybrid_router.router.core.classify import deadline_depends_on_flush
+    from hybrid_router.router.core.lanes import deadline_depends_on_flush
 
     assert deadline_depends_on_flush("low", 10, s())
     assert not deadline_depends_on_flush("low", None, s())

@@ -500,9 +500,9 @@ class DirectEnqueuer:
                 priority: str = "low", tenant: str = "default", **fields: Any) -> str:
         from pydantic import ValidationError
 
-        from hybrid_router.router.core.classify import deadline_depends_on_flush
         from hybrid_router.router.core.errors import InvalidRequest
         from hybrid_router.router.core.intake import accept_sync, prepare
+        from hybrid_router.router.core.lanes import deadline_depends_on_flush
         from hybrid_router.router.core.runtime_config import get_flush_interval
         from hybrid_router.router.core.schemas import SubmitRequest
 

@@ -131,3 +131,10 @@ def choose_lane(
                             "default", stream_expected)
     return LaneDecision("stream", f"priority {priority} routes to stream", "default",
                         stream_expected)
+
+
+def deadline_depends_on_flush(priority: Priority, deadline_s: float | None, settings: Settings) -> bool:
+    """Whether routing needs the flush interval (which may have changed at runtime): only a
+    request with a deadline that would otherwise go to the batch lane. Callers read the runtime
+    value from Redis just in that case."""
+    return deadline_s is not None and considers_batch(priority, settings)

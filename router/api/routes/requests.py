@@ -12,10 +12,10 @@ from hybrid_router.router.api.deps import CallerDep, StoreDep
 from hybrid_router.router.api.fast_path import FastPathRoute
 from hybrid_router.router.api.notify import cancel_and_notify
 from hybrid_router.router.api.ratelimit import enforce_rate_limit
-from hybrid_router.router.core.classify import deadline_depends_on_flush
 from hybrid_router.router.core.errors import Conflict, ErrorCode, NotFound
 from hybrid_router.router.core.intake import accept_async, prepare
 from hybrid_router.router.core.keys import Keys
+from hybrid_router.router.core.lanes import deadline_depends_on_flush
 from hybrid_router.router.core.records import RequestRecord
 from hybrid_router.router.core.runtime_config import get_flush_interval_async
 from hybrid_router.router.core.schemas import CancelResponse, ErrorResponse, RequestView, SubmitRequest, SubmitResponse
